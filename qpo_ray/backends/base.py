@@ -1,0 +1,85 @@
+"""The target-LLM backend interface. Backends know nothing of QPO: they turn text
+into log-probabilities and generations, and count what that cost."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+
+@dataclass
+class ContinuationScore:
+    """Log-likelihood of one candidate continuation after a prefix."""
+
+    logprob_sum: float
+    num_tokens: int
+
+
+@dataclass
+class Generation:
+    text: str
+    token_logprobs: list[float]
+    num_prompt_tokens: int
+
+
+@dataclass
+class Usage:
+    """Cost accounting (paper Table 3): calls, tokens and engine-seconds."""
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    engine_seconds: float = 0.0
+
+    def add(self, other: "Usage") -> "Usage":
+        return Usage(
+            self.calls + other.calls,
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            self.engine_seconds + other.engine_seconds,
+        )
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "calls": self.calls,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "engine_seconds": self.engine_seconds,
+        }
+
+
+class TargetBackend(ABC):
+    """One engine holding one target LLM.
+
+    `prefixes` are plain user texts; a backend configured with `use_chat_template`
+    wraps each in the model's chat template (user turn + assistant start) itself, so
+    callers never depend on the model family.
+    """
+
+    def __init__(self) -> None:
+        self.usage = Usage()
+
+    @abstractmethod
+    def score_continuations(
+        self, prefixes: Sequence[str], candidates: Sequence[str]
+    ) -> list[list[ContinuationScore]]:
+        """For every prefix, the log-likelihood of every candidate continuation
+        (the same candidates for all prefixes): result[i][j] for prefix i, candidate j."""
+
+    @abstractmethod
+    def generate(self, prefixes: Sequence[str], max_new_tokens: int) -> list[Generation]:
+        """Greedy generation with the log-probability of each generated token."""
+
+    def close(self) -> None:
+        """Release the engine (GPU memory, worker processes)."""
+
+    @contextmanager
+    def _timed(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.usage.engine_seconds += time.perf_counter() - start

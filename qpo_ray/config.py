@@ -1,0 +1,387 @@
+"""Typed configuration: the dataclasses below are the source of truth.
+
+A YAML profile (``qpo_ray/profiles/<name>.yaml`` or any path) only overrides the
+defaults written here, and ``--set section.key=value`` overrides the profile. Unknown
+keys and values of the wrong type fail with the dotted key in the message, before any
+work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+
+
+class ConfigError(ValueError):
+    """A profile or override names an unknown key or carries a bad value."""
+
+
+@dataclass
+class TaskConfig:
+    # Registry name of a built-in task (rotten_tomatoes, ag_news, ...) or "byo".
+    name: str = "rotten_tomatoes"
+    # For name == "byo": path to the task's YAML description (see docs in tasks/byo.py).
+    spec_path: Optional[str] = None
+    # Where the task reads its files; None = the built-in default (package data or the
+    # Hugging Face hub through `datasets`).
+    data_dir: Optional[str] = None
+    # Share of the train split kept as the collection set (queries for Step 0 and
+    # augmentation); demonstrations come only from the rest (paper appendix B.2).
+    collection_fraction: float = 0.1
+    # Cap on the test split used by the test phase (None = all of it).
+    max_test_queries: Optional[int] = None
+    # Demonstrations per prompt for few-shot; 0 = zero-shot.
+    num_shots: int = 0
+    # Demonstration sets per (query, prompt) in few-shot (K in eq. 3).
+    num_demo_sets: int = 5
+
+
+@dataclass
+class PromptsConfig:
+    # Where the initial prompt collection comes from: "builtin" (the project's own
+    # collection for the task, shipped in qpo_ray/prompts/data), an InstructEval-layout
+    # directory (<method>/<task>.yaml), or a .txt / .jsonl file.
+    source: str = "builtin"
+    # Which InstructEval methods to read from a directory (None = every method found).
+    methods: Optional[list[str]] = None
+    # The manual (PromptSource-style) baseline prompt's id; None = the first "manual" one.
+    manual_prompt_id: Optional[str] = None
+
+
+@dataclass
+class TargetConfig:
+    # Backend registry name: vllm | transformers | openai.
+    backend: str = "vllm"
+    # HF model id, local path, or an embedded alias (see qpo_ray/models.py).
+    model: str = "smollm2-135m-instruct"
+    # float32 on CPU (vLLM CPU has no bf16 here); bfloat16/float16 on GPUs; auto = pick.
+    dtype: str = "auto"
+    # Wrap the formatted input in the model's chat template (chat-tuned targets).
+    use_chat_template: bool = True
+    max_model_len_tokens: int = 1024
+    max_new_tokens: int = 16
+    # vLLM only.
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.85
+    cpu_kvcache_space_gib: int = 2
+    enable_prefix_caching: bool = True
+    # transformers only: pairs per forward pass.
+    batch_size: int = 16
+    # openai only.
+    base_url: Optional[str] = None
+    api_key_env: str = "OPENAI_API_KEY"
+    request_timeout_s: float = 60.0
+    max_retries: int = 3
+    max_concurrent_requests: int = 8
+
+
+@dataclass
+class EvaluationConfig:
+    # Actors in the Ray Data pool, each holding one engine; 0 = derive from the
+    # cluster (GPUs / gpus_per_actor, or 1 on a CPU-only cluster).
+    num_actors: int = 0
+    num_gpus_per_actor: float = 0.0
+    num_cpus_per_actor: float = 1.0
+    # Pairs per map_batches call: large enough to keep an engine busy.
+    batch_size_pairs: int = 64
+    # Times a failed batch (dead actor) is retried on a replacement actor.
+    max_task_retries: int = 3
+
+
+@dataclass
+class DatasetConfig:
+    # Step 0 grouping (paper appendix B.2): each group of prompts is tested on its
+    # own random queries.
+    prompts_per_group: int = 40
+    queries_per_group: int = 100
+    # Zero-shot query reward: "ppl" = correct - PPL/10 (paper eq. 3), "nll" = correct -
+    # mean NLL/10 (the reference code).
+    zero_shot_penalty: Literal["ppl", "nll"] = "ppl"
+    # Keep pairs with reward >= min + expert_fraction * (max - min).
+    expert_fraction: float = 0.667
+    # Import an existing dataset instead of running Step 0 (Parquet or the paper's JSON).
+    import_path: Optional[str] = None
+
+
+@dataclass
+class PolicyConfig:
+    # HF id, local path or embedded alias of the policy's backbone LM.
+    backbone: str = "gpt2"
+    # Keep only the first N transformer layers (None = all): the CPU demo's cost lever.
+    backbone_num_layers: Optional[int] = None
+    max_query_tokens: int = 40
+    max_prompt_tokens: int = 40
+    # lambda in L = NLL + lambda * MSE (paper: 0.1).
+    reward_loss_weight: float = 0.1
+    # "qpo" = reward-conditioned; "sft" = ablation: best prompt per query, no reward.
+    mode: Literal["qpo", "sft"] = "qpo"
+
+
+@dataclass
+class TrainingConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: int = 2
+    # no | bf16 | fp16 (GPU only).
+    mixed_precision: str = "no"
+    # Global batch (paper: 128); each worker gets batch_size_global / num_workers.
+    batch_size_global: int = 128
+    lr_first_loop: float = 1e-3
+    lr_later_loops: float = 1e-4
+    epochs_first_loop: int = 100
+    epochs_later_loops: int = 20
+    weight_decay: float = 1e-4
+    grad_clip_norm: float = 0.25
+    # StepLR of the reference code.
+    lr_step_epochs: int = 20
+    lr_step_gamma: float = 0.65
+    # Cap on optimizer steps per loop (None = no cap): sizes the CPU demo.
+    max_steps_per_loop: Optional[int] = None
+
+
+@dataclass
+class LoopConfig:
+    # T in Algorithm 1: T loops = 1 initial training + (T-1) augmentation rounds.
+    num_loops: int = 4
+    # Queries sampled (with repeats) from the collection set per round (paper: 1,000).
+    augment_queries_per_round: int = 1000
+    target_reward: float = 100.0
+    top_k: int = 2
+    top_p: float = 0.9
+
+
+@dataclass
+class TestConfig:
+    # Methods compared in the report (see qpo_ray/report.py).
+    methods: list[str] = field(
+        default_factory=lambda: ["qpo", "manual", "best_single", "nearest_neighbour"]
+    )
+    # Few-shot settings reported besides zero-shot, when the task supports them.
+    shots: list[int] = field(default_factory=lambda: [0])
+    # Prompts generated for a sample of queries shown in the report (paper Table 19).
+    num_example_prompts: int = 5
+
+
+@dataclass
+class TrackingConfig:
+    # None = sqlite:///<workdir>/mlflow.db with artifacts under <workdir>/mlartifacts.
+    uri: Optional[str] = None
+    experiment: str = "qpo"
+    registered_model_name: str = "qpo-policy"
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    num_replicas: int = 1
+    num_cpus_per_replica: float = 1.0
+    num_gpus_per_replica: float = 0.0
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.01
+    max_query_chars: int = 2000
+    # Bearer token read from this environment variable when it is set.
+    auth_token_env: str = "QPO_SERVE_TOKEN"
+    # "models:/<name>@latest" from the registry, or a policy directory.
+    policy_uri: Optional[str] = None
+
+
+@dataclass
+class Config:
+    # Run directory: datasets, checkpoints, reports, the default MLflow store.
+    workdir: str = "runs/qpo"
+    seed: int = 0
+    # Ray address; None = RAY_ADDRESS from the environment, else a local ray.init().
+    ray_address: Optional[str] = None
+    task: TaskConfig = field(default_factory=TaskConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def tracking_uri(self) -> str:
+        if self.tracking.uri:
+            return self.tracking.uri
+        return f"sqlite:///{Path(self.workdir).resolve() / 'mlflow.db'}"
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` coerced to `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_check_type(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp!r}")
+
+
+def _apply(obj: Any, overrides: dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in overrides.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{dotted}' (known: {sorted(names)})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{dotted}: expected a mapping, got {value!r}")
+            _apply(current, value, dotted + ".")
+        else:
+            setattr(obj, key, _check_type(value, hints[key], dotted))
+
+
+def _validate(cfg: Config) -> None:
+    checks = [
+        (0 < cfg.task.collection_fraction < 1, "task.collection_fraction must be in (0, 1)"),
+        (cfg.task.num_shots >= 0, "task.num_shots must be >= 0"),
+        (cfg.task.num_demo_sets >= 1, "task.num_demo_sets must be >= 1"),
+        (0 <= cfg.dataset.expert_fraction < 1, "dataset.expert_fraction must be in [0, 1)"),
+        (cfg.dataset.prompts_per_group >= 1, "dataset.prompts_per_group must be >= 1"),
+        (cfg.dataset.queries_per_group >= 1, "dataset.queries_per_group must be >= 1"),
+        (cfg.training.num_workers >= 1, "training.num_workers must be >= 1"),
+        (cfg.training.zero_stage in (0, 1, 2, 3), "training.zero_stage must be 0, 1, 2 or 3"),
+        (cfg.training.mixed_precision in ("no", "bf16", "fp16"),
+         "training.mixed_precision must be no, bf16 or fp16"),
+        (cfg.training.batch_size_global >= cfg.training.num_workers,
+         "training.batch_size_global must be >= training.num_workers"),
+        (cfg.loop.num_loops >= 1, "loop.num_loops must be >= 1"),
+        (cfg.loop.top_k >= 1, "loop.top_k must be >= 1"),
+        (0 < cfg.loop.top_p <= 1, "loop.top_p must be in (0, 1]"),
+        (cfg.target.backend in ("vllm", "transformers", "openai"),
+         f"target.backend: unknown backend {cfg.target.backend!r} "
+         "(known: vllm, transformers, openai)"),
+        (cfg.target.max_new_tokens >= 1, "target.max_new_tokens must be >= 1"),
+        (cfg.evaluation.batch_size_pairs >= 1, "evaluation.batch_size_pairs must be >= 1"),
+        (cfg.policy.max_query_tokens >= 1 and cfg.policy.max_prompt_tokens >= 2,
+         "policy.max_query_tokens / policy.max_prompt_tokens too small"),
+        (cfg.task.name != "byo" or bool(cfg.task.spec_path),
+         "task.spec_path is required when task.name is 'byo'"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`a.b=value` -> {"a": {"b": value}}; the value is parsed as YAML (1, true, [1, 2])."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    out: dict[str, Any] = {}
+    node = out
+    parts = dotted.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def profile_path(profile: str) -> Path:
+    path = Path(profile)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    candidate = PROFILES_DIR / f"{profile}.yaml"
+    if candidate.exists():
+        return candidate
+    known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+    raise ConfigError(f"unknown profile {profile!r}: neither a YAML file nor one of {known}")
+
+
+def load_config(
+    profile: Optional[str] = None,
+    overrides: Optional[list[str] | dict[str, Any]] = None,
+) -> Config:
+    """Defaults <- profile YAML <- overrides (``["a.b=1"]`` or a nested dict)."""
+    merged: dict[str, Any] = {}
+    if profile:
+        path = profile_path(profile)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a profile must be a mapping of sections")
+        merged = data
+    if isinstance(overrides, dict):
+        _merge(merged, overrides)
+    else:
+        for text in overrides or []:
+            _merge(merged, parse_override(text))
+    cfg = Config()
+    _apply(cfg, merged)
+    if cfg.ray_address is None and os.environ.get("RAY_ADDRESS"):
+        cfg.ray_address = os.environ["RAY_ADDRESS"]
+    _validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config saved with `Config.to_dict()` (a run directory's config.yaml)."""
+    cfg = Config()
+    _apply(cfg, data)
+    _validate(cfg)
+    return cfg

