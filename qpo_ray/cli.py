@@ -39,12 +39,10 @@ def cmd_setup(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    cfg = None if args.resume else _config(args)  # config errors before heavy imports
     from qpo_ray.loop import run_qpo
 
-    if args.resume:
-        result = run_qpo(None, resume_dir=args.resume)
-    else:
-        result = run_qpo(_config(args))
+    result = run_qpo(cfg, resume_dir=args.resume)
     print(f"\nresults: {result}")
     return 0
 

@@ -194,6 +194,9 @@ class ServeConfig:
     auth_token_env: str = "QPO_SERVE_TOKEN"
     # "models:/<name>@latest" from the registry, or a policy directory.
     policy_uri: Optional[str] = None
+    # How often replicas re-resolve a registry alias (models:/<name>@latest) and swap in
+    # a newly registered version; 0 = only on redeploy (a new user_config).
+    registry_poll_interval_s: float = 30.0
 
 
 @dataclass
@@ -258,6 +261,12 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "5e-4" (no dot) as a string.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

@@ -16,6 +16,9 @@ class ContinuationScore:
 
     logprob_sum: float
     num_tokens: int
+    # Tokens of the (template-wrapped) prefix the candidate was scored after; the same
+    # for every candidate of one prefix (read once for all of them).
+    num_prompt_tokens: int = 0
 
 
 @dataclass

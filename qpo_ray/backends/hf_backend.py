@@ -1,0 +1,157 @@
+"""A plain Hugging Face transformers model as the target LLM, batched.
+
+Label scoring reads each prefix once: when every candidate is one distinct token, the
+logits at the prefix's last position score all of them; otherwise the prefix's KV cache
+is computed once and repeated for the candidates, so only candidate tokens are re-read.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from qpo_ray import device as devices
+from qpo_ray.backends.base import ContinuationScore, Generation, TargetBackend
+from qpo_ray.backends.text import PromptEncoder, single_token_ids
+from qpo_ray.models import resolve_model
+
+
+def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left padding keeps every prefix's last token in the last column, where the next
+    token (the candidate's first) is predicted."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+class HFBackend(TargetBackend):
+    def __init__(self, target_config) -> None:
+        super().__init__()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.config = target_config
+        path = resolve_model(target_config.model)
+        self.device = devices.get_device()
+        self.dtype = devices.resolve_dtype(target_config.dtype, self.device)
+        if self.device.type == "cpu":
+            devices.configure_cpu_threads()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+        self.model = devices.move(self.model, self.device).eval()
+        self.encoder = PromptEncoder(self.tokenizer, target_config.use_chat_template)
+        self.pad_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+                       else self.tokenizer.eos_token_id)
+        self.batch_size = max(1, target_config.batch_size)
+
+    # -- label scoring -------------------------------------------------------------
+
+    def score_continuations(
+        self, prefixes: Sequence[str], candidates: Sequence[str]
+    ) -> list[list[ContinuationScore]]:
+        prefix_ids = self.encoder.encode_prefixes(prefixes)
+        cand_ids = self.encoder.encode_candidates(candidates)
+        out: list[list[ContinuationScore]] = []
+        with self._timed(), torch.inference_mode():
+            for start in range(0, len(prefix_ids), self.batch_size):
+                out += self._score_chunk(prefix_ids[start:start + self.batch_size], cand_ids)
+        self.usage.calls += len(prefixes)
+        self.usage.prompt_tokens += sum(len(p) for p in prefix_ids)
+        self.usage.completion_tokens += len(prefixes) * sum(len(c) for c in cand_ids)
+        return out
+
+    def _score_chunk(
+        self, prefix_ids: list[list[int]], cand_ids: list[list[int]]
+    ) -> list[list[ContinuationScore]]:
+        ids, mask = _left_pad(prefix_ids, self.pad_id)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, positions = devices.move((ids, mask, positions), self.device)
+        single = single_token_ids(cand_ids)
+        # Only the last position's logits are needed for the first candidate token: the
+        # 49k-vocab LM head over every prefix position would dominate the cost.
+        result = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                            use_cache=single is None, logits_to_keep=1)
+        first_lp = torch.log_softmax(result.logits[:, -1, :].float(), dim=-1)  # [B, V]
+        n_prefix = [len(p) for p in prefix_ids]
+        if single is not None:
+            lp = first_lp[:, single].cpu().tolist()
+            return [[ContinuationScore(v, 1, n) for v in row] for row, n in zip(lp, n_prefix)]
+        sums = self._score_with_cache(result.past_key_values, mask, first_lp, cand_ids)
+        return [[ContinuationScore(sums[b][c], len(cand_ids[c]), n_prefix[b])
+                 for c in range(len(cand_ids))] for b in range(len(prefix_ids))]
+
+    def _score_with_cache(self, cache, prefix_mask: torch.Tensor, first_lp: torch.Tensor,
+                          cand_ids: list[list[int]]) -> list[list[float]]:
+        """Multi-token candidates: repeat each prefix's KV cache once per candidate and
+        read the candidates' remaining tokens in one batched pass."""
+        n_b, n_c = prefix_mask.shape[0], len(cand_ids)
+        width = max(len(c) for c in cand_ids)
+        cand = torch.full((n_c, width), self.pad_id, dtype=torch.long)
+        cand_mask = torch.zeros((n_c, width), dtype=torch.long)
+        for j, c in enumerate(cand_ids):
+            cand[j, :len(c)] = torch.tensor(c)
+            cand_mask[j, :len(c)] = 1
+        cand, cand_mask = devices.move((cand, cand_mask), self.device)
+        # first token of every candidate, from the prefix's last position
+        total = first_lp[:, cand[:, 0]]  # [B, C]
+        if width > 1:
+            cache.batch_repeat_interleave(n_c)
+            tokens = cand.repeat(n_b, 1)  # row b*C + j = candidate j after prefix b
+            tmask = cand_mask.repeat(n_b, 1)
+            full_mask = torch.cat([prefix_mask.repeat_interleave(n_c, dim=0), tmask], dim=1)
+            start = prefix_mask.sum(-1).repeat_interleave(n_c).unsqueeze(1)
+            positions = start + torch.arange(width, device=self.device).unsqueeze(0)
+            logits = self.model(input_ids=tokens[:, :-1], attention_mask=full_mask[:, :-1],
+                                position_ids=positions[:, :-1], past_key_values=cache).logits
+            lp = torch.log_softmax(logits.float(), dim=-1)
+            picked = lp.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
+            rest = (picked * tmask[:, 1:]).sum(-1).view(n_b, n_c)
+            total = total + rest
+        return total.cpu().tolist()
+
+    # -- generation ----------------------------------------------------------------
+
+    def generate(self, prefixes: Sequence[str], max_new_tokens: int) -> list[Generation]:
+        prefix_ids = self.encoder.encode_prefixes(prefixes)
+        out: list[Generation] = []
+        with self._timed(), torch.inference_mode():
+            for start in range(0, len(prefix_ids), self.batch_size):
+                out += self._generate_chunk(prefix_ids[start:start + self.batch_size],
+                                            max_new_tokens)
+        self.usage.calls += len(prefixes)
+        self.usage.prompt_tokens += sum(len(p) for p in prefix_ids)
+        self.usage.completion_tokens += sum(len(g.token_logprobs) for g in out)
+        return out
+
+    def _generate_chunk(self, prefix_ids: list[list[int]], max_new_tokens: int) -> list[Generation]:
+        ids, mask = devices.move(_left_pad(prefix_ids, self.pad_id), self.device)
+        result = self.model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+            do_sample=False, num_beams=1, pad_token_id=self.pad_id,
+            return_dict_in_generate=True, output_logits=True,
+        )
+        new_tokens = result.sequences[:, ids.shape[1]:]
+        # raw logits (not processed scores): the model's own distribution, as vLLM reports
+        logprobs = torch.stack(result.logits, dim=1).float().log_softmax(-1)
+        picked = logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        eos = set(self._eos_ids())
+        gens = []
+        for row, (toks, lps) in enumerate(zip(new_tokens.tolist(), picked.tolist())):
+            # keep up to and including the first EOS (vLLM counts it as output too)
+            n = next((i + 1 for i, t in enumerate(toks) if t in eos), len(toks))
+            text = self.tokenizer.decode(toks[:n], skip_special_tokens=True)
+            gens.append(Generation(text, lps[:n], len(prefix_ids[row])))
+        return gens
+
+    def _eos_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+    def close(self) -> None:
+        del self.model

@@ -1,0 +1,70 @@
+"""Text -> token ids, the same way for every local backend (HF and vLLM), so that both
+score exactly the same token sequences and their predictions agree."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+class PromptEncoder:
+    """Wraps prefixes in the chat template (when asked) and tokenizes candidates.
+
+    A candidate is tokenized on its own and appended to the prefix's ids: the prefix
+    ends at a fixed boundary (the assistant header, or "Answer:"), so the ids a model
+    would read are exactly prefix ids + candidate ids, and every candidate shares the
+    prefix's ids (one pass, or a shared KV cache, serves them all).
+    """
+
+    def __init__(self, tokenizer: Any, use_chat_template: bool) -> None:
+        self.tokenizer = tokenizer
+        self.use_chat_template = use_chat_template
+        if use_chat_template and not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                "target.use_chat_template is true but the model's tokenizer has no chat "
+                "template; set target.use_chat_template=false for base models"
+            )
+
+    def wrap(self, prefix: str) -> str:
+        """The text the model reads: a user turn plus the assistant header."""
+        if not self.use_chat_template:
+            return prefix
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prefix}], add_generation_prompt=True, tokenize=False
+        )
+
+    def encode_prefixes(self, prefixes: Sequence[str]) -> list[list[int]]:
+        # The chat template already holds its special tokens; a plain prefix gets the
+        # tokenizer's own (BOS for Llama-style models, nothing for SmolLM/GPT-2).
+        special = not self.use_chat_template
+        return [
+            list(self.tokenizer(self.wrap(p), add_special_tokens=special)["input_ids"])
+            for p in prefixes
+        ]
+
+    def encode_candidates(self, candidates: Sequence[str]) -> list[list[int]]:
+        out = []
+        for cand in candidates:
+            text = candidate_text(cand, self.use_chat_template)
+            ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            if not ids:
+                raise ValueError(f"candidate continuation {cand!r} encodes to no tokens")
+            out.append(ids)
+        return out
+
+
+def candidate_text(candidate: str, use_chat_template: bool) -> str:
+    """The text scored after a prefix. Inside a chat template the candidate is the
+    assistant's whole answer, which starts right after the assistant header: a leading
+    space there is not what a chat model writes, so it is dropped. Every backend goes
+    through here so that their predictions agree."""
+    return candidate.lstrip() if use_chat_template else candidate
+
+
+def single_token_ids(candidate_ids: Sequence[Sequence[int]]) -> list[int] | None:
+    """The candidates' token ids when each is exactly one token and all differ (then one
+    forward pass over the prefix scores them all); None otherwise."""
+    if all(len(ids) == 1 for ids in candidate_ids):
+        firsts = [ids[0] for ids in candidate_ids]
+        if len(set(firsts)) == len(firsts):
+            return firsts
+    return None

@@ -1,0 +1,116 @@
+"""Building and running the Serve application: `build_app(cfg)` for Python and `serve
+deploy` (through `serve/app.py`), `run_serve(cfg)` for `qpo serve`."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Optional
+
+from ray import serve
+from ray.serve import Application
+
+from qpo_ray.config import Config, load_config
+
+APP_NAME = "qpo"
+
+
+def default_policy_uri(cfg: Config) -> str:
+    """serve.policy_uri, else the alias the loop moves to each new policy version."""
+    return cfg.serve.policy_uri or f"models:/{cfg.tracking.registered_model_name}@latest"
+
+
+def user_config(cfg: Config, policy_uri: Optional[str] = None) -> dict[str, Any]:
+    """What a replica can change in place (no restart): the policy and batching knobs.
+    Redeploying with a different one of these swaps the policy without downtime."""
+    uri = policy_uri or default_policy_uri(cfg)
+    if not uri.startswith("models:/"):
+        # Replicas may run with another working directory (or on another node).
+        uri = str(Path(uri).expanduser().resolve())
+    return {
+        "policy_uri": uri,
+        "max_batch_size": cfg.serve.max_batch_size,
+        "batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s,
+        "registry_poll_interval_s": cfg.serve.registry_poll_interval_s,
+    }
+
+
+def _pinned(cfg: Config) -> Config:
+    """A copy whose relative paths (workdir, the default sqlite tracking store) are made
+    absolute here, so replicas resolve them the same way as the driver."""
+    tracking = replace(cfg.tracking, uri=cfg.tracking_uri())
+    return replace(cfg, workdir=str(Path(cfg.workdir).resolve()), tracking=tracking)
+
+
+def build_app(cfg: Config, policy_uri: Optional[str] = None,
+              with_target: bool = True) -> Application:
+    """The Serve application: PolicyServer (ingress, `cfg.serve` replicas and resources)
+    and, unless `with_target` is False, TargetServer for /v1/answer (one replica with
+    the resources of one evaluation engine: `evaluation.num_{cpus,gpus}_per_actor`)."""
+    from qpo_ray.serving.deployments import PolicyServer, TargetServer
+
+    cfg = _pinned(cfg)
+    uc = user_config(cfg, policy_uri)
+    # Each replica keeps up to this many requests in flight: enough to fill a batch
+    # while the previous one runs (Serve's default of 5 would cap batches at 5).
+    max_ongoing = 4 * cfg.serve.max_batch_size
+    actor_options: dict[str, Any] = {"num_cpus": cfg.serve.num_cpus_per_replica,
+                                     "num_gpus": cfg.serve.num_gpus_per_replica}
+    token = os.environ.get(cfg.serve.auth_token_env)
+    if token:
+        # A token set where the app is built reaches the replicas through their
+        # runtime_env (merged with the job's env_vars); on Kubernetes set it in the pod.
+        actor_options["runtime_env"] = {"env_vars": {cfg.serve.auth_token_env: token}}
+    target = None
+    if with_target:
+        target = TargetServer.options(
+            num_replicas=1,
+            max_ongoing_requests=max_ongoing,
+            user_config={k: uc[k] for k in ("max_batch_size", "batch_wait_timeout_s")},
+            ray_actor_options={"num_cpus": cfg.evaluation.num_cpus_per_actor,
+                               "num_gpus": cfg.evaluation.num_gpus_per_actor},
+        ).bind(cfg)
+    return PolicyServer.options(
+        num_replicas=cfg.serve.num_replicas,
+        max_ongoing_requests=max_ongoing,
+        user_config=uc,
+        ray_actor_options=actor_options,
+    ).bind(cfg, target)
+
+
+def app_from_args(args: dict[str, Any]) -> Application:
+    """Application builder for Serve config files: `args` may hold `profile` (name or
+    YAML path), `policy_uri`, `with_target` (bool) and `overrides` (["a.b=1", ...])."""
+    known = {"profile", "policy_uri", "with_target", "overrides"}
+    unknown = set(args) - known
+    if unknown:
+        raise ValueError(f"serve config args: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+    cfg = load_config(args.get("profile", "cpu-demo"), list(args.get("overrides", [])))
+    return build_app(cfg, policy_uri=args.get("policy_uri"),
+                     with_target=bool(args.get("with_target", True)))
+
+
+def run_serve(cfg: Config, blocking: bool = True, policy_uri: Optional[str] = None,
+              with_target: bool = True) -> str:
+    """Start Serve on `cfg.serve.host:port` (127.0.0.1 unless told otherwise), deploy
+    the app and return its base URL; with `blocking`, serve until Ctrl-C, then shut
+    Serve down. Redeploying with another policy_uri reconfigures replicas in place."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray_address)
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(build_app(cfg, policy_uri=policy_uri, with_target=with_target),
+              name=APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://{cfg.serve.host}:{cfg.serve.port}"
+    print(f"qpo serve: {url}  (POST /v1/prompt, POST /v1/answer, GET /v1/version, GET /healthz)")
+    if not blocking:
+        return url
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return url

@@ -1,0 +1,220 @@
+"""The two Serve deployments: `PolicyServer` (the HTTP ingress holding the policy, with
+dynamic request batching) and `TargetServer` (the target LLM behind /v1/answer, on the
+same backend interface evaluation uses).
+
+The policy is swapped without downtime: a new `user_config` (`serve.run` / `serve
+deploy` with another `policy_uri`) reconfigures replicas in place, and a registry URI
+(`models:/<name>@latest`) is also polled, so a version the loop registers is picked up
+on its own. A new policy is loaded in a worker thread while the old one keeps serving;
+the swap is one attribute assignment, so every request sees one whole policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import defaultdict
+from typing import Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from qpo_ray.config import Config
+from qpo_ray.serving import policy_source
+from qpo_ray.serving.schemas import (
+    AnswerRequest,
+    AnswerResponse,
+    PromptRequest,
+    PromptResponse,
+    VersionResponse,
+    bearer_token_ok,
+    check_query_length,
+    finite_or_none,
+    validation_error_handler,
+)
+
+logger = logging.getLogger("ray.serve")
+
+# Paths that answer without a token: liveness probes (Kubernetes, RayService) carry none.
+_OPEN_PATHS = {"/healthz"}
+
+api = FastAPI(title="qpo-ray", description="Query-dependent prompts from the latest QPO policy")
+api.add_exception_handler(RequestValidationError, validation_error_handler)
+
+
+@api.middleware("http")
+async def _require_token(request: Request, call_next):
+    # Read per request: the variable is set in the replica's environment (runtime_env or
+    # the pod spec), and rotating it needs no code path of its own.
+    env_name = getattr(request.app.state, "auth_token_env", None)
+    expected = os.environ.get(env_name) if env_name else None
+    if request.url.path not in _OPEN_PATHS and not bearer_token_ok(
+            request.headers.get("authorization"), expected):
+        return JSONResponse(status_code=401, content={"error": "missing or wrong bearer token"},
+                            headers={"WWW-Authenticate": "Bearer"})
+    return await call_next(request)
+
+
+@serve.deployment(name="TargetServer")
+class TargetServer:
+    """The target LLM: formats (prompt, query) the way the task does and answers it."""
+
+    def __init__(self, cfg: Config) -> None:
+        from qpo_ray.backends import create_backend
+        from qpo_ray.device import configure_cpu_threads
+        from qpo_ray.tasks import get_task
+
+        configure_cpu_threads()
+        self._cfg = cfg
+        self._task = get_task(cfg.task)
+        self._backend = create_backend(cfg.target)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def answer(self, items: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        """items: (prompt, query) pairs; one generate (and one label scoring) per batch."""
+        return await asyncio.to_thread(self._answer_sync, items)
+
+    def _answer_sync(self, items: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        from qpo_ray.tasks.base import Example
+
+        # The gold label of a served query is unknown; format() never reads it.
+        texts = [self._task.format(prompt, Example(id="request", text=query, label=""))
+                 for prompt, query in items]
+        generations = self._backend.generate(texts, self._cfg.target.max_new_tokens)
+        results = [{"answer": g.text, "target_model": self._cfg.target.model}
+                   for g in generations]
+        if self._task.mode == "labels":
+            words = list(self._task.label_words)
+            scores = self._backend.score_continuations(texts, self._task.continuations())
+            for result, row in zip(results, scores):
+                logprobs = [s.logprob_sum for s in row]
+                result["label"] = words[max(range(len(words)), key=logprobs.__getitem__)]
+                result["label_logprobs"] = {w: finite_or_none(lp) for w, lp in zip(words, logprobs)}
+        return results
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        self.answer.set_max_batch_size(int(user_config["max_batch_size"]))
+        self.answer.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+
+
+@serve.deployment(name="PolicyServer")
+@serve.ingress(api)
+class PolicyServer:
+    """HTTP ingress: validates requests, batches them into one `generate_prompts` call per
+    batch (grouped by target reward), and forwards /v1/answer to the target."""
+
+    def __init__(self, cfg: Config, target: Optional[DeploymentHandle] = None) -> None:
+        from qpo_ray.device import configure_cpu_threads
+
+        configure_cpu_threads()
+        self._cfg = cfg
+        self._target = target
+        api.state.auth_token_env = cfg.serve.auth_token_env
+        self._policy = None
+        self._ref: Optional[policy_source.PolicyRef] = None
+        self._loaded_at = 0.0
+        self._policy_uri: Optional[str] = None
+        self._poll_interval_s = 0.0
+        self._poll_task: Optional[asyncio.Task] = None
+        # Serialises loads: a reconfigure and a poll never load two policies at once.
+        self._load_lock = asyncio.Lock()
+
+    # ---- policy lifecycle -------------------------------------------------------------
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Called by Serve before the replica first serves and on every user_config change."""
+        self.generate_batch.set_max_batch_size(int(user_config["max_batch_size"]))
+        self.generate_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+        self._policy_uri = str(user_config["policy_uri"])
+        self._poll_interval_s = float(user_config.get("registry_poll_interval_s", 0.0))
+        await self._refresh()
+        if self._poll_task is None:
+            self._poll_task = asyncio.get_running_loop().create_task(self._poll_registry())
+
+    async def _refresh(self) -> bool:
+        """Load the policy the URI points at now, if it is not the one already served."""
+        async with self._load_lock:
+            uri = self._policy_uri
+            tracking_uri = self._cfg.tracking_uri()
+            ref = await asyncio.to_thread(policy_source.resolve, uri, tracking_uri)
+            if self._ref is not None and ref == self._ref:
+                return False
+            policy = await asyncio.to_thread(policy_source.load_policy, ref, tracking_uri)
+            policy.eval()
+            self._policy, self._ref, self._loaded_at = policy, ref, time.time()
+            logger.info("serving policy %s", ref.version)
+            return True
+
+    async def _poll_registry(self) -> None:
+        """Follow a registry alias: a failed poll (registry briefly unreachable) keeps the
+        current policy and tries again at the next tick."""
+        while True:
+            interval = self._poll_interval_s
+            await asyncio.sleep(interval if interval > 0 else 1.0)
+            if interval <= 0 or not policy_source.is_registry_uri(self._policy_uri or ""):
+                continue
+            try:
+                await self._refresh()
+            except Exception:  # noqa: BLE001 - keep serving the policy we have
+                logger.exception("policy refresh from %s failed", self._policy_uri)
+
+    # ---- batched generation -----------------------------------------------------------
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def generate_batch(self, items: list[tuple[str, float]]) -> list[tuple[str, str]]:
+        """items: (query, target_reward). Returns (prompt, policy_version) per item."""
+        policy, ref = self._policy, self._ref
+        prompts = await asyncio.to_thread(_generate_grouped, policy, items)
+        return [(p, ref.version) for p in prompts]
+
+    # ---- HTTP routes ------------------------------------------------------------------
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok", "policy_version": self._ref.version if self._ref else ""}
+
+    @api.get("/v1/version", response_model=VersionResponse)
+    async def version(self) -> VersionResponse:
+        return VersionResponse(policy_version=self._ref.version, policy_uri=self._ref.uri,
+                               loaded_at_unix_s=self._loaded_at)
+
+    @api.post("/v1/prompt", response_model=PromptResponse)
+    async def prompt(self, body: PromptRequest) -> PromptResponse:
+        check_query_length(body.query, self._cfg.serve.max_query_chars)
+        prompt, version = await self.generate_batch((body.query, float(body.target_reward)))
+        return PromptResponse(prompt=prompt, policy_version=version,
+                              target_reward=body.target_reward)
+
+    @api.post("/v1/answer", response_model=AnswerResponse)
+    async def answer(self, body: AnswerRequest) -> AnswerResponse:
+        check_query_length(body.query, self._cfg.serve.max_query_chars)
+        if self._target is None:
+            return JSONResponse(status_code=404, content={
+                "error": "this deployment serves no target LLM (/v1/answer is off)"})
+        prompt, version = await self.generate_batch((body.query, float(body.target_reward)))
+        result = await self._target.answer.remote((prompt, body.query))
+        return AnswerResponse(prompt=prompt, policy_version=version,
+                              target_reward=body.target_reward, **result)
+
+
+def _generate_grouped(policy, items: list[tuple[str, float]]) -> list[str]:
+    """One `generate_prompts` call per distinct target reward in the batch (usually one),
+    so every request is conditioned on its own reward."""
+    from qpo_ray.policy import generate_prompts
+
+    by_reward: dict[float, list[int]] = defaultdict(list)
+    for i, (_query, reward) in enumerate(items):
+        by_reward[reward].append(i)
+    out: list[str] = [""] * len(items)
+    for reward, indices in by_reward.items():
+        prompts = generate_prompts(policy, [items[i][0] for i in indices],
+                                   target_reward=reward, do_sample=False,
+                                   batch_size=max(len(indices), 1))
+        for i, p in zip(indices, prompts):
+            out[i] = p
+    return out

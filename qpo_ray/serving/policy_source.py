@@ -1,0 +1,89 @@
+"""Where the served policy comes from: a policy directory, or a version in the MLflow
+model registry (`models:/<name>@<alias>` or `models:/<name>/<version>`).
+
+The loop registers every loop's policy directory as a new version of
+`tracking.registered_model_name` and moves the alias `latest` to it; serving resolves
+the alias to a concrete version, downloads that version's files and loads them with
+`QPOPolicy.load` (safetensors, never pickle).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
+
+
+@dataclass(frozen=True)
+class PolicyRef:
+    """One concrete policy: `version` names it in responses and tells two apart."""
+
+    uri: str
+    version: str
+    # Set for registry versions: (registered model name, version number).
+    registry: Optional[tuple[str, str]] = None
+    # Set for directories.
+    local_dir: Optional[str] = None
+
+
+def is_registry_uri(uri: str) -> bool:
+    return uri.startswith("models:/")
+
+
+def resolve(uri: str, tracking_uri: Optional[str]) -> PolicyRef:
+    """Turn a policy URI into the concrete version it points at right now."""
+    if not is_registry_uri(uri):
+        path = Path(uri).expanduser().resolve()
+        if not path.is_dir():
+            raise FileNotFoundError(f"serve.policy_uri: policy directory {path} does not exist")
+        return PolicyRef(uri=uri, version=str(path), local_dir=str(path))
+    match = _MODELS_URI.match(uri)
+    if not match:
+        raise ValueError(
+            f"serve.policy_uri: {uri!r} is neither a directory nor models:/<name>@<alias> "
+            f"or models:/<name>/<version>"
+        )
+    from mlflow import MlflowClient
+
+    name = match["name"]
+    version = match["version"]
+    if version is None:
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        version = str(client.get_model_version_by_alias(name, match["alias"]).version)
+    return PolicyRef(uri=uri, version=f"models:/{name}/{version}", registry=(name, version))
+
+
+def find_policy_dir(root: Path) -> Path:
+    """The directory `QPOPolicy.save` wrote, at `root` or (for artifacts logged under a
+    sub-folder) the shallowest directory below it holding a safetensors file."""
+    candidates = sorted({p.parent for p in root.rglob("*.safetensors")},
+                        key=lambda p: (len(p.relative_to(root).parts), str(p)))
+    if not candidates:
+        raise FileNotFoundError(f"no policy (no *.safetensors file) under {root}")
+    return candidates[0]
+
+
+def load_policy(ref: PolicyRef, tracking_uri: Optional[str], device=None):
+    """Load the policy `ref` names; registry versions are downloaded to a temporary
+    directory that is removed once the weights are in memory."""
+    from qpo_ray.policy import QPOPolicy
+
+    if ref.local_dir is not None:
+        return QPOPolicy.load(ref.local_dir, device=device)
+    import mlflow
+
+    name, version = ref.registry  # type: ignore[misc]
+    tmp = Path(tempfile.mkdtemp(prefix="qpo-serve-policy-"))
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp),
+            tracking_uri=tracking_uri, registry_uri=tracking_uri,
+        )
+        return QPOPolicy.load(str(find_policy_dir(Path(local))), device=device)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

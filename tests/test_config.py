@@ -1,0 +1,132 @@
+"""Typed config: profiles override the dataclass defaults; bad keys/values are named."""
+
+from __future__ import annotations
+
+import pytest
+
+from qpo_ray.config import Config, ConfigError, config_from_dict, load_config, parse_override
+
+
+def test_defaults_are_the_paper_table9():
+    cfg = Config()
+    assert (cfg.training.batch_size_global, cfg.training.lr_first_loop) == (128, 1e-3)
+    assert (cfg.training.epochs_first_loop, cfg.training.epochs_later_loops) == (100, 20)
+    assert cfg.policy.reward_loss_weight == 0.1
+    assert (cfg.loop.num_loops, cfg.loop.top_k, cfg.loop.top_p) == (4, 2, 0.9)
+    assert cfg.dataset.expert_fraction == 0.667
+
+
+@pytest.mark.parametrize("name", ["cpu-demo", "v100", "cluster"])
+def test_shipped_profiles_load(name):
+    cfg = load_config(name)
+    assert cfg.task.name
+    assert cfg.loop.num_loops >= 2
+
+
+def test_cpu_demo_is_the_embedded_default():
+    cfg = load_config("cpu-demo")
+    assert cfg.task.name == "rotten_tomatoes"
+    assert cfg.target.model == "smollm2-135m-instruct"
+    assert cfg.policy.backbone == "smollm2-135m-instruct"
+    assert cfg.training.use_gpu is False
+
+
+def test_paper_profile_uses_gpt2_and_table9():
+    cfg = load_config("v100")
+    assert cfg.policy.backbone == "gpt2"
+    assert cfg.training.use_gpu and cfg.training.batch_size_global == 128
+    assert cfg.training.lr_later_loops == 1e-4
+
+
+def test_cluster_profile_uses_deepspeed():
+    cfg = load_config("cluster")
+    assert cfg.training.strategy == "deepspeed" and cfg.training.num_workers > 1
+
+
+def test_overrides_take_precedence_and_are_typed():
+    cfg = load_config("cpu-demo", ["loop.num_loops=3", "training.lr_first_loop=5e-4",
+                                   "test.shots=[0, 3]", "task.max_test_queries=null"])
+    assert cfg.loop.num_loops == 3
+    assert cfg.training.lr_first_loop == 5e-4
+    assert cfg.test.shots == [0, 3]
+    assert cfg.task.max_test_queries is None
+
+
+def test_int_is_accepted_where_a_float_is_expected():
+    cfg = load_config(None, {"loop": {"target_reward": 100}})
+    assert isinstance(cfg.loop.target_reward, float)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("training.batchsize=4", "training.batchsize"),
+        ("nosuchsection.x=1", "nosuchsection"),
+        ("loop.num_loops=two", "loop.num_loops"),
+        ("training.use_gpu=3", "training.use_gpu"),
+        ("policy.mode=rl", "policy.mode"),
+        ("training.strategy=fsdp", "training.strategy"),
+        ("target.backend=llamacpp", "target.backend"),
+        ("task.collection_fraction=1.5", "task.collection_fraction"),
+        ("loop.top_p=0", "loop.top_p"),
+        ("test.shots=[0, x]", "test.shots[1]"),
+    ],
+)
+def test_bad_keys_and_values_name_the_key(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+        load_config("cpu-demo", [override])
+
+
+def test_section_given_a_scalar_is_rejected():
+    with pytest.raises(ConfigError, match="training: expected a mapping"):
+        load_config(None, {"training": 3})
+
+
+def test_byo_task_needs_a_spec():
+    with pytest.raises(ConfigError, match="task.spec_path"):
+        load_config(None, ["task.name=byo"])
+
+
+def test_unknown_profile_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="cpu-demo"):
+        load_config("no-such-profile")
+
+
+def test_profile_file_with_an_unknown_key_names_it(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("policy:\n  backbone: gpt2\n  num_heads: 3\n")
+    with pytest.raises(ConfigError, match="policy.num_heads"):
+        load_config(str(path))
+
+
+def test_profile_file_that_is_not_yaml_names_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("policy: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml"):
+        load_config(str(path))
+
+
+def test_override_syntax_is_checked():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("loop.num_loops")
+    assert parse_override("a.b.c=1") == {"a": {"b": {"c": 1}}}
+
+
+def test_round_trip_through_a_dict():
+    cfg = load_config("cpu-demo", ["seed=7"])
+    again = config_from_dict(cfg.to_dict())
+    assert again == cfg
+
+
+def test_tracking_uri_defaults_to_sqlite_in_the_workdir(tmp_path):
+    cfg = load_config(None, [f"workdir={tmp_path}"])
+    assert cfg.tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    cfg = load_config(None, ["tracking.uri=http://127.0.0.1:5000"])
+    assert cfg.tracking_uri() == "http://127.0.0.1:5000"
+
+
+def test_ray_address_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    assert load_config(None).ray_address == "ray://head:10001"
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert load_config(None).ray_address is None

