@@ -130,6 +130,8 @@ class PolicyConfig:
 class TrainingConfig:
     num_workers: int = 1
     use_gpu: bool = False
+    # Ray CPUs reserved per training worker; on CPU workers also torch's thread count.
+    num_cpus_per_worker: int = 1
     strategy: Literal["ddp", "deepspeed"] = "ddp"
     zero_stage: int = 2
     # no | bf16 | fp16 (GPU only).
@@ -302,6 +304,7 @@ def _validate(cfg: Config) -> None:
         (cfg.dataset.prompts_per_group >= 1, "dataset.prompts_per_group must be >= 1"),
         (cfg.dataset.queries_per_group >= 1, "dataset.queries_per_group must be >= 1"),
         (cfg.training.num_workers >= 1, "training.num_workers must be >= 1"),
+        (cfg.training.num_cpus_per_worker >= 1, "training.num_cpus_per_worker must be >= 1"),
         (cfg.training.zero_stage in (0, 1, 2, 3), "training.zero_stage must be 0, 1, 2 or 3"),
         (cfg.training.mixed_precision in ("no", "bf16", "fp16"),
          "training.mixed_precision must be no, bf16 or fp16"),

@@ -118,6 +118,14 @@ class Tracker:
             self._save_state()
         return runs[str(loop)]
 
+    def logged_stages(self) -> set[str]:
+        """Stages whose results are already in MLflow (a resume logs only the rest)."""
+        return set(self.state.get("logged_stages", []))
+
+    def mark_logged(self, stage: str) -> None:
+        self.state["logged_stages"] = sorted(self.logged_stages() | {stage})
+        self._save_state()
+
     def finish_loop(self, loop: int) -> None:
         self.client.set_terminated(self.loop_run_id(loop), "FINISHED")
 

@@ -69,3 +69,54 @@ def ray_cluster():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def vllm_actor(ray_cluster, tiny_model_dir):
+    """The session's one vLLM CPU engine on the tiny model, inside a Ray actor (where the
+    evaluation pipeline runs it too). num_cpus=0 so that it does not starve the Ray
+    Data pools of the 2-CPU test cluster."""
+    from qpo_ray.backends.vllm_backend import VLLMBackend
+    from qpo_ray.config import TargetConfig
+
+    cfg = TargetConfig(backend="vllm", model=str(tiny_model_dir), dtype="float32",
+                       max_model_len_tokens=512, cpu_kvcache_space_gib=1)
+    actor = ray_cluster.remote(num_cpus=0)(VLLMBackend).remote(cfg)
+    yield actor
+    ray_cluster.get(actor.close.remote())
+    ray_cluster.kill(actor)
+
+
+@pytest.fixture(scope="session")
+def tweet_emotion_task(shared_data):
+    """The real 4-label tweet_emotion task read from the shared data."""
+    from qpo_ray.config import TaskConfig
+    from qpo_ray.tasks import get_task
+
+    return get_task(TaskConfig(name="tweet_emotion", data_dir=str(shared_data / "tweet_emotion")))
+
+
+@pytest.fixture(scope="session")
+def tweet_pairs(tweet_emotion_task):
+    """24 zero-shot (query, prompt) pairs in PAIR_COLUMNS: 8 train queries x 3 prompts."""
+    import pandas as pd
+
+    prompts = ["Classify the emotion of the tweet.",
+               "What emotion does this tweet express: anger, joy, optimism or sadness?",
+               ""]
+    queries = tweet_emotion_task.load_split("train")[:8]
+    rows = [{"pair_id": f"p{qi}-{pi}", "query_id": q.id, "query": q.text,
+             "prompt_id": f"m{pi}", "prompt": p, "source": "manual", "label": str(q.label),
+             "group": 0, "loop": 0, "seed": 0, "demo_ids": []}
+            for qi, q in enumerate(queries) for pi, p in enumerate(prompts)]
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now: one per test module (a Serve instance binds it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

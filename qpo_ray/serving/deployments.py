@@ -136,19 +136,19 @@ class PolicyServer:
         if self._poll_task is None:
             self._poll_task = asyncio.get_running_loop().create_task(self._poll_registry())
 
-    async def _refresh(self) -> bool:
-        """Load the policy the URI points at now, if it is not the one already served."""
+    async def _refresh(self) -> None:
+        """Load the policy the URI points at now, if it is not the one already served (a
+        directory is read once: write a new policy to a new directory)."""
         async with self._load_lock:
             uri = self._policy_uri
             tracking_uri = self._cfg.tracking_uri()
             ref = await asyncio.to_thread(policy_source.resolve, uri, tracking_uri)
             if self._ref is not None and ref == self._ref:
-                return False
+                return
             policy = await asyncio.to_thread(policy_source.load_policy, ref, tracking_uri)
             policy.eval()
             self._policy, self._ref, self._loaded_at = policy, ref, time.time()
             logger.info("serving policy %s", ref.version)
-            return True
 
     async def _poll_registry(self) -> None:
         """Follow a registry alias: a failed poll (registry briefly unreachable) keeps the
@@ -169,8 +169,26 @@ class PolicyServer:
     async def generate_batch(self, items: list[tuple[str, float]]) -> list[tuple[str, str]]:
         """items: (query, target_reward). Returns (prompt, policy_version) per item."""
         policy, ref = self._policy, self._ref
-        prompts = await asyncio.to_thread(_generate_grouped, policy, items)
+        prompts = await asyncio.to_thread(self._generate_grouped, policy, items)
         return [(p, ref.version) for p in prompts]
+
+    @staticmethod
+    def _generate_grouped(policy, items: list[tuple[str, float]]) -> list[str]:
+        """One `generate_prompts` call per distinct target reward in the batch (usually one),
+        so every request is conditioned on its own reward."""
+        from qpo_ray.policy import generate_prompts
+
+        by_reward: dict[float, list[int]] = defaultdict(list)
+        for i, (_query, reward) in enumerate(items):
+            by_reward[reward].append(i)
+        out: list[str] = [""] * len(items)
+        for reward, indices in by_reward.items():
+            prompts = generate_prompts(policy, [items[i][0] for i in indices],
+                                       target_reward=reward, do_sample=False,
+                                       batch_size=max(len(indices), 1))
+            for i, p in zip(indices, prompts):
+                out[i] = p
+        return out
 
     # ---- HTTP routes ------------------------------------------------------------------
 
@@ -201,20 +219,3 @@ class PolicyServer:
         return AnswerResponse(prompt=prompt, policy_version=version,
                               target_reward=body.target_reward, **result)
 
-
-def _generate_grouped(policy, items: list[tuple[str, float]]) -> list[str]:
-    """One `generate_prompts` call per distinct target reward in the batch (usually one),
-    so every request is conditioned on its own reward."""
-    from qpo_ray.policy import generate_prompts
-
-    by_reward: dict[float, list[int]] = defaultdict(list)
-    for i, (_query, reward) in enumerate(items):
-        by_reward[reward].append(i)
-    out: list[str] = [""] * len(items)
-    for reward, indices in by_reward.items():
-        prompts = generate_prompts(policy, [items[i][0] for i in indices],
-                                   target_reward=reward, do_sample=False,
-                                   batch_size=max(len(indices), 1))
-        for i, p in zip(indices, prompts):
-            out[i] = p
-    return out

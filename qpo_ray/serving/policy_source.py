@@ -49,22 +49,30 @@ def resolve(uri: str, tracking_uri: Optional[str]) -> PolicyRef:
             f"or models:/<name>/<version>"
         )
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     name = match["name"]
     version = match["version"]
     if version is None:
         client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-        version = str(client.get_model_version_by_alias(name, match["alias"]).version)
+        try:
+            version = str(client.get_model_version_by_alias(name, match["alias"]).version)
+        except MlflowException as exc:
+            raise FileNotFoundError(
+                f"serve.policy_uri: {uri} not found in the registry at {tracking_uri} "
+                f"({exc.message}); has a QPO loop registered a policy there?") from exc
     return PolicyRef(uri=uri, version=f"models:/{name}/{version}", registry=(name, version))
 
 
 def find_policy_dir(root: Path) -> Path:
-    """The directory `QPOPolicy.save` wrote, at `root` or (for artifacts logged under a
-    sub-folder) the shallowest directory below it holding a safetensors file."""
-    candidates = sorted({p.parent for p in root.rglob("*.safetensors")},
-                        key=lambda p: (len(p.relative_to(root).parts), str(p)))
+    """The directory `QPOPolicy.save` wrote: `root` itself (the loop logs the checkpoint
+    as the version's whole artifact tree) or the shallowest directory below it."""
+    from qpo_ray.policy.model import POLICY_FILE
+
+    candidates = sorted((p.parent for p in root.rglob(POLICY_FILE)),
+                        key=lambda p: len(p.relative_to(root).parts))
     if not candidates:
-        raise FileNotFoundError(f"no policy (no *.safetensors file) under {root}")
+        raise FileNotFoundError(f"no policy under {root}: no {POLICY_FILE} (see QPOPolicy.save)")
     return candidates[0]
 
 
@@ -76,14 +84,17 @@ def load_policy(ref: PolicyRef, tracking_uri: Optional[str], device=None):
     if ref.local_dir is not None:
         return QPOPolicy.load(ref.local_dir, device=device)
     import mlflow
+    from mlflow import MlflowClient
 
     name, version = ref.registry  # type: ignore[misc]
+    # The version's own storage location, not "models:/..." (which MLflow resolves
+    # through the process-global registry URI, not the one passed here).
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    source = client.get_model_version_download_uri(name, version)
     tmp = Path(tempfile.mkdtemp(prefix="qpo-serve-policy-"))
     try:
         local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp),
-            tracking_uri=tracking_uri, registry_uri=tracking_uri,
-        )
+            artifact_uri=source, dst_path=str(tmp), tracking_uri=tracking_uri)
         return QPOPolicy.load(str(find_policy_dir(Path(local))), device=device)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -52,8 +52,9 @@ class Task(ABC):
     supports_few_shot: bool = True
 
     @abstractmethod
-    def load_split(self, split: Literal["train", "test"]) -> list[Example]:
-        """Every example of a split (train, or the official test/dev split)."""
+    def load_split(self, split: Literal["train", "validation", "test"]) -> list[Example]:
+        """Every example of a split (train, or the official test/dev split; validation
+        only where the dataset has a separate one, e.g. tweet_emotion)."""
 
     def format_demo(self, demo: Example) -> str:
         """A demonstration with its answer, as placed before the query."""

@@ -111,8 +111,9 @@ class AgNews(DataTask):
         present = [s for s, p in files.items() if p.exists()]
         if not present:
             raise no_split(self, split, data_dir, "train.csv / test.csv")
-        if split in present:
+        if len(present) == 2:
             return self._read_csv(files[split])
+        # One file only (the shared copy has test.csv): both splits are carved from it.
         return carve(self._read_csv(files[present[0]]), split, str(files[present[0]]))
 
     def _read_csv(self, path: Path) -> list[Example]:

@@ -45,10 +45,11 @@ class CosmosQA(MultipleChoiceTask):
         valid = find_file(data_dir, ["valid.csv", "valid.jsonl", "validation.csv"])
         if split == "validation" or (train is None and valid is None):
             raise no_split(self, split, data_dir, "train.csv and/or valid.csv")
-        wanted = train if split == "train" else valid
-        if wanted is not None:
-            return self._read(wanted)
+        if train is not None and valid is not None:
+            return self._read(train if split == "train" else valid)
+        # One file only (the shared copy has valid.csv): both splits are carved from it.
         only = train or valid
+        assert only is not None
         return carve(self._read(only), split, str(only))
 
     def _read(self, path: Path) -> list[Example]:

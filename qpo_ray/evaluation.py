@@ -1,0 +1,170 @@
+"""Sharded pair scoring on Ray Data: pairs -> map_batches over an actor pool, one target
+engine per actor -> scored rows, back in input order.
+
+Fault tolerance comes from Ray Data's actor pool: its actors are created with
+max_restarts=-1, and a batch whose actor died is resubmitted (max_task_retries, from
+`evaluation.max_task_retries`) to a live or restarted actor. The output is checked to
+hold every input pair exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from qpo_ray.backends import create_backend, validate_backend_config
+from qpo_ray.backends.base import Usage
+from qpo_ray.config import Config
+from qpo_ray.data.schema import SCORE_COLUMNS
+from qpo_ray.scoring import LocalScorer, PairScorer, score_batch
+from qpo_ray.tasks.base import Example, Task
+
+# Test hook for fault tolerance: "<flag file>:<pair_id>" makes the actor that receives
+# the batch holding <pair_id> die (os._exit) once; the flag file records that it did.
+FAULT_ENV = "QPO_RAY_EVAL_CRASH_ONCE"
+
+# Per-batch usage travels back as columns (set on a batch's first row, 0 elsewhere), so
+# a retried batch is counted once: only the output that survives is summed.
+_USAGE_COLUMNS = {"_usage_calls": "calls", "_usage_engine_seconds": "engine_seconds"}
+_ROW = "_row"
+
+
+class _ScoringActor:
+    """One engine per Ray actor; Ray Data calls it on each batch of pairs."""
+
+    def __init__(self, target_config, shared: dict[str, Any], max_new_tokens: int,
+                 crash_once: str | None) -> None:
+        import ray
+
+        from qpo_ray import device as devices
+
+        if not devices.has_cuda():
+            devices.configure_cpu_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        # refs inside a dict are not resolved by Ray: the task and demo pool are fetched
+        # once per actor from the object store
+        self.task = ray.get(shared["task"])
+        self.demo_lookup = ray.get(shared["demos"])
+        self.max_new_tokens = max_new_tokens
+        self.crash_once = crash_once
+        self.backend = create_backend(target_config)
+
+    def _maybe_crash(self, batch: pd.DataFrame) -> None:
+        if not self.crash_once:
+            return
+        flag, pair_id = self.crash_once.rsplit(":", 1)
+        if pair_id in set(batch["pair_id"]) and not os.path.exists(flag):
+            with open(flag, "w") as fh:
+                fh.write(str(os.getpid()))
+            os._exit(1)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        self._maybe_crash(batch)
+        before = Usage().add(self.backend.usage)
+        scored = score_batch(self.task, self.backend, batch, self.demo_lookup,
+                             self.max_new_tokens)
+        after = self.backend.usage
+        for column, field in _USAGE_COLUMNS.items():
+            values = [0.0] * len(scored)
+            if values:
+                values[0] = float(getattr(after, field) - getattr(before, field))
+            scored[column] = values
+        return scored
+
+
+def default_num_actors(cfg: Config) -> int:
+    """evaluation.num_actors, or as many as the cluster's GPUs hold (1 on CPU-only)."""
+    import ray
+
+    ev = cfg.evaluation
+    if ev.num_actors > 0:
+        return ev.num_actors
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    if ev.num_gpus_per_actor > 0 and gpus > 0:
+        return max(1, int(gpus // ev.num_gpus_per_actor))
+    return 1
+
+
+class RayDataScorer(PairScorer):
+    def __init__(self, cfg: Config, task: Task, demo_pool: Sequence[Example]) -> None:
+        import ray
+
+        validate_backend_config(cfg.target)
+        if not ray.is_initialized():
+            ray.init(address=cfg.ray_address)
+        self.cfg = cfg
+        self.num_actors = default_num_actors(cfg)
+        self._shared = {"task": ray.put(task), "demos": ray.put({d.id: d for d in demo_pool})}
+        self.usage = Usage()
+
+    def score(self, pairs_df: pd.DataFrame) -> pd.DataFrame:
+        import ray.data
+
+        if pairs_df.empty:
+            return score_batch(ray.get(self._shared["task"]), None, pairs_df, {}, 0)
+        if pairs_df["pair_id"].duplicated().any():
+            dup = pairs_df.loc[pairs_df["pair_id"].duplicated(), "pair_id"].iloc[0]
+            raise ValueError(f"pairs: pair_id {dup!r} occurs more than once")
+        ev = self.cfg.evaluation
+        frame = pairs_df.reset_index(drop=True).assign(**{_ROW: range(len(pairs_df))})
+        n_batches = -(-len(frame) // ev.batch_size_pairs)
+        with warnings.catch_warnings():
+            # Ray 2.60 deprecates **ray_remote_args but has no named parameter for the
+            # retry limits yet; without them a batch that kills every actor it meets
+            # would be retried forever (Ray Data's default is -1).
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            # one block per batch: blocks are what the pool spreads over its actors and
+            # what a dead actor's replacement retries
+            size = ev.batch_size_pairs
+            blocks = [frame.iloc[i:i + size] for i in range(0, len(frame), size)]
+            ds = self._pipeline(ray.data.from_pandas(blocks), n_batches)
+        out = ds.to_pandas().sort_values(_ROW)
+        rows = out[_ROW].to_numpy()
+        if len(rows) != len(frame) or not (rows == np.arange(len(frame))).all():
+            raise RuntimeError(f"evaluation returned {len(out)} rows for {len(frame)} pairs "
+                               "(lost or duplicated batches)")
+        batch_usage = Usage(calls=int(out["_usage_calls"].sum()),
+                            prompt_tokens=int(out["prompt_tokens"].sum()),
+                            completion_tokens=int(out["completion_tokens"].sum()),
+                            engine_seconds=float(out["_usage_engine_seconds"].sum()))
+        self.usage = self.usage.add(batch_usage)
+        # The pair columns come back from Arrow as numpy arrays: keep the caller's own
+        # and take only the score columns from the pipeline.
+        scored = pairs_df.drop(columns=list(SCORE_COLUMNS), errors="ignore").copy()
+        for column in SCORE_COLUMNS:
+            scored[column] = out[column].to_numpy()
+        scored["demo_correct"] = [[bool(v) for v in cell] for cell in scored["demo_correct"]]
+        return scored
+
+    def _pipeline(self, ds, n_batches: int):
+        import ray.data
+
+        ev = self.cfg.evaluation
+        return ds.map_batches(
+            _ScoringActor,
+            fn_constructor_kwargs={
+                "target_config": self.cfg.target, "shared": self._shared,
+                "max_new_tokens": self.cfg.target.max_new_tokens,
+                "crash_once": os.environ.get(FAULT_ENV),
+            },
+            compute=ray.data.ActorPoolStrategy(size=min(self.num_actors, n_batches)),
+            batch_size=ev.batch_size_pairs,
+            batch_format="pandas",
+            num_cpus=ev.num_cpus_per_actor,
+            num_gpus=ev.num_gpus_per_actor or None,
+            max_restarts=-1,
+            max_task_retries=ev.max_task_retries,
+        )
+
+
+def make_scorer(cfg: Config, task: Task, demo_pool: Sequence[Example],
+                distributed: bool = True) -> PairScorer:
+    """Ray Data over an actor pool, or one engine in this process."""
+    if distributed:
+        return RayDataScorer(cfg, task, demo_pool)
+    validate_backend_config(cfg.target)
+    return LocalScorer(task, create_backend(cfg.target), demo_pool,
+                       max_new_tokens=cfg.target.max_new_tokens)

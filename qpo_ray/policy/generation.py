@@ -1,0 +1,131 @@
+"""Prompt generation conditioned on a target reward, and query embeddings.
+
+Generation runs the backbone once over the ``[R | q]`` prefix (every row has the same
+prefix length thanks to the fixed query slot, see `batching`), keeps its KV cache, and
+then feeds one generated token at a time (token embedding + prompt segment embedding,
+through the same LayerNorm as in training) until every row has produced EOS or
+`max_prompt_tokens` tokens. Sampling (top-k 2, top-p 0.9) is what augmentation rounds
+use; greedy is what the test phase uses.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from qpo_ray.policy.batching import encode_queries, pad_id, position_ids_from_mask
+from qpo_ray.policy.model import QPOPolicy
+
+
+def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Logits with everything outside the top-k, then outside the top-p mass, at -inf."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token once the mass before it already reaches top_p (the first always stays).
+        drop = probs.cumsum(-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def _prefix(policy: QPOPolicy, queries: list[str], target_reward: float):
+    q_ids, q_mask = encode_queries(policy.tokenizer, queries, policy.config.max_query_tokens)
+    q_ids, q_mask = q_ids.to(policy.device), q_mask.to(policy.device)
+    reward = torch.full((len(queries),), float(target_reward), device=policy.device)
+    embeds = policy.embed_prefix(reward, q_ids)
+    mask = torch.cat([torch.ones_like(q_mask[:, :1]), q_mask], dim=1)
+    return embeds, mask, q_mask
+
+
+def _generate_batch(policy: QPOPolicy, queries: list[str], target_reward: float,
+                    do_sample: bool, top_k: int, top_p: float,
+                    generator: torch.Generator | None) -> list[list[int]]:
+    """Token ids per query, without the EOS (at most `max_prompt_tokens`)."""
+    eos, filler = policy.tokenizer.eos_token_id, pad_id(policy.tokenizer)
+    embeds, mask, _ = _prefix(policy, queries, target_reward)
+    out = policy.run_backbone(embeds, mask, position_ids_from_mask(mask), use_cache=True)
+    next_position = mask.sum(dim=1, keepdim=True)
+    finished = torch.zeros(len(queries), dtype=torch.bool, device=policy.device)
+    steps: list[torch.Tensor] = []
+    for step in range(policy.config.max_prompt_tokens):
+        logits = policy.lm_logits(out.last_hidden_state[:, -1]).float()
+        if do_sample:
+            probs = _filter_top_k_top_p(logits, top_k, top_p).softmax(-1)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            token = logits.argmax(-1)
+        token = token.masked_fill(finished, filler)
+        steps.append(token)
+        finished |= token == eos
+        if bool(finished.all()) or step == policy.config.max_prompt_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = policy.run_backbone(policy.embed_prompt_tokens(token[:, None]), mask, next_position,
+                                  past_key_values=out.past_key_values, use_cache=True)
+        next_position = next_position + 1
+    rows = torch.stack(steps, dim=1).tolist()
+    return [row[: row.index(eos)] if eos in row else row for row in rows]
+
+
+@torch.no_grad()
+def generate_token_ids(policy: QPOPolicy, queries: list[str], target_reward: float = 100.0,
+                       do_sample: bool = False, top_k: int = 2, top_p: float = 0.9,
+                       seed: int | None = None, batch_size: int = 32) -> list[list[int]]:
+    """`generate_prompts` before decoding: each prompt's token ids, EOS excluded."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    generator = None
+    if do_sample and seed is not None:
+        generator = torch.Generator(device=policy.device).manual_seed(seed)
+    was_training = policy.training
+    policy.eval()
+    try:
+        ids: list[list[int]] = []
+        for start in range(0, len(queries), batch_size):
+            chunk = list(queries[start:start + batch_size])
+            ids.extend(_generate_batch(policy, chunk, target_reward, do_sample, top_k, top_p,
+                                       generator))
+        return ids
+    finally:
+        policy.train(was_training)
+
+
+def generate_prompts(policy: QPOPolicy, queries: list[str], target_reward: float = 100.0,
+                     do_sample: bool = False, top_k: int = 2, top_p: float = 0.9,
+                     seed: int | None = None, batch_size: int = 32) -> list[str]:
+    """One prompt per query, asking the policy for `target_reward` (0-100 scale).
+
+    Greedy when `do_sample` is False; otherwise top-k / top-p sampling, reproducible for
+    a given `seed` (and batch size). The policy's train/eval mode is restored afterwards.
+    """
+    ids = generate_token_ids(policy, queries, target_reward, do_sample, top_k, top_p, seed,
+                             batch_size)
+    return [policy.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
+
+
+@torch.no_grad()
+def embed_queries(policy: QPOPolicy, queries: list[str], batch_size: int = 64,
+                  target_reward: float = 100.0) -> np.ndarray:
+    """(N, H) float32, L2-normalised: the policy's hidden states over each query's tokens,
+    mean-pooled. The query is read after the usual reward position (at `target_reward`,
+    as at generation time) so the states are the ones the policy was trained on."""
+    was_training = policy.training
+    policy.eval()
+    try:
+        chunks = []
+        for start in range(0, len(queries), batch_size):
+            embeds, mask, q_mask = _prefix(policy, list(queries[start:start + batch_size]),
+                                           target_reward)
+            hidden = policy.run_backbone(embeds, mask, position_ids_from_mask(mask)).last_hidden_state
+            weights = q_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden[:, 1:] * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            chunks.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu())
+        if not chunks:
+            return np.zeros((0, policy.backbone.config.hidden_size), dtype=np.float32)
+        return torch.cat(chunks).numpy()
+    finally:
+        policy.train(was_training)

@@ -1,0 +1,182 @@
+"""Prompt collections: the initial prompts of Step 0 and the manual baseline.
+
+`prompts.source` is one of
+- ``builtin``: the project's own collection for the task (``prompts/data/<task>.jsonl``);
+- an InstructEval-layout directory: ``<method>/<task>.yaml`` (a YAML list of strings),
+  low-perplexity prompts as ``low_perplexity_prompts/<model>/<task>.yaml`` (method name
+  ``low_perplexity_prompts/<model>``; ``prompts.methods: [low_perplexity_prompts]``
+  selects every model);
+- a ``.txt`` file (one prompt per line, source ``custom``) or a ``.jsonl`` file
+  (``{"text": ..., "source": ...}``, source optional).
+
+Every prompt keeps its source method; its id is a hash of its text, so the same prompt
+has the same id in every collection, run and augmentation round. Repeated texts are kept
+once (first occurrence).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from qpo_ray.config import PromptsConfig
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_DIR = Path(__file__).parent / "data"
+
+
+class PromptCollectionError(ValueError):
+    """A prompt file is missing or malformed; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    id: str
+    text: str
+    source: str
+
+
+def prompt_id(text: str) -> str:
+    """Stable id of a prompt text (collection prompts and generated ones alike)."""
+    return "p-" + hashlib.sha1(text.strip().encode("utf-8")).hexdigest()[:12]
+
+
+def load_collection(cfg: PromptsConfig, task_name: str) -> list[PromptRecord]:
+    """The initial prompt collection for `task_name` as `cfg` says (see module doc)."""
+    if cfg.source == "builtin":
+        path = BUILTIN_DIR / f"{task_name}.jsonl"
+        if not path.exists():
+            known = sorted(p.stem for p in BUILTIN_DIR.glob("*.jsonl"))
+            raise PromptCollectionError(
+                f"prompts.source: no builtin collection for task {task_name!r} (builtin: "
+                f"{known}); point prompts.source at a .txt/.jsonl file or an InstructEval "
+                "directory")
+        pairs = _read_jsonl(path)
+    else:
+        path = Path(cfg.source).expanduser()
+        if path.is_dir():
+            pairs = _read_instructeval(path, task_name, cfg.methods)
+        elif path.suffix == ".jsonl":
+            pairs = _read_jsonl(path)
+        elif path.suffix == ".txt":
+            pairs = _read_txt(path)
+        else:
+            raise PromptCollectionError(
+                f"prompts.source: {path} is not 'builtin', a directory, a .txt or a .jsonl "
+                "file" + ("" if path.exists() else " (it does not exist)"))
+    if cfg.methods is not None and not path.is_dir():
+        pairs = [(text, source) for text, source in pairs if source in cfg.methods]
+    records = _dedupe(pairs)
+    if not records:
+        raise PromptCollectionError(f"{path}: no prompts for task {task_name!r}"
+                                    + (f" and methods {cfg.methods}" if cfg.methods else ""))
+    return records
+
+
+def manual_prompt(records: list[PromptRecord], cfg: PromptsConfig) -> PromptRecord:
+    """The manual baseline: `cfg.manual_prompt_id`, else the first `manual` prompt."""
+    if cfg.manual_prompt_id is not None:
+        for record in records:
+            if record.id == cfg.manual_prompt_id:
+                return record
+        raise PromptCollectionError(f"prompts.manual_prompt_id: {cfg.manual_prompt_id!r} is "
+                                    "not in the collection")
+    for record in records:
+        if record.source == "manual":
+            return record
+    raise PromptCollectionError("the collection has no prompt with source 'manual'; set "
+                                "prompts.manual_prompt_id")
+
+
+def _dedupe(pairs: list[tuple[str, str]]) -> list[PromptRecord]:
+    records: dict[str, PromptRecord] = {}
+    for text, source in pairs:
+        record = PromptRecord(prompt_id(text), text.strip(), source)
+        if record.id in records:
+            logger.info("prompt %r (%s) repeats an earlier one; kept once", text, source)
+            continue
+        records[record.id] = record
+    return list(records.values())
+
+
+def _read_txt(path: Path) -> list[tuple[str, str]]:
+    if not path.exists():
+        raise PromptCollectionError(f"{path}: file not found")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [(line.strip(), "custom") for line in lines if line.strip()]
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, str]]:
+    if not path.exists():
+        raise PromptCollectionError(f"{path}: file not found")
+    pairs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PromptCollectionError(f"{path}: line {number}: not valid JSON "
+                                        f"({exc.msg})") from exc
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise PromptCollectionError(f"{path}: line {number}: expected an object with a "
+                                        'string "text"')
+        source = row.get("source", "custom")
+        if not isinstance(source, str) or not source:
+            raise PromptCollectionError(f'{path}: line {number}: "source" must be a '
+                                        "non-empty string")
+        pairs.append((row["text"], source))
+    return pairs
+
+
+def _instructeval_files(root: Path, task_name: str) -> dict[str, Path]:
+    """method -> `<method>/<task>.yaml` (and `low_perplexity_prompts/<model>/<task>.yaml`)."""
+    files = {}
+    for path in sorted(root.glob(f"*/{task_name}.yaml")) + sorted(
+            root.glob(f"*/*/{task_name}.yaml")):
+        files[path.parent.relative_to(root).as_posix()] = path
+    return files
+
+
+def _read_instructeval(root: Path, task_name: str,
+                       methods: list[str] | None) -> list[tuple[str, str]]:
+    files = _instructeval_files(root, task_name)
+    if not files:
+        raise PromptCollectionError(f"{root}: no <method>/{task_name}.yaml files")
+    if methods is not None:
+        for method in methods:
+            if not any(m == method or m.startswith(method + "/") for m in files):
+                raise PromptCollectionError(f"prompts.methods: {method!r} has no "
+                                            f"{task_name}.yaml in {root} (found: {sorted(files)})")
+        files = {m: p for m, p in files.items()
+                 if any(m == x or m.startswith(x + "/") for x in methods)}
+    pairs = []
+    for method, path in files.items():
+        pairs += [(text, method) for text in _read_yaml_list(path)]
+    return pairs
+
+
+def _read_yaml_list(path: Path) -> list[str]:
+    """A YAML list of strings; errors carry the file and line (from the YAML nodes)."""
+    try:
+        node = yaml.compose(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}:" if mark is not None else ""
+        raise PromptCollectionError(f"{path}:{where} not valid YAML ({exc})") from exc
+    if not isinstance(node, yaml.SequenceNode):
+        line = node.start_mark.line + 1 if node is not None else 1
+        raise PromptCollectionError(f"{path}: line {line}: expected a YAML list of prompts")
+    texts = []
+    for item in node.value:
+        if not isinstance(item, yaml.ScalarNode):
+            raise PromptCollectionError(f"{path}: line {item.start_mark.line + 1}: a prompt "
+                                        "must be a string")
+        texts.append(item.value)
+    return texts

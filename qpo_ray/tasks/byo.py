@@ -1,0 +1,230 @@
+"""Bring your own task: a YAML file describes the data and the answer format, and the
+task then works everywhere a built-in one does (``task.name: byo``,
+``task.spec_path: my_task.yaml``). The YAML keys:
+
+```yaml
+name: movie_sentiment          # required: used in ids, logs and prompt collections
+type: classification           # classification (label scoring) | generation
+files:                         # CSV/TSV (header row), JSON, JSONL or Parquet; relative
+                               #   to this YAML. Errors name a file's "row N": its
+                               #   N-th record (not counting a CSV header)
+  train: data/train.csv        # at least one split; with only one, a seeded 80/20
+  test: data/test.jsonl        #   train/test split is carved from it (logged)
+text_columns: [title, body]    # one or more columns (or `text_column: text`)
+text_template: "{title}: {body}"   # optional; default joins the columns with newlines
+label_column: label
+label_words:                   # classification: raw label value -> label word
+  0: negative
+  1: positive
+answer_regex: "-?\\d+"         # generation: the answer is the regex's last match in the
+                               #   output (group 1 when the regex has a group)
+input_label: Input             # optional: the word before the query ("Input: ...")
+few_shot: true                 # optional: whether demonstrations make sense
+```
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from qpo_ray.config import TaskConfig
+from qpo_ray.tasks.base import Example, Task
+from qpo_ray.tasks.files import TaskDataError, carve, read_rows, require_columns
+from qpo_ray.tasks.math_word import same_answer
+
+SPLIT_NAMES = ("train", "validation", "test")
+
+
+class SpecError(TaskDataError):
+    """The task YAML is malformed; the message names the file and the key."""
+
+
+def _raw_key(value: Any) -> str:
+    """Label values compared as text: 1, "1" and 1.0 are the same label; None/NaN is ""."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip()
+
+
+class ByoTask(Task):
+    name = "byo"
+
+    def __init__(self, cfg: TaskConfig):
+        if not cfg.spec_path:
+            raise SpecError("task.spec_path: required when task.name is 'byo'")
+        self.cfg = cfg
+        self.spec_path = Path(cfg.spec_path).expanduser()
+        spec = self._read_spec()
+        self.name = self._get(spec, "name", str)
+        kind = self._get(spec, "type", str)
+        if kind not in ("classification", "generation"):
+            raise self._error("type", f"{kind!r} is not classification or generation")
+        self.mode = "labels" if kind == "classification" else "generate"
+        self.files = self._files(spec)
+        columns = spec.get("text_columns", spec.get("text_column"))
+        if isinstance(columns, str):
+            columns = [columns]
+        if not columns or not all(isinstance(c, str) for c in columns):
+            raise self._error("text_columns", "a column name or a list of column names")
+        self.text_columns: list[str] = columns
+        self.text_template: Optional[str] = spec.get("text_template")
+        if self.text_template is not None:
+            fields = {f for _, f, _, _ in string.Formatter().parse(self.text_template) if f}
+            if not fields <= set(columns):
+                raise self._error("text_template", f"uses {sorted(fields - set(columns))}, "
+                                                   f"not in text_columns {columns}")
+        self.label_column = self._get(spec, "label_column", str)
+        self.input_label = str(spec.get("input_label", "Input"))
+        self.supports_few_shot = bool(spec.get("few_shot", True))
+        self.word_of: dict[str, str] = {}
+        self.answer_regex: Optional[re.Pattern[str]] = None
+        if self.mode == "labels":
+            self._label_words(spec)
+        else:
+            self._answer_regex(spec)
+        self._cache: dict[str, list[Example]] = {}
+
+    # -- the spec ---------------------------------------------------------------------
+
+    def _read_spec(self) -> dict[str, Any]:
+        if not self.spec_path.exists():
+            raise SpecError(f"{self.spec_path}: task spec not found (task.spec_path)")
+        try:
+            spec = yaml.safe_load(self.spec_path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f" line {mark.line + 1}:" if mark is not None else ""
+            raise SpecError(f"{self.spec_path}:{line} not valid YAML ({exc})") from exc
+        if not isinstance(spec, dict):
+            raise SpecError(f"{self.spec_path}: a task spec must be a YAML mapping")
+        return spec
+
+    def _error(self, key: str, message: str) -> SpecError:
+        return SpecError(f"{self.spec_path}: key '{key}': {message}")
+
+    def _get(self, spec: dict[str, Any], key: str, kind: type) -> Any:
+        if key not in spec:
+            raise self._error(key, "missing")
+        if not isinstance(spec[key], kind) or spec[key] == "":
+            raise self._error(key, f"expected a non-empty {kind.__name__}, got {spec[key]!r}")
+        return spec[key]
+
+    def _files(self, spec: dict[str, Any]) -> dict[str, Path]:
+        files = spec.get("files")
+        if not isinstance(files, dict) or not files:
+            raise self._error("files", "a mapping of split (train/validation/test) to a file")
+        out = {}
+        for split, name in files.items():
+            if split not in SPLIT_NAMES:
+                raise self._error(f"files.{split}", f"unknown split (known: {SPLIT_NAMES})")
+            path = Path(str(name)).expanduser()
+            path = path if path.is_absolute() else self.spec_path.parent / path
+            if not path.exists():
+                raise self._error(f"files.{split}", f"{path}: file not found")
+            out[split] = path
+        if "train" not in out and "test" not in out:
+            raise self._error("files", "needs a train or a test file")
+        return out
+
+    def _label_words(self, spec: dict[str, Any]) -> None:
+        mapping = spec.get("label_words")
+        if not isinstance(mapping, dict) or len(mapping) < 2:
+            raise self._error("label_words", "a mapping of raw label value -> label word, "
+                                             "with at least two labels")
+        for key, word in mapping.items():
+            if not isinstance(word, (str, int, float)) or isinstance(word, bool):
+                raise self._error(f"label_words.{key}", f"{word!r} is not a word (YAML reads "
+                                  "unquoted yes/no/on/off/true/false as booleans: quote it)")
+        words = [str(w).strip() for w in mapping.values()]
+        if any(not w for w in words) or len(set(words)) != len(words):
+            raise self._error("label_words", f"label words must be non-empty and distinct: "
+                                             f"{words}")
+        self.word_of = {_raw_key(k): str(w).strip() for k, w in mapping.items()}
+        self.label_words = tuple(words)
+
+    def _answer_regex(self, spec: dict[str, Any]) -> None:
+        pattern = spec.get("answer_regex", r"-?\d[\d,]*(?:\.\d+)?")
+        try:
+            self.answer_regex = re.compile(str(pattern))
+        except re.error as exc:
+            raise self._error("answer_regex", f"not a valid regex ({exc})") from exc
+
+    # -- data -------------------------------------------------------------------------
+
+    def load_split(self, split: str) -> list[Example]:
+        if split not in SPLIT_NAMES:
+            raise ValueError(f"task {self.name}: unknown split {split!r}")
+        if split not in self._cache:
+            labelled = [s for s in ("train", "test") if s in self.files]
+            if split in ("train", "test") and len(labelled) == 1:
+                # One file only: both train and test are carved from it, disjointly.
+                only = self.files[labelled[0]]
+                examples = carve(self._read(only), split, str(only))
+            elif split in self.files:
+                examples = self._read(self.files[split])
+            else:
+                raise self._error("files", f"no {split!r} file")
+            self._cache[split] = examples
+        return list(self._cache[split])
+
+    def _read(self, path: Path) -> list[Example]:
+        rows = read_rows(path)
+        for key, columns in (("text_columns", self.text_columns),
+                             ("label_column", [self.label_column])):
+            try:
+                require_columns(rows, columns, path, where=f"{self.spec_path} key '{key}'")
+            except TaskDataError as exc:
+                raise SpecError(str(exc)) from None
+        return [self._example(row, path, i) for i, row in enumerate(rows)]
+
+    def _example(self, row: dict[str, Any], path: Path, index: int) -> Example:
+        where = f"{path}: row {index + 1}"
+        for column in (*self.text_columns, self.label_column):
+            if column not in row:  # JSON rows may differ from the first one
+                raise TaskDataError(f"{where}: no column {column!r}")
+        values = {c: _raw_key(row[c]) for c in self.text_columns}
+        if self.text_template is not None:
+            text = self.text_template.format(**values).strip()
+        else:
+            text = "\n".join(v for v in values.values() if v)
+        if not text:
+            raise TaskDataError(f"{where}: empty text in {self.text_columns}")
+        raw = row[self.label_column]
+        if _raw_key(raw) == "":
+            raise TaskDataError(f"{where}: empty label in column {self.label_column!r}")
+        if self.mode == "labels":
+            word = self.word_of.get(_raw_key(raw))
+            if word is None:
+                raise TaskDataError(f"{where}: label {raw!r} has no entry under key "
+                                    f"'label_words' in {self.spec_path} "
+                                    f"(known: {sorted(self.word_of)})")
+            label: int | str = self.label_words.index(word)
+        else:
+            label = _raw_key(raw)
+        return Example(f"{path.stem}-{index}", text, label)
+
+    # -- answers ----------------------------------------------------------------------
+
+    def format_query(self, query: Example) -> str:
+        return f"{self.input_label}: {query.text}\nAnswer:"
+
+    def parse(self, output: str) -> str:
+        assert self.answer_regex is not None
+        matches = list(self.answer_regex.finditer(output))
+        if not matches:
+            return ""
+        last = matches[-1]
+        return (last.group(1) if last.groups() else last.group(0)).strip()
+
+    def is_correct(self, example: Example, prediction: int | str) -> bool:
+        if self.mode == "labels":
+            return super().is_correct(example, prediction)
+        return same_answer(str(example.label), str(prediction))

@@ -1,0 +1,308 @@
+"""One ORL training stage of the policy, on Ray Train (paper Table 9 schedule).
+
+`train_policy` reads and checks the Parquet dataset on the driver, ships its
+(query, prompt, reward) rows to the workers through the object store, and runs a
+`TorchTrainer`: every worker tokenises the rows, takes its shard through a seeded
+`DistributedSampler`, and trains with AdamW + gradient clipping + StepLR. The strategy
+comes from `cfg.training`:
+
+- ``ddp``: `ray.train.torch.prepare_model` (DistributedDataParallel when there is more
+  than one worker) over gloo on CPUs or NCCL on GPUs; optional bf16/fp16 autocast on
+  GPUs (fp16 with a gradient scaler). Rank 0 reports the policy directory as the
+  checkpoint.
+- ``deepspeed``: ZeRO at `zero_stage` (see `training_deepspeed`); every rank reports
+  its own shard directory so no optimizer partition is lost, and the driver merges the
+  fp32 partitions back into the normal policy directory, so loading a policy never
+  needs DeepSpeed.
+
+How the shipped profiles run:
+
+- ``cpu-demo``: 1 CPU worker, DDP (no wrapping with one worker), fp32, a 6-layer
+  SmolLM2 backbone, `max_steps_per_loop` capping each stage.
+- ``v100``: GPT-2 on 1 GPU worker, DDP over NCCL, fp16 autocast with a gradient scaler
+  and fp32 master weights (V100s have no bf16), 100 epochs at lr 1e-3 then 20 at 1e-4.
+- ``cluster``: 4 GPU workers, DeepSpeed ZeRO-2 over NCCL in bf16, global batch 128
+  (32 per worker); `workdir` must be on storage every node sees (the init checkpoint and
+  Ray Train's `storage_path` live there).
+
+Outputs under `out_dir`: ``policy/`` (the checkpoint `QPOPolicy.load` reads),
+``metrics.json`` (per-epoch metrics) and ``ray_train/`` (Ray Train's run storage).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from qpo_ray.config import Config, TrainingConfig, config_from_dict
+from qpo_ray.device import configure_cpu_threads, get_device, move, resolve_dtype
+from qpo_ray.policy import QPOPolicy, as_batch, encode_rows, training_rows
+
+METRIC_KEYS = ("loss", "prompt_loss", "reward_loss", "reward_mae")
+METRICS_FILE = "metrics.json"
+POLICY_SUBDIR = "policy"
+
+
+@dataclass
+class TrainResult:
+    # A directory `QPOPolicy.load` reads.
+    checkpoint_dir: str
+    # Per epoch: epoch, loss, prompt_loss, reward_loss, reward_mae, samples_per_s, steps.
+    metrics: list[dict[str, float]] = field(default_factory=list)
+    # Ray Train's reported checkpoint (DeepSpeed: every rank's shard, merged).
+    ray_checkpoint: str | None = None
+
+
+def schedule_for_loop(tcfg: TrainingConfig, loop_index: int) -> tuple[float, int]:
+    """(learning rate, epochs): Table 9's first-loop values for loop 1, later ones after."""
+    if loop_index < 1:
+        raise ValueError(f"loop_index must be >= 1 (1 = first training loop), got {loop_index}")
+    if loop_index == 1:
+        lr, epochs, key = tcfg.lr_first_loop, tcfg.epochs_first_loop, "epochs_first_loop"
+    else:
+        lr, epochs, key = tcfg.lr_later_loops, tcfg.epochs_later_loops, "epochs_later_loops"
+    if epochs < 1:
+        raise ValueError(f"training.{key} must be >= 1, got {epochs}")
+    return lr, epochs
+
+
+def check_training_config(cfg: Config) -> None:
+    t = cfg.training
+    if t.mixed_precision != "no" and not t.use_gpu:
+        raise ValueError(f"training.mixed_precision={t.mixed_precision!r} needs "
+                         "training.use_gpu=true (CPU training runs in float32)")
+    if t.strategy == "deepspeed" and t.batch_size_global % t.num_workers:
+        raise ValueError(f"training.batch_size_global={t.batch_size_global} must be divisible "
+                         f"by training.num_workers={t.num_workers} under DeepSpeed")
+
+
+# ----- the per-step engine (shared by Ray workers and the bare benchmark loop) ------------
+class TorchEngine:
+    """AdamW + clipping + StepLR around a policy, optionally wrapped (DDP) by `wrap`."""
+
+    def __init__(self, policy: QPOPolicy, tcfg: TrainingConfig, lr: float,
+                 wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None):
+        self.policy = policy
+        self.device = policy.device
+        self.model = wrap(policy) if wrap else policy
+        self.clip = tcfg.grad_clip_norm
+        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=lr,
+                                           weight_decay=tcfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(
+            self.optimizer, step_size=tcfg.lr_step_epochs, gamma=tcfg.lr_step_gamma)
+        mp = tcfg.mixed_precision
+        self.amp_dtype = resolve_dtype(mp, self.device) if mp != "no" else None
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range.
+        self.scaler = torch.amp.GradScaler(self.device.type) if mp == "fp16" else None
+
+    def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            out = self.model(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(out["loss"]).backward()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            out["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.clip)
+            self.optimizer.step()
+        return out
+
+    def end_epoch(self) -> None:
+        self.scheduler.step()
+
+    def save(self, rank_dir: Path, rank: int) -> bool:
+        """Write this rank's part of a checkpoint; True when it wrote anything."""
+        if rank != 0:
+            return False
+        self.policy.save(rank_dir / POLICY_SUBDIR)
+        return True
+
+
+def run_epoch(engine, loader: DataLoader, max_steps: int | None) -> dict[str, float]:
+    """Train one pass over `loader` (at most `max_steps` steps); this rank's sums."""
+    engine.policy.train()
+    sums = torch.zeros(len(METRIC_KEYS), device=engine.device)
+    steps = samples = 0
+    start = time.perf_counter()
+    for tensors in loader:
+        if max_steps is not None and steps >= max_steps:
+            break
+        out = engine.step(move(as_batch(tensors), engine.device))
+        sums += torch.stack([out[k].detach().float() for k in METRIC_KEYS])
+        steps += 1
+        samples += len(tensors[0])
+    seconds = time.perf_counter() - start
+    return {**dict(zip(METRIC_KEYS, sums.tolist())), "steps": steps, "samples": samples,
+            "seconds": seconds}
+
+
+def _reduce_epoch(local: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Mean losses over all ranks' steps, global samples/s (slowest rank's time)."""
+    sums = torch.tensor([local[k] for k in METRIC_KEYS] + [local["steps"], local["samples"]],
+                        dtype=torch.float64, device=device)
+    seconds = torch.tensor([local["seconds"]], dtype=torch.float64, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+        torch.distributed.all_reduce(seconds, op=torch.distributed.ReduceOp.MAX)
+    values = sums.tolist()
+    steps, samples = values[-2], values[-1]
+    metrics = {k: v / max(steps, 1.0) for k, v in zip(METRIC_KEYS, values)}
+    metrics["samples_per_s"] = samples / max(seconds.item(), 1e-9)
+    metrics["steps"] = int(local["steps"])
+    return metrics
+
+
+def build_loader(policy: QPOPolicy, rows: dict[str, list], batch_size: int, rank: int,
+                 world_size: int, seed: int) -> tuple[DataLoader, DistributedSampler]:
+    pcfg = policy.config
+    encoded = encode_rows(policy.tokenizer, rows["query"], rows["prompt"], rows["reward"],
+                          pcfg.max_query_tokens, pcfg.max_prompt_tokens)
+    dataset = TensorDataset(*encoded.tensors())
+    # Seeded shuffling, the same on every rank, each rank taking its own shard.
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                 seed=seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler), sampler
+
+
+def initial_policy(cfg: Config, init_checkpoint: str | None, device: torch.device) -> QPOPolicy:
+    # Same seed on every rank: the new heads start identical (DDP/DeepSpeed also broadcast).
+    torch.manual_seed(cfg.seed)
+    if init_checkpoint:
+        return QPOPolicy.load(init_checkpoint, device=device)
+    return QPOPolicy.from_backbone(cfg.policy, device=device)
+
+
+# ----- the Ray Train worker --------------------------------------------------------------
+def _train_worker(config: dict[str, Any]) -> None:
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    cfg = config_from_dict(config["cfg"])
+    tcfg = cfg.training
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not tcfg.use_gpu:
+        configure_cpu_threads(tcfg.num_cpus_per_worker)
+    device = get_device(prefer_gpu=tcfg.use_gpu)
+    policy = initial_policy(cfg, config["init_checkpoint"], device)
+    per_worker = max(1, tcfg.batch_size_global // world)
+    rows = ray.get(config["rows"])
+    loader, sampler = build_loader(policy, rows, per_worker, rank, world, cfg.seed)
+
+    if tcfg.strategy == "deepspeed":
+        from qpo_ray.training_deepspeed import DeepSpeedEngine
+
+        engine = DeepSpeedEngine(policy, tcfg, config["lr"], world)
+    else:
+        engine = TorchEngine(policy, tcfg, config["lr"], wrap=ray.train.torch.prepare_model)
+
+    history: list[dict[str, float]] = []
+    steps_left = tcfg.max_steps_per_loop
+    epochs = config["epochs"]
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        local = run_epoch(engine, loader, steps_left)
+        engine.end_epoch()
+        metrics = {"epoch": epoch + 1, **_reduce_epoch(local, device)}
+        metrics["lr"] = engine.optimizer.param_groups[0]["lr"]
+        history.append(metrics)
+        if steps_left is not None:
+            steps_left -= local["steps"]
+        last = epoch == epochs - 1 or (steps_left is not None and steps_left <= 0)
+        if not last:
+            ray.train.report(metrics)
+            continue
+        # Every rank writes its part (DeepSpeed: its shard) and reports it; Ray Train
+        # merges the parts into one checkpoint directory.
+        with tempfile.TemporaryDirectory() as tmp:
+            rank_dir = Path(tmp)
+            wrote = engine.save(rank_dir, rank)
+            if rank == 0:
+                (rank_dir / METRICS_FILE).write_text(json.dumps(history, indent=2))
+                wrote = True
+            checkpoint = ray.train.Checkpoint.from_directory(tmp) if wrote else None
+            ray.train.report(metrics, checkpoint=checkpoint)
+        break
+
+
+# ----- the driver ------------------------------------------------------------------------
+def read_training_rows(cfg: Config, dataset_path: str) -> dict[str, list]:
+    from qpo_ray.data.io import read_dataset
+
+    frame, _scale = read_dataset(dataset_path, required=("query", "prompt", "reward"))
+    rows = training_rows(frame, cfg.policy.mode, source=str(dataset_path))
+    return {"query": rows["query"].tolist(), "prompt": rows["prompt"].tolist(),
+            "reward": rows["reward"].tolist()}
+
+
+def train_policy(cfg: Config, dataset_path: str, out_dir: str, loop_index: int,
+                 init_checkpoint: str | None = None) -> TrainResult:
+    """Train the policy on `dataset_path` (continuing from `init_checkpoint` if given)."""
+    import ray
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    check_training_config(cfg)
+    lr, epochs = schedule_for_loop(cfg.training, loop_index)
+    rows = read_training_rows(cfg, dataset_path)
+    if init_checkpoint is not None and not (Path(init_checkpoint) / "qpo_policy.json").exists():
+        raise FileNotFoundError(f"init_checkpoint {init_checkpoint}: not a policy directory")
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray_address)
+
+    tcfg = cfg.training
+    run_name = f"train_loop{loop_index}"
+    storage = out / "ray_train"
+    # A stale run of the same name would be picked up as if resuming it.
+    shutil.rmtree(storage / run_name, ignore_errors=True)
+    resources = {"CPU": tcfg.num_cpus_per_worker}
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={
+            "cfg": cfg.to_dict(), "rows": ray.put(rows), "lr": lr, "epochs": epochs,
+            "init_checkpoint": str(Path(init_checkpoint).resolve()) if init_checkpoint else None,
+        },
+        scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
+                                     resources_per_worker=resources),
+        # backend=None: Ray picks NCCL for workers holding GPUs, gloo otherwise, from the
+        # workers' resources (the driver may be a GPU-less head node).
+        torch_config=TorchConfig(backend=None),
+        run_config=RunConfig(name=run_name, storage_path=str(storage),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train run {storage / run_name} reported no checkpoint")
+
+    final = out / POLICY_SUBDIR
+    shutil.rmtree(final, ignore_errors=True)
+    with result.checkpoint.as_directory() as ckpt_dir:
+        ckpt = Path(ckpt_dir)
+        metrics = json.loads((ckpt / METRICS_FILE).read_text())
+        if tcfg.strategy == "deepspeed":
+            from qpo_ray.training_deepspeed import consolidate_checkpoint
+
+            policy = initial_policy(cfg, init_checkpoint, torch.device("cpu"))
+            consolidate_checkpoint(ckpt, policy)
+            policy.save(final)
+        else:
+            shutil.copytree(ckpt / POLICY_SUBDIR, final)
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    return TrainResult(checkpoint_dir=str(final), metrics=metrics,
+                       ray_checkpoint=result.checkpoint.path)

@@ -1,0 +1,161 @@
+"""Target backends on the real tiny model: HF (batched, padded) against an unpadded
+reference forward pass, and vLLM CPU (in a Ray actor) against HF."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qpo_ray.backends import create_backend, validate_backend_config
+from qpo_ray.config import ConfigError, TargetConfig
+
+# prefixes of different lengths, so that batching pads
+PREFIXES = [
+    "Review: a wonderful, moving film.\nIs this review positive or negative?\nAnswer:",
+    "Review: dull.\nAnswer:",
+    "Tweet: I can't believe they cancelled my flight again!!\nAnswer:",
+]
+SINGLE = [" positive", " negative"]
+MULTI = [" very positive", " negative", " neutral stuff"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The 2 shared cores are oversubscribed while tests run: spinning OpenMP threads
+    then cost 10x. Restored afterwards for the rest of the session."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def hf_chat(tiny_model_dir):
+    return create_backend(TargetConfig(backend="transformers", model=str(tiny_model_dir),
+                                       dtype="float32", batch_size=2))
+
+
+@pytest.fixture(scope="module")
+def hf_plain(tiny_model_dir):
+    return create_backend(TargetConfig(backend="transformers", model=str(tiny_model_dir),
+                                       dtype="float32", batch_size=8, use_chat_template=False))
+
+
+def reference_logprob(backend, prefix: str, candidate: str) -> tuple[float, int]:
+    """Unbatched, unpadded, uncached: one forward over prefix + candidate."""
+    (prefix_ids,) = backend.encoder.encode_prefixes([prefix])
+    (cand_ids,) = backend.encoder.encode_candidates([candidate])
+    ids = torch.tensor([prefix_ids + cand_ids])
+    with torch.inference_mode():
+        logits = backend.model(input_ids=ids).logits[0].float().log_softmax(-1)
+    positions = range(len(prefix_ids) - 1, len(prefix_ids) + len(cand_ids) - 1)
+    return sum(logits[p, t].item() for p, t in zip(positions, cand_ids)), len(cand_ids)
+
+
+@pytest.mark.parametrize("candidates", [SINGLE, MULTI], ids=["single-token", "multi-token"])
+@pytest.mark.parametrize("which", ["hf_chat", "hf_plain"])
+def test_hf_scores_match_unpadded_reference(request, which, candidates):
+    backend = request.getfixturevalue(which)
+    scores = backend.score_continuations(PREFIXES, candidates)
+    assert len(scores) == len(PREFIXES) and all(len(r) == len(candidates) for r in scores)
+    for prefix, row in zip(PREFIXES, scores):
+        for cand, score in zip(candidates, row):
+            ref, n = reference_logprob(backend, prefix, cand)
+            assert score.num_tokens == n
+            assert score.logprob_sum == pytest.approx(ref, abs=2e-3)
+            assert score.logprob_sum < 0
+    multi_token = [s.num_tokens for s in scores[0]]
+    assert multi_token == ([1, 1] if candidates is SINGLE else [2, 1, 2])
+
+
+def test_chat_template_wraps_prefix_and_drops_leading_space(hf_chat, hf_plain):
+    wrapped = hf_chat.encoder.wrap("hello")
+    assert wrapped.startswith("<|im_start|>") and wrapped.endswith("<|im_start|>assistant\n")
+    assert hf_plain.encoder.wrap("hello") == "hello"
+    tok = hf_chat.tokenizer
+    assert hf_chat.encoder.encode_candidates([" positive"]) == [tok("positive")["input_ids"]]
+    assert hf_plain.encoder.encode_candidates([" positive"]) == [tok(" positive")["input_ids"]]
+
+
+def test_hf_generate_is_greedy_with_token_logprobs(hf_chat):
+    gens = hf_chat.generate(PREFIXES, max_new_tokens=6)
+    alone = hf_chat.generate(PREFIXES[1:2], max_new_tokens=6)[0]
+    assert gens[1].text == alone.text  # left padding changes nothing
+    assert gens[1].token_logprobs == pytest.approx(alone.token_logprobs, abs=2e-3)
+    for gen in gens:
+        assert 1 <= len(gen.token_logprobs) <= 6
+        assert all(lp <= 0 for lp in gen.token_logprobs)
+        assert gen.num_prompt_tokens > 10
+
+
+def test_hf_usage_counts_calls_tokens_and_seconds(tiny_model_dir):
+    backend = create_backend(TargetConfig(backend="transformers", model=str(tiny_model_dir),
+                                          dtype="float32", use_chat_template=False))
+    scores = backend.score_continuations(PREFIXES, MULTI)
+    usage = backend.usage
+    assert usage.calls == len(PREFIXES)
+    assert usage.prompt_tokens == sum(r[0].num_prompt_tokens for r in scores)
+    assert usage.completion_tokens == len(PREFIXES) * 5
+    assert usage.engine_seconds > 0
+    gens = backend.generate(PREFIXES[:1], max_new_tokens=3)
+    assert backend.usage.completion_tokens == len(PREFIXES) * 5 + len(gens[0].token_logprobs)
+
+
+# -- vLLM (CPU) inside a Ray actor, against HF -------------------------------------
+
+
+@pytest.mark.parametrize("candidates", [SINGLE, MULTI], ids=["single-token", "multi-token"])
+def test_vllm_scores_match_hf(vllm_actor, ray_cluster, hf_chat, candidates):
+    got = ray_cluster.get(vllm_actor.score_continuations.remote(PREFIXES, candidates))
+    want = hf_chat.score_continuations(PREFIXES, candidates)
+    for got_row, want_row in zip(got, want):
+        assert [s.num_tokens for s in got_row] == [s.num_tokens for s in want_row]
+        assert [s.num_prompt_tokens for s in got_row] == [s.num_prompt_tokens for s in want_row]
+        assert [s.logprob_sum for s in got_row] == pytest.approx(
+            [s.logprob_sum for s in want_row], abs=2e-3)
+
+
+def test_vllm_generation_matches_hf(vllm_actor, ray_cluster, hf_chat):
+    got = ray_cluster.get(vllm_actor.generate.remote(PREFIXES, 6))
+    want = hf_chat.generate(PREFIXES, 6)
+    assert [g.text for g in got] == [g.text for g in want]
+    for g, w in zip(got, want):
+        assert g.token_logprobs == pytest.approx(w.token_logprobs, abs=2e-3)
+    usage = ray_cluster.get(vllm_actor.__ray_call__.remote(lambda self: self.usage))
+    assert usage.calls >= len(PREFIXES) and usage.engine_seconds > 0
+
+
+def test_importing_scoring_stack_pulls_in_no_engine():
+    code = ("import sys, qpo_ray.backends, qpo_ray.scoring, qpo_ray.evaluation; "
+            "print(sorted(m for m in ('vllm', 'deepspeed', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]"
+
+
+# -- configuration errors, before any work -----------------------------------------
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"backend": "tgi"}, "target.backend"),
+    ({"model": "/nonexistent/model-dir"}, "target.model"),
+    ({"model": "some-org/not-cached-model"}, "target.model"),
+    ({"backend": "openai", "base_url": None}, "target.base_url"),
+    ({"backend": "openai", "base_url": "http://127.0.0.1:9"}, "target.base_url"),
+    ({"batch_size": 0}, "target.batch_size"),
+    ({"backend": "vllm", "gpu_memory_utilization": 1.5}, "target.gpu_memory_utilization"),
+])
+def test_bad_backend_settings_fail_naming_the_key(monkeypatch, overrides, key):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = TargetConfig(**{"backend": "transformers", **overrides})
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_backend_config(cfg)
+
+
+def test_good_settings_pass_validation(tiny_model_dir):
+    validate_backend_config(TargetConfig(backend="vllm", model=str(tiny_model_dir)))
+    validate_backend_config(TargetConfig(backend="transformers"))
+

@@ -1,0 +1,110 @@
+"""Step 0 pairs and augmentation pairs on the real Tweet Emotion splits."""
+
+from __future__ import annotations
+
+import pytest
+
+from qpo_ray.config import load_config
+from qpo_ray.data.pairs import NO_GROUP, build_step0_pairs, make_pairs
+from qpo_ray.data.schema import PAIR_COLUMNS
+from qpo_ray.prompts import load_collection
+from qpo_ray.tasks import get_task
+
+
+@pytest.fixture(scope="module")
+def emotion(shared_data):
+    cfg = load_config(None, {"task": {"name": "tweet_emotion",
+                                      "data_dir": str(shared_data / "tweet_emotion")},
+                             "prompts": {"source": str(shared_data / "instructeval_prompts"),
+                                         "methods": ["manual", "ape"]}})
+    task = get_task(cfg.task)
+    splits = task.splits(cfg.task.collection_fraction, seed=cfg.seed)
+    prompts = load_collection(cfg.prompts, "tweet_emotion")
+    return task, splits, prompts
+
+
+def config(**dataset):
+    return load_config(None, {"dataset": {"prompts_per_group": 4, "queries_per_group": 6,
+                                          **dataset}})
+
+
+def test_step0_groups_share_their_own_random_queries(emotion):
+    task, splits, prompts = emotion
+    assert len(prompts) == 10
+    cfg = config()
+    df = build_step0_pairs(task, splits, prompts, cfg)
+    assert list(df.columns) == list(PAIR_COLUMNS)
+    assert len(df) == 10 * 6 and df["pair_id"].is_unique
+    assert sorted(df["group"].unique()) == [0, 1, 2]  # groups of 4, 4 and 2 prompts
+    assert df.groupby("group")["prompt_id"].nunique().tolist() == [4, 4, 2]
+    assert set(df["prompt_id"]) == {p.id for p in prompts}
+    collected = {e.id: e for e in splits.collection}
+    for _, group in df.groupby("group"):
+        queries = group.groupby("prompt_id")["query_id"].apply(frozenset)
+        assert queries.nunique() == 1 and len(queries.iloc[0]) == 6
+        assert queries.iloc[0] <= set(collected)
+    row = df.iloc[0]
+    assert row["query"] == collected[row["query_id"]].text
+    assert row["label"] == str(collected[row["query_id"]].label)
+    assert (df["loop"] == 0).all() and (df["demo_ids"].map(len) == 0).all()
+    assert {p.source for p in prompts} == set(df["source"])
+
+
+def test_step0_is_reproducible_per_seed(emotion):
+    task, splits, prompts = emotion
+    first = build_step0_pairs(task, splits, prompts, config())
+    again = build_step0_pairs(task, splits, prompts, config())
+    assert first.equals(again)
+    other = build_step0_pairs(task, splits, prompts, load_config(
+        None, {"seed": 1, "dataset": {"prompts_per_group": 4, "queries_per_group": 6}}))
+    assert set(other["query_id"]) != set(first["query_id"])
+
+
+def test_few_shot_demos_come_only_from_the_demo_pool(emotion):
+    task, splits, prompts = emotion
+    cfg = load_config(None, {"task": {"num_shots": 3, "num_demo_sets": 2},
+                             "dataset": {"prompts_per_group": 5, "queries_per_group": 20}})
+    df = build_step0_pairs(task, splits, prompts, cfg)
+    pool = {e.id for e in splits.demo_pool}
+    collected = {e.id for e in splits.collection}
+    demo_ids = {d for sets in df["demo_ids"] for one in sets for d in one}
+    assert demo_ids <= pool and not demo_ids & collected
+    assert all(len(sets) == 2 and all(len(s) == 3 and len(set(s)) == 3 for s in sets)
+               for sets in df["demo_ids"])
+    # The prompts of a group see a query with the same demonstrations.
+    per_query = df.groupby(["group", "query_id"])["demo_ids"].apply(
+        lambda col: len({repr(v) for v in col}))
+    assert (per_query == 1).all()
+    assert df.groupby("query_id")["demo_ids"].first().map(repr).nunique() > 1
+
+
+def test_make_pairs_zips_queries_and_prompts(emotion):
+    task, splits, _ = emotion
+    cfg = load_config(None, {"task": {"num_shots": 2, "num_demo_sets": 3}})
+    queries = [splits.collection[0], splits.collection[1], splits.collection[0]]
+    generated = [("p-1", "Name the emotion.", "policy"), ("p-2", "Feeling?", "policy"),
+                 ("p-1", "Name the emotion.", "policy")]
+    df = make_pairs(queries, generated, task, splits, cfg, loop=2, seed=7)
+    assert list(df.columns) == list(PAIR_COLUMNS) and len(df) == 3
+    assert df["query_id"].tolist() == [q.id for q in queries]
+    assert df["prompt"].tolist() == [g[1] for g in generated]
+    assert (df["loop"] == 2).all() and (df["group"] == NO_GROUP).all()
+    assert df["pair_id"].tolist() == ["l2-0", "l2-1", "l2-2"]
+    pool = {e.id for e in splits.demo_pool}
+    assert all(set(d) <= pool for sets in df["demo_ids"] for d in sets)
+    assert df.equals(make_pairs(queries, generated, task, splits, cfg, loop=2, seed=7))
+    with pytest.raises(ValueError, match="2 queries but 3 prompts"):
+        make_pairs(queries[:2], generated, task, splits, cfg, loop=2, seed=7)
+
+
+def test_few_shot_is_refused_for_tasks_without_it(emotion, tmp_path):
+    _, splits, prompts = emotion
+    (tmp_path / "d.csv").write_text("t,l\na,x\nb,y\nc,x\nd,y\ne,x\n")
+    (tmp_path / "spec.yaml").write_text(
+        "name: t\ntype: classification\nfiles: {train: d.csv}\ntext_column: t\n"
+        "label_column: l\nlabel_words: {x: one, y: two}\nfew_shot: false\n")
+    cfg = load_config(None, {"task": {"name": "byo", "spec_path": str(tmp_path / "spec.yaml"),
+                                      "num_shots": 1}})
+    task = get_task(cfg.task)
+    with pytest.raises(ValueError, match="task.num_shots: task t does not support few-shot"):
+        build_step0_pairs(task, task.splits(0.5, 0), prompts, cfg)

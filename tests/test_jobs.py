@@ -1,0 +1,153 @@
+"""The Ray job entry points: exit codes, and a real `ray start --head` cluster on
+127.0.0.1 running `jobs/augment_round.py` through `ray job submit`."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qpo_ray.data.io import read_dataset, write_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def test_job_exits_2_on_a_config_error():
+    proc = subprocess.run([sys.executable, "jobs/qpo_loop.py", "--profile", "cpu-demo",
+                           "--set", "loop.num_loops=0"], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "loop.num_loops" in proc.stderr
+
+
+def test_job_exits_2_on_a_missing_input(tmp_path):
+    proc = subprocess.run([sys.executable, "jobs/augment_round.py", "--profile", "cpu-demo",
+                           "--policy", str(tmp_path / "nope"),
+                           "--dataset", str(tmp_path / "missing.parquet"), "--round", "1",
+                           "--out", str(tmp_path / "out.parquet")],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "missing.parquet" in proc.stderr
+
+
+@pytest.fixture
+def ray_head():
+    """`ray start --head --block` with its own temp dir and ports; stopped by killing the
+    process group this fixture started (never `ray stop`: other clusters share the host)."""
+    temp_dir = tempfile.mkdtemp(prefix="qrj", dir="/tmp")  # short: socket paths are capped
+    (gcs, dash, client, nm, om, agent_listen, agent_grpc, metrics,
+     rtenv) = _free_ports(9)
+    # Worker ports below the kernel's ephemeral range, where the ports above come from.
+    worker_lo = random.randrange(20000, 30000, 100)
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+         "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+         "--include-dashboard", "true", "--ray-client-server-port", str(client),
+         "--node-manager-port", str(nm), "--object-manager-port", str(om),
+         "--dashboard-agent-listen-port", str(agent_listen),
+         "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
+         "--runtime-env-agent-port", str(rtenv), "--min-worker-port", str(worker_lo),
+         "--max-worker-port", str(worker_lo + 40), "--num-cpus", "2", "--temp-dir", temp_dir,
+         "--disable-usage-stats"],
+        env=_env(), stdout=open(Path(temp_dir) / "head.log", "wb"), stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address],
+                                   env=_env(), capture_output=True, text=True, timeout=60)
+            if probe.returncode == 0:
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("ray head did not start:\n" + (Path(temp_dir) / "head.log").read_text())
+            time.sleep(2)
+        yield address
+    finally:
+        _kill_group(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL, to the process group of `proc` (started by this test)."""
+    for sig, wait_s in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=wait_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def test_augment_round_job_on_a_ray_head(ray_head, shared_data, tiny_model_dir, tmp_path):
+    """One augmentation round of the paper's own Tweet Emotion dataset (few-shot, with its
+    reward scale), submitted as a Ray job with the repository as working dir."""
+    from qpo_ray.config import PolicyConfig
+    from qpo_ray.data.importer import import_paper_json
+    from qpo_ray.policy import QPOPolicy
+
+    frame, scale = import_paper_json(
+        str(shared_data / "qpo_offline" / "tweet_emotion_llama7b_few_shot_expert.json"))
+    dataset = write_dataset(frame, tmp_path / "d1.parquet", scale)
+    policy_cfg = PolicyConfig(backbone=str(tiny_model_dir), backbone_num_layers=1,
+                              max_query_tokens=24, max_prompt_tokens=8)
+    policy_dir = QPOPolicy.from_backbone(policy_cfg).save(tmp_path / "policy")
+    profile = tmp_path / "job.yaml"
+    profile.write_text(yaml.safe_dump({
+        "seed": 1,
+        "task": {"name": "tweet_emotion", "data_dir": str(shared_data / "tweet_emotion"),
+                 "num_shots": 1, "num_demo_sets": 1},
+        "target": {"backend": "transformers", "model": str(tiny_model_dir), "batch_size": 8},
+        "evaluation": {"num_actors": 1, "batch_size_pairs": 8},
+        "loop": {"augment_queries_per_round": 6},
+    }))
+    out = tmp_path / "d2.parquet"
+    proc = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir", str(REPO),
+         "--", "python", "jobs/augment_round.py", "--profile", str(profile),
+         "--policy", str(policy_dir), "--dataset", str(dataset), "--round", "1",
+         "--out", str(out)],
+        env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and "succeeded" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    merged, merged_scale = read_dataset(out)
+    rows, _ = read_dataset(tmp_path / "d2.rows.parquet")
+    assert merged_scale == scale
+    assert len(rows) == 6 and (rows["loop"] == 1).all()
+    assert all(len(ids) == 1 and len(ids[0]) == 1 for ids in rows["demo_ids"])
+    kept = rows[rows["reward"] >= 66.7]
+    assert len(merged) == len(frame) + len(kept)

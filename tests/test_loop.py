@@ -1,0 +1,219 @@
+"""The multi-loop QPO run end to end on real components (Ray, Ray Data, Ray Train, the
+embedded target on transformers, MLflow's sqlite store), at tiny sizes, through the
+`qpo` CLI in subprocesses: one uninterrupted run, and one killed after a stage marker
+and resumed, which must end with the same dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from qpo_ray.config import load_config
+from qpo_ray.data.io import read_dataset
+from qpo_ray.policy.model import POLICY_FILE
+from qpo_ray.rundir import RunDir, stage_names
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY = {
+    "seed": 3,
+    "task": {"name": "rotten_tomatoes", "collection_fraction": 0.01, "max_test_queries": 6},
+    "prompts": {"methods": ["manual", "generic"]},
+    "target": {"backend": "transformers", "model": "smollm2-135m-instruct", "batch_size": 16},
+    "evaluation": {"num_actors": 1, "batch_size_pairs": 32},
+    "dataset": {"prompts_per_group": 7, "queries_per_group": 3},
+    "policy": {"backbone": "smollm2-135m-instruct", "backbone_num_layers": 1,
+               "max_query_tokens": 24, "max_prompt_tokens": 10},
+    "training": {"num_workers": 1, "batch_size_global": 4, "lr_first_loop": 1.0e-3,
+                 "epochs_first_loop": 1, "epochs_later_loops": 1, "max_steps_per_loop": 3},
+    "loop": {"num_loops": 2, "augment_queries_per_round": 5},
+    "test": {"methods": ["qpo", "manual", "best_single", "nearest_neighbour"],
+             "num_example_prompts": 2},
+}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", RAY_DEDUP_LOGS="0",
+               TOKENIZERS_PARALLELISM="false")
+    env.pop("RAY_ADDRESS", None)  # a private local cluster per run
+    return env
+
+
+def _qpo(*args: str) -> list[str]:
+    return [sys.executable, "-m", "qpo_ray.cli", *args]
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("profile") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_run(profile, tmp_path_factory) -> tuple[Path, str]:
+    """One uninterrupted `qpo run` (the README's main command) on the tiny profile."""
+    workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    proc = subprocess.run(_qpo("run", "--profile", str(profile), "--workdir", str(workdir)),
+                          env=_env(), cwd=REPO, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return workdir, proc.stdout
+
+
+def test_run_goes_through_every_stage_and_prints_the_report(finished_run, profile):
+    workdir, stdout = finished_run
+    run = RunDir(workdir)
+    cfg = load_config(str(profile), [f"workdir={workdir}"])
+    assert list(run.stages()) == stage_names(cfg)
+    assert "| qpo |" in stdout and "| manual |" in stdout and "best_single" in stdout
+    assert f"run directory: {run.path}" in stdout
+
+    step0, scale = read_dataset(run.step0_path())
+    assert len(step0) == 7 * 3 and scale is not None
+    d1, scale1 = read_dataset(run.dataset_path(1))
+    # The expert filter keeps the top third of the reward range, never everything.
+    assert 0 < len(d1) < len(step0)
+    assert (d1["reward"] >= 100 * cfg.dataset.expert_fraction - 1e-9).all()
+
+    # Round 1: queries sampled with repeats, prompts from the policy, R_task = the mean
+    # accuracy of the round, rewards on the STORED Step-0 scale, expert cut applied.
+    rows, rows_scale = read_dataset(run.dataset_path(2).with_name("dataset_2.rows.parquet"))
+    assert rows_scale == scale
+    assert len(rows) == cfg.loop.augment_queries_per_round
+    assert (rows["loop"] == 1).all() and (rows["source"] == "policy").all()
+    assert np.allclose(rows["r_task"], rows["correct"].astype(float).mean())
+    expected = ((rows["r_raw"] - scale.min) / (scale.max - scale.min) * 100).clip(0, 100)
+    assert np.allclose(rows["reward"], expected)
+    d2, scale2 = read_dataset(run.dataset_path(2))
+    kept = rows[rows["reward"] >= 100 * cfg.dataset.expert_fraction]
+    assert scale2 == scale1 and len(d2) == len(d1) + len(kept)
+    pd.testing.assert_frame_equal(d2.iloc[: len(d1)].reset_index(drop=True), d1)
+    info = json.loads(run.dataset_path(2).with_name("dataset_2.round.json").read_text())
+    assert info["rows_added"] == len(kept) and info["usage"]["calls"] > 0
+
+    # Loop 2 continued from loop 1's checkpoint; both are loadable policy directories.
+    assert (run.policy_dir(1) / POLICY_FILE).exists()
+    assert (run.policy_dir(2) / POLICY_FILE).exists()
+
+    results = pd.read_csv(run.report_dir() / "results.csv")
+    methods = set(results["method"])
+    assert {"qpo", "qpo_loop1", "manual", "best_single", "best_single_oracle",
+            "nearest_neighbour"} <= methods
+    assert (results["n"] == 6).all()
+    assert ((results["ci_low"] <= results["accuracy"]) &
+            (results["accuracy"] <= results["ci_high"])).all()
+    oracle = results.set_index("method").loc["best_single_oracle", "accuracy"]
+    singles = results[results["method"].str.startswith("single:")]
+    assert oracle == singles["accuracy"].max() and len(singles) == 7
+    assert (run.report_dir() / "plots" / "accuracy_per_loop.png").stat().st_size > 0
+
+
+def test_mlflow_store_has_parent_nested_runs_datasets_and_model_versions(finished_run):
+    from mlflow import MlflowClient
+
+    workdir, _ = finished_run
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("qpo")
+    assert exp.artifact_location.startswith((workdir / "mlartifacts").as_uri())
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    parent = runs[workdir.name]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["test/0shot/qpo/n"] == 6
+    for loop in (1, 2):
+        run = runs[f"loop-{loop}"]
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.inputs.dataset_inputs[0].dataset.name == f"dataset_{loop}"
+        assert {"train/loss", "data/rows", "data/reward/mean", "filter/accept_rate",
+                "target/calls", "target/engine_seconds"} <= set(run.data.metrics)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"policy", "plots"} <= artifacts
+    assert "augment/r_task" in runs["loop-2"].data.metrics
+    final = client.get_model_version_by_alias("qpo-policy", "final")
+    assert final.run_id == runs["loop-2"].info.run_id
+    assert client.get_model_version_by_alias("qpo-policy", "latest").version == final.version
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"report", "config.yaml"}
+
+
+def test_killed_run_resumes_to_the_same_dataset(finished_run, profile, tmp_path):
+    """Kill `qpo run` once train_1 is marked done, resume, compare with the uninterrupted run."""
+    workdir = tmp_path / "run"
+    stages = workdir / "stages.json"
+    proc = subprocess.Popen(_qpo("run", "--profile", str(profile), "--workdir", str(workdir)),
+                            env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 900
+        while not (stages.exists() and "train_1" in json.loads(stages.read_text())):
+            assert proc.poll() is None, "the run ended before it could be interrupted"
+            assert time.monotonic() < deadline, "train_1 never finished"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # only the group this test started
+        proc.wait()
+    assert "test" not in RunDir(workdir).stages()
+
+    resumed = subprocess.run(_qpo("run", "--resume", str(workdir)), env=_env(), cwd=REPO,
+                             capture_output=True, text=True, timeout=1500)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
+    assert "resuming" in resumed.stdout
+    assert list(RunDir(workdir).stages())[-1] == "test"
+
+    expected, expected_scale = read_dataset(RunDir(finished_run[0]).dataset_path(2))
+    got, got_scale = read_dataset(RunDir(workdir).dataset_path(2))
+    assert got_scale == expected_scale
+    pd.testing.assert_frame_equal(got, expected)
+
+    # The resumed process continued the same MLflow parent run.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("qpo")
+    parents = [r for r in client.search_runs([exp.experiment_id])
+               if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+
+
+def test_run_refuses_a_workdir_holding_another_config(finished_run, profile):
+    workdir, _ = finished_run
+    proc = subprocess.run(_qpo("run", "--profile", str(profile), "--workdir", str(workdir),
+                               "--set", "seed=99"),
+                          env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "different config" in proc.stderr and "--resume" in proc.stderr
+
+
+def test_evaluate_trains_the_ablations_and_labels_another_target(finished_run, profile,
+                                                                ray_cluster, tiny_model_dir):
+    """`qpo evaluate --target ...` with the SFT and no-MLA ablations (trained on D_0)."""
+    from qpo_ray.policy import QPOPolicy
+    from qpo_ray.report import evaluate_run
+
+    workdir, _ = finished_run
+    other_target = str(tiny_model_dir)  # same weights, another name: a different target
+    cfg = load_config(str(profile), [f"workdir={workdir}", "test.methods=[sft, qpo_no_mla]",
+                                     f"target.model={other_target}"])
+    report = evaluate_run(cfg, run_dir=str(workdir))
+    assert f"target: {other_target}" in report
+    out_dirs = [p for p in workdir.glob("report-*") if (p / "results.csv").exists()]
+    assert len(out_dirs) == 1
+    results = pd.read_csv(out_dirs[0] / "results.csv")
+    assert set(results["method"]) == {"sft", "qpo_no_mla"} and (results["n"] == 6).all()
+
+    sft_dir = json.loads((workdir / "baselines" / "sft" / "done.json").read_text())
+    assert QPOPolicy.load(sft_dir["checkpoint_dir"]).config.mode == "sft"
+    # No multi-loop augmentation: the same number of training stages, all on D_0.
+    no_mla = workdir / "baselines" / "qpo_no_mla"
+    assert (no_mla / "loop1").is_dir() and (no_mla / "loop2").is_dir()
+    # The loop's own report is untouched.
+    assert set(pd.read_csv(workdir / "report" / "results.csv")["method"]) >= {"qpo", "manual"}

@@ -1,0 +1,125 @@
+"""Rewards (paper eq. 2-4) against hand-computed values, scale reuse, the expert filter."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from qpo_ray.data.rewards import (
+    RewardScale,
+    compute_rewards,
+    expert_filter,
+    expert_threshold,
+    round_accuracy,
+)
+
+
+def zero_shot_frame(nll: list[float]) -> pd.DataFrame:
+    """Prompt A: q1 right, q2 wrong; prompt B: both right."""
+    return pd.DataFrame({
+        "prompt_id": ["A", "A", "B", "B"],
+        "query_id": ["q1", "q2", "q1", "q2"],
+        "correct": [True, False, True, True],
+        "answer_nll": nll,
+        "answer_ppl": [math.exp(x) for x in nll],
+    })
+
+
+def test_zero_shot_ppl_penalty_by_hand():
+    nll = [math.log(1.5), math.log(3.0), 0.0, math.log(2.0)]  # PPL 1.5, 3, 1, 2
+    df, scale = compute_rewards(zero_shot_frame(nll), penalty="ppl", few_shot=False)
+    assert df["r_task"].tolist() == pytest.approx([0.5, 0.5, 1.0, 1.0])
+    assert df["r_query"].tolist() == pytest.approx([0.85, -0.3, 0.9, 0.8])
+    assert df["r_raw"].tolist() == pytest.approx([1.35, 0.2, 1.9, 1.8])
+    assert (scale.min, scale.max) == pytest.approx((0.2, 1.9))
+    assert df["reward"].tolist() == pytest.approx([1.15 / 1.7 * 100, 0.0, 100.0,
+                                                   1.6 / 1.7 * 100])
+
+
+def test_zero_shot_nll_penalty_by_hand():
+    df, scale = compute_rewards(zero_shot_frame([0.4, 1.1, 0.0, 0.7]), penalty="nll",
+                                few_shot=False)
+    assert df["r_query"].tolist() == pytest.approx([0.96, -0.11, 1.0, 0.93])
+    assert df["r_raw"].tolist() == pytest.approx([1.46, 0.39, 2.0, 1.93])
+    assert (scale.min, scale.max) == pytest.approx((0.39, 2.0))
+    assert df["reward"].iloc[0] == pytest.approx((1.46 - 0.39) / 1.61 * 100)
+
+
+def test_few_shot_rewards_by_hand():
+    frame = pd.DataFrame({
+        "prompt_id": ["A", "A", "B", "B"],
+        "demo_correct": [[True, True, False], [False, False, False],
+                         [True, True, True], [True, False, True]],
+    })
+    df, scale = compute_rewards(frame, penalty="ppl", few_shot=True)
+    assert df["r_query"].tolist() == pytest.approx([2 / 3, 0.0, 1.0, 2 / 3])
+    assert df["r_task"].tolist() == pytest.approx([1 / 3, 1 / 3, 5 / 6, 5 / 6])
+    assert (scale.min, scale.max) == pytest.approx((1 / 3, 11 / 6))
+    assert df["reward"].tolist() == pytest.approx([100 * (2 / 3) / 1.5, 0.0, 100.0,
+                                                   100 * (7 / 6) / 1.5])
+    # An augmentation round's R_task: every answer of the round counts once.
+    assert round_accuracy(frame, few_shot=True) == pytest.approx(7 / 12)
+
+
+def test_few_shot_task_reward_is_the_mean_over_every_demo_set():
+    frame = pd.DataFrame({"prompt_id": ["A", "A"],
+                          "demo_correct": [[True], [False, False, False]]})
+    df, _ = compute_rewards(frame, few_shot=True)
+    # 1 right out of 4 answers, not the mean of the row means (0.5).
+    assert df["r_task"].tolist() == pytest.approx([0.25, 0.25])
+
+
+def test_later_loops_reuse_the_stored_scale_and_clip():
+    _, scale = compute_rewards(zero_shot_frame([math.log(1.5), math.log(3.0), 0.0,
+                                                math.log(2.0)]))
+    later = pd.DataFrame({
+        "prompt_id": ["g1", "g2", "g3"],
+        "correct": [True, True, False],
+        "answer_ppl": [1.0, 1.0, 20.0],
+        "answer_nll": [0.0, 0.0, math.log(20.0)],
+    })
+    assert round_accuracy(later, few_shot=False) == pytest.approx(2 / 3)
+    df, same = compute_rewards(later, penalty="ppl", scale=scale, r_task=0.7)
+    assert same == scale
+    assert df["r_task"].tolist() == [0.7, 0.7, 0.7]
+    assert df["r_raw"].tolist() == pytest.approx([1.6, 1.6, -1.3])
+    assert df["reward"].tolist() == pytest.approx([1.4 / 1.7 * 100, 1.4 / 1.7 * 100, 0.0])
+    high, _ = compute_rewards(later, penalty="ppl", scale=scale, r_task=1.2)
+    assert high["r_raw"].iloc[0] == pytest.approx(2.1)  # above the stored max ...
+    assert high["reward"].iloc[0] == 100.0  # ... is read as the best reward
+
+
+def test_reward_scale_round_trips_and_validates():
+    scale = RewardScale(min=-0.25, max=1.75)
+    assert RewardScale.from_dict(scale.to_dict()) == scale
+    with pytest.raises(ValueError, match="min <= max"):
+        RewardScale(min=2.0, max=1.0)
+    with pytest.raises(ValueError, match="RewardScale: expected"):
+        RewardScale.from_dict({"lo": 0})
+    flat = RewardScale(1.0, 1.0).apply(pd.Series([1.0, 1.0]))
+    assert flat.tolist() == [100.0, 100.0]
+
+
+def test_missing_columns_are_named():
+    with pytest.raises(ValueError, match=r"needs column\(s\) \['answer_ppl'\]"):
+        compute_rewards(pd.DataFrame({"prompt_id": ["A"], "correct": [True]}))
+    with pytest.raises(ValueError, match=r"few-shot needs column\(s\) \['demo_correct'\]"):
+        compute_rewards(pd.DataFrame({"prompt_id": ["A"], "correct": [True]}), few_shot=True)
+
+
+def test_expert_filter_cuts_the_reward_range_not_the_row_quantile():
+    df = pd.DataFrame({"reward": [0.0, 1.0, 2.0, 3.0, 100.0], "pair_id": list("abcde")})
+    assert expert_threshold(df["reward"]) == pytest.approx(66.7)
+    kept = expert_filter(df, fraction=0.667)
+    assert kept["pair_id"].tolist() == ["e"]
+    # A row quantile would have kept two rows here.
+    by_rows = df[df["reward"] >= np.quantile(df["reward"], 0.667)]
+    assert len(by_rows) == 2
+    shifted = pd.DataFrame({"reward": [40.0, 50.0, 60.0, 70.0]})
+    # min 40, max 70: threshold 40 + 0.5 * 30 = 55.
+    assert expert_filter(shifted, fraction=0.5)["reward"].tolist() == [60.0, 70.0]
+    with pytest.raises(ValueError, match="fraction"):
+        expert_filter(df, fraction=1.0)
