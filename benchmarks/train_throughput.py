@@ -93,8 +93,10 @@ def main() -> None:
     cfg = make_config(args)
     with tempfile.TemporaryDirectory() as tmp:
         dataset = write_sample(args.rows, Path(tmp) / "rows.parquet")
+        # bare, Ray, bare again: comparing Ray with the mean of the two bare runs cancels
+        # a load on the machine that drifts during the benchmark.
         start = time.perf_counter()
-        bare = bare_loop(cfg, dataset)
+        bare_before = bare_loop(cfg, dataset)
         bare_wall = time.perf_counter() - start
         ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads),
@@ -103,19 +105,20 @@ def main() -> None:
         with_ray = ray_loop(cfg, dataset, Path(tmp) / "ray")
         ray_wall = time.perf_counter() - start
         ray.shutdown()
+        bare_after = bare_loop(cfg, dataset)
 
-    steady_bare = statistics.mean(bare[1:])
+    steady_bare = statistics.mean(bare_before[1:] + bare_after[1:])
     steady_ray = statistics.mean(with_ray[1:])
     print(f"\nbackbone {args.backbone} ({args.layers} layers), {args.rows} rows, batch "
           f"{args.batch}, {args.threads} threads, {args.epochs} epochs")
-    print(f"{'epoch':>5} {'bare samples/s':>15} {'Ray Train samples/s':>20}")
-    for i, (b, r) in enumerate(zip(bare, with_ray), start=1):
-        print(f"{i:>5} {b:>15.2f} {r:>20.2f}")
+    print(f"{'epoch':>5} {'bare (before)':>14} {'Ray Train':>10} {'bare (after)':>13}  samples/s")
+    for i, row in enumerate(zip(bare_before, with_ray, bare_after), start=1):
+        print(f"{i:>5} {row[0]:>14.2f} {row[1]:>10.2f} {row[2]:>13.2f}")
     print(f"steady state (epochs 2..{args.epochs}): bare {steady_bare:.2f}, Ray Train "
           f"{steady_ray:.2f} samples/s; Ray/bare = {steady_ray / steady_bare:.3f} "
           f"(overhead {100 * (1 - steady_ray / steady_bare):+.1f}%)")
     print(f"wall clock incl. model load: bare {bare_wall:.1f} s, Ray Train {ray_wall:.1f} s "
-          f"(incl. worker start-up and checkpoint)")
+          f"(incl. Ray worker start-up and checkpoint)")
 
 
 if __name__ == "__main__":

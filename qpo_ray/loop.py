@@ -21,6 +21,7 @@ process state, so a resumed run builds the same dataset as an uninterrupted one.
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -242,7 +243,11 @@ def run_qpo(cfg: Optional[Config], resume_dir: Optional[str] = None) -> Path:
         for index, name in enumerate(stage_names(cfg)):
             if not run.is_done(name):
                 print(f"[qpo] stage {name} ...", flush=True)
-                run.mark_done(name, _run_stage(cfg, run, name, index))
+                start = time.perf_counter()
+                outputs = _run_stage(cfg, run, name, index)
+                outputs["wall_s"] = round(time.perf_counter() - start, 1)
+                run.mark_done(name, outputs)
+                print(f"[qpo] stage {name} done in {outputs['wall_s']:.0f} s", flush=True)
             if name not in logged:
                 log_stage(tracker, cfg, run, name)
                 logged.add(name)

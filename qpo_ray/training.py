@@ -55,7 +55,7 @@ POLICY_SUBDIR = "policy"
 class TrainResult:
     # A directory `QPOPolicy.load` reads.
     checkpoint_dir: str
-    # Per epoch: epoch, loss, prompt_loss, reward_loss, reward_mae, samples_per_s, steps.
+    # Per epoch: epoch, lr, loss, prompt_loss, reward_loss, reward_mae, samples_per_s, steps.
     metrics: list[dict[str, float]] = field(default_factory=list)
     # Ray Train's reported checkpoint (DeepSpeed: every rank's shard, merged).
     ray_checkpoint: str | None = None
@@ -215,10 +215,10 @@ def _train_worker(config: dict[str, Any]) -> None:
     epochs = config["epochs"]
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
+        lr = engine.optimizer.param_groups[0]["lr"]
         local = run_epoch(engine, loader, steps_left)
         engine.end_epoch()
-        metrics = {"epoch": epoch + 1, **_reduce_epoch(local, device)}
-        metrics["lr"] = engine.optimizer.param_groups[0]["lr"]
+        metrics = {"epoch": epoch + 1, "lr": lr, **_reduce_epoch(local, device)}
         history.append(metrics)
         if steps_left is not None:
             steps_left -= local["steps"]

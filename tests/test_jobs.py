@@ -36,7 +36,10 @@ def _free_ports(n: int) -> list[int]:
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+    # RAY_AUTH_MODE=disabled for the head and the CLI alike: the private cluster listens
+    # on 127.0.0.1 only, and Ray 2.60's `ray start` otherwise enables token auth that the
+    # job CLI (default mode "disabled") does not send.
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", RAY_AUTH_MODE="disabled",
                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("RAY_ADDRESS", None)
     return env
@@ -100,17 +103,19 @@ def ray_head():
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL, to the process group of `proc` (started by this test)."""
-    for sig, wait_s in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=wait_s)
-            break
-        except subprocess.TimeoutExpired:
-            continue
+    """SIGTERM to the process group of `proc` (started by this test), then SIGKILL to
+    whatever of the group is still there (raylet, GCS, dashboard)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    time.sleep(2)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def test_augment_round_job_on_a_ray_head(ray_head, shared_data, tiny_model_dir, tmp_path):
