@@ -22,14 +22,7 @@ SINGLE = [" positive", " negative"]
 MULTI = [" very positive", " negative", " neutral stuff"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The 2 shared cores are oversubscribed while tests run: spinning OpenMP threads
-    then cost 10x. Restored afterwards for the rest of the session."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

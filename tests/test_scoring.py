@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from qpo_ray.backends import create_backend
 from qpo_ray.config import TargetConfig, TaskConfig
@@ -15,12 +14,7 @@ from qpo_ray.scoring import LocalScorer, query_example, score_batch
 from qpo_ray.tasks import get_task
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
