@@ -207,12 +207,7 @@ class BoolQ(DataTask):
     def load_local(self, data_dir: Path, split: str) -> list[Example]:
         # Upstream release: train.jsonl / dev.jsonl of {question, title, answer, passage}.
         names = {"train": ["train.jsonl"], "test": ["dev.jsonl", "val.jsonl", "test.jsonl"]}
-        path = find_file(data_dir, names.get(split, []))
-        if path is None:
-            raise no_split(self, split, data_dir, " or ".join(names.get(split, ["-"])))
-        rows = read_rows(path)
-        require_columns(rows, ["question", "passage", "answer"], path)
-        return [self.example(row, f"{path.stem}-{i}") for i, row in enumerate(rows)]
+        return self.load_named_file(data_dir, split, names, ["question", "passage", "answer"])
 
     def example(self, row: dict[str, Any], example_id: str) -> Example:
         answer = row["answer"]

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from qpo_ray.config import TaskConfig
 from qpo_ray.tasks.base import Example, Task
-from qpo_ray.tasks.files import TaskDataError, load_hub
+from qpo_ray.tasks.files import TaskDataError, find_file, load_hub, read_rows, require_columns
 
 SPLITS = ("train", "validation", "test")
 
@@ -60,6 +60,17 @@ class DataTask(Task):
     @abstractmethod
     def example(self, row: dict[str, Any], example_id: str) -> Example:
         """One hub row (or a local row in the hub's column names) as an Example."""
+
+    def load_named_file(self, data_dir: Path, split: str, names: dict[str, list[str]],
+                        columns: list[str]) -> list[Example]:
+        """A split stored as one file (the first of `names[split]` found) whose rows use
+        the hub's column names, so `example` reads both sources."""
+        path = find_file(data_dir, names.get(split, []))
+        if path is None:
+            raise no_split(self, split, data_dir, " or ".join(names.get(split, ["-"])))
+        rows = read_rows(path)
+        require_columns(rows, columns, path)
+        return [self.example(row, f"{path.stem}-{i}") for i, row in enumerate(rows)]
 
     def format_query(self, query: Example) -> str:
         return f"{self.input_label}: {query.text}\nAnswer:"

@@ -74,12 +74,7 @@ class HellaSwag(MultipleChoiceTask):
     def load_local(self, data_dir: Path, split: str) -> list[Example]:
         # Upstream (rowanz/hellaswag data/): hellaswag_{train,val,test}.jsonl; test unlabelled.
         names = {"train": ["hellaswag_train.jsonl"], "test": ["hellaswag_val.jsonl"]}
-        path = find_file(data_dir, names.get(split, []))
-        if path is None:
-            raise no_split(self, split, data_dir, " or ".join(names.get(split, ["-"])))
-        rows = read_rows(path)
-        require_columns(rows, ["ctx", "endings", "label"], path)
-        return [self.example(row, f"{path.stem}-{i}") for i, row in enumerate(rows)]
+        return self.load_named_file(data_dir, split, names, ["ctx", "endings", "label"])
 
     def example(self, row: dict[str, Any], example_id: str) -> Example:
         stem = f"Context: {str(row['ctx']).strip()}\nWhich ending is most plausible?"
