@@ -74,6 +74,9 @@ class TargetConfig:
     gpu_memory_utilization: float = 0.85
     cpu_kvcache_space_gib: int = 2
     enable_prefix_caching: bool = True
+    # KV-cache block size; 0 = 32 on CPU (vLLM-CPU's own default of 128 leaves prompts
+    # under 128 tokens, i.e. most QPO inputs, uncacheable), vLLM's default on GPU.
+    kv_block_size_tokens: int = 0
     # transformers only: pairs per forward pass.
     batch_size: int = 16
     # openai only.
@@ -190,6 +193,8 @@ class ServeConfig:
     num_cpus_per_replica: float = 1.0
     num_gpus_per_replica: float = 0.0
     max_batch_size: int = 8
+    # How long a batch waits to fill when requests are concurrent; a lone client never
+    # waits (see serving.deployments.PolicyServer._generate).
     batch_wait_timeout_s: float = 0.01
     max_query_chars: int = 2000
     # Bearer token read from this environment variable when it is set.
@@ -317,6 +322,8 @@ def _validate(cfg: Config) -> None:
          f"target.backend: unknown backend {cfg.target.backend!r} "
          "(known: vllm, transformers, openai)"),
         (cfg.target.max_new_tokens >= 1, "target.max_new_tokens must be >= 1"),
+        (cfg.target.kv_block_size_tokens >= 0 and cfg.target.kv_block_size_tokens % 16 == 0,
+         "target.kv_block_size_tokens must be 0 (engine default) or a multiple of 16"),
         (cfg.evaluation.batch_size_pairs >= 1, "evaluation.batch_size_pairs must be >= 1"),
         (cfg.policy.max_query_tokens >= 1 and cfg.policy.max_prompt_tokens >= 2,
          "policy.max_query_tokens / policy.max_prompt_tokens too small"),

@@ -79,6 +79,13 @@ def configure_cpu_threads(num_threads: int | None = None) -> int:
     return torch.get_num_threads()
 
 
+def wants_pretransposed_weights(device: torch.device) -> bool:
+    """Small-batch matmuls (decoding: a few rows at a time) on CPU run 1.3-8x faster
+    against a contiguous copy of W^T than through nn.Linear's x @ W^T on W (measured
+    here with MKL at 1-8 rows); CUDA's kernels need no such help."""
+    return device.type == "cpu"
+
+
 def vllm_cpu_environment(kvcache_space_gib: int) -> dict[str, str]:
     """Environment vLLM's CPU backend needs (measured here: no reserved CPU on a
     2-core machine, a small KV cache)."""

@@ -10,6 +10,7 @@ hold every input pair exactly once.
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from typing import Any, Sequence
 
@@ -28,8 +29,10 @@ from qpo_ray.tasks.base import Example, Task
 FAULT_ENV = "QPO_RAY_EVAL_CRASH_ONCE"
 
 # Per-batch usage travels back as columns (set on a batch's first row, 0 elsewhere), so
-# a retried batch is counted once: only the output that survives is summed.
+# a retried batch is counted once: only the output that survives is summed. An actor's
+# engine start rides on the first batch it returns.
 _USAGE_COLUMNS = {"_usage_calls": "calls", "_usage_engine_seconds": "engine_seconds"}
+_START_COLUMN = "_usage_engine_start_seconds"
 _ROW = "_row"
 
 
@@ -42,6 +45,7 @@ class _ScoringActor:
 
         from qpo_ray import device as devices
 
+        started = time.perf_counter()
         if not devices.has_cuda():
             devices.configure_cpu_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         # refs inside a dict are not resolved by Ray: the task and demo pool are fetched
@@ -51,6 +55,7 @@ class _ScoringActor:
         self.max_new_tokens = max_new_tokens
         self.crash_once = crash_once
         self.backend = create_backend(target_config)
+        self.start_seconds = time.perf_counter() - started
 
     def _maybe_crash(self, batch: pd.DataFrame) -> None:
         if not self.crash_once:
@@ -67,11 +72,13 @@ class _ScoringActor:
         scored = score_batch(self.task, self.backend, batch, self.demo_lookup,
                              self.max_new_tokens)
         after = self.backend.usage
-        for column, field in _USAGE_COLUMNS.items():
-            values = [0.0] * len(scored)
-            if values:
-                values[0] = float(getattr(after, field) - getattr(before, field))
-            scored[column] = values
+        firsts = {column: float(getattr(after, field) - getattr(before, field))
+                  for column, field in _USAGE_COLUMNS.items()}
+        firsts[_START_COLUMN] = self.start_seconds
+        if len(scored):
+            self.start_seconds = 0.0
+        for column, value in firsts.items():
+            scored[column] = ([value] + [0.0] * (len(scored) - 1)) if len(scored) else []
         return scored
 
 
@@ -97,6 +104,7 @@ class RayDataScorer(PairScorer):
             ray.init(address=cfg.ray_address)
         self.cfg = cfg
         self.num_actors = default_num_actors(cfg)
+        self.last_slowest_start_seconds = 0.0
         self._shared = {"task": ray.put(task), "demos": ray.put({d.id: d for d in demo_pool})}
         self.usage = Usage()
 
@@ -129,8 +137,11 @@ class RayDataScorer(PairScorer):
         batch_usage = Usage(calls=int(out["_usage_calls"].sum()),
                             prompt_tokens=int(out["prompt_tokens"].sum()),
                             completion_tokens=int(out["completion_tokens"].sum()),
-                            engine_seconds=float(out["_usage_engine_seconds"].sum()))
+                            engine_seconds=float(out["_usage_engine_seconds"].sum()),
+                            engine_start_seconds=float(out[_START_COLUMN].sum()))
         self.usage = self.usage.add(batch_usage)
+        # The actors start side by side: the slowest start is what the run waited for.
+        self.last_slowest_start_seconds = float(out[_START_COLUMN].max())
         # The pair columns come back from Arrow as numpy arrays: keep the caller's own
         # and take only the score columns from the pipeline.
         scored = pairs_df.drop(columns=list(SCORE_COLUMNS), errors="ignore").copy()

@@ -1,8 +1,9 @@
-"""Entry point for `serve run` / `serve deploy` (and KubeRay's RayService): thin on
-purpose, everything lives in qpo_ray.serving.
+"""Entry point for `serve run` from the repository root: thin on purpose, everything
+lives in qpo_ray.serving (serve/config.yaml imports `qpo_ray.serving:app_from_args`
+directly, so a cluster needs only the installed library).
 
-    serve deploy serve/config.yaml     # import_path: serve.app:build, with args
-    serve run serve.app:app            # the profile in $QPO_PROFILE (default cpu-demo)
+    serve run serve.app:app                        # the profile in $QPO_PROFILE (cpu-demo)
+    serve run serve.app:build profile=cpu-demo policy_uri=/abs/policy/dir
 """
 
 from __future__ import annotations

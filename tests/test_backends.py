@@ -20,6 +20,8 @@ PREFIXES = [
 ]
 SINGLE = [" positive", " negative"]
 MULTI = [" very positive", " negative", " neutral stuff"]
+# candidates that share leading tokens, and one that is a prefix of another
+SHARED = [" very positive", " very negative", " very", " negative"]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -100,7 +102,8 @@ def test_hf_usage_counts_calls_tokens_and_seconds(tiny_model_dir):
 # -- vLLM (CPU) inside a Ray actor, against HF -------------------------------------
 
 
-@pytest.mark.parametrize("candidates", [SINGLE, MULTI], ids=["single-token", "multi-token"])
+@pytest.mark.parametrize("candidates", [SINGLE, MULTI, SHARED],
+                         ids=["single-token", "multi-token", "shared-tokens"])
 def test_vllm_scores_match_hf(vllm_actor, ray_cluster, hf_chat, candidates):
     got = ray_cluster.get(vllm_actor.score_continuations.remote(PREFIXES, candidates))
     want = hf_chat.score_continuations(PREFIXES, candidates)
@@ -119,6 +122,14 @@ def test_vllm_generation_matches_hf(vllm_actor, ray_cluster, hf_chat):
         assert g.token_logprobs == pytest.approx(w.token_logprobs, abs=2e-3)
     usage = ray_cluster.get(vllm_actor.__ray_call__.remote(lambda self: self.usage))
     assert usage.calls >= len(PREFIXES) and usage.engine_seconds > 0
+
+
+def test_candidate_trie_asks_each_context_once_shortest_first():
+    from qpo_ray.backends.text import candidate_trie
+
+    assert candidate_trie([[5], [7], [9]]) == [((), [5, 7, 9])]
+    assert candidate_trie([[1, 2, 3], [1, 4], [1], [6]]) == [
+        ((), [1, 6]), ((1,), [2, 4]), ((1, 2), [3])]
 
 
 def test_importing_scoring_stack_pulls_in_no_engine():

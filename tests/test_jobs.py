@@ -63,10 +63,11 @@ def test_job_exits_2_on_a_missing_input(tmp_path):
     assert "missing.parquet" in proc.stderr
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
-    """`ray start --head --block` with its own temp dir and ports; stopped by killing the
-    process group this fixture started (never `ray stop`: other clusters share the host)."""
+    """`ray start --head --block` with its own temp dir and ports, for the module's tests;
+    stopped by killing the process group this fixture started (never `ray stop`: other
+    clusters share the host)."""
     temp_dir = tempfile.mkdtemp(prefix="qrj", dir="/tmp")  # short: socket paths are capped
     (gcs, dash, client, nm, om, agent_listen, agent_grpc, metrics,
      rtenv) = _free_ports(9)
@@ -156,3 +157,72 @@ def test_augment_round_job_on_a_ray_head(ray_head, shared_data, tiny_model_dir, 
     assert all(len(ids) == 1 and len(ids[0]) == 1 for ids in rows["demo_ids"])
     kept = rows[rows["reward"] >= 66.7]
     assert len(merged) == len(frame) + len(kept)
+
+
+def test_serve_deploy_of_the_repository_config(ray_head, tiny_model_dir, tmp_path):
+    """`serve deploy` of serve/config.yaml itself (only the port, the policy and the
+    target switched off for the tiny model): the app answers /v1/prompt over HTTP."""
+    import httpx
+
+    from qpo_ray.config import PolicyConfig
+    from qpo_ray.policy import QPOPolicy
+
+    policy_dir = QPOPolicy.from_backbone(PolicyConfig(
+        backbone=str(tiny_model_dir), backbone_num_layers=1, max_query_tokens=16,
+        max_prompt_tokens=6)).save(tmp_path / "policy")
+    doc = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    (port,) = _free_ports(1)
+    doc["http_options"]["port"] = port
+    (app,) = doc["applications"]
+    app["args"].update(policy_uri=str(policy_dir), with_target=False,
+                       overrides=["serve.num_cpus_per_replica=0.5"])
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    serve_cli = [str(BIN / "serve")]
+    # from another directory: the import path must resolve from the installed library
+    deploy = subprocess.run(serve_cli + ["deploy", str(config), "--address", ray_head],
+                            cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                reply = httpx.post(f"{url}/v1/prompt", json={"query": "a gripping film"},
+                                   timeout=60)
+                if reply.status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                status = subprocess.run(serve_cli + ["status", "--address", ray_head],
+                                        env=_env(), capture_output=True, text=True)
+                pytest.fail(f"served app never answered:\n{status.stdout}{status.stderr}")
+            time.sleep(2)
+        body = reply.json()
+        assert isinstance(body["prompt"], str)
+        assert body["policy_version"] == httpx.get(f"{url}/v1/version").json()["policy_version"]
+        assert httpx.get(f"{url}/healthz").status_code == 200
+        assert httpx.post(f"{url}/v1/prompt", json={"query": ""}).status_code == 422
+
+        # The documented in-place swap: the same config plus a PolicyServer user_config.
+        second = QPOPolicy.from_backbone(PolicyConfig(
+            backbone=str(tiny_model_dir), backbone_num_layers=1, max_query_tokens=16,
+            max_prompt_tokens=6)).save(tmp_path / "policy-2")
+        doc["applications"][0]["deployments"] = [
+            {"name": "PolicyServer", "user_config": {"policy_uri": str(second)}}]
+        config.write_text(yaml.safe_dump(doc))
+        deploy = subprocess.run(serve_cli + ["deploy", str(config), "--address", ray_head],
+                                cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                                timeout=300)
+        assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+        deadline = time.monotonic() + 300
+        while httpx.get(f"{url}/v1/version").json()["policy_version"] != str(second):
+            assert httpx.post(f"{url}/v1/prompt", json={"query": "a film"},
+                              timeout=60).status_code == 200
+            assert time.monotonic() < deadline, "the new policy_uri was never picked up"
+            time.sleep(1)
+    finally:
+        subprocess.run(serve_cli + ["shutdown", "-y", "--address", ray_head], env=_env(),
+                       capture_output=True, timeout=120)

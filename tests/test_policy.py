@@ -194,6 +194,39 @@ def test_save_load_round_trip_generates_identical_prompts(toy_policy, tmp_path):
                 == generate_prompts(toy_policy, queries, target_reward=reward))
 
 
+def test_finished_rows_leave_the_batch_without_changing_the_others(policy_cfg):
+    """A batch mixing a 2-token and a 9-token prompt: the short row drops out of the
+    batch (and the KV cache) after its EOS, and every row is what it is on its own."""
+    torch.manual_seed(0)
+    policy = QPOPolicy.from_backbone(policy_cfg)
+    short, long = "Yes.", "Classify the review as positive or negative."
+    queries = ["short answer please", "a long prompt for this one"]
+    rows = {"query": queries * 3, "prompt": [short, long] * 3, "reward": [100.0] * 6}
+    _train_in_process(policy, rows, steps=40, lr=2e-3)
+    assert generate_prompts(policy, queries) == [short, long]
+    together = generate_token_ids(policy, queries + queries[::-1])
+    alone = [generate_token_ids(policy, [q])[0] for q in queries + queries[::-1]]
+    assert together == alone
+    assert len(together[0]) < len(together[1]) < P_TOKENS
+
+
+def test_pretransposed_linears_match_and_follow_weight_updates():
+    from qpo_ray.policy.inference import speed_up_decoding
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8, bias=False))
+    x = torch.randn(8, 16)
+    want = model(x)
+    assert speed_up_decoding(model) == 2 and speed_up_decoding(model) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want)
+        model[1].weight.mul_(2.0)  # an optimizer step, a load: the copy must follow
+        torch.testing.assert_close(model(x), 2 * want)
+    loss = model(x).sum()  # with gradients on, the usual path: the weights get them
+    loss.backward()
+    assert model[0].weight.grad is not None and model[1].weight.grad is not None
+
+
 def test_sft_mode_ignores_the_reward(policy_cfg):
     torch.manual_seed(0)
     sft = QPOPolicy.from_backbone(PolicyConfig(**{**policy_cfg.__dict__, "mode": "sft"})).eval()

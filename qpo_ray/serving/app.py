@@ -1,5 +1,5 @@
 """Building and running the Serve application: `build_app(cfg)` for Python and `serve
-deploy` (through `serve/app.py`), `run_serve(cfg)` for `qpo serve`."""
+deploy` (the builder `app_from_args`), `run_serve(cfg)` for `qpo serve`."""
 
 from __future__ import annotations
 

@@ -121,17 +121,31 @@ class PolicyServer:
         self._policy_uri: Optional[str] = None
         self._poll_interval_s = 0.0
         self._poll_task: Optional[asyncio.Task] = None
+        # Requests inside generate_batch, the size of the last batch and the configured
+        # wait for a batch to fill (see _generate: a lone client does not wait).
+        self._in_flight = 0
+        self._last_batch_size = 0
+        self._batch_wait_s = cfg.serve.batch_wait_timeout_s
         # Serialises loads: a reconfigure and a poll never load two policies at once.
         self._load_lock = asyncio.Lock()
 
     # ---- policy lifecycle -------------------------------------------------------------
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Called by Serve before the replica first serves and on every user_config change."""
-        self.generate_batch.set_max_batch_size(int(user_config["max_batch_size"]))
-        self.generate_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+        """Called by Serve before the replica first serves and on every user_config change.
+        A Serve config file's `user_config` replaces the whole dict: keys it leaves out
+        fall back to the profile's `serve` section."""
+        serve_cfg = self._cfg.serve
+        if "policy_uri" not in user_config:
+            raise ValueError("PolicyServer user_config: policy_uri is required")
+        self.generate_batch.set_max_batch_size(
+            int(user_config.get("max_batch_size", serve_cfg.max_batch_size)))
+        self._batch_wait_s = float(user_config.get("batch_wait_timeout_s",
+                                                   serve_cfg.batch_wait_timeout_s))
+        self.generate_batch.set_batch_wait_timeout_s(self._batch_wait_s)
         self._policy_uri = str(user_config["policy_uri"])
-        self._poll_interval_s = float(user_config.get("registry_poll_interval_s", 0.0))
+        self._poll_interval_s = float(user_config.get("registry_poll_interval_s",
+                                                      serve_cfg.registry_poll_interval_s))
         await self._refresh()
         if self._poll_task is None:
             self._poll_task = asyncio.get_running_loop().create_task(self._poll_registry())
@@ -169,6 +183,7 @@ class PolicyServer:
     async def generate_batch(self, items: list[tuple[str, float]]) -> list[tuple[str, str]]:
         """items: (query, target_reward). Returns (prompt, policy_version) per item."""
         policy, ref = self._policy, self._ref
+        self._last_batch_size = len(items)
         prompts = await asyncio.to_thread(self._generate_grouped, policy, items)
         return [(p, ref.version) for p in prompts]
 
@@ -192,6 +207,21 @@ class PolicyServer:
 
     # ---- HTTP routes ------------------------------------------------------------------
 
+    async def _generate(self, query: str, target_reward: float) -> tuple[str, str]:
+        """generate_batch for one request. Serve's batcher waits batch_wait_timeout_s for
+        a batch to fill even when no other request is coming. When nothing else is in
+        flight and the last batch was a single request (one client at a time), the wait
+        is set to 0 (the batcher reads it as it takes a batch's first request): a lone
+        client pays no batching delay, while concurrent clients, whose requests arrive
+        in bursts after each batch, still wait for and share full batches."""
+        self._in_flight += 1
+        try:
+            alone = self._in_flight == 1 and self._last_batch_size <= 1
+            self.generate_batch.set_batch_wait_timeout_s(0.0 if alone else self._batch_wait_s)
+            return await self.generate_batch((query, target_reward))
+        finally:
+            self._in_flight -= 1
+
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok", "policy_version": self._ref.version if self._ref else ""}
@@ -204,7 +234,7 @@ class PolicyServer:
     @api.post("/v1/prompt", response_model=PromptResponse)
     async def prompt(self, body: PromptRequest) -> PromptResponse:
         check_query_length(body.query, self._cfg.serve.max_query_chars)
-        prompt, version = await self.generate_batch((body.query, float(body.target_reward)))
+        prompt, version = await self._generate(body.query, float(body.target_reward))
         return PromptResponse(prompt=prompt, policy_version=version,
                               target_reward=body.target_reward)
 
@@ -214,7 +244,7 @@ class PolicyServer:
         if self._target is None:
             return JSONResponse(status_code=404, content={
                 "error": "this deployment serves no target LLM (/v1/answer is off)"})
-        prompt, version = await self.generate_batch((body.query, float(body.target_reward)))
+        prompt, version = await self._generate(body.query, float(body.target_reward))
         result = await self._target.answer.remote((prompt, body.query))
         return AnswerResponse(prompt=prompt, policy_version=version,
                               target_reward=body.target_reward, **result)
