@@ -2,10 +2,11 @@
 dynamic request batching) and `TargetServer` (the target LLM behind /v1/answer, on the
 same backend interface evaluation uses).
 
-The policy is swapped without downtime: a new `user_config` (`serve.run` / `serve
-deploy` with another `policy_uri`) reconfigures replicas in place, and a registry URI
-(`models:/<name>@latest`) is also polled, so a version the loop registers is picked up
-on its own. A new policy is loaded in a worker thread while the old one keeps serving;
+The policy is swapped without downtime: a registry URI (`models:/<name>@latest`) is
+polled, so a version the loop registers is picked up on its own; a new `user_config`
+in a Serve config file's `deployments` section reconfigures replicas in place; a
+`serve.run` with another `policy_uri` rolls the replicas (old ones serve until their
+replacements are ready). A new policy is loaded in a worker thread while the old one keeps serving;
 the swap is one attribute assignment, so every request sees one whole policy.
 """
 
