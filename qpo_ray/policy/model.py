@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -87,7 +88,21 @@ class QPOPolicy(nn.Module):
 
         path = resolve_model(cfg.backbone)
         config = _truncated_config(path, cfg.backbone_num_layers)
-        backbone = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)
+        # Cutting layers makes transformers warn with a table of the checkpoint's unused
+        # layers on every build; those are expected, so only missing weights are reported.
+        report = logging.getLogger("transformers.modeling_utils")
+        level = report.level
+        if cfg.backbone_num_layers is not None:
+            report.setLevel(logging.ERROR)
+        try:
+            backbone, info = AutoModelForCausalLM.from_pretrained(
+                path, config=config, dtype=torch.float32, output_loading_info=True)
+        finally:
+            report.setLevel(level)
+        if info.get("missing_keys"):
+            logging.getLogger(__name__).warning(
+                "policy backbone %s: weights not in the checkpoint (newly initialised): %s",
+                path, sorted(info["missing_keys"]))
         policy = cls(backbone, AutoTokenizer.from_pretrained(path), cfg)
         policy._init_heads()
         return policy.to(device or get_device())
