@@ -86,6 +86,13 @@ def wants_pretransposed_weights(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def vllm_kv_block_size_tokens(configured: int) -> int:
+    """The KV-cache block size to ask vLLM for (0 = its own default). On CPU its default
+    of 128 leaves prompts under 128 tokens, most QPO inputs, out of the prefix cache;
+    32 is the smallest its CPU attention accepts."""
+    return configured or (0 if has_cuda() else 32)
+
+
 def vllm_cpu_environment(kvcache_space_gib: int) -> dict[str, str]:
     """Environment vLLM's CPU backend needs (measured here: no reserved CPU on a
     2-core machine, a small KV cache)."""

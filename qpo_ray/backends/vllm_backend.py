@@ -58,7 +58,7 @@ class VLLMBackend(TargetBackend):
         else:
             # CUDA-graph-style compilation buys nothing on CPU and costs start time.
             kwargs["enforce_eager"] = True
-        block_size = target_config.kv_block_size_tokens or (0 if on_gpu else 32)
+        block_size = devices.vllm_kv_block_size_tokens(target_config.kv_block_size_tokens)
         if block_size:
             kwargs["block_size"] = block_size
         with self._timed():
