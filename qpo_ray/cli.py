@@ -110,6 +110,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.policy:
         cfg.serve.policy_uri = args.policy
+    if args.insecure:
+        cfg.serve.insecure = True
     run_serve(cfg, blocking=True)
     return 0
 
@@ -167,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve the latest policy on Ray Serve")
     _add_config_args(p)
     p.add_argument("--policy", help="models:/name@alias or a policy directory")
+    p.add_argument("--insecure", action="store_true",
+                   help="serve without a token on a non-loopback serve.host (every request "
+                        "is accepted; the log says so)")
     p.set_defaults(func=cmd_serve)
     return parser
 

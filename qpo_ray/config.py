@@ -187,6 +187,8 @@ class TrackingConfig:
 
 @dataclass
 class ServeConfig:
+    # Where Serve's HTTP proxy listens. Anything but a loopback address needs a token
+    # (auth_token_env / auth_token_file) or, in so many words, insecure: true.
     host: str = "127.0.0.1"
     port: int = 8000
     num_replicas: int = 1
@@ -197,13 +199,72 @@ class ServeConfig:
     # waits (see serving.deployments.PolicyServer._generate).
     batch_wait_timeout_s: float = 0.01
     max_query_chars: int = 2000
-    # Bearer token read from this environment variable when it is set.
+    # Bodies larger than this are answered 413 before they are parsed. Must leave room
+    # for a query of max_query_chars even if every character is JSON-escaped (\uXXXX).
+    max_request_bytes: int = 65536
+    # Bearer token read by each replica from this environment variable (set it in the
+    # Ray nodes' / pods' environment: it is never copied into the deployment config).
     auth_token_env: str = "QPO_SERVE_TOKEN"
+    # Or from this file (e.g. a mounted Kubernetes secret); only the path travels in
+    # the deployment config. Read per request, so rotating the file needs no restart.
+    auth_token_file: Optional[str] = None
+    # Serve without any token on a non-loopback host. Off: such a host without a token
+    # refuses to start. On: every request is accepted and the log says so loudly.
+    insecure: bool = False
     # "models:/<name>@latest" from the registry, or a policy directory.
     policy_uri: Optional[str] = None
     # How often replicas re-resolve a registry alias (models:/<name>@latest) and swap in
     # a newly registered version; 0 = only on redeploy (a new user_config).
     registry_poll_interval_s: float = 30.0
+    # /healthz reports the served policy as stale once the registry has not been read
+    # successfully for this long (0 = 3 x registry_poll_interval_s).
+    registry_stale_after_s: float = 0.0
+    # /v1/answer answers 503 when the target LLM has not answered within this time.
+    target_timeout_s: float = 120.0
+
+    def validate(self) -> None:
+        """Every field, at config load: a bad value fails here naming its key instead of
+        in a replica's constructor (or, for the size limits, on the first request)."""
+        import math
+        import re
+
+        def finite(x: float) -> bool:
+            return math.isfinite(x)
+
+        checks = [
+            (bool(self.host.strip()) and not any(c.isspace() for c in self.host),
+             f"serve.host: {self.host!r} is not a host name or address"),
+            (1 <= self.port <= 65535, f"serve.port must be in 1..65535, got {self.port}"),
+            (self.num_replicas >= 1, "serve.num_replicas must be >= 1"),
+            (finite(self.num_cpus_per_replica) and self.num_cpus_per_replica >= 0,
+             "serve.num_cpus_per_replica must be >= 0"),
+            (finite(self.num_gpus_per_replica) and self.num_gpus_per_replica >= 0,
+             "serve.num_gpus_per_replica must be >= 0"),
+            (self.max_batch_size >= 1, "serve.max_batch_size must be >= 1"),
+            (finite(self.batch_wait_timeout_s) and self.batch_wait_timeout_s >= 0,
+             "serve.batch_wait_timeout_s must be >= 0"),
+            (self.max_query_chars >= 1, "serve.max_query_chars must be >= 1"),
+            (self.max_request_bytes >= 6 * self.max_query_chars + 1024,
+             f"serve.max_request_bytes ({self.max_request_bytes}) must be >= 6 * "
+             f"serve.max_query_chars + 1024 ({6 * self.max_query_chars + 1024}): a query "
+             "at the length limit must fit even JSON-escaped"),
+            (re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.auth_token_env) is not None,
+             f"serve.auth_token_env: {self.auth_token_env!r} is not an environment "
+             "variable name"),
+            (self.auth_token_file is None or bool(self.auth_token_file.strip()),
+             "serve.auth_token_file must be a path or null"),
+            (self.policy_uri is None or bool(self.policy_uri.strip()),
+             "serve.policy_uri must be a models:/ URI, a directory or null"),
+            (finite(self.registry_poll_interval_s) and self.registry_poll_interval_s >= 0,
+             "serve.registry_poll_interval_s must be >= 0"),
+            (finite(self.registry_stale_after_s) and self.registry_stale_after_s >= 0,
+             "serve.registry_stale_after_s must be >= 0"),
+            (finite(self.target_timeout_s) and self.target_timeout_s > 0,
+             "serve.target_timeout_s must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
 
 
 @dataclass
@@ -333,6 +394,7 @@ def _validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    cfg.serve.validate()
 
 
 def parse_override(text: str) -> dict[str, Any]:

@@ -3,7 +3,6 @@ deploy` (the builder `app_from_args`), `run_serve(cfg)` for `qpo serve`."""
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -13,6 +12,7 @@ from ray import serve
 from ray.serve import Application
 
 from qpo_ray.config import Config, load_config
+from qpo_ray.serving.guard import check_auth_setup
 
 APP_NAME = "qpo"
 
@@ -41,7 +41,12 @@ def _pinned(cfg: Config) -> Config:
     """A copy whose relative paths (workdir, the default sqlite tracking store) are made
     absolute here, so replicas resolve them the same way as the driver."""
     tracking = replace(cfg.tracking, uri=cfg.tracking_uri())
-    return replace(cfg, workdir=str(Path(cfg.workdir).resolve()), tracking=tracking)
+    serve_cfg = cfg.serve
+    if serve_cfg.auth_token_file:
+        serve_cfg = replace(serve_cfg, auth_token_file=str(
+            Path(serve_cfg.auth_token_file).expanduser().resolve()))
+    return replace(cfg, workdir=str(Path(cfg.workdir).resolve()), tracking=tracking,
+                   serve=serve_cfg)
 
 
 def build_app(cfg: Config, policy_uri: Optional[str] = None,
@@ -51,6 +56,9 @@ def build_app(cfg: Config, policy_uri: Optional[str] = None,
     the resources of one evaluation engine: `evaluation.num_{cpus,gpus}_per_actor`)."""
     from qpo_ray.serving.deployments import PolicyServer, TargetServer
 
+    # Fail closed where the app is built (here for `serve deploy` too): a non-loopback
+    # serve.host with no token and no serve.insecure never gets deployed.
+    check_auth_setup(cfg.serve)
     cfg = _pinned(cfg)
     uc = user_config(cfg, policy_uri)
     # Each replica keeps up to this many requests in flight: enough to fill a batch
@@ -58,11 +66,9 @@ def build_app(cfg: Config, policy_uri: Optional[str] = None,
     max_ongoing = 4 * cfg.serve.max_batch_size
     actor_options: dict[str, Any] = {"num_cpus": cfg.serve.num_cpus_per_replica,
                                      "num_gpus": cfg.serve.num_gpus_per_replica}
-    token = os.environ.get(cfg.serve.auth_token_env)
-    if token:
-        # A token set where the app is built reaches the replicas through their
-        # runtime_env (merged with the job's env_vars); on Kubernetes set it in the pod.
-        actor_options["runtime_env"] = {"env_vars": {cfg.serve.auth_token_env: token}}
+    # No token goes into the deployment (runtime_env, args, user_config): Serve shows
+    # all of those in `serve status`, its config and the dashboard. Replicas read it
+    # from their own environment or serve.auth_token_file (qpo_ray.serving.guard).
     # Any redeploy (`serve.run` again, or a Serve config whose args changed) replaces
     # replicas; with a 100% surge the old ones serve until their replacements are ready.
     surge = {"max_surge_percent": 100}
@@ -113,6 +119,8 @@ def run_serve(cfg: Config, blocking: bool = True, policy_uri: Optional[str] = No
 
     from qpo_ray.serving.policy_source import resolve
 
+    # Before Ray starts: a refused host must not leave a proxy listening.
+    check_auth_setup(cfg.serve)
     app = build_app(cfg, policy_uri=policy_uri, with_target=with_target)
     # Fail here, with the setting's name, rather than in every replica's constructor.
     resolve(user_config(cfg, policy_uri)["policy_uri"], cfg.tracking_uri())

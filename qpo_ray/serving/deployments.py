@@ -8,18 +8,22 @@ in a Serve config file's `deployments` section reconfigures replicas in place; a
 `serve.run` with another `policy_uri` rolls the replicas (old ones serve until their
 replacements are ready). A new policy is loaded in a worker thread while the old one keeps serving;
 the swap is one attribute assignment, so every request sees one whole policy.
+
+What cannot be served answers 503 with a reason and nothing else does: a failed or slow
+target makes /v1/answer a 503 (carrying the policy's prompt) while /v1/prompt keeps
+answering; an unreachable registry keeps the current policy serving and shows up as
+"stale" on /healthz.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections import defaultdict
 from typing import Any, Optional
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -27,13 +31,19 @@ from ray.serve.handle import DeploymentHandle
 
 from qpo_ray.config import Config
 from qpo_ray.serving import policy_source
+from qpo_ray.serving.guard import (
+    UNAUTHENTICATED_WARNING,
+    GuardSettings,
+    RequestGuard,
+    TokenUnavailable,
+    read_token,
+)
 from qpo_ray.serving.schemas import (
     AnswerRequest,
     AnswerResponse,
     PromptRequest,
     PromptResponse,
     VersionResponse,
-    bearer_token_ok,
     check_query_length,
     finite_or_none,
     validation_error_handler,
@@ -41,24 +51,21 @@ from qpo_ray.serving.schemas import (
 
 logger = logging.getLogger("ray.serve")
 
-# Paths that answer without a token: liveness probes (Kubernetes, RayService) carry none.
-_OPEN_PATHS = {"/healthz"}
+# The replica's guard settings (each replica is its own process, so one per replica),
+# filled in by PolicyServer.__init__ before the first request.
+_GUARD = GuardSettings()
 
 api = FastAPI(title="qpo-ray", description="Query-dependent prompts from the latest QPO policy")
 api.add_exception_handler(RequestValidationError, validation_error_handler)
+# Outermost: auth and the size limit run before FastAPI reads or parses anything.
+api.add_middleware(RequestGuard, settings=_GUARD)
 
 
-@api.middleware("http")
-async def _require_token(request: Request, call_next):
-    # Read per request: the variable is set in the replica's environment (runtime_env or
-    # the pod spec), and rotating it needs no code path of its own.
-    env_name = getattr(request.app.state, "auth_token_env", None)
-    expected = os.environ.get(env_name) if env_name else None
-    if request.url.path not in _OPEN_PATHS and not bearer_token_ok(
-            request.headers.get("authorization"), expected):
-        return JSONResponse(status_code=401, content={"error": "missing or wrong bearer token"},
-                            headers={"WWW-Authenticate": "Bearer"})
-    return await call_next(request)
+def _unavailable(error: str, reason: str, **extra: Any) -> JSONResponse:
+    """503 for the part that cannot be served right now, saying why; the client may
+    retry (the rest of the API keeps answering)."""
+    return JSONResponse(status_code=503, headers={"Retry-After": "5"},
+                        content={"error": error, "reason": reason, **extra})
 
 
 @serve.deployment(name="TargetServer")
@@ -115,13 +122,23 @@ class PolicyServer:
         configure_cpu_threads()
         self._cfg = cfg
         self._target = target
-        api.state.auth_token_env = cfg.serve.auth_token_env
+        _GUARD.serve_cfg = cfg.serve
+        try:
+            if read_token(cfg.serve) is None and cfg.serve.insecure:
+                logger.warning(UNAUTHENTICATED_WARNING.format(host=cfg.serve.host,
+                                                              port=cfg.serve.port))
+        except TokenUnavailable as exc:
+            logger.error("every request will be refused (503): %s", exc)
         self._policy = None
         self._ref: Optional[policy_source.PolicyRef] = None
         self._loaded_at = 0.0
         self._policy_uri: Optional[str] = None
         self._poll_interval_s = 0.0
         self._poll_task: Optional[asyncio.Task] = None
+        # Registry freshness for /healthz: when the alias was last resolved, the last
+        # failure since then (None once a poll succeeds again).
+        self._registry_ok_at = 0.0
+        self._registry_error: Optional[str] = None
         # Requests inside generate_batch, the size of the last batch and the configured
         # wait for a batch to fill (see _generate: a lone client does not wait).
         self._in_flight = 0
@@ -159,10 +176,12 @@ class PolicyServer:
             tracking_uri = self._cfg.tracking_uri()
             ref = await asyncio.to_thread(policy_source.resolve, uri, tracking_uri)
             if self._ref is not None and ref == self._ref:
+                self._registry_ok_at, self._registry_error = time.time(), None
                 return
             policy = await asyncio.to_thread(policy_source.load_policy, ref, tracking_uri)
             policy.eval()
             self._policy, self._ref, self._loaded_at = policy, ref, time.time()
+            self._registry_ok_at, self._registry_error = self._loaded_at, None
             logger.info("serving policy %s", ref.version)
 
     async def _poll_registry(self) -> None:
@@ -175,8 +194,21 @@ class PolicyServer:
                 continue
             try:
                 await self._refresh()
-            except Exception:  # noqa: BLE001 - keep serving the policy we have
+            except Exception as exc:  # noqa: BLE001 - keep serving the policy we have
+                self._registry_error = f"{type(exc).__name__}: {exc}"[:500]
                 logger.exception("policy refresh from %s failed", self._policy_uri)
+
+    def _registry_health(self) -> Optional[dict[str, Any]]:
+        """How fresh the served policy is, for a registry alias (a directory or a pinned
+        version cannot go stale): stale once no poll succeeded for the configured time."""
+        uri = self._policy_uri or ""
+        if not policy_source.is_registry_uri(uri) or self._poll_interval_s <= 0:
+            return None
+        limit = self._cfg.serve.registry_stale_after_s or 3 * self._poll_interval_s
+        age = time.time() - self._registry_ok_at
+        return {"uri": uri, "last_ok_unix_s": self._registry_ok_at,
+                "seconds_since_ok": round(age, 1), "stale_after_s": limit,
+                "stale": age > limit, "last_error": self._registry_error}
 
     # ---- batched generation -----------------------------------------------------------
 
@@ -224,8 +256,18 @@ class PolicyServer:
             self._in_flight -= 1
 
     @api.get("/healthz")
-    async def healthz(self) -> dict[str, str]:
-        return {"status": "ok", "policy_version": self._ref.version if self._ref else ""}
+    async def healthz(self) -> dict[str, Any]:
+        """200 while the replica can serve a policy (a liveness probe must not restart a
+        replica because the registry is down); "stale" tells monitoring that the policy
+        may be older than the registry's."""
+        registry = self._registry_health()
+        body: dict[str, Any] = {
+            "status": "stale" if registry and registry["stale"] else "ok",
+            "policy_version": self._ref.version if self._ref else "",
+            "policy_loaded_at_unix_s": self._loaded_at}
+        if registry is not None:
+            body["registry"] = registry
+        return body
 
     @api.get("/v1/version", response_model=VersionResponse)
     async def version(self) -> VersionResponse:
@@ -246,7 +288,19 @@ class PolicyServer:
             return JSONResponse(status_code=404, content={
                 "error": "this deployment serves no target LLM (/v1/answer is off)"})
         prompt, version = await self._generate(body.query, float(body.target_reward))
-        result = await self._target.answer.remote((prompt, body.query))
+        timeout = self._cfg.serve.target_timeout_s
+        try:
+            result = await asyncio.wait_for(self._ask_target(prompt, body.query), timeout)
+        except asyncio.TimeoutError:
+            return _unavailable("target LLM unavailable",
+                                f"no answer within {timeout:g} s (serve.target_timeout_s)",
+                                prompt=prompt, policy_version=version)
+        except Exception as exc:  # noqa: BLE001 - the policy's part is still served
+            logger.exception("target LLM call failed")
+            return _unavailable("target LLM unavailable", f"{type(exc).__name__}: {exc}"[:300],
+                                prompt=prompt, policy_version=version)
         return AnswerResponse(prompt=prompt, policy_version=version,
                               target_reward=body.target_reward, **result)
 
+    async def _ask_target(self, prompt: str, query: str) -> dict[str, Any]:
+        return await self._target.answer.remote((prompt, query))

@@ -1,12 +1,12 @@
 """The HTTP contract of the serving app: request/response bodies, how invalid input is
-answered (always a 4xx naming the field, never a 500), and the optional bearer token.
+answered (always a 4xx naming the field, never a 500). Who may call and how much they
+may send: qpo_ray.serving.guard.
 
 Kept free of Ray so the contract can be read (and unit-tested) on its own.
 """
 
 from __future__ import annotations
 
-import hmac
 import math
 from typing import Annotated, Any, Optional
 
@@ -106,15 +106,6 @@ async def validation_error_handler(request: Request, exc: RequestValidationError
             message = "unknown field"
         problems.append({"field": _field_name(tuple(e.get("loc", ()))), "message": message})
     return JSONResponse(status_code=422, content={"error": "invalid request", "errors": problems})
-
-
-def bearer_token_ok(authorization: Optional[str], expected: Optional[str]) -> bool:
-    """True when no token is configured, or the header carries exactly that token."""
-    if not expected:
-        return True
-    if not authorization or not authorization.startswith("Bearer "):
-        return False
-    return hmac.compare_digest(authorization[len("Bearer "):].encode(), expected.encode())
 
 
 def finite_or_none(value: float) -> Optional[float]:
