@@ -21,6 +21,8 @@ import hashlib
 import json
 import os
 import tempfile
+import time
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -86,35 +88,53 @@ class Tracker:
             location = (self.run_dir / "mlartifacts").as_uri()
         return self.client.create_experiment(self.cfg.tracking.experiment, location)
 
+    def _find_run(self, tags: dict[str, str]) -> Optional[str]:
+        """A run of this experiment carrying all `tags`: one that a crash left created but
+        unrecorded in tracking.json (the resume finds it instead of making another)."""
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        runs = self.client.search_runs([self._experiment_id()], query, max_results=2,
+                                       order_by=["attributes.start_time ASC"])
+        return runs[0].info.run_id if runs else None
+
     def parent_run_id(self) -> str:
         """The run directory's parent run, created once and reopened on resume."""
         run_id = self.state.get("parent_run_id")
         if run_id is None:
-            run = self.client.create_run(
-                self._experiment_id(), run_name=self.run_dir.name,
-                tags={"qpo.run_dir": str(self.run_dir), "qpo.target": self.cfg.target.model,
-                      "qpo.task": self.cfg.task.name},
-            )
-            run_id = run.info.run_id
+            # Write down a key for the run before creating it, so that a crash between
+            # create_run and saving its id leaves a run this directory can find again.
+            if "run_key" not in self.state:
+                self.state["run_key"] = uuid.uuid4().hex
+                self._save_state()
+            key = self.state["run_key"]
+            run_id = self._find_run({"qpo.run_key": key})
+            if run_id is None:
+                run_id = self.client.create_run(
+                    self._experiment_id(), run_name=self.run_dir.name,
+                    tags={"qpo.run_dir": str(self.run_dir), "qpo.target": self.cfg.target.model,
+                          "qpo.task": self.cfg.task.name, "qpo.run_key": key},
+                ).info.run_id
+            # Params are write-once in MLflow: logging the same values again is a no-op.
+            self.client.log_dict(run_id, self.cfg.to_dict(), "config.yaml")
+            for k, value in _flat_params(self.cfg.to_dict()).items():
+                self.client.log_param(run_id, k, value)
             self.state["parent_run_id"] = run_id
             self._save_state()
-            self.client.log_dict(run_id, self.cfg.to_dict(), "config.yaml")
-            for key, value in _flat_params(self.cfg.to_dict()).items():
-                self.client.log_param(run_id, key, value)
         else:
             self.client.update_run(run_id, status="RUNNING")
         return run_id
 
     def loop_run_id(self, loop: int) -> str:
-        """The nested run of loop `loop` (1-based), created once."""
+        """The nested run of loop `loop` (1-based), created once (found again by its tags
+        after a crash between its creation and tracking.json)."""
         runs = self.state.setdefault("loop_run_ids", {})
         if str(loop) not in runs:
             parent = self.parent_run_id()
-            run = self.client.create_run(
-                self._experiment_id(), run_name=f"loop-{loop}",
-                tags={"mlflow.parentRunId": parent, "qpo.loop": str(loop)},
-            )
-            runs[str(loop)] = run.info.run_id
+            tags = {"mlflow.parentRunId": parent, "qpo.loop": str(loop)}
+            run_id = self._find_run(tags)
+            if run_id is None:
+                run_id = self.client.create_run(self._experiment_id(), run_name=f"loop-{loop}",
+                                                tags=tags).info.run_id
+            runs[str(loop)] = run_id
             self._save_state()
         return runs[str(loop)]
 
@@ -154,11 +174,26 @@ class Tracker:
 
     def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int = 0,
                     prefix: str = "") -> None:
+        """Log numeric values at `step`, skipping keys that already have a value at that
+        step: a stage logged again after a crash (before `mark_logged`) adds nothing."""
+        from mlflow.entities import Metric
+
+        values: dict[str, float] = {}
         for key, value in metrics.items():
             if isinstance(value, bool):
                 value = float(value)
             if isinstance(value, (int, float)) and value == value:  # skip NaN
-                self.client.log_metric(run_id, _metric_key(prefix + key), float(value), step=step)
+                values[_metric_key(prefix + key)] = float(value)
+        if not values:
+            return
+        present = set(self.client.get_run(run_id).data.metrics) & set(values)
+        for key in present:
+            if any(m.step == step for m in self.client.get_metric_history(run_id, key)):
+                del values[key]
+        now = int(time.time() * 1000)
+        batch = [Metric(key, value, now, step) for key, value in values.items()]
+        for start in range(0, len(batch), 1000):  # MLflow's log_batch limit
+            self.client.log_batch(run_id, metrics=batch[start:start + 1000])
 
     def log_loop_metrics(self, loop: int, metrics: dict[str, Any], step: int = 0,
                          prefix: str = "") -> None:
@@ -186,26 +221,43 @@ class Tracker:
     def register_policy(self, loop: int, checkpoint_dir: str | Path, final: bool = False) -> str:
         """Log the checkpoint and register it as a new model version; returns the version.
 
-        Idempotent per loop (a resumed run does not register the same loop twice).
+        Idempotent per loop: the version is looked up by the loop run's id and the
+        `qpo.loop` tag before one is created, so neither tracking.json nor a crash
+        between create_model_version and saving it can make a second version (which
+        `@latest` would then move to).
         """
         versions = self.state.setdefault("model_versions", {})
         name = self.cfg.tracking.registered_model_name
         if str(loop) not in versions:
             run_id = self.loop_run_id(loop)
-            self.client.log_artifacts(run_id, str(checkpoint_dir), POLICY_ARTIFACT_PATH)
-            if self.client.search_registered_models(f"name = '{name}'") == []:
-                self.client.create_registered_model(
-                    name, description="QPO policy: (target reward, query) -> prompt")
-            artifact_uri = self.client.get_run(run_id).info.artifact_uri
-            mv = self.client.create_model_version(
-                name, source=f"{artifact_uri}/{POLICY_ARTIFACT_PATH}", run_id=run_id,
-                tags={"qpo.loop": str(loop), "qpo.run_dir": str(self.run_dir)},
-            )
-            versions[str(loop)] = mv.version
+            version = self._find_version(name, run_id, loop)
+            if version is None:
+                # Re-logging the same files to the same run overwrites them.
+                self.client.log_artifacts(run_id, str(checkpoint_dir), POLICY_ARTIFACT_PATH)
+                if self.client.search_registered_models(f"name = '{name}'") == []:
+                    self.client.create_registered_model(
+                        name, description="QPO policy: (target reward, query) -> prompt")
+                artifact_uri = self.client.get_run(run_id).info.artifact_uri
+                version = self.client.create_model_version(
+                    name, source=f"{artifact_uri}/{POLICY_ARTIFACT_PATH}", run_id=run_id,
+                    tags={"qpo.loop": str(loop), "qpo.run_dir": str(self.run_dir)},
+                ).version
+            versions[str(loop)] = str(version)
             self._save_state()
         if final:
             self.client.set_registered_model_alias(name, FINAL_ALIAS, versions[str(loop)])
         return str(versions[str(loop)])
+
+    def _find_version(self, name: str, run_id: str, loop: int) -> Optional[str]:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        except MlflowException:
+            return None  # no such registered model yet
+        mine = sorted((int(mv.version) for mv in found
+                       if (mv.tags or {}).get("qpo.loop") == str(loop)))
+        return str(mine[0]) if mine else None
 
     def log_figure(self, loop: Optional[int], figure: Any, artifact_file: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
