@@ -69,6 +69,11 @@ def build_app(cfg: Config, policy_uri: Optional[str] = None,
     # No token goes into the deployment (runtime_env, args, user_config): Serve shows
     # all of those in `serve status`, its config and the dashboard. Replicas read it
     # from their own environment or serve.auth_token_file (qpo_ray.serving.guard).
+    # A registry poll that fails is retried by the next tick, so MLflow's own retries
+    # (7, exponential backoff: minutes) would only delay reporting the registry as
+    # unreachable on /healthz. Merged with the application's env_vars by Serve.
+    actor_options["runtime_env"] = {"env_vars": {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+                                                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}}
     # Any redeploy (`serve.run` again, or a Serve config whose args changed) replaces
     # replicas; with a 100% surge the old ones serve until their replacements are ready.
     surge = {"max_surge_percent": 100}
