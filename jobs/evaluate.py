@@ -17,12 +17,12 @@ def main() -> int:
     args = p.parse_args()
 
     def work():
-        from qpo_ray.report import evaluate_run
+        from qpo_ray.loop import evaluate
 
         cfg = _common.config(args)
         if args.target:
             cfg.target.model = args.target
-        return evaluate_run(cfg, run_dir=args.run_dir, policy_dir=args.policy)
+        return evaluate(cfg, run_dir=args.run_dir, policy_dir=args.policy)
 
     return _common.run(work)
 

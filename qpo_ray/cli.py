@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from qpo_ray.config import ConfigError, load_config
+from qpo_ray.rundir import RunDirBusy, lock_run_dir
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -42,7 +43,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = None if args.resume else _config(args)  # config errors before heavy imports
     from qpo_ray.loop import run_qpo
 
-    result = run_qpo(cfg, resume_dir=args.resume)
+    # Held for the whole run: a second `qpo run` on this directory fails at once.
+    with lock_run_dir(args.resume or cfg.workdir):
+        result = run_qpo(cfg, resume_dir=args.resume)
     print(f"\nresults: {result}")
     return 0
 
@@ -94,12 +97,12 @@ def cmd_augment(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from qpo_ray.report import evaluate_run
+    from qpo_ray.loop import evaluate
 
     cfg = _config(args)
     if args.target:
         cfg.target.model = args.target
-    report = evaluate_run(cfg, run_dir=args.run_dir, policy_dir=args.policy)
+    report = evaluate(cfg, run_dir=args.run_dir, policy_dir=args.policy)
     print(report)
     return 0
 
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, ValueError, RunDirBusy) as exc:
         print(f"qpo: error: {exc}", file=sys.stderr)
         return 2
 

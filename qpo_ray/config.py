@@ -39,6 +39,10 @@ class TaskConfig:
     collection_fraction: float = 0.1
     # Cap on the test split used by the test phase (None = all of it).
     max_test_queries: Optional[int] = None
+    # Collection queries held out as a dev set: the test phase chooses the loop and
+    # the decoding on them, never on test queries. 0 = no dev set (the last loop,
+    # the configured decoding).
+    dev_queries: int = 0
     # Demonstrations per prompt for few-shot; 0 = zero-shot.
     num_shots: int = 0
     # Demonstration sets per (query, prompt) in few-shot (K in eq. 3).
@@ -79,6 +83,9 @@ class TargetConfig:
     kv_block_size_tokens: int = 0
     # transformers only: pairs per forward pass.
     batch_size: int = 16
+    # transformers only: prefixes whose first N+ tokens agree (chat template + prompt)
+    # compute those tokens once per batch; shorter shared heads are not worth a pass.
+    min_shared_prefix_tokens: int = 16
     # openai only.
     base_url: Optional[str] = None
     api_key_env: str = "OPENAI_API_KEY"
@@ -103,12 +110,19 @@ class EvaluationConfig:
 @dataclass
 class DatasetConfig:
     # Step 0 grouping (paper appendix B.2): each group of prompts is tested on its
-    # own random queries.
+    # own random queries. 0 = one group: every prompt on the same queries, so that
+    # R_task compares prompts on equal terms (no group is luckier in its queries).
     prompts_per_group: int = 40
     queries_per_group: int = 100
     # Zero-shot query reward: "ppl" = correct - PPL/10 (paper eq. 3), "nll" = correct -
     # mean NLL/10 (the reference code).
     zero_shot_penalty: Literal["ppl", "nll"] = "ppl"
+    # Whose answer the zero-shot penalty reads (label-scored tasks):
+    # "predicted" = the target's own answer (eq. 3 as written: ranks the target's
+    # confidence, right or wrong); "gold" = the gold label, its likelihood normalised
+    # over the label words (the reference code scores the gold label): ranks how
+    # strongly the prompt steers the target to the right answer.
+    query_reward: Literal["predicted", "gold"] = "predicted"
     # Keep pairs with reward >= min + expert_fraction * (max - min).
     expert_fraction: float = 0.667
     # Import an existing dataset instead of running Step 0 (Parquet or the paper's JSON).
@@ -167,10 +181,24 @@ class LoopConfig:
 
 @dataclass
 class TestConfig:
-    # Methods compared in the report (see qpo_ray/report.py).
+    # Methods compared in the report (the registry in qpo_ray/methods.py).
     methods: list[str] = field(
         default_factory=lambda: ["qpo", "manual", "best_single", "nearest_neighbour"]
     )
+    # How `qpo` turns the policy into a prompt per query: "greedy" at the target reward
+    # (the paper), "rank" (the best of candidate prompts by log p(c | R high, q) -
+    # log p(c | R low, q), see qpo_ray/policy/ranking.py), or "dev": whichever of the two,
+    # with whichever loop's policy, is most accurate on the dev split (task.dev_queries).
+    decoding: Literal["greedy", "rank", "dev"] = "greedy"
+    # Ranking's candidates: the best N collection prompts by Step-0 R_task, the greedy
+    # prompt, and K prompts sampled at the target reward (top-k/top-p of `loop`).
+    rank_collection_prompts: int = 12
+    rank_samples: int = 4
+    # The "low" reward of the contrast (0-100 scale).
+    rank_low_reward: float = 0.0
+    # Model whose mean-pooled hidden states embed queries for the `router` baseline;
+    # None = the target model (the policy backbone when the target is an HTTP API).
+    router_embedding_model: Optional[str] = None
     # Few-shot settings reported besides zero-shot, when the task supports them.
     shots: list[int] = field(default_factory=lambda: [0])
     # Prompts generated for a sample of queries shown in the report (paper Table 19).
@@ -365,9 +393,17 @@ def _validate(cfg: Config) -> None:
     checks = [
         (0 < cfg.task.collection_fraction < 1, "task.collection_fraction must be in (0, 1)"),
         (cfg.task.num_shots >= 0, "task.num_shots must be >= 0"),
+        (cfg.test.rank_collection_prompts >= 0 and cfg.test.rank_samples >= 0,
+         "test.rank_collection_prompts / test.rank_samples must be >= 0"),
+        (0 <= cfg.test.rank_low_reward < cfg.loop.target_reward,
+         "test.rank_low_reward must be in [0, loop.target_reward)"),
+        (cfg.test.decoding != "dev" or cfg.task.dev_queries > 0,
+         "test.decoding: 'dev' needs a dev split (task.dev_queries > 0)"),
+        (cfg.task.dev_queries >= 0, "task.dev_queries must be >= 0"),
         (cfg.task.num_demo_sets >= 1, "task.num_demo_sets must be >= 1"),
         (0 <= cfg.dataset.expert_fraction < 1, "dataset.expert_fraction must be in [0, 1)"),
-        (cfg.dataset.prompts_per_group >= 1, "dataset.prompts_per_group must be >= 1"),
+        (cfg.dataset.prompts_per_group >= 0,
+         "dataset.prompts_per_group must be >= 0 (0 = every prompt on the same queries)"),
         (cfg.dataset.queries_per_group >= 1, "dataset.queries_per_group must be >= 1"),
         (cfg.training.num_workers >= 1, "training.num_workers must be >= 1"),
         (cfg.training.num_cpus_per_worker >= 1, "training.num_cpus_per_worker must be >= 1"),
@@ -386,6 +422,8 @@ def _validate(cfg: Config) -> None:
         (cfg.target.kv_block_size_tokens >= 0 and cfg.target.kv_block_size_tokens % 16 == 0,
          "target.kv_block_size_tokens must be 0 (engine default) or a multiple of 16"),
         (cfg.evaluation.batch_size_pairs >= 1, "evaluation.batch_size_pairs must be >= 1"),
+        (cfg.target.min_shared_prefix_tokens >= 1,
+         "target.min_shared_prefix_tokens must be >= 1"),
         (cfg.policy.max_query_tokens >= 1 and cfg.policy.max_prompt_tokens >= 2,
          "policy.max_query_tokens / policy.max_prompt_tokens too small"),
         (cfg.task.name != "byo" or bool(cfg.task.spec_path),

@@ -31,7 +31,8 @@ FAULT_ENV = "QPO_RAY_EVAL_CRASH_ONCE"
 # Per-batch usage travels back as columns (set on a batch's first row, 0 elsewhere), so
 # a retried batch is counted once: only the output that survives is summed. An actor's
 # engine start rides on the first batch it returns.
-_USAGE_COLUMNS = {"_usage_calls": "calls", "_usage_engine_seconds": "engine_seconds"}
+_USAGE_COLUMNS = {"_usage_calls": "calls", "_usage_engine_seconds": "engine_seconds",
+                  "_usage_cached_prompt_tokens": "cached_prompt_tokens"}
 _START_COLUMN = "_usage_engine_start_seconds"
 _ROW = "_row"
 
@@ -118,6 +119,9 @@ class RayDataScorer(PairScorer):
             raise ValueError(f"pairs: pair_id {dup!r} occurs more than once")
         ev = self.cfg.evaluation
         frame = pairs_df.reset_index(drop=True).assign(**{_ROW: range(len(pairs_df))})
+        # Pairs of one prompt in the same batches: the engines compute the prompt (and
+        # the chat template before it) once per batch, not once per pair.
+        frame = frame.sort_values("prompt", kind="stable")
         n_batches = -(-len(frame) // ev.batch_size_pairs)
         with warnings.catch_warnings():
             # Ray 2.60 deprecates **ray_remote_args but has no named parameter for the
@@ -138,7 +142,8 @@ class RayDataScorer(PairScorer):
                             prompt_tokens=int(out["prompt_tokens"].sum()),
                             completion_tokens=int(out["completion_tokens"].sum()),
                             engine_seconds=float(out["_usage_engine_seconds"].sum()),
-                            engine_start_seconds=float(out[_START_COLUMN].sum()))
+                            engine_start_seconds=float(out[_START_COLUMN].sum()),
+                            cached_prompt_tokens=int(out["_usage_cached_prompt_tokens"].sum()))
         self.usage = self.usage.add(batch_usage)
         # The actors start side by side: the slowest start is what the run waited for.
         self.last_slowest_start_seconds = float(out[_START_COLUMN].max())
@@ -148,6 +153,7 @@ class RayDataScorer(PairScorer):
         for column in SCORE_COLUMNS:
             scored[column] = out[column].to_numpy()
         scored["demo_correct"] = [[bool(v) for v in cell] for cell in scored["demo_correct"]]
+        scored["label_logprobs"] = [[float(v) for v in cell] for cell in scored["label_logprobs"]]
         return scored
 
     def _pipeline(self, ds, n_batches: int):
@@ -169,6 +175,28 @@ class RayDataScorer(PairScorer):
             max_restarts=-1,
             max_task_retries=ev.max_task_retries,
         )
+
+
+def init_ray(cfg: Config) -> None:
+    """Join the configured cluster (RAY_ADDRESS is already in cfg.ray_address), else
+    start a local one; a caller that initialised Ray itself is left alone."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray_address, log_to_driver=False,
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+
+
+def score_pairs(cfg: Config, task: Task, splits, pairs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """Score pairs on the target through the Ray Data pipeline; returns (scored, usage)."""
+    init_ray(cfg)
+    scorer = make_scorer(cfg, task, splits.demo_pool)
+    try:
+        scored = scorer.score(pairs)
+        usage = scorer.usage.as_dict()
+    finally:
+        scorer.close()
+    return scored, usage
 
 
 def make_scorer(cfg: Config, task: Task, demo_pool: Sequence[Example],

@@ -28,53 +28,13 @@ from typing import Any, Optional
 import pandas as pd
 
 from qpo_ray.config import Config
+from qpo_ray.data.rewards import pair_accuracy
+from qpo_ray.evaluation import init_ray, score_pairs
 from qpo_ray.rundir import RunDir, sidecar, stage_names, write_json_atomic
+from qpo_ray.tasks import task_and_splits
 
 
 # -- shared helpers -------------------------------------------------------------------
-
-def init_ray(cfg: Config) -> None:
-    """Join the configured cluster (RAY_ADDRESS is already in cfg.ray_address), else
-    start a local one; a caller that initialised Ray itself is left alone."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address, log_to_driver=False,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
-
-
-def task_and_splits(cfg: Config):
-    """The task and its seeded splits (the same ones in every stage and process)."""
-    from qpo_ray.tasks import get_task
-
-    task = get_task(cfg.task)
-    splits = task.splits(cfg.task.collection_fraction, cfg.seed, cfg.task.max_test_queries)
-    return task, splits
-
-
-def score_pairs(cfg: Config, task, splits, pairs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-    """Score pairs on the target through the Ray Data pipeline; returns (scored, usage)."""
-    from qpo_ray.evaluation import make_scorer
-
-    init_ray(cfg)
-    scorer = make_scorer(cfg, task, splits.demo_pool)
-    try:
-        scored = scorer.score(pairs)
-        usage = scorer.usage.as_dict()
-    finally:
-        scorer.close()
-    return scored, usage
-
-
-def pair_accuracy(scored: pd.DataFrame) -> pd.Series:
-    """Per-pair accuracy: the mean over demonstration sets in few-shot, else `correct`."""
-    def one(row) -> float:
-        demo = row.get("demo_correct")
-        if demo is not None and len(demo) > 0:
-            return float(sum(bool(x) for x in demo)) / len(demo)
-        return float(bool(row["correct"]))
-    return scored.apply(one, axis=1).astype(float)
-
 
 def expert_cut(cfg: Config) -> float:
     """The expert filter's threshold on the stored 0-100 scale."""
@@ -115,7 +75,8 @@ def build_initial_dataset(cfg: Config, out_path: Optional[str | Path] = None) ->
         pairs = build_step0_pairs(task, splits, prompts, cfg)
         scored, usage = score_pairs(cfg, task, splits, pairs)
         frame, scale = compute_rewards(scored, cfg.dataset.zero_shot_penalty,
-                                       few_shot=cfg.task.num_shots > 0)
+                                       few_shot=cfg.task.num_shots > 0,
+                                       answer=cfg.dataset.query_reward)
         write_dataset(frame, out, scale)
     write_json_atomic(sidecar(out, ".usage.json"), usage)
     return out
@@ -172,7 +133,8 @@ def augment_round(cfg: Config, policy_dir: str | Path, dataset_path: str | Path,
 
     r_task = float(pair_accuracy(scored).mean())
     rows, _ = compute_rewards(scored, cfg.dataset.zero_shot_penalty,
-                              few_shot=cfg.task.num_shots > 0, scale=scale, r_task=r_task)
+                              few_shot=cfg.task.num_shots > 0, scale=scale, r_task=r_task,
+                              answer=cfg.dataset.query_reward)
     kept = rows[rows["reward"] >= expert_cut(cfg)]
     merged = pd.concat([previous, kept], ignore_index=True)
     write_dataset(rows, sidecar(out, ".rows.parquet"), scale)
@@ -184,6 +146,19 @@ def augment_round(cfg: Config, policy_dir: str | Path, dataset_path: str | Path,
         "distinct_generated_prompts": int(rows["prompt"].nunique()),
     })
     return out
+
+
+# -- the test phase ------------------------------------------------------------------
+
+def evaluate(cfg: Config, run_dir: Optional[str] = None,
+             policy_dir: Optional[str] = None) -> str:
+    """The test phase (qpo_ray.report) with this run's task, splits and target."""
+    from qpo_ray.report import evaluate_run
+
+    task, splits = task_and_splits(cfg)
+    init_ray(cfg)  # the ablations train on Ray before anything is scored
+    return evaluate_run(cfg, task, splits, lambda pairs: score_pairs(cfg, task, splits, pairs),
+                        run_dir=run_dir, policy_dir=policy_dir)
 
 
 # -- the whole run ---------------------------------------------------------------------
@@ -216,9 +191,7 @@ def _run_stage(cfg: Config, run: RunDir, name: str, index: int) -> dict[str, Any
                              run.dataset_path(t + 1), seed=cfg.seed + index)
         return {"dataset": str(path), "round": str(sidecar(path, ".round.json"))}
     if name == "test":
-        from qpo_ray.report import evaluate_run
-
-        evaluate_run(cfg, run_dir=str(run.path))
+        evaluate(cfg, run_dir=str(run.path))
         return {"report": str(run.report_dir() / "report.md")}
     raise ValueError(f"unknown stage {name!r}")
 

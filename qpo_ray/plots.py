@@ -10,8 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-BASELINES = ("manual", "best_single", "best_single_oracle", "nearest_neighbour", "sft",
-             "qpo_no_mla")
+BASELINES = ("manual", "best_single", "router", "nearest_neighbour", "qpo_greedy", "sft",
+             "qpo_no_mla", "best_single_oracle")
 
 
 def reward_histogram(frame: pd.DataFrame, loop: int):
@@ -30,25 +30,37 @@ def reward_histogram(frame: pd.DataFrame, loop: int):
 
 
 def accuracy_per_loop(results: pd.DataFrame, shots: int = 0):
-    """Test accuracy of each loop's policy (qpo_loop<t>, qpo = last loop) with 95%
-    intervals, and the query-agnostic baselines as horizontal lines."""
+    """Test accuracy of every loop's policy (qpo_loop<t>) with 95% intervals, QPO's
+    chosen policy marked, and every baseline as a labelled horizontal line (lines
+    that coincide share one label, so none hides another)."""
     rows = results[results["shots"] == shots]
     loops = rows[rows["method"].str.match(r"^qpo_loop\d+$")].copy()
     loops["loop"] = loops["method"].str.removeprefix("qpo_loop").astype(int)
     loops = loops.sort_values("loop")
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(7, 4))
     if len(loops):
         ax.errorbar(loops["loop"], loops["accuracy"],
                     yerr=[loops["accuracy"] - loops["ci_low"], loops["ci_high"] - loops["accuracy"]],
-                    marker="o", capsize=3, label="QPO policy")
-    for i, method in enumerate(BASELINES):
+                    marker="o", capsize=3, color="C0", label="QPO policy per loop (95% CI)")
+        chosen = rows[rows["method"] == "qpo"]
+        match = loops[loops["accuracy"] == float(chosen["accuracy"].iloc[0])] if len(chosen) else []
+        if len(match):
+            ax.plot(match["loop"].iloc[-1], match["accuracy"].iloc[-1], marker="*",
+                    markersize=14, color="C0", linestyle="none", label="qpo (chosen on dev)")
+        ax.set_xticks(loops["loop"].tolist())
+        ax.set_xlim(loops["loop"].min() - 0.5, loops["loop"].max() + 0.5)
+    lines: dict[float, list[str]] = {}
+    for method in BASELINES:
         hit = rows[rows["method"] == method]
         if len(hit):
-            ax.axhline(float(hit["accuracy"].iloc[0]), linestyle="--", linewidth=1,
-                       label=method, color=f"C{i + 1}")
+            lines.setdefault(round(float(hit["accuracy"].iloc[0]), 4), []).append(method)
+    styles = ["--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1))]
+    for i, (value, names) in enumerate(sorted(lines.items())):
+        ax.axhline(value, linestyle=styles[i % len(styles)], linewidth=1.2, color=f"C{i + 1}",
+                   label=f"{' = '.join(names)} ({100 * value:.1f})")
     ax.set_xlabel("loop")
     ax.set_ylabel("test accuracy")
     ax.set_title(f"{shots}-shot test accuracy per loop")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     plt.close(fig)
     return fig

@@ -1,43 +1,59 @@
-"""The test phase: the trained policy against the baselines on the test split.
+"""The test phase: the trained policy against the baselines, on queries it never chose on.
 
-Every (setting, method, query) pair goes through ONE scorer pass on the target (the
-Ray Data pipeline), then accuracy, a 95% Wilson interval and the number of test
-queries are tabulated per (shots, method). Outputs, in ``<run>/report/`` (or
-``report-<target>/`` when testing against another target than the run's, paper
-Table 8): ``report.md``, ``results.csv``, ``examples.csv`` and
-``plots/accuracy_per_loop.png``. Which prompt each method uses: qpo_ray.baselines.
+1. Choose (when `test.decoding` is "dev"): every loop's policy, greedy and ranked, on the
+   dev split (collection queries held out of Step 0 and augmentation); the most
+   accurate (loop, decoding) is what `qpo` uses. The test split is never looked at here.
+2. Every method of `test.methods` (qpo_ray.methods) gives a prompt per test query; the
+   distinct (query, prompt) pairs go through ONE scorer pass on the target.
+3. Per (shots, method): accuracy with a 95% Wilson interval, and the PAIRED difference
+   against `manual` and `best_single` on the same queries (bootstrap 95% CI, McNemar
+   exact p; qpo_ray.stats). `best_single_oracle` (best prompt on the test set) is an
+   upper bound, printed apart, never a baseline.
+
+Outputs, in ``<run>/report/`` (``report-<target>/`` when testing another target than
+the run's, paper Table 8): ``report.md``, ``results.csv``, ``predictions.parquet`` (one
+row per split, shots, method and query: prompt, prediction, correct), ``selection.json``,
+``examples.csv`` and ``plots/accuracy_per_loop.png``.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import re
+import string
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
+import numpy as np
 import pandas as pd
 
-from qpo_ray.baselines import (PromptTuple, ablation_policy, best_single_by_step0,
-                               nearest_neighbour_prompts, policy_prompts)
 from qpo_ray.config import Config
-from qpo_ray.rundir import RunDir
+from qpo_ray.data.pairs import make_pairs
+from qpo_ray.data.rewards import pair_accuracy
+from qpo_ray.methods import (DECODINGS, Choice, MethodContext, PromptTuple, check_methods,
+                             method_prompts, policy_prompts)
+from qpo_ray.rundir import RunDir, write_json_atomic
+from qpo_ray.stats import paired_difference, wilson_interval
+from qpo_ray.tasks.base import Example, Splits, Task
 
-KNOWN_METHODS = ("qpo", "manual", "best_single", "nearest_neighbour", "sft", "qpo_no_mla")
-# Table order: QPO and its earlier loops, ablations, then the baselines.
-METHOD_ORDER = ("qpo", "qpo_loop", "qpo_no_mla", "sft", "nearest_neighbour", "manual",
-                "best_single", "best_single_oracle", "single:")
+# Table order: QPO and its loops, ablations, selection baselines, query-agnostic ones.
+METHOD_ORDER = ("qpo", "qpo_loop", "qpo_greedy", "qpo_no_mla", "sft", "router",
+                "nearest_neighbour", "manual", "best_single", "best_single_oracle", "single:")
+REFERENCES = ("manual", "best_single")
+# Rows whose prompts a policy wrote (their share of well-formed prompts is reported).
+GENERATED = re.compile(r"^(qpo|qpo_loop\d+|qpo_greedy|sft|qpo_no_mla)$")
+ScoreFn = Callable[[pd.DataFrame], tuple[pd.DataFrame, dict]]
 
 
-def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion (sound at 0 and 1, unlike +-1.96 se)."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+def well_formed(prompt: str, label_words) -> bool:
+    """A prompt a person could read that names every label: >= 3 words, >= 95%
+    printable ASCII, every label word present (case-insensitive)."""
+    text = prompt.strip()
+    if len(text.split()) < 3:
+        return False
+    printable = sum(ch in string.printable for ch in text) / len(text)
+    lower = text.lower()
+    return printable >= 0.95 and all(str(w).lower() in lower for w in label_words)
 
 
 def _report_dir(cfg: Config, run: Optional[RunDir]) -> Path:
@@ -49,89 +65,116 @@ def _report_dir(cfg: Config, run: Optional[RunDir]) -> Path:
     return base / "report"
 
 
-def _method_prompts(cfg: Config, run: Optional[RunDir], policy_dir: str, queries: list[str],
-                    collection: list, manual) -> dict[str, list[PromptTuple]]:
-    """method name -> one (id, text, source) per test query."""
-    from qpo_ray.data.io import read_dataset
-
-    methods = list(dict.fromkeys(cfg.test.methods))
-    unknown = [m for m in methods if m not in KNOWN_METHODS]
-    if unknown:
-        raise ValueError(f"test.methods: unknown method(s) {unknown} (known: {list(KNOWN_METHODS)})")
-    n = len(queries)
-    out: dict[str, list[PromptTuple]] = {}
-    if "qpo" in methods:
-        out["qpo"] = policy_prompts(policy_dir, queries, cfg, "qpo")
-        # Earlier loops' policies show what multi-loop augmentation adds.
-        for loop in (run.trained_loops()[:-1] if run is not None else []):
-            out[f"qpo_loop{loop}"] = policy_prompts(run.policy_dir(loop), queries, cfg, "qpo")
-    if "manual" in methods:
-        out["manual"] = [(manual.id, manual.text, manual.source)] * n
-    if "best_single" in methods:
-        for record in collection:
-            out[f"single:{record.id}"] = [(record.id, record.text, record.source)] * n
-    if "nearest_neighbour" in methods:
-        if run is None:
-            raise ValueError("nearest_neighbour needs a run directory (its training queries)")
-        dataset, _ = read_dataset(run.dataset_path(max(run.trained_loops())))
-        out["nearest_neighbour"] = nearest_neighbour_prompts(policy_dir, queries, dataset)
-    for ablation in ("sft", "qpo_no_mla"):
-        if ablation in methods:
-            if run is None:
-                raise ValueError(f"{ablation} needs a run directory (it trains on D_0)")
-            out[ablation] = policy_prompts(ablation_policy(cfg, run, ablation), queries, cfg,
-                                           ablation)
-    return out
+def score_prompts(cfg: Config, task: Task, splits: Splits, queries: list[Example],
+                  prompts: dict[str, list[PromptTuple]], score: ScoreFn, split: str,
+                  shots_list: list[int]) -> tuple[pd.DataFrame, dict]:
+    """Score each row's prompts on `queries`; distinct (shots, query, prompt) pairs are
+    scored once. One row per (shots, method, query) with prediction and accuracy."""
+    frames = []
+    for shots in shots_list:
+        shot_cfg = copy.deepcopy(cfg)
+        shot_cfg.task.num_shots = shots
+        for method, method_rows in prompts.items():
+            # Test pairs never join the dataset; loop=1 only satisfies make_pairs.
+            pairs = make_pairs(queries, method_rows, task, splits, shot_cfg, loop=1,
+                               seed=cfg.seed)
+            frames.append(pairs.assign(method=method, shots=shots))
+    every = pd.concat(frames, ignore_index=True)
+    key = ["shots", "query_id", "prompt"]
+    unique = every.drop_duplicates(key).reset_index(drop=True)
+    unique["pair_id"] = [f"{split}-{i}" for i in range(len(unique))]
+    scored, usage = score(unique.drop(columns=["method", "shots"]))
+    scored = scored.reset_index(drop=True).assign(shots=unique["shots"].to_numpy())
+    scored["accuracy"] = pair_accuracy(scored)
+    keep = key + ["prediction", "correct", "accuracy"]
+    out = every.drop(columns=["pair_id"]).merge(scored[keep], on=key, how="left")
+    usage["pairs_scored"], usage["pairs_requested"] = len(unique), len(every)
+    return out.assign(split=split), usage
 
 
-def _table(scored: pd.DataFrame, step0_best: Optional[str]) -> pd.DataFrame:
-    """One row per (shots, method): accuracy, Wilson 95% CI, n; best_single rows derived
-    from the single-prompt rows."""
+def choose_on_dev(ctx: MethodContext, splits: Splits, score: ScoreFn,
+                  shots: int) -> tuple[Choice, pd.DataFrame, dict]:
+    """The (loop, decoding) with the best dev accuracy; ties go to the later loop, then
+    to greedy (the paper's protocol)."""
+    candidates = {f"qpo_loop{loop}/{decoding}": policy_prompts(ctx, loop, decoding, splits.dev)
+                  for loop in ctx.policy_dirs for decoding in DECODINGS}
+    scored, usage = score_prompts(ctx.cfg, ctx.task, splits, splits.dev, candidates, score,
+                                  "dev", [shots])
+    accuracy = scored.groupby("method")["accuracy"].mean()
+
+    def rank(name: str) -> tuple:
+        loop, decoding = name.removeprefix("qpo_loop").split("/")
+        return (accuracy[name], int(loop), decoding == "greedy")
+    best = max(accuracy.index, key=rank)
+    loop, decoding = best.removeprefix("qpo_loop").split("/")
+    return Choice(int(loop), decoding), scored, {"dev_accuracy": accuracy.to_dict(), **usage}
+
+
+def results_table(predictions: pd.DataFrame, label_words=()) -> pd.DataFrame:
+    """One row per (shots, method) of the test predictions: accuracy, Wilson 95% CI, n,
+    paired differences against the references, the oracle bound from single:* rows."""
     rows = []
-    for (shots, method), part in scored.groupby(["shots", "method"], sort=False):
-        acc = float(part["accuracy"].mean())
+    for (shots, method), part in predictions.groupby(["shots", "method"], sort=False):
         lo, hi = wilson_interval(float(part["accuracy"].sum()), len(part))
-        rows.append({"shots": int(shots), "method": method, "accuracy": acc,
-                     "ci_low": lo, "ci_high": hi, "n": len(part)})
+        row = {"shots": int(shots), "method": method, "accuracy": float(part["accuracy"].mean()),
+               "ci_low": lo, "ci_high": hi, "n": len(part),
+               "prompt_id": part["prompt_id"].iloc[0] if part["prompt_id"].nunique() == 1 else "",
+               "distinct_prompts": int(part["prompt"].nunique())}
+        if GENERATED.match(method):
+            row["well_formed"] = float(np.mean([well_formed(p, label_words)
+                                                for p in part["prompt"]]))
+        rows.append(row)
     table = pd.DataFrame(rows)
-    extra = []
-    for shots, part in table.groupby("shots"):
-        singles = part[part["method"].str.startswith("single:")]
-        if not len(singles):
-            continue
-        oracle = singles.loc[singles["accuracy"].idxmax()].copy()
-        oracle["method"], oracle["prompt_id"] = "best_single_oracle", oracle["method"][7:]
-        chosen = singles[singles["method"] == f"single:{step0_best}"]
-        if len(chosen):
-            row = chosen.iloc[0].copy()
-            row["method"], row["prompt_id"] = "best_single", step0_best
-            extra.append(row)
-        extra.append(oracle)
-    if extra:
-        table = pd.concat([table, pd.DataFrame(extra)], ignore_index=True)
+    singles = table[table["method"].str.startswith("single:")]
+    for shots, part in singles.groupby("shots"):
+        oracle = part.loc[part["accuracy"].idxmax()].copy()
+        oracle["method"] = "best_single_oracle"
+        table = pd.concat([table, oracle.to_frame().T], ignore_index=True)
+    by = {(s, m): p.sort_values("query_id")["accuracy"].to_numpy()
+          for (s, m), p in predictions.groupby(["shots", "method"])}
+    for ref in REFERENCES:
+        for column in ("diff", "diff_low", "diff_high", "p_value"):
+            table[f"{column}_vs_{ref}"] = np.nan
+        for i, row in table.iterrows():
+            base = by.get((row["shots"], ref))
+            mine = by.get((row["shots"], row["method"]))
+            if base is None or mine is None or row["method"] == ref or len(base) != len(mine):
+                continue
+            d = paired_difference([(mine, base)], seed=0)
+            table.loc[i, [f"diff_vs_{ref}", f"diff_low_vs_{ref}", f"diff_high_vs_{ref}",
+                          f"p_value_vs_{ref}"]] = [d.diff, d.ci_low, d.ci_high, d.p_value]
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
     rank = table["method"].map(lambda m: order.get(re.sub(r"\d+$", "", m), len(order)))
-    return table.assign(_rank=rank).sort_values(["shots", "_rank"], kind="stable").drop(
-        columns="_rank").reset_index(drop=True)
+    return table.assign(_rank=rank).sort_values(["shots", "_rank", "method"], kind="stable") \
+        .drop(columns="_rank").reset_index(drop=True)
+
+
+def _paired(row, ref: str) -> str:
+    diff = row.get(f"diff_vs_{ref}")
+    if diff is None or pd.isna(diff):
+        return ""
+    return (f"{100 * diff:+.1f} [{100 * row[f'diff_low_vs_{ref}']:+.1f}, "
+            f"{100 * row[f'diff_high_vs_{ref}']:+.1f}] p={row[f'p_value_vs_{ref}']:.3g}")
 
 
 def _markdown(table: pd.DataFrame, examples: pd.DataFrame, header: list[str]) -> str:
     lines = header + [""]
     for shots, part in table.groupby("shots"):
-        lines += [f"### {shots}-shot", "",
-                  "| method | accuracy | 95% CI (Wilson) | test queries |", "|---|---|---|---|"]
-        main = part[~part["method"].str.startswith("single:")]
-        for row in main.itertuples():
-            note = f" ({row.prompt_id})" if isinstance(getattr(row, "prompt_id", None), str) else ""
-            lines.append(f"| {row.method}{note} | {100 * row.accuracy:.1f} | "
-                         f"[{100 * row.ci_low:.1f}, {100 * row.ci_high:.1f}] | {row.n} |")
-        singles = part[part["method"].str.startswith("single:")]
-        if len(singles):
-            lines += ["", "single prompts: " + ", ".join(
-                f"{m[7:]} {100 * a:.1f}" for m, a in zip(singles["method"], singles["accuracy"]))]
+        lines += [f"### {shots}-shot test accuracy (paired differences on the same queries: "
+                  "bootstrap 95% CI, McNemar exact p)", "",
+                  "| method | accuracy | 95% CI (Wilson) | n | vs manual | vs best_single "
+                  "| well-formed prompts |", "|---|---|---|---|---|---|---|"]
+        for _, row in part[~part["method"].str.startswith("single:")].iterrows():
+            name = row["method"] + (" (upper bound, picked on test)"
+                                    if row["method"] == "best_single_oracle" else "")
+            wf = row.get("well_formed")
+            lines.append(f"| {name} | {100 * row['accuracy']:.1f} | [{100 * row['ci_low']:.1f}, "
+                         f"{100 * row['ci_high']:.1f}] | {row['n']} | {_paired(row, 'manual')} | "
+                         f"{_paired(row, 'best_single')} | "
+                         f"{'' if wf is None or pd.isna(wf) else f'{100 * wf:.0f}%'} |")
         lines.append("")
     if len(examples):
-        lines += ["### Generated prompts (sample of test queries)", "",
+        lines += ["### QPO's prompts (sample of test queries)", "",
                   "| query | gold | QPO prompt | QPO correct | manual correct |", "|---|---|---|---|---|"]
         for row in examples.itertuples():
             lines.append(f"| {_cell(row.query, 120)} | {row.label} | {_cell(row.prompt, 200)} | "
@@ -144,68 +187,71 @@ def _cell(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def evaluate_run(cfg: Config, run_dir: Optional[str] = None,
-                 policy_dir: Optional[str] = None) -> str:
-    """Test the policy (a run's last one, or `policy_dir`) and the configured baselines
-    on the test split; writes the report files and returns the markdown report."""
+def _examples(predictions: pd.DataFrame, shots: int, count: int) -> pd.DataFrame:
+    zero = predictions[predictions["shots"] == shots]
+    qpo = zero[zero["method"] == "qpo"].head(count)
+    manual = zero[zero["method"] == "manual"].set_index("query_id")["correct"]
+    return pd.DataFrame({"query": qpo["query"], "label": qpo["label"], "prompt": qpo["prompt"],
+                         "qpo_correct": qpo["correct"],
+                         "manual_correct": qpo["query_id"].map(manual)})
+
+
+def evaluate_run(cfg: Config, task: Task, splits: Splits, score: ScoreFn,
+                 run_dir: Optional[str] = None, policy_dir: Optional[str] = None) -> str:
+    """Test the policy (a run's loops, or `policy_dir`) and the configured baselines on
+    the test split, `score` scoring pairs on the target; writes the report files and
+    returns the markdown report."""
     from qpo_ray.data.io import read_dataset
-    from qpo_ray.data.pairs import make_pairs
-    from qpo_ray.loop import pair_accuracy, score_pairs, task_and_splits
     from qpo_ray.plots import accuracy_per_loop
     from qpo_ray.prompts import load_collection, manual_prompt
 
     run = RunDir(run_dir) if run_dir else None
     if run is None and policy_dir is None:
         raise ValueError("evaluate_run needs a run directory or a policy directory")
-    policy_dir = str(policy_dir or run.policy_dir())
-    task, splits = task_and_splits(cfg)
-    test = splits.test
+    check_methods(cfg.test.methods)
+    policy_dirs = ({1: str(policy_dir)} if policy_dir is not None else
+                   {t: str(run.policy_dir(t)) for t in run.trained_loops()})
     collection = load_collection(cfg.prompts, task.name)
-    manual = manual_prompt(collection, cfg.prompts)
-    prompts = _method_prompts(cfg, run, policy_dir, [q.text for q in test], collection, manual)
-
+    step0 = (read_dataset(run.step0_path())[0]
+             if run is not None and run.step0_path().exists() else None)
+    ctx = MethodContext(cfg, task, collection, manual_prompt(collection, cfg.prompts),
+                        policy_dirs, run=run, step0=step0)
     settings = [k for k in cfg.test.shots if k == 0 or task.supports_few_shot]
-    frames = []
-    for shots in settings:
-        shot_cfg = copy.deepcopy(cfg)
-        shot_cfg.task.num_shots = shots
-        for method, method_prompts in prompts.items():
-            # Test pairs never join the dataset; loop=1 only satisfies make_pairs.
-            pairs = make_pairs(test, method_prompts, task, splits, shot_cfg, loop=1, seed=cfg.seed)
-            pairs["method"], pairs["shots"] = method, shots
-            frames.append(pairs)
-    pairs = pd.concat(frames, ignore_index=True)
-    pairs["pair_id"] = [f"test-{i}" for i in range(len(pairs))]
-    meta = pairs[["method", "shots"]].copy()
-    scored, usage = score_pairs(cfg, task, splits, pairs.drop(columns=["method", "shots"]))
-    scored = scored.reset_index(drop=True)
-    scored[["method", "shots"]] = meta.to_numpy()
-    scored["accuracy"] = pair_accuracy(scored)
-
-    step0_best = None
-    if run is not None and run.step0_path().exists():
-        step0_best = best_single_by_step0(read_dataset(run.step0_path())[0])
-    table = _table(scored, step0_best)
-
-    zero = scored[(scored["shots"] == settings[0]) & (scored["method"] == "qpo")]
-    examples = zero.head(cfg.test.num_example_prompts)[["query", "label", "prompt", "correct"]]
-    examples = examples.rename(columns={"correct": "qpo_correct"})
-    manual_rows = scored[(scored["shots"] == settings[0]) & (scored["method"] == "manual")]
-    examples["manual_correct"] = (manual_rows["correct"].head(len(examples)).to_list()
-                                  if len(manual_rows) else None)
-
     out_dir = _report_dir(cfg, run)
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
+
+    frames, selection = [], {"decoding": cfg.test.decoding}
+    if cfg.test.decoding == "dev" and "qpo" in cfg.test.methods:
+        ctx.choice, dev_scored, info = choose_on_dev(ctx, splits, score, settings[0])
+        frames.append(dev_scored)
+        selection.update(info, loop=ctx.choice.loop, chosen_decoding=ctx.choice.decoding,
+                         dev_queries=len(splits.dev))
+    prompts = method_prompts(ctx, list(cfg.test.methods), splits.test)
+    test_scored, usage = score_prompts(cfg, task, splits, splits.test, prompts, score, "test",
+                                       settings)
+    frames.append(test_scored)
+    write_json_atomic(out_dir / "selection.json", selection)
+
+    predictions = pd.concat(frames, ignore_index=True)
+    columns = ["split", "shots", "method", "query_id", "query", "label", "prompt_id", "prompt",
+               "source", "prediction", "correct", "accuracy"]
+    predictions[columns].to_parquet(out_dir / "predictions.parquet", index=False)
+    test = predictions[predictions["split"] == "test"]
+    table = results_table(test, getattr(task, "label_words", ()))
     table.to_csv(out_dir / "results.csv", index=False)
+    examples = _examples(test, settings[0], cfg.test.num_example_prompts)
     examples.to_csv(out_dir / "examples.csv", index=False)
     accuracy_per_loop(table, settings[0]).savefig(out_dir / "plots" / "accuracy_per_loop.png",
                                                  dpi=100, bbox_inches="tight")
+    chosen = (f"qpo = loop {ctx.choice.loop}, {ctx.choice.decoding} decoding (chosen on "
+              f"{len(splits.dev)} dev queries)" if ctx.choice else
+              f"qpo = loop {max(policy_dirs)}, {selection['decoding']} decoding")
     header = [f"## QPO test report: {task.name}",
-              f"target: {cfg.target.model} ({cfg.target.backend}); policy: {policy_dir}",
-              f"test queries: {len(test)}; target cost of the test phase: "
-              f"{usage.get('calls', 0)} calls, {usage.get('engine_seconds', 0.0):.1f} engine-s"]
-    if step0_best is None and "best_single" in cfg.test.methods:
-        header.append("best_single: no Step-0 data, only the test-set oracle is reported")
+              f"target: {cfg.target.model} ({cfg.target.backend}); policy: "
+              f"{policy_dirs[max(policy_dirs)]}", chosen,
+              f"test queries: {len(splits.test)}; target cost of the test phase: "
+              f"{usage.get('calls', 0)} calls ({usage['pairs_scored']} distinct pairs), "
+              f"{usage.get('engine_seconds', 0.0):.1f} engine-s"]
     report = _markdown(table, examples, header)
     (out_dir / "report.md").write_text(report)
     return report

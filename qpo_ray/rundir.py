@@ -15,30 +15,80 @@ Layout (``cfg.workdir``)::
     report/                        test phase: report.md, results.csv, plots
 
 A stage counts as finished only once its name is in ``stages.json``; that file is
-rewritten with ``os.replace`` after the stage's outputs exist, so a crash or Ctrl-C at
-any moment leaves either the old or the new list, never a half-written one.
+rewritten with ``os.replace`` (fsynced) after the stage's outputs exist, so a crash or
+Ctrl-C at any moment leaves either the old or the new list, never a half-written one.
+Paths in it are relative to the run directory, so a copied or moved run directory can
+be resumed, evaluated and served; absolute paths written by older versions are still
+read (rebased onto the directory's new place when it moved).
+
+One process at a time runs a directory: ``qpo run`` holds ``.qpo.lock`` (an flock the
+kernel drops when the process dies, however it dies); a second one fails at once
+naming the holder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import yaml
 
+from qpo_ray.atomic import write_text_atomic
 from qpo_ray.config import Config, ConfigError, config_from_dict
 
 CONFIG_FILE = "config.yaml"
 STAGES_FILE = "stages.json"
+LOCK_FILE = ".qpo.lock"
+# Per stage in stages.json: which of its outputs are paths relative to the run directory.
+_RELATIVE_KEY = "_relative_paths"
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, default=str))
+
+
+class RunDirBusy(RuntimeError):
+    """Another process holds the run directory's lock."""
+
+
+@contextlib.contextmanager
+def lock_run_dir(path: str | Path) -> Iterator[Path]:
+    """Hold the run directory's lock for the block; fail at once (RunDirBusy, naming
+    the holder's pid, host and start time) if another process holds it. An flock: the
+    kernel releases it when the holder exits or is killed, so it never goes stale (on
+    NFS it needs a server with lock support, as NFSv4 has)."""
+    import fcntl
+
+    root = Path(path).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    lock_path = root / LOCK_FILE
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace")
+            try:
+                info = json.loads(holder)
+                who = (f"pid {info['pid']} on host {info['host']}, started "
+                       f"{info['started']}")
+            except (ValueError, KeyError, TypeError):
+                who = "another process (holder unknown)"
+            raise RunDirBusy(f"{root} is in use by {who} ({lock_path}); wait for that "
+                             "run to end or stop it, or pick another --workdir") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        os.fsync(fd)
+        yield root
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def read_json(path: str | Path) -> Any:
@@ -74,9 +124,7 @@ class RunDir:
                     f"{run.path}; pick another --workdir, or continue it with "
                     f"`qpo run --resume {run.path}`")
         else:
-            tmp = config_path.with_name(CONFIG_FILE + ".tmp")
-            tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            os.replace(tmp, config_path)
+            write_text_atomic(config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return run
 
     @classmethod
@@ -98,8 +146,10 @@ class RunDir:
     # -- stage markers ----------------------------------------------------------------
 
     def stages(self) -> dict[str, dict[str, Any]]:
+        """Finished stages -> their outputs, with paths absolute under this directory."""
         path = self.path / STAGES_FILE
-        return read_json(path) if path.exists() else {}
+        raw = read_json(path) if path.exists() else {}
+        return {name: self._absolute(outputs) for name, outputs in raw.items()}
 
     def is_done(self, stage: str) -> bool:
         return stage in self.stages()
@@ -108,9 +158,49 @@ class RunDir:
         return self.stages()[stage]
 
     def mark_done(self, stage: str, outputs: Optional[dict[str, Any]] = None) -> None:
-        stages = self.stages()
-        stages[stage] = outputs or {}
-        write_json_atomic(self.path / STAGES_FILE, stages)
+        path = self.path / STAGES_FILE
+        stages = read_json(path) if path.exists() else {}
+        stages[stage] = self._relative(outputs or {})
+        write_json_atomic(path, stages)
+
+    def _relative(self, outputs: dict[str, Any]) -> dict[str, Any]:
+        """Paths inside the run directory as relative POSIX strings (listed under
+        _RELATIVE_KEY so that reading them back never guesses)."""
+        out: dict[str, Any] = {}
+        relative = []
+        for key, value in outputs.items():
+            if isinstance(value, (str, Path)) and Path(value).is_absolute():
+                try:
+                    value = Path(value).resolve().relative_to(self.path).as_posix()
+                    relative.append(key)
+                except ValueError:
+                    value = str(value)  # outside the run directory: kept as given
+            out[key] = str(value) if isinstance(value, Path) else value
+        if relative:
+            out[_RELATIVE_KEY] = relative
+        return out
+
+    def _absolute(self, outputs: dict[str, Any]) -> dict[str, Any]:
+        out = dict(outputs)
+        relative = out.pop(_RELATIVE_KEY, [])
+        for key in relative:
+            out[key] = str(self.path / out[key])
+        for key, value in out.items():
+            if key in relative:
+                continue
+            if isinstance(value, str) and os.path.isabs(value) and not os.path.exists(value):
+                out[key] = str(self._rebase(Path(value)))
+        return out
+
+    def _rebase(self, old: Path) -> Path:
+        """An absolute path from an older stages.json whose run directory has moved: the
+        longest tail of it that exists under this directory (else the path unchanged)."""
+        parts = old.parts[1:]
+        for start in range(len(parts)):
+            candidate = self.path.joinpath(*parts[start:])
+            if candidate.exists():
+                return candidate
+        return old
 
     # -- file names -------------------------------------------------------------------
 

@@ -50,19 +50,21 @@ def _answer_stats(logprob_sum: float, num_tokens: int) -> dict[str, float]:
             "answer_nll": nll, "answer_ppl": math.exp(nll)}
 
 
-def _read_labels(scores: list[ContinuationScore]) -> tuple[int, dict[str, float], int, int]:
-    """argmax over candidates -> (prediction, answer stats of the predicted label's tokens,
-    prompt tokens, tokens scored)."""
+def _read_labels(scores: list[ContinuationScore]) -> tuple[int, dict[str, Any], int, int]:
+    """argmax over candidates -> (prediction, answer stats of the predicted label's tokens
+    plus every label's log-likelihood, prompt tokens, tokens scored)."""
     best = max(range(len(scores)), key=lambda j: scores[j].logprob_sum)
     chosen = scores[best]
-    return (best, _answer_stats(chosen.logprob_sum, chosen.num_tokens),
-            chosen.num_prompt_tokens, sum(s.num_tokens for s in scores))
+    stats: dict[str, Any] = _answer_stats(chosen.logprob_sum, chosen.num_tokens)
+    stats["label_logprobs"] = [float(s.logprob_sum) for s in scores]
+    return (best, stats, chosen.num_prompt_tokens, sum(s.num_tokens for s in scores))
 
 
-def _read_generation(task: Task, gen: Generation) -> tuple[str, dict[str, float], int, int]:
+def _read_generation(task: Task, gen: Generation) -> tuple[str, dict[str, Any], int, int]:
     n = len(gen.token_logprobs)
-    return (task.parse(gen.text), _answer_stats(float(sum(gen.token_logprobs)), n),
-            gen.num_prompt_tokens, n)
+    stats: dict[str, Any] = _answer_stats(float(sum(gen.token_logprobs)), n)
+    stats["label_logprobs"] = []
+    return task.parse(gen.text), stats, gen.num_prompt_tokens, n
 
 
 def score_batch(task: Task, backend: TargetBackend, pairs_df: pd.DataFrame,

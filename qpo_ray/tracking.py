@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 import time
 import uuid
@@ -28,6 +27,7 @@ from typing import Any, Optional
 
 import pandas as pd
 
+from qpo_ray.atomic import write_text_atomic
 from qpo_ray.config import Config
 
 TRACKING_FILE = "tracking.json"
@@ -73,9 +73,7 @@ class Tracker:
     # -- runs ---------------------------------------------------------------------
 
     def _save_state(self) -> None:
-        tmp = self._state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=2))
-        os.replace(tmp, self._state_path)
+        write_text_atomic(self._state_path, json.dumps(self.state, indent=2))
 
     def _experiment_id(self) -> str:
         exp = self.client.get_experiment_by_name(self.cfg.tracking.experiment)

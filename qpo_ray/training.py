@@ -42,6 +42,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from qpo_ray.atomic import atomic_dir, write_text_atomic
 from qpo_ray.config import Config, TrainingConfig, config_from_dict
 from qpo_ray.device import configure_cpu_threads, get_device, move, resolve_dtype
 from qpo_ray.policy import QPOPolicy, as_batch, encode_rows, training_rows
@@ -290,8 +291,9 @@ def train_policy(cfg: Config, dataset_path: str, out_dir: str, loop_index: int,
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {storage / run_name} reported no checkpoint")
 
+    # Never deleted first and rewritten in place: the new policy is written beside it and
+    # swapped in whole, so a reader or a crash sees the old policy or the new one.
     final = out / POLICY_SUBDIR
-    shutil.rmtree(final, ignore_errors=True)
     with result.checkpoint.as_directory() as ckpt_dir:
         ckpt = Path(ckpt_dir)
         metrics = json.loads((ckpt / METRICS_FILE).read_text())
@@ -302,7 +304,8 @@ def train_policy(cfg: Config, dataset_path: str, out_dir: str, loop_index: int,
             consolidate_checkpoint(ckpt, policy)
             policy.save(final)
         else:
-            shutil.copytree(ckpt / POLICY_SUBDIR, final)
-    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+            with atomic_dir(final) as tmp:
+                shutil.copytree(ckpt / POLICY_SUBDIR, tmp, dirs_exist_ok=True)
+    write_text_atomic(out / METRICS_FILE, json.dumps(metrics, indent=2))
     return TrainResult(checkpoint_dir=str(final), metrics=metrics,
                        ray_checkpoint=result.checkpoint.path)

@@ -39,6 +39,9 @@ class Usage:
     # Building the engines (model load, vLLM's profiling and KV-cache allocation), summed
     # over them: paid once per engine, apart from the per-call engine_seconds.
     engine_start_seconds: float = 0.0
+    # Prompt tokens read from a cache instead of computed (a shared head computed once
+    # for many prefixes, or vLLM's prefix-cache hits); prompt_tokens counts them too.
+    cached_prompt_tokens: int = 0
 
     def add(self, other: "Usage") -> "Usage":
         return Usage(
@@ -47,6 +50,7 @@ class Usage:
             self.completion_tokens + other.completion_tokens,
             self.engine_seconds + other.engine_seconds,
             self.engine_start_seconds + other.engine_start_seconds,
+            self.cached_prompt_tokens + other.cached_prompt_tokens,
         )
 
     def as_dict(self) -> dict[str, float]:
@@ -56,6 +60,7 @@ class Usage:
             "completion_tokens": self.completion_tokens,
             "engine_seconds": self.engine_seconds,
             "engine_start_seconds": self.engine_start_seconds,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
         }
 
 

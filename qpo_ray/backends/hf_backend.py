@@ -1,8 +1,13 @@
 """A plain Hugging Face transformers model as the target LLM, batched.
 
-Label scoring reads each prefix once: when every candidate is one distinct token, the
-logits at the prefix's last position score all of them; otherwise the prefix's KV cache
-is computed once and repeated for the candidates, so only candidate tokens are re-read.
+Label scoring computes every shared token once. Prefixes are sorted so that those with
+a common head (chat template + prompt, shared by every query the prompt is scored on)
+sit together; each run of them computes that head once, repeats its KV cache over the
+run and reads only the rest (the query): the same numbers as reading each prefix
+whole, for a fraction of the compute (`Usage.cached_prompt_tokens` counts the saving).
+When every candidate is one distinct token, the logits at the prefix's last position
+score all of them; otherwise the prefix's KV cache is repeated for the candidates, so
+only candidate tokens are re-read.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import torch
 
 from qpo_ray import device as devices
 from qpo_ray.backends.base import ContinuationScore, Generation, TargetBackend
-from qpo_ray.backends.text import PromptEncoder, single_token_ids
+from qpo_ray.backends.text import PromptEncoder, shared_prefix_runs, single_token_ids
 from qpo_ray.models import resolve_model
 
 
@@ -53,26 +58,43 @@ class HFBackend(TargetBackend):
     ) -> list[list[ContinuationScore]]:
         prefix_ids = self.encoder.encode_prefixes(prefixes)
         cand_ids = self.encoder.encode_candidates(candidates)
-        out: list[list[ContinuationScore]] = []
+        out: list[list[ContinuationScore] | None] = [None] * len(prefix_ids)
         with self._timed(), torch.inference_mode():
-            for start in range(0, len(prefix_ids), self.batch_size):
-                out += self._score_chunk(prefix_ids[start:start + self.batch_size], cand_ids)
+            for head, rows in shared_prefix_runs(prefix_ids, self.batch_size,
+                                                 self.config.min_shared_prefix_tokens):
+                scores = self._score_chunk([prefix_ids[i] for i in rows], cand_ids, head)
+                for i, score in zip(rows, scores):
+                    out[i] = score
+                self.usage.cached_prompt_tokens += head * (len(rows) - 1)
         self.usage.calls += len(prefixes)
         self.usage.prompt_tokens += sum(len(p) for p in prefix_ids)
         self.usage.completion_tokens += len(prefixes) * sum(len(c) for c in cand_ids)
-        return out
+        return out  # type: ignore[return-value]
+
+    def _head_cache(self, head_ids: list[int], rows: int):
+        """The KV cache of `head_ids`, computed once and repeated for `rows` rows."""
+        ids = devices.move(torch.tensor([head_ids], dtype=torch.long), self.device)
+        cache = self.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        cache.batch_repeat_interleave(rows)
+        return cache
 
     def _score_chunk(
-        self, prefix_ids: list[list[int]], cand_ids: list[list[int]]
+        self, prefix_ids: list[list[int]], cand_ids: list[list[int]], head: int = 0
     ) -> list[list[ContinuationScore]]:
-        ids, mask = _left_pad(prefix_ids, self.pad_id)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        """Score one run of prefixes whose first `head` tokens are the same."""
+        cache = self._head_cache(prefix_ids[0][:head], len(prefix_ids)) if head else None
+        # Left-padding the rest keeps every prefix's last token in the last column; the
+        # padding sits between the head and the rest, masked out, and positions skip it.
+        ids, rest_mask = _left_pad([p[head:] for p in prefix_ids], self.pad_id)
+        positions = head + (rest_mask.cumsum(-1) - 1).clamp(min=0)
+        mask = torch.cat([torch.ones((len(prefix_ids), head), dtype=torch.long), rest_mask], 1)
         ids, mask, positions = devices.move((ids, mask, positions), self.device)
         single = single_token_ids(cand_ids)
         # Only the last position's logits are needed for the first candidate token: the
         # 49k-vocab LM head over every prefix position would dominate the cost.
         result = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                            use_cache=single is None, logits_to_keep=1)
+                            past_key_values=cache, use_cache=single is None or cache is not None,
+                            logits_to_keep=1)
         first_lp = torch.log_softmax(result.logits[:, -1, :].float(), dim=-1)  # [B, V]
         n_prefix = [len(p) for p in prefix_ids]
         if single is not None:

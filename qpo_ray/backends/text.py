@@ -85,3 +85,41 @@ def candidate_trie(candidate_ids: Sequence[Sequence[int]]) -> list[tuple[tuple[i
             if token not in following:
                 following.append(token)
     return sorted(nodes.items(), key=lambda node: len(node[0]))
+
+
+def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for k in range(n):
+        if a[k] != b[k]:
+            return k
+    return n
+
+
+def shared_prefix_runs(prefix_ids: Sequence[Sequence[int]], max_rows: int,
+                       min_shared: int) -> list[tuple[int, list[int]]]:
+    """Group prefixes that start with the same tokens: (head length, row indices) runs
+    of at most `max_rows` rows, every input row in exactly one run.
+
+    Sorted order puts prefixes with a common head next to each other (QPO's pairs share
+    the chat template and the prompt, which come before the query), and in sorted order
+    the head common to a run is the one common to its first and last rows. A head
+    shorter than `min_shared` tokens is not worth a separate pass (head 0); a head
+    always leaves at least one token of every row to read, where the answer is scored.
+    """
+    order = sorted(range(len(prefix_ids)), key=lambda i: list(prefix_ids[i]))
+    runs: list[tuple[int, list[int]]] = []
+    rows: list[int] = []
+    head = 0
+    for i in order:
+        if rows:
+            shared = min(_common_length(prefix_ids[rows[0]], prefix_ids[i]),
+                         len(prefix_ids[i]) - 1, head)
+            if len(rows) < max_rows and shared >= min_shared:
+                rows.append(i)
+                head = shared
+                continue
+            runs.append((head if len(rows) > 1 else 0, rows))
+        rows, head = [i], len(prefix_ids[i]) - 1
+    if rows:
+        runs.append((head if len(rows) > 1 else 0, rows))
+    return runs

@@ -25,6 +25,7 @@ ARROW_TYPES = {
     "float64": pa.float64(),
     "bool": pa.bool_(),
     "list<bool>": pa.list_(pa.bool_()),
+    "list<double>": pa.list_(pa.float64()),
     "list<list<string>>": pa.list_(pa.list_(pa.string())),
 }
 LIST_COLUMNS = [name for name, (kind, _) in ALL_COLUMNS.items() if kind.startswith("list")]

@@ -3,6 +3,7 @@
 Step 0 (paper appendix B.2): the collection is shuffled (seeded) into groups of
 `dataset.prompts_per_group` prompts, so that each group mixes prompt sources; each group
 is tested on its own `dataset.queries_per_group` random queries of the collection set.
+`prompts_per_group: 0` makes one group: every prompt on the same queries.
 Few-shot pairs carry `task.num_demo_sets` demonstration sets of `task.num_shots` query
 ids, always drawn from the demonstration pool, so a collected query is never a
 demonstration. In Step 0 the sets are drawn once per (group, query) and shared by the
@@ -72,7 +73,7 @@ def build_step0_pairs(task: Task, splits: Splits, prompts: list[PromptRecord],
     rng = random.Random(derive_seed("step0", cfg.seed))
     order = list(prompts)
     rng.shuffle(order)
-    size = cfg.dataset.prompts_per_group
+    size = cfg.dataset.prompts_per_group or len(order)
     n_queries = min(cfg.dataset.queries_per_group, len(splits.collection))
     rows = []
     for group, start in enumerate(range(0, len(order), size)):

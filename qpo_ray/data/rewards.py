@@ -7,8 +7,14 @@
   every row.
 - eq. 3, query level, zero-shot: R_query = correct - PPL(answer) / 10 (``penalty="ppl"``,
   the paper) or correct - mean NLL(answer) / 10 (``penalty="nll"``, the reference code;
-  NLL = log PPL, so it punishes unsure answers less steeply). Few-shot: R_query = the
-  mean correctness over the K demonstration sets (``demo_correct``).
+  NLL = log PPL, so it punishes unsure answers less steeply). The answer is the
+  target's prediction (``answer="predicted"``) or, for label-scored tasks, the gold
+  label (``answer="gold"``, as the reference code does), whose likelihood is first
+  normalised over the label words: p(gold) / sum of p(label), from `label_logprobs`.
+  With a small target the predicted label's NLL ranks the target's confidence, right or
+  wrong, and favours prompts that push one label; the gold label's normalised NLL ranks
+  how far the prompt moves the target towards the right answer. Few-shot: R_query =
+  the mean correctness over the K demonstration sets (``demo_correct``).
 - eq. 4: R = R_query + R_task, min-max scaled to 0-100. The scale (min, max of R) is
   fitted once, on the Step 0 data, stored with the dataset and reused by every later
   loop, so that "reward 100" means the same thing in every loop. A later row outside the
@@ -86,6 +92,16 @@ def answer_counts(scored_df: pd.DataFrame, few_shot: bool) -> tuple[pd.Series, p
     return pairs.map(lambda p: p[0]), pairs.map(lambda p: p[1]).astype(float)
 
 
+def pair_accuracy(scored: pd.DataFrame) -> pd.Series:
+    """Per-pair accuracy: the mean over demonstration sets in few-shot, else `correct`."""
+    def one(row) -> float:
+        demo = row.get("demo_correct")
+        if demo is not None and len(demo) > 0:
+            return float(sum(bool(x) for x in demo)) / len(demo)
+        return float(bool(row["correct"]))
+    return scored.apply(one, axis=1).astype(float)
+
+
 def round_accuracy(scored_df: pd.DataFrame, few_shot: bool) -> float:
     """The mean accuracy over every answer in a scored frame: R_task of an augmentation
     round (the policy's overall ability in that loop), to pass as `r_task`."""
@@ -93,9 +109,43 @@ def round_accuracy(scored_df: pd.DataFrame, few_shot: bool) -> float:
     return float(hits.sum() / answers.sum())
 
 
+def gold_label_nll(df: pd.DataFrame) -> pd.Series:
+    """-log of the gold label's likelihood normalised over the label words, per row."""
+    _require(df, ["label_logprobs", "label"], "answer='gold'")
+
+    def one(row) -> float:
+        logprobs = np.asarray(row["label_logprobs"], dtype=float)
+        if logprobs.size == 0:
+            raise ValueError(f"compute_rewards: answer='gold' needs label log-probs (label-"
+                             f"scored tasks); pair {row.get('pair_id', '?')} has none")
+        gold = int(row["label"])
+        top = logprobs.max()
+        return float(top + np.log(np.exp(logprobs - top).sum()) - logprobs[gold])
+    return df.apply(one, axis=1).astype(float)
+
+
+def answer_penalty(df: pd.DataFrame, penalty: str, answer: str) -> pd.Series:
+    """The zero-shot penalty term (before the /10): PPL or NLL of the predicted answer,
+    or of the gold label normalised over the label words."""
+    if penalty not in ("ppl", "nll"):
+        raise ValueError(f"compute_rewards: penalty must be 'ppl' or 'nll', got {penalty!r}")
+    if answer == "gold":
+        nll = gold_label_nll(df)
+        return np.exp(nll) if penalty == "ppl" else nll
+    if answer != "predicted":
+        raise ValueError(f"compute_rewards: answer must be 'predicted' or 'gold', got {answer!r}")
+    column = "answer_ppl" if penalty == "ppl" else "answer_nll"
+    _require(df, [column], f"zero-shot penalty {penalty!r}")
+    if df[column].isna().any():
+        raise ValueError(f"compute_rewards: {column} has missing values")
+    return df[column].astype(float)
+
+
 def compute_rewards(scored_df: pd.DataFrame, penalty: Literal["ppl", "nll"] = "ppl",
                     few_shot: bool = False, scale: Optional[RewardScale] = None,
-                    r_task: Optional[float] = None) -> tuple[pd.DataFrame, RewardScale]:
+                    r_task: Optional[float] = None,
+                    answer: Literal["predicted", "gold"] = "predicted",
+                    ) -> tuple[pd.DataFrame, RewardScale]:
     """`scored_df` plus REWARD_COLUMNS, and the scale used (fitted here when none given)."""
     if len(scored_df) == 0:
         raise ValueError("compute_rewards: no rows")
@@ -104,13 +154,7 @@ def compute_rewards(scored_df: pd.DataFrame, penalty: Literal["ppl", "nll"] = "p
     if few_shot:
         df["r_query"] = hits / answers
     else:
-        column = {"ppl": "answer_ppl", "nll": "answer_nll"}.get(penalty)
-        if column is None:
-            raise ValueError(f"compute_rewards: penalty must be 'ppl' or 'nll', got {penalty!r}")
-        _require(df, [column], f"zero-shot penalty {penalty!r}")
-        if df[column].isna().any():
-            raise ValueError(f"compute_rewards: {column} has missing values")
-        df["r_query"] = hits - df[column].astype(float) / 10.0
+        df["r_query"] = hits - answer_penalty(df, penalty, answer) / 10.0
     if r_task is None:
         # The prompt's accuracy over every answer it got (few-shot: every demo set).
         _require(df, ["prompt_id"], "R_task per prompt")

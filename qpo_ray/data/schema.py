@@ -27,6 +27,8 @@ SCORE_COLUMNS: dict[str, tuple[str, str]] = {
     "prediction": ("string", "target's answer (label index or parsed answer) on the first set"),
     "correct": ("bool", "prediction == label (zero-shot), or on the first demo set"),
     "demo_correct": ("list<bool>", "few-shot: correctness per demonstration set"),
+    "label_logprobs": ("list<double>", "label tasks: log-likelihood of every label word "
+                       "(first demo set), in label order; [] for generation tasks"),
     "answer_logprob": ("float64", "sum of log-probs of the output tokens"),
     "answer_num_tokens": ("int64", "tokens in the output"),
     "answer_nll": ("float64", "mean negative log-likelihood per output token"),

@@ -33,7 +33,8 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
     return logits
 
 
-def _prefix(policy: QPOPolicy, queries: list[str], target_reward: float):
+def prefix_inputs(policy: QPOPolicy, queries: list[str], target_reward: float):
+    """The `[R | q]` input vectors, their attention mask and the query mask."""
     q_ids, q_mask = encode_queries(policy.tokenizer, queries, policy.config.max_query_tokens)
     q_ids, q_mask = q_ids.to(policy.device), q_mask.to(policy.device)
     reward = torch.full((len(queries),), float(target_reward), device=policy.device)
@@ -52,7 +53,7 @@ def _generate_batch(policy: QPOPolicy, queries: list[str], target_reward: float,
     """
     eos, filler = policy.tokenizer.eos_token_id, pad_id(policy.tokenizer)
     max_tokens = policy.config.max_prompt_tokens
-    embeds, mask, _ = _prefix(policy, queries, target_reward)
+    embeds, mask, _ = prefix_inputs(policy, queries, target_reward)
     out = policy.run_backbone(embeds, mask, position_ids_from_mask(mask), use_cache=True)
     next_position = mask.sum(dim=1, keepdim=True)
     ids = torch.full((len(queries), max_tokens), filler, dtype=torch.long, device=policy.device)
@@ -129,7 +130,7 @@ def embed_queries(policy: QPOPolicy, queries: list[str], batch_size: int = 64,
     try:
         chunks = []
         for start in range(0, len(queries), batch_size):
-            embeds, mask, q_mask = _prefix(policy, list(queries[start:start + batch_size]),
+            embeds, mask, q_mask = prefix_inputs(policy, list(queries[start:start + batch_size]),
                                            target_reward)
             hidden = policy.run_backbone(embeds, mask, position_ids_from_mask(mask)).last_hidden_state
             weights = q_mask.unsqueeze(-1).to(hidden.dtype)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from qpo_ray.atomic import atomic_dir
 from qpo_ray.config import PolicyConfig
 from qpo_ray.device import get_device
 from qpo_ray.models import resolve_model
@@ -119,15 +120,22 @@ class QPOPolicy(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
 
     def save(self, directory: str | Path) -> Path:
-        """Backbone + tokenizer via save_pretrained, heads as safetensors, config as JSON."""
+        """Backbone + tokenizer via save_pretrained, heads as safetensors, config as JSON.
+
+        Written into a temporary sibling and swapped in whole (qpo_ray.atomic): a reader
+        (Serve, a resumed run) or a crash mid-save sees the old policy or the new one,
+        never a mixture. An existing directory is replaced, so it must be a policy."""
         out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(out)
-        self.tokenizer.save_pretrained(out)
-        heads = {k: v.detach().cpu().contiguous() for k, v in self.heads_state_dict().items()}
-        save_file(heads, str(out / HEADS_FILE))
-        meta = {"format_version": FORMAT_VERSION, "policy": dataclasses.asdict(self.config)}
-        (out / POLICY_FILE).write_text(json.dumps(meta, indent=2))
+        if out.is_dir() and any(out.iterdir()) and not (out / POLICY_FILE).exists():
+            raise ValueError(f"{out} is not empty and not a policy directory: refusing to "
+                             "replace it with a policy")
+        with atomic_dir(out) as tmp:
+            self.backbone.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            heads = {k: v.detach().cpu().contiguous() for k, v in self.heads_state_dict().items()}
+            save_file(heads, str(tmp / HEADS_FILE))
+            meta = {"format_version": FORMAT_VERSION, "policy": dataclasses.asdict(self.config)}
+            (tmp / POLICY_FILE).write_text(json.dumps(meta, indent=2))
         return out
 
     @classmethod

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence
 
 
@@ -36,6 +36,10 @@ class Splits:
     collection: list[Example]
     demo_pool: list[Example]
     test: list[Example]
+    # Queries held out of the collection set to choose with (which loop's policy, which
+    # decoding): never scored in Step 0 or augmentation, never a demonstration, never
+    # test. Empty unless asked for.
+    dev: list[Example] = field(default_factory=list)
 
 
 class Task(ABC):
@@ -92,16 +96,21 @@ class Task(ABC):
         return str(prediction).strip() == str(example.label).strip()
 
     def splits(self, collection_fraction: float = 0.1, seed: int = 0,
-               max_test: Optional[int] = None) -> Splits:
-        """Seeded, reproducible split of train into collection set and demo pool."""
+               max_test: Optional[int] = None, dev_queries: int = 0) -> Splits:
+        """Seeded, reproducible split of train into collection set, dev set (the last
+        `dev_queries` of the collection's share) and demo pool."""
         train = list(self.load_split("train"))
         rng = random.Random(seed)
         order = list(range(len(train)))
         rng.shuffle(order)
         n_collect = max(1, int(round(collection_fraction * len(train))))
-        collection = [train[i] for i in order[:n_collect]]
+        if dev_queries and dev_queries >= n_collect:
+            raise ValueError(f"task.dev_queries={dev_queries} leaves no collection queries: "
+                             f"the collection share of {self.name!r} has {n_collect}")
+        collection = [train[i] for i in order[:n_collect - dev_queries]]
+        dev = [train[i] for i in order[n_collect - dev_queries:n_collect]]
         demo_pool = [train[i] for i in order[n_collect:]]
         test = list(self.load_split("test"))
         if max_test is not None and len(test) > max_test:
             test = random.Random(seed + 1).sample(test, max_test)
-        return Splits(collection=collection, demo_pool=demo_pool, test=test)
+        return Splits(collection=collection, demo_pool=demo_pool, test=test, dev=dev)

@@ -1,0 +1,254 @@
+"""Test-phase methods: which prompt each method gives each query (qpo_ray.report scores
+them on the target). One registry, name -> a small function; adding a method is one
+function plus one line in `METHODS`.
+
+A method returns {row name: one (id, text, source) per query}; most return one row,
+`qpo` also returns `qpo_loop<t>` rows for the other loops' policies.
+
+- ``qpo``: the policy of the loop chosen on the dev split, with the decoding chosen
+  there (``Choice``); ``qpo_loop<t>``: every other loop's policy, same decoding, to show
+  what each loop adds. Without a dev split: the last loop, `test.decoding`.
+- ``qpo_greedy``: the paper's test protocol as is: the last loop, greedy at reward 100.
+- ``manual``: the collection's manual (PromptSource-style) prompt.
+- ``best_single``: the prompt with the best Step-0 R_task (every prompt scored on the
+  same collection queries), chosen without the test set.
+- ``router``: a Prompt-OIRL-style selection baseline: per query, the collection prompt
+  whose reward a model fitted on the offline (Step-0) data predicts highest from the
+  target's embedding of the query (qpo_ray.router).
+- ``nearest_neighbour`` (paper Table 5): the best-reward prompt of the most similar
+  training query, embedded by the policy.
+- ``sft`` (Table 4) and ``qpo_no_mla`` (Figure 3): policies trained on D_0 with
+  `policy.mode=sft`, resp. QPO's loop schedule without augmentation.
+- ``best_single_oracle``: every collection prompt on the test set and the best of them
+  picked there: an UPPER BOUND for any query-agnostic choice, never a baseline.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pandas as pd
+
+from qpo_ray.config import Config, ConfigError
+from qpo_ray.prompts import PromptRecord, prompt_id
+from qpo_ray.rundir import RunDir, read_json, write_json_atomic
+from qpo_ray.tasks.base import Example, Task
+
+PromptTuple = tuple[str, str, str]
+DECODINGS = ("greedy", "rank")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The policy the test phase uses for `qpo`: which loop's, decoded how."""
+
+    loop: int
+    decoding: str
+
+
+@dataclass
+class MethodContext:
+    cfg: Config
+    task: Task
+    collection: list[PromptRecord]
+    manual: PromptRecord
+    # loop -> policy directory, in loop order (the last is the run's final policy).
+    policy_dirs: dict[int, str]
+    run: Optional[RunDir] = None
+    # Step 0's scored pairs (rewards), when the run has them.
+    step0: Optional[pd.DataFrame] = None
+    choice: Optional[Choice] = None
+    # (loop, decoding, query ids) -> prompts: qpo and qpo_loop<t> share generations.
+    _cache: dict = field(default_factory=dict)
+
+    @property
+    def last_loop(self) -> int:
+        return max(self.policy_dirs)
+
+    def ranked_collection(self) -> list[PromptRecord]:
+        """The collection, best Step-0 R_task first (collection order without Step 0)."""
+        if self.step0 is None or "r_task" not in self.step0:
+            return list(self.collection)
+        r_task = self.step0[self.step0["loop"] == 0].groupby("prompt_id")["r_task"].mean()
+        return sorted(self.collection, key=lambda r: -float(r_task.get(r.id, -np.inf)))
+
+
+# -- the policy's prompts -----------------------------------------------------------------
+
+def policy_prompts(ctx: MethodContext, loop: int, decoding: str, queries: list[Example],
+                   source: str = "qpo", policy_dir: Optional[str] = None) -> list[PromptTuple]:
+    """One prompt per query from a policy: greedy at the target reward, or ranked
+    (qpo_ray.policy.ranking) among the best collection prompts, the greedy prompt and
+    `test.rank_samples` sampled ones."""
+    from qpo_ray.policy import QPOPolicy, generate_prompts
+    from qpo_ray.policy.ranking import rank_candidates
+
+    if decoding not in DECODINGS:
+        raise ConfigError(f"test.decoding: unknown decoding {decoding!r} (known: "
+                          f"{list(DECODINGS)} or 'dev')")
+    key = (policy_dir or loop, decoding, tuple(q.id for q in queries))
+    if key not in ctx._cache:
+        t = ctx.cfg.test
+        policy = QPOPolicy.load(policy_dir or ctx.policy_dirs[loop])
+        texts = [q.text for q in queries]
+        greedy = generate_prompts(policy, texts, target_reward=ctx.cfg.loop.target_reward)
+        if decoding == "rank":
+            fixed = [r.text for r in ctx.ranked_collection()[:t.rank_collection_prompts]]
+            sampled = [generate_prompts(policy, texts, target_reward=ctx.cfg.loop.target_reward,
+                                        do_sample=True, top_k=ctx.cfg.loop.top_k,
+                                        top_p=ctx.cfg.loop.top_p, seed=ctx.cfg.seed + k)
+                       for k in range(t.rank_samples)]
+            candidates = [fixed + [g] + [s[i] or g for s in sampled]
+                          for i, g in enumerate(greedy)]
+            candidates = [[c if c.strip() else fixed[0] for c in row] for row in candidates]
+            scores = rank_candidates(policy, texts, candidates, ctx.cfg.loop.target_reward,
+                                     t.rank_low_reward)
+            chosen = [row[int(np.argmax(s))] for row, s in zip(candidates, scores)]
+        else:
+            chosen = greedy
+        ctx._cache[key] = [(prompt_id(c), c, source) for c in chosen]
+    return ctx._cache[key]
+
+
+def _choice(ctx: MethodContext) -> Choice:
+    if ctx.choice is not None:
+        return ctx.choice
+    decoding = ctx.cfg.test.decoding
+    return Choice(ctx.last_loop, "greedy" if decoding == "dev" else decoding)
+
+
+# -- the methods --------------------------------------------------------------------------
+
+def qpo(ctx: MethodContext, queries: list[Example]) -> dict[str, list[PromptTuple]]:
+    choice = _choice(ctx)
+    out = {"qpo": policy_prompts(ctx, choice.loop, choice.decoding, queries)}
+    for loop in ctx.policy_dirs:
+        out[f"qpo_loop{loop}"] = policy_prompts(ctx, loop, choice.decoding, queries)
+    return out
+
+
+def qpo_greedy(ctx: MethodContext, queries: list[Example]) -> dict[str, list[PromptTuple]]:
+    return {"qpo_greedy": policy_prompts(ctx, ctx.last_loop, "greedy", queries)}
+
+
+def manual(ctx: MethodContext, queries: list[Example]) -> dict[str, list[PromptTuple]]:
+    m = ctx.manual
+    return {"manual": [(m.id, m.text, m.source)] * len(queries)}
+
+
+def best_single(ctx: MethodContext, queries: list[Example]) -> dict[str, list[PromptTuple]]:
+    if ctx.step0 is None:
+        raise ValueError("best_single needs the run's Step-0 data (R_task per prompt)")
+    best = ctx.ranked_collection()[0]
+    return {"best_single": [(best.id, best.text, best.source)] * len(queries)}
+
+
+def best_single_oracle(ctx: MethodContext, queries: list[Example]) -> dict[str, list[PromptTuple]]:
+    # Rows single:<id>; report.py marks the best of them on the test set as the bound.
+    return {f"single:{r.id}": [(r.id, r.text, r.source)] * len(queries) for r in ctx.collection}
+
+
+def router(ctx: MethodContext, queries: list[Example]) -> dict[str, list[PromptTuple]]:
+    from qpo_ray.router import fit_router, router_embedding_model
+
+    if ctx.step0 is None:
+        raise ValueError("router needs the run's Step-0 data (its training set)")
+    model = router_embedding_model(ctx.cfg)
+    key = ("router", model)
+    if key not in ctx._cache:
+        ctx._cache[key] = fit_router(ctx.step0[ctx.step0["loop"] == 0], model,
+                                     seed=ctx.cfg.seed)
+    fitted = ctx._cache[key]
+    by_id = {r.id: r for r in ctx.collection}
+    picks = fitted.choose([q.text for q in queries])
+    return {"router": [(by_id[p].id, by_id[p].text, by_id[p].source) for p in picks]}
+
+
+def nearest_neighbour(ctx: MethodContext, queries: list[Example]) -> dict[str, list[PromptTuple]]:
+    from qpo_ray.data.io import read_dataset
+    from qpo_ray.policy import QPOPolicy, embed_queries
+
+    if ctx.run is None:
+        raise ValueError("nearest_neighbour needs a run directory (its training queries)")
+    dataset, _ = read_dataset(ctx.run.dataset_path(ctx.last_loop))
+    best = dataset.sort_values("reward", ascending=False).drop_duplicates("query")
+    policy = QPOPolicy.load(ctx.policy_dirs[ctx.last_loop])
+    train_emb = embed_queries(policy, best["query"].tolist())
+    test_emb = embed_queries(policy, [q.text for q in queries])
+    rows = best.iloc[np.argmax(test_emb @ train_emb.T, axis=1)]
+    return {"nearest_neighbour": list(zip(rows["prompt_id"], rows["prompt"],
+                                          ["nearest_neighbour"] * len(rows)))}
+
+
+def _ablation(name: str) -> Callable[[MethodContext, list[Example]], dict]:
+    def method(ctx: MethodContext, queries: list[Example]) -> dict[str, list[PromptTuple]]:
+        directory = ablation_policy(ctx.cfg, ctx.run, name)
+        return {name: policy_prompts(ctx, 0, "greedy", queries, source=name,
+                                     policy_dir=directory)}
+    return method
+
+
+METHODS: dict[str, Callable[[MethodContext, list[Example]], dict[str, list[PromptTuple]]]] = {
+    "qpo": qpo,
+    "qpo_greedy": qpo_greedy,
+    "manual": manual,
+    "best_single": best_single,
+    "router": router,
+    "nearest_neighbour": nearest_neighbour,
+    "sft": _ablation("sft"),
+    "qpo_no_mla": _ablation("qpo_no_mla"),
+    "best_single_oracle": best_single_oracle,
+}
+
+
+def check_methods(methods: list[str]) -> None:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"test.methods: unknown method(s) {unknown} (known: {list(METHODS)})")
+
+
+def method_prompts(ctx: MethodContext, methods: list[str],
+                   queries: list[Example]) -> dict[str, list[PromptTuple]]:
+    """Every configured method's prompts for `queries`: row name -> one per query."""
+    check_methods(methods)
+    out: dict[str, list[PromptTuple]] = {}
+    for name in dict.fromkeys(methods):
+        out.update(METHODS[name](ctx, queries))
+    return out
+
+
+# -- ablation policies (trained on D_0 by the train stage's own function) -------------------
+
+def _train_once(cfg: Config, dataset: Path, out_dir: Path, loops: int) -> str:
+    """Train `loops` stages on one fixed dataset (cached: reused if already done)."""
+    from qpo_ray.training import train_policy
+
+    marker = out_dir / "done.json"
+    if marker.exists():
+        return read_json(marker)["checkpoint_dir"]
+    checkpoint: Optional[str] = None
+    for loop in range(1, loops + 1):
+        result = train_policy(cfg, dataset_path=str(dataset), out_dir=str(out_dir / f"loop{loop}"),
+                              loop_index=loop, init_checkpoint=checkpoint)
+        checkpoint = str(result.checkpoint_dir)
+    write_json_atomic(marker, {"checkpoint_dir": checkpoint})
+    return checkpoint
+
+
+def ablation_policy(cfg: Config, run: Optional[RunDir], method: str) -> str:
+    """The checkpoint of the `sft` or `qpo_no_mla` ablation, trained on D_0."""
+    if run is None:
+        raise ValueError(f"{method} needs a run directory (it trains on D_0)")
+    dataset = run.dataset_path(1)
+    if not dataset.exists():
+        raise FileNotFoundError(f"{method} needs the run's D_0 ({dataset})")
+    if method == "sft":
+        sft_cfg = copy.deepcopy(cfg)
+        sft_cfg.policy.mode = "sft"
+        return _train_once(sft_cfg, dataset, run.path / "baselines" / "sft", loops=1)
+    return _train_once(cfg, dataset, run.path / "baselines" / "qpo_no_mla",
+                       loops=cfg.loop.num_loops)

@@ -1,0 +1,94 @@
+"""Reward-conditioned ranking of candidate prompts: a decoding for the test phase.
+
+Greedy decoding at reward 100 (the paper's test protocol) returns the single most
+likely prompt; with a small policy that is often the prompt the dataset holds most
+often, whatever the query. Ranking asks the policy a sharper question about a set of
+candidate prompts c for query q (the collection's best prompts plus a few the policy
+samples itself):
+
+    score(c | q) = log p(c | R = high, q) - log p(c | R = low, q)
+
+i.e. how much more likely the policy finds c when it is told the target will answer
+well than when it is told it will answer badly: the reward-conditioned model's own
+estimate of which candidate earns the reward on this query (a Decision-Transformer
+reading of "which action has high return here", with the prompt's prior frequency
+cancelled out). Every candidate's log-likelihood includes its EOS, as in training.
+
+The `[R | q]` prefix of a query is computed once per reward level and its KV cache is
+repeated over the query's candidates, so only candidate tokens are read per candidate.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from qpo_ray.policy.batching import encode_prompts, position_ids_from_mask
+from qpo_ray.policy.generation import prefix_inputs
+from qpo_ray.policy.model import QPOPolicy
+
+
+def _chunk_logprobs(policy: QPOPolicy, queries: list[str], candidates: list[list[str]],
+                    reward: float) -> torch.Tensor:
+    """(B, C) log p(candidate + EOS | R = reward, query) for B queries, C candidates each."""
+    n_b, n_c = len(queries), len(candidates[0])
+    flat = [c for row in candidates for c in row]
+    p_ids, p_mask = encode_prompts(policy.tokenizer, flat, policy.config.max_prompt_tokens)
+    p_ids, p_mask = p_ids.to(policy.device), p_mask.to(policy.device)
+    embeds, mask, _ = prefix_inputs(policy, queries, reward)
+    out = policy.run_backbone(embeds, mask, position_ids_from_mask(mask), use_cache=True)
+    last = out.last_hidden_state[:, -1].repeat_interleave(n_c, dim=0)  # predicts token 0
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n_c)
+    start = mask.sum(dim=1, keepdim=True).repeat_interleave(n_c, dim=0)
+    positions = start + torch.arange(p_ids.shape[1], device=policy.device).unsqueeze(0)
+    full_mask = torch.cat([mask.repeat_interleave(n_c, dim=0), p_mask], dim=1)
+    hidden = policy.run_backbone(policy.embed_prompt_tokens(p_ids), full_mask, positions,
+                                 past_key_values=cache).last_hidden_state
+    # Slot j of the prompt is predicted from slot j - 1 (slot 0 from the prefix's end).
+    predictors = torch.cat([last.unsqueeze(1), hidden[:, :-1]], dim=1)
+    valid = p_mask.bool()
+    logprobs = policy.lm_logits(predictors[valid]).float().log_softmax(-1)
+    picked = logprobs.gather(-1, p_ids[valid].unsqueeze(-1)).squeeze(-1)
+    row = torch.arange(n_b * n_c, device=policy.device).unsqueeze(1).expand_as(p_ids)[valid]
+    sums = torch.zeros(n_b * n_c, device=policy.device).index_add_(0, row, picked)
+    return sums.view(n_b, n_c)
+
+
+@torch.no_grad()
+def candidate_logprobs(policy: QPOPolicy, queries: Sequence[str],
+                       candidates: Sequence[Sequence[str]], reward: float,
+                       batch_size: int = 8) -> np.ndarray:
+    """(N, C) log-likelihood of each query's C candidate prompts at `reward` (0-100).
+    Every query must have the same number of candidates."""
+    if len(queries) != len(candidates):
+        raise ValueError(f"candidate_logprobs: {len(queries)} queries, {len(candidates)} "
+                         "candidate lists")
+    widths = {len(c) for c in candidates}
+    if len(widths) > 1 or 0 in widths:
+        raise ValueError(f"candidate_logprobs: every query needs the same, non-zero number "
+                         f"of candidates (got {sorted(widths)})")
+    was_training = policy.training
+    policy.eval()
+    try:
+        chunks = [_chunk_logprobs(policy, list(queries[i:i + batch_size]),
+                                  [list(c) for c in candidates[i:i + batch_size]], reward).cpu()
+                  for i in range(0, len(queries), batch_size)]
+        return torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), dtype=np.float32)
+    finally:
+        policy.train(was_training)
+
+
+def rank_candidates(policy: QPOPolicy, queries: Sequence[str],
+                    candidates: Sequence[Sequence[str]], high_reward: float = 100.0,
+                    low_reward: float = 0.0, batch_size: int = 8) -> np.ndarray:
+    """(N, C) contrastive scores log p(c | high, q) - log p(c | low, q); argmax per row
+    is the ranked choice."""
+    if high_reward <= low_reward:
+        raise ValueError(f"rank_candidates: high_reward {high_reward} must exceed "
+                         f"low_reward {low_reward}")
+    high = candidate_logprobs(policy, queries, candidates, high_reward, batch_size)
+    low = candidate_logprobs(policy, queries, candidates, low_reward, batch_size)
+    return high - low

@@ -1,0 +1,122 @@
+"""A Prompt-OIRL-style selection baseline: pick a collection prompt per query from the
+target's embedding of the query.
+
+Fitted on the offline (Step-0) data only: for each prompt, a ridge regression from the
+query embedding to the pair's reward (0-100), over the queries that prompt was scored
+on; a new query gets the prompt with the highest predicted reward. The ridge strength
+is chosen by 5-fold cross-validation over the Step-0 queries (the mean reward of the
+prompts it would pick), never on dev or test queries. Queries are embedded by a
+causal LM's last hidden states, mean-pooled over the query's tokens and L2-normalised:
+the target itself by default (its own reading of the query), as in Prompt-OIRL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from qpo_ray.config import Config
+
+ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+def router_embedding_model(cfg: Config) -> str:
+    """test.router_embedding_model, else the target (the policy backbone when the
+    target is only reachable over HTTP)."""
+    if cfg.test.router_embedding_model:
+        return cfg.test.router_embedding_model
+    return cfg.policy.backbone if cfg.target.backend == "openai" else cfg.target.model
+
+
+def embed_texts(model: str, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+    """(N, H) float32: mean-pooled, L2-normalised last hidden states of `model`."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from qpo_ray.device import get_device, move
+    from qpo_ray.models import resolve_model
+
+    path = resolve_model(model)
+    device = get_device()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    encoder = move(AutoModel.from_pretrained(path, dtype=torch.float32), device).eval()
+    chunks = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(list(texts[start:start + batch_size]), padding=True,
+                              truncation=True, max_length=256, return_tensors="pt")
+            batch = move(dict(batch), device)
+            hidden = encoder(**batch).last_hidden_state
+            weights = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            chunks.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu())
+    return torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), dtype=np.float32)
+
+
+def _ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:
+    """Weights (with a bias as the last entry) of ridge regression y ~ x."""
+    xb = np.hstack([x, np.ones((len(x), 1))])
+    reg = alpha * np.eye(xb.shape[1])
+    reg[-1, -1] = 0.0  # the bias is not shrunk
+    return np.linalg.solve(xb.T @ xb + reg, xb.T @ y)
+
+
+def _fit_all(x: np.ndarray, rewards: np.ndarray, alpha: float) -> np.ndarray:
+    """(H + 1, P) weights, one ridge per prompt column on its observed (non-NaN) rows."""
+    weights = np.zeros((x.shape[1] + 1, rewards.shape[1]))
+    for j in range(rewards.shape[1]):
+        seen = ~np.isnan(rewards[:, j])
+        if seen.sum() == 0:
+            weights[-1, j] = -np.inf
+            continue
+        weights[:, j] = _ridge(x[seen], rewards[seen, j], alpha)
+    return weights
+
+
+def _predict(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    return np.hstack([x, np.ones((len(x), 1))]) @ weights
+
+
+@dataclass
+class FittedRouter:
+    model: str
+    prompt_ids: list[str]
+    weights: np.ndarray
+    alpha: float
+
+    def choose(self, queries: Sequence[str]) -> list[str]:
+        if not len(queries):
+            return []
+        scores = _predict(embed_texts(self.model, queries), self.weights)
+        return [self.prompt_ids[j] for j in scores.argmax(axis=1)]
+
+
+def fit_router(step0: pd.DataFrame, model: str, seed: int = 0, folds: int = 5) -> FittedRouter:
+    """Fit on Step-0 pairs (query, prompt_id, reward); alpha by cross-validation."""
+    matrix = step0.pivot_table(index="query", columns="prompt_id", values="reward",
+                               aggfunc="mean")
+    if matrix.shape[0] < 2 or matrix.shape[1] < 1:
+        raise ValueError(f"router: Step 0 has {matrix.shape[0]} queries and "
+                         f"{matrix.shape[1]} prompts; it needs at least 2 queries")
+    x = embed_texts(model, matrix.index.tolist())
+    rewards = matrix.to_numpy(dtype=float)
+    order = np.random.default_rng(seed).permutation(len(x))
+    parts = np.array_split(order, min(folds, len(x)))
+
+    def cv_reward(alpha: float) -> float:
+        gained = []
+        for held in parts:
+            train = np.setdiff1d(order, held)
+            w = _fit_all(x[train], rewards[train], alpha)
+            picks = _predict(x[held], w).argmax(axis=1)
+            got = rewards[held, picks]
+            gained.extend(got[~np.isnan(got)])
+        return float(np.mean(gained)) if gained else -np.inf
+
+    alpha = max(ALPHAS, key=cv_reward)
+    return FittedRouter(model, matrix.columns.tolist(), _fit_all(x, rewards, alpha), alpha)

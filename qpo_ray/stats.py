@@ -1,0 +1,88 @@
+"""Statistics of the test report: a proportion's interval, and the paired comparison of
+two methods on the same queries.
+
+Two prompting methods tested on the same queries are compared query by query: their
+accuracies are far more correlated than two independent samples, so the difference
+gets a paired interval (bootstrap over queries) and a paired test (McNemar's exact
+test on the discordant queries), never two overlapping Wilson intervals.
+Several seeds: the difference is the mean of the per-seed differences, the bootstrap
+resamples queries within each seed (stratified), and McNemar pools the discordant
+counts (queries of different seeds counted as separate observations).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+
+Z95 = 1.959964
+
+
+def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (sound at 0 and 1, unlike +-1.96 se)."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value: under H0 each discordant query is equally likely
+    to favour either method, so min(only_a, only_b) is Binomial(only_a + only_b, 1/2)."""
+    if only_a < 0 or only_b < 0:
+        raise ValueError(f"mcnemar_exact: counts must be >= 0, got {only_a}, {only_b}")
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1))
+    return min(1.0, 2.0 * tail / 2 ** n)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """accuracy(a) - accuracy(b) on the same queries."""
+
+    diff: float
+    ci_low: float
+    ci_high: float
+    p_value: float  # McNemar exact, two-sided
+    only_a: int     # queries a answered right and b wrong
+    only_b: int
+    n: int          # paired queries (summed over seeds)
+    seeds: int
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def paired_difference(groups: Sequence[tuple[Sequence[float], Sequence[float]]],
+                      n_boot: int = 10_000, seed: int = 0) -> PairedDifference:
+    """Compare a with b over one (a_correct, b_correct) pair of aligned arrays per seed."""
+    if not groups:
+        raise ValueError("paired_difference: no groups")
+    diffs, only_a, only_b = [], 0, 0
+    for a, b in groups:
+        a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+        if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+            raise ValueError(f"paired_difference: need two equal, non-empty 1-d arrays, got "
+                             f"shapes {a.shape} and {b.shape}")
+        diffs.append(a - b)
+        only_a += int(((a == 1) & (b == 0)).sum())
+        only_b += int(((a == 0) & (b == 1)).sum())
+    rng = np.random.default_rng(seed)
+    boot = np.zeros(n_boot)
+    for d in diffs:
+        picks = rng.integers(0, d.size, size=(n_boot, d.size))
+        boot += d[picks].mean(axis=1)
+    boot /= len(diffs)
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return PairedDifference(
+        diff=float(np.mean([d.mean() for d in diffs])), ci_low=float(low), ci_high=float(high),
+        p_value=mcnemar_exact(only_a, only_b), only_a=only_a, only_b=only_b,
+        n=int(sum(d.size for d in diffs)), seeds=len(diffs))
