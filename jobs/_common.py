@@ -51,12 +51,13 @@ def run(main: Callable[[], object]) -> int:
     from qpo_ray.config import ConfigError
     from qpo_ray.data.io import DatasetFileError
     from qpo_ray.prompts import PromptCollectionError
+    from qpo_ray.rundir import RunDirBusy
     from qpo_ray.tasks import TaskDataError
 
     try:
         result = main()
     except (ConfigError, FileNotFoundError, DatasetFileError, PromptCollectionError,
-            TaskDataError) as exc:
+            TaskDataError, RunDirBusy) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except Exception:

@@ -16,10 +16,12 @@ def main() -> int:
 
     def work():
         from qpo_ray.loop import run_qpo
+        from qpo_ray.rundir import lock_run_dir
 
-        if args.resume:
-            return run_qpo(None, resume_dir=args.resume)
-        return run_qpo(_common.config(args))
+        cfg = None if args.resume else _common.config(args)
+        # Held for the whole run: a second job on this directory fails at once.
+        with lock_run_dir(args.resume or cfg.workdir):
+            return run_qpo(cfg, resume_dir=args.resume)
 
     return _common.run(work)
 
