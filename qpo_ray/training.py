@@ -264,8 +264,9 @@ def train_policy(cfg: Config, dataset_path: str, out_dir: str, loop_index: int,
         raise FileNotFoundError(f"init_checkpoint {init_checkpoint}: not a policy directory")
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address)
+    from qpo_ray.local_ray import connect_ray
+
+    connect_ray(cfg.ray_address)  # loopback only when it starts a single-machine Ray
 
     tcfg = cfg.training
     run_name = f"train_loop{loop_index}"

@@ -120,8 +120,7 @@ def run_serve(cfg: Config, blocking: bool = True, policy_uri: Optional[str] = No
     the app and return its base URL; with `blocking`, serve until Ctrl-C, then shut
     Serve down. Calling it again (another policy_uri) replaces the replicas without
     downtime; a registry alias is followed by the replicas themselves."""
-    import ray
-
+    from qpo_ray.local_ray import connect_ray
     from qpo_ray.serving.policy_source import resolve
 
     # Before Ray starts: a refused host must not leave a proxy listening.
@@ -129,8 +128,8 @@ def run_serve(cfg: Config, blocking: bool = True, policy_uri: Optional[str] = No
     app = build_app(cfg, policy_uri=policy_uri, with_target=with_target)
     # Fail here, with the setting's name, rather than in every replica's constructor.
     resolve(user_config(cfg, policy_uri)["policy_uri"], cfg.tracking_uri())
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address)
+    # A single-machine Ray listens on loopback only (qpo_ray.local_ray).
+    connect_ray(cfg.ray_address)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
