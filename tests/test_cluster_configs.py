@@ -126,12 +126,48 @@ def test_serve_applications_build_from_their_args(path, monkeypatch):
     apps = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"] if "spec" in doc \
         else doc["applications"]
     monkeypatch.syspath_prepend(str(REPO))
+    # As the pods have it (from the secret): an app on a non-loopback host needs it.
+    monkeypatch.setenv("QPO_SERVE_TOKEN", "token-from-the-secret")
     for app in apps:
         module_name, attr = app["import_path"].split(":")
         module = importlib.import_module(module_name)
         built = getattr(module, attr)(app.get("args", {}))
         assert isinstance(built, Application)
         load_config(app["args"]["profile"], app["args"].get("overrides", []))
+
+
+def test_rayservice_refuses_to_deploy_without_its_token(monkeypatch):
+    """The RayService proxy listens on the pod network: without the token in the pods'
+    environment the app builder fails closed instead of serving everyone."""
+    from qpo_ray.config import ConfigError
+    from qpo_ray.serving import app_from_args
+
+    doc = load(REPO / "cluster" / "kuberay" / "rayservice-qpo.yaml")
+    (app,) = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]
+    assert "serve.host=0.0.0.0" in app["args"]["overrides"]
+    monkeypatch.delenv("QPO_SERVE_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="insecure"):
+        app_from_args(app["args"])
+    for container in [c for spec in _pod_specs(doc) for c in spec["containers"]]:
+        names = {e["name"] for e in container.get("env", [])}
+        assert "QPO_SERVE_TOKEN" in names, container["name"]
+
+
+def _pod_specs(doc) -> list[dict]:
+    cluster = doc["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"]] + cluster.get("workerGroupSpecs", [])
+    return [g["template"]["spec"] for g in groups]
+
+
+def test_mlflow_servers_in_cluster_configs_are_not_open():
+    """No tracking server on 0.0.0.0, and each one with MLflow's basic auth: whoever
+    can register a version decides what Serve loads."""
+    commands = [s for path in launcher_yamls() for s in strings(load(path))
+                if "mlflow server" in s]
+    assert commands, "the multi-node launcher starts an MLflow server"
+    for command in commands:
+        assert "0.0.0.0" not in command
+        assert "--app-name basic-auth" in command
 
 
 def test_app_builder_rejects_unknown_args():
