@@ -59,6 +59,31 @@ def test_registry_alias_follows_the_newest_registered_version(saved):
     assert (pinned.version, pinned.registry) == (ref.version, ref.registry)
 
 
+def test_versions_from_another_experiment_are_refused(saved, tmp_path):
+    """Whoever registers a version under the model name moves @latest to it; Serve only
+    accepts versions whose run is in its own tracking.experiment."""
+    from dataclasses import replace
+
+    from qpo_ray.tracking import Tracker
+
+    cfg, _policy, policy_dir = saved
+    tracking_uri = cfg.tracking_uri()
+    ours = Tracker(cfg, cfg.workdir)
+    mine = ours.register_policy(3, policy_dir)
+    ref = policy_source.resolve("models:/ps-test@latest", tracking_uri, cfg.tracking.experiment)
+    assert ref.registry == ("ps-test", mine)
+    # Someone else's run, in another experiment of the same store, same model name.
+    other_cfg = replace(cfg, tracking=replace(cfg.tracking, experiment="someone-else"))
+    (tmp_path / "other").mkdir()
+    foreign = Tracker(other_cfg, tmp_path / "other").register_policy(1, policy_dir)
+    assert int(foreign) > int(mine)
+    assert policy_source.resolve("models:/ps-test@latest", tracking_uri).registry[1] == foreign
+    with pytest.raises(PermissionError, match="someone-else"):
+        policy_source.resolve("models:/ps-test@latest", tracking_uri, cfg.tracking.experiment)
+    with pytest.raises(PermissionError, match="tracking.experiment"):
+        policy_source.resolve(f"models:/ps-test/{foreign}", tracking_uri, cfg.tracking.experiment)
+
+
 def test_a_registered_tree_without_a_policy_is_refused(tmp_path):
     (tmp_path / "nested").mkdir()
     with pytest.raises(FileNotFoundError, match="qpo_policy.json"):

@@ -127,7 +127,8 @@ def run_serve(cfg: Config, blocking: bool = True, policy_uri: Optional[str] = No
     check_auth_setup(cfg.serve)
     app = build_app(cfg, policy_uri=policy_uri, with_target=with_target)
     # Fail here, with the setting's name, rather than in every replica's constructor.
-    resolve(user_config(cfg, policy_uri)["policy_uri"], cfg.tracking_uri())
+    resolve(user_config(cfg, policy_uri)["policy_uri"], cfg.tracking_uri(),
+            cfg.tracking.experiment)
     # A single-machine Ray listens on loopback only (qpo_ray.local_ray).
     connect_ray(cfg.ray_address)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})

@@ -174,7 +174,8 @@ class PolicyServer:
         async with self._load_lock:
             uri = self._policy_uri
             tracking_uri = self._cfg.tracking_uri()
-            ref = await asyncio.to_thread(policy_source.resolve, uri, tracking_uri)
+            ref = await asyncio.to_thread(policy_source.resolve, uri, tracking_uri,
+                                          self._cfg.tracking.experiment)
             if self._ref is not None and ref == self._ref:
                 self._registry_ok_at, self._registry_error = time.time(), None
                 return

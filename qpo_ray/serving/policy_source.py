@@ -35,8 +35,12 @@ def is_registry_uri(uri: str) -> bool:
     return uri.startswith("models:/")
 
 
-def resolve(uri: str, tracking_uri: Optional[str]) -> PolicyRef:
-    """Turn a policy URI into the concrete version it points at right now."""
+def resolve(uri: str, tracking_uri: Optional[str],
+            experiment: Optional[str] = None) -> PolicyRef:
+    """Turn a policy URI into the concrete version it points at right now. With
+    `experiment`, a registry version whose run is not in that MLflow experiment is
+    refused (PermissionError): a version someone else registered under the model name
+    (the alias moves to it) is never loaded."""
     if not is_registry_uri(uri):
         path = Path(uri).expanduser().resolve()
         if not path.is_dir():
@@ -61,7 +65,34 @@ def resolve(uri: str, tracking_uri: Optional[str]) -> PolicyRef:
             raise FileNotFoundError(
                 f"serve.policy_uri: {uri} not found in the registry at {tracking_uri} "
                 f"({exc.message}); has a QPO loop registered a policy there?") from exc
+    if experiment is not None:
+        _check_experiment(name, version, tracking_uri, experiment)
     return PolicyRef(uri=uri, version=f"models:/{name}/{version}", registry=(name, version))
+
+
+def _check_experiment(name: str, version: str, tracking_uri: Optional[str],
+                      experiment: str) -> None:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        mv = client.get_model_version(name, version)
+    except MlflowException as exc:
+        raise FileNotFoundError(f"serve.policy_uri: models:/{name}/{version} not found in "
+                                f"the registry at {tracking_uri} ({exc.message})") from exc
+    actual = None
+    if mv.run_id:
+        try:
+            run = client.get_run(mv.run_id)
+            actual = client.get_experiment(run.info.experiment_id).name
+        except MlflowException:
+            actual = None
+    if actual != experiment:
+        raise PermissionError(
+            f"models:/{name}/{version} was registered from "
+            f"{'experiment ' + repr(actual) if actual else 'no run of this tracking store'}, "
+            f"not from tracking.experiment {experiment!r}: refusing to serve it")
 
 
 def find_policy_dir(root: Path) -> Path:
