@@ -114,6 +114,35 @@ def test_deepspeed_zero2_checkpoint_restores_every_parameter(ray_cluster, tiny_m
     changed = [k for k in fresh if not torch.equal(restored[k], fresh[k])]
     assert "reward_embed.weight" in changed and len(changed) > len(fresh) // 2
 
+    # The merge reads shards with the weights-only unpickler: a shard carrying anything
+    # but tensors and DeepSpeed's few plain types is refused, and nothing in it runs.
+    import shutil
+
+    from qpo_ray.training_deepspeed import consolidate_checkpoint
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(result.ray_checkpoint, tampered)
+    marker = tmp_path / "code-ran"
+    shard = next((tampered / "deepspeed" / "final").glob("zero_pp_rank_0_*optim_states.pt"))
+    state = torch.load(shard, map_location="cpu", weights_only=False)  # our own file
+    state["extra"] = _RunsCode(marker)
+    torch.save(state, shard)
+    with pytest.raises(ValueError, match="refusing to unpickle"):
+        consolidate_checkpoint(tampered, QPOPolicy.from_backbone(cfg.policy))
+    assert not marker.exists()
+
+
+class _RunsCode:
+    """Unpickling this creates a file: what a crafted shard could do with pickle."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return (Path.touch, (Path(self.path),))
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("strategy,precision", [("ddp", "fp16"), ("ddp", "bf16"),
