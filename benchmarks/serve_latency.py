@@ -45,8 +45,8 @@ def movie_queries(n: int) -> list[str]:
     return texts[:n]
 
 
-def fitted_policy(out_dir: Path, queries: list[str], num_layers: int):
-    """A small policy taught (with the library's training step) to write PROMPT."""
+def fitted_policy(out_dir: Path, queries: list[str], num_layers: int, prompt: str = PROMPT):
+    """A small policy taught (with the library's training step) to write `prompt`."""
     import torch
 
     from qpo_ray.config import PolicyConfig, TrainingConfig
@@ -57,7 +57,7 @@ def fitted_policy(out_dir: Path, queries: list[str], num_layers: int):
     torch.manual_seed(0)
     policy = QPOPolicy.from_backbone(PolicyConfig(
         backbone=resolve_model("smollm2-135m-instruct"), backbone_num_layers=num_layers))
-    rows = {"query": queries[:8], "prompt": [PROMPT] * 8, "reward": [100.0] * 8}
+    rows = {"query": queries[:8], "prompt": [prompt] * 8, "reward": [100.0] * 8}
     loader, _ = build_loader(policy, rows, 8, rank=0, world_size=1, seed=0)
     run_epoch(TorchEngine(policy, TrainingConfig(), lr=1e-3), [next(iter(loader))] * 12, None)
     policy.eval()

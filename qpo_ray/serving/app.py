@@ -3,6 +3,7 @@ deploy` (the builder `app_from_args`), `run_serve(cfg)` for `qpo serve`."""
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -124,7 +125,9 @@ def run_serve(cfg: Config, blocking: bool = True, policy_uri: Optional[str] = No
     from qpo_ray.serving.policy_source import resolve
 
     # Before Ray starts: a refused host must not leave a proxy listening.
-    check_auth_setup(cfg.serve)
+    if check_auth_setup(cfg.serve):
+        print(f"qpo serve: WARNING: requests to {cfg.serve.host}:{cfg.serve.port} are "
+              "UNAUTHENTICATED (--insecure / serve.insecure and no token)", file=sys.stderr)
     app = build_app(cfg, policy_uri=policy_uri, with_target=with_target)
     # Fail here, with the setting's name, rather than in every replica's constructor.
     resolve(user_config(cfg, policy_uri)["policy_uri"], cfg.tracking_uri(),
