@@ -172,24 +172,28 @@ class Tracker:
 
     def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int = 0,
                     prefix: str = "") -> None:
-        """Log numeric values at `step`, skipping keys that already have a value at that
-        step: a stage logged again after a crash (before `mark_logged`) adds nothing."""
+        self._log_points(run_id, [(prefix + k, v, step) for k, v in metrics.items()])
+
+    def _log_points(self, run_id: str, points: list[tuple[str, Any, int]]) -> None:
+        """Log (key, value, step) points, skipping any (key, step) the run already has:
+        a stage logged again after a crash (before `mark_logged`) adds nothing. One
+        history read per key already in the run, then batches."""
         from mlflow.entities import Metric
 
-        values: dict[str, float] = {}
-        for key, value in metrics.items():
+        values: dict[tuple[str, int], float] = {}
+        for key, value, step in points:
             if isinstance(value, bool):
                 value = float(value)
             if isinstance(value, (int, float)) and value == value:  # skip NaN
-                values[_metric_key(prefix + key)] = float(value)
+                values[(_metric_key(key), int(step))] = float(value)
         if not values:
             return
-        present = set(self.client.get_run(run_id).data.metrics) & set(values)
+        present = set(self.client.get_run(run_id).data.metrics) & {k for k, _ in values}
         for key in present:
-            if any(m.step == step for m in self.client.get_metric_history(run_id, key)):
-                del values[key]
+            for m in self.client.get_metric_history(run_id, key):
+                values.pop((key, m.step), None)
         now = int(time.time() * 1000)
-        batch = [Metric(key, value, now, step) for key, value in values.items()]
+        batch = [Metric(key, value, now, step) for (key, step), value in values.items()]
         for start in range(0, len(batch), 1000):  # MLflow's log_batch limit
             self.client.log_batch(run_id, metrics=batch[start:start + 1000])
 
@@ -198,10 +202,9 @@ class Tracker:
         self.log_metrics(self.loop_run_id(loop), metrics, step=step, prefix=prefix)
 
     def log_training_curves(self, loop: int, epoch_metrics: list[dict]) -> None:
-        for row in epoch_metrics:
-            epoch = int(row.get("epoch", 0))
-            self.log_loop_metrics(
-                loop, {k: v for k, v in row.items() if k != "epoch"}, step=epoch, prefix="train/")
+        points = [(f"train/{k}", v, int(row.get("epoch", 0)))
+                  for row in epoch_metrics for k, v in row.items() if k != "epoch"]
+        self._log_points(self.loop_run_id(loop), points)
 
     def log_artifact(self, loop: Optional[int], path: str | Path,
                      artifact_path: Optional[str] = None) -> None:
