@@ -100,9 +100,10 @@ class RayDataScorer(PairScorer):
     def __init__(self, cfg: Config, task: Task, demo_pool: Sequence[Example]) -> None:
         import ray
 
+        from qpo_ray.local_ray import connect_ray
+
         validate_backend_config(cfg.target)
-        if not ray.is_initialized():
-            ray.init(address=cfg.ray_address)
+        connect_ray(cfg.ray_address)
         self.cfg = cfg
         self.num_actors = default_num_actors(cfg)
         self.last_slowest_start_seconds = 0.0
@@ -180,11 +181,11 @@ class RayDataScorer(PairScorer):
 def init_ray(cfg: Config) -> None:
     """Join the configured cluster (RAY_ADDRESS is already in cfg.ray_address), else
     start a local one; a caller that initialised Ray itself is left alone."""
-    import ray
+    from qpo_ray.local_ray import connect_ray
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address, log_to_driver=False,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    # loopback only when it starts a single-machine Ray (qpo_ray.local_ray)
+    connect_ray(cfg.ray_address, log_to_driver=False,
+                runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
 
 
 def score_pairs(cfg: Config, task: Task, splits, pairs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:

@@ -172,6 +172,11 @@ def _train(cfg: Config, run: RunDir, loop: int) -> dict[str, Any]:
                           out_dir=str(run.train_dir(loop)), loop_index=loop,
                           init_checkpoint=init)
     write_json_atomic(run.train_dir(loop) / "metrics.json", result.metrics)
+    if result.metrics:
+        # How well the policy reproduces its expert prompts (per-token NLL), per epoch.
+        curve = " -> ".join(f"{m['prompt_loss']:.2f}" for m in result.metrics)
+        print(f"[qpo] train_{loop}: prompt NLL per epoch {curve}; "
+              f"{result.metrics[-1].get('samples_per_s', 0):.1f} samples/s", flush=True)
     return {"checkpoint_dir": str(result.checkpoint_dir),
             "metrics": str(run.train_dir(loop) / "metrics.json")}
 
@@ -196,6 +201,20 @@ def _run_stage(cfg: Config, run: RunDir, name: str, index: int) -> dict[str, Any
     raise ValueError(f"unknown stage {name!r}")
 
 
+def check_before_work(cfg: Config) -> None:
+    """What the test stage needs, checked before Step 0 spends anything: the methods
+    exist, the collection loads and has its manual prompt, the task's splits hold a dev
+    set of the asked size."""
+    from qpo_ray.methods import check_methods
+    from qpo_ray.prompts import load_collection, manual_prompt
+
+    check_methods(cfg.test.methods)
+    task, _ = task_and_splits(cfg)
+    collection = load_collection(cfg.prompts, task.name)
+    if "manual" in cfg.test.methods:
+        manual_prompt(collection, cfg.prompts)
+
+
 def run_qpo(cfg: Optional[Config], resume_dir: Optional[str] = None) -> Path:
     """Run (or continue) QPO end to end; returns the run directory."""
     from qpo_ray.loop_tracking import log_stage
@@ -207,6 +226,7 @@ def run_qpo(cfg: Optional[Config], resume_dir: Optional[str] = None) -> Path:
     elif cfg is None:
         raise ValueError("run_qpo needs a config or a resume_dir")
     else:
+        check_before_work(cfg)
         run = RunDir.create(cfg)
         cfg.workdir = str(run.path)
     tracker = Tracker(cfg, run.path)

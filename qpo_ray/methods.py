@@ -102,9 +102,9 @@ def policy_prompts(ctx: MethodContext, loop: int, decoding: str, queries: list[E
                                         do_sample=True, top_k=ctx.cfg.loop.top_k,
                                         top_p=ctx.cfg.loop.top_p, seed=ctx.cfg.seed + k)
                        for k in range(t.rank_samples)]
-            candidates = [fixed + [g] + [s[i] or g for s in sampled]
+            candidates = [_uniform([c for c in fixed + [g] + [s[i] for s in sampled] if c.strip()],
+                                   len(fixed) + 1 + len(sampled))
                           for i, g in enumerate(greedy)]
-            candidates = [[c if c.strip() else fixed[0] for c in row] for row in candidates]
             scores = rank_candidates(policy, texts, candidates, ctx.cfg.loop.target_reward,
                                      t.rank_low_reward)
             chosen = [row[int(np.argmax(s))] for row, s in zip(candidates, scores)]
@@ -112,6 +112,13 @@ def policy_prompts(ctx: MethodContext, loop: int, decoding: str, queries: list[E
             chosen = greedy
         ctx._cache[key] = [(prompt_id(c), c, source) for c in chosen]
     return ctx._cache[key]
+
+
+def _uniform(row: list[str], width: int) -> list[str]:
+    """`width` candidates (ranking takes as many per query): empty generations dropped,
+    the first candidate repeated in their place (a repeat never changes the argmax)."""
+    row = row or ["."]
+    return row + [row[0]] * (width - len(row))
 
 
 def _choice(ctx: MethodContext) -> Choice:

@@ -163,3 +163,66 @@ def test_good_settings_pass_validation(tiny_model_dir):
     validate_backend_config(TargetConfig(backend="vllm", model=str(tiny_model_dir)))
     validate_backend_config(TargetConfig(backend="transformers"))
 
+
+
+def test_shared_prefix_runs_group_sorted_heads_and_cover_every_row():
+    from qpo_ray.backends.text import shared_prefix_runs
+
+    seqs = [[1, 2, 3, 9], [7, 7], [1, 2, 3, 4, 5], [1, 2, 8], [1, 2, 3, 4, 6]]
+    runs = shared_prefix_runs(seqs, max_rows=8, min_shared=2)
+    assert sorted(i for _, rows in runs for i in rows) == list(range(len(seqs)))
+    assert runs == [(2, [2, 4, 0, 3]), (0, [1])]
+    # a head never swallows a whole row: at least one token is left to read
+    assert shared_prefix_runs([[1, 2, 3], [1, 2, 3]], 8, 1) == [(2, [0, 1])]
+    # max_rows splits a long run; heads under min_shared are not worth a pass
+    assert [len(r) for _, r in shared_prefix_runs(seqs, 2, 2)] == [2, 2, 1]
+    assert shared_prefix_runs(seqs, 8, 10) == [(0, [i]) for i in [2, 4, 0, 3, 1]]
+
+
+@pytest.fixture(scope="module")
+def rt_prefixes():
+    """Real Rotten Tomatoes pairs: 3 collection prompts x 4 queries, as the target sees them."""
+    from qpo_ray.config import load_config
+    from qpo_ray.prompts import load_collection
+    from qpo_ray.tasks import get_task
+
+    cfg = load_config(None, {"task": {"name": "rotten_tomatoes"}})
+    task = get_task(cfg.task)
+    queries = task.splits(0.05, seed=0).collection[:4]
+    prompts = load_collection(cfg.prompts, task.name)[:3]
+    return [task.format(p.text, q) for q in queries for p in prompts]
+
+
+@pytest.mark.parametrize("candidates", [SINGLE, MULTI], ids=["single-token", "multi-token"])
+def test_hf_shared_prefix_scoring_equals_per_pair_scoring(tiny_model_dir, rt_prefixes,
+                                                          candidates):
+    """Computing each prompt's head once (and repeating its KV cache) changes no number:
+    same log-probs to 1e-4 as reading every pair whole, and fewer tokens computed."""
+    config = TargetConfig(backend="transformers", model=str(tiny_model_dir), dtype="float32",
+                          batch_size=8)
+    shared = create_backend(config)
+    whole = create_backend(TargetConfig(**{**config.__dict__, "min_shared_prefix_tokens": 10**6}))
+    got = shared.score_continuations(rt_prefixes, candidates)
+    want = whole.score_continuations(rt_prefixes, candidates)
+    for g_row, w_row in zip(got, want):
+        assert [s.logprob_sum for s in g_row] == pytest.approx([s.logprob_sum for s in w_row],
+                                                               abs=1e-4)
+        assert [s.num_prompt_tokens for s in g_row] == [s.num_prompt_tokens for s in w_row]
+    assert whole.usage.cached_prompt_tokens == 0
+    # every prompt's run computes its head once: template + prompt, > 20 tokens each
+    assert shared.usage.cached_prompt_tokens > 20 * (len(rt_prefixes) - 3)
+    assert shared.usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+@pytest.mark.parametrize("candidates", [SINGLE, MULTI], ids=["single-token", "multi-token"])
+def test_vllm_prefix_cached_scoring_matches_hf_on_real_pairs(vllm_actor, ray_cluster, hf_chat,
+                                                             rt_prefixes, candidates):
+    before = ray_cluster.get(vllm_actor.__ray_call__.remote(lambda self: self.usage))
+    got = ray_cluster.get(vllm_actor.score_continuations.remote(rt_prefixes, candidates))
+    after = ray_cluster.get(vllm_actor.__ray_call__.remote(lambda self: self.usage))
+    want = hf_chat.score_continuations(rt_prefixes, candidates)
+    for g_row, w_row in zip(got, want):
+        assert [s.logprob_sum for s in g_row] == pytest.approx([s.logprob_sum for s in w_row],
+                                                               abs=2e-3)
+    # the prompts' heads came from vLLM's prefix cache (its own counter)
+    assert after.cached_prompt_tokens - before.cached_prompt_tokens >= 32 * len(rt_prefixes) // 2

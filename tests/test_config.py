@@ -130,3 +130,27 @@ def test_ray_address_comes_from_the_environment(monkeypatch):
     assert load_config(None).ray_address == "ray://head:10001"
     monkeypatch.delenv("RAY_ADDRESS")
     assert load_config(None).ray_address is None
+
+
+@pytest.mark.parametrize("override,named", [
+    ("test.methods=[qpo, best_singel]", "test.methods"),
+    ("prompts.manual_prompt_id=p-000000000000", "prompts.manual_prompt_id"),
+    ("task.dev_queries=100000", "task.dev_queries"),
+])
+def test_run_fails_before_any_work_naming_the_setting(tmp_path, override, named):
+    """What the test stage needs is checked before Step 0 spends anything."""
+    import subprocess
+    import sys
+    import time
+
+    workdir = tmp_path / "run"
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "qpo_ray.cli", "run", "--profile", "cpu-demo",
+         "--workdir", str(workdir), "--set", override],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert named in proc.stderr
+    assert time.perf_counter() - start < 30
+    assert not (workdir / "stages.json").exists()

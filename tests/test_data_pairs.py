@@ -108,3 +108,12 @@ def test_few_shot_is_refused_for_tasks_without_it(emotion, tmp_path):
     task = get_task(cfg.task)
     with pytest.raises(ValueError, match="task.num_shots: task t does not support few-shot"):
         build_step0_pairs(task, task.splits(0.5, 0), prompts, cfg)
+
+
+def test_step0_with_one_group_gives_every_prompt_the_same_queries(emotion):
+    task, splits, prompts = emotion
+    df = build_step0_pairs(task, splits, prompts, config(prompts_per_group=0,
+                                                        queries_per_group=7))
+    assert len(df) == len(prompts) * 7 and (df["group"] == 0).all()
+    per_prompt = df.groupby("prompt_id")["query_id"].apply(frozenset)
+    assert per_prompt.nunique() == 1 and len(per_prompt.iloc[0]) == 7

@@ -27,17 +27,21 @@ REPO = Path(__file__).resolve().parent.parent
 
 TINY = {
     "seed": 3,
-    "task": {"name": "rotten_tomatoes", "collection_fraction": 0.01, "max_test_queries": 6},
+    "task": {"name": "rotten_tomatoes", "collection_fraction": 0.01, "max_test_queries": 6,
+             "dev_queries": 4},
     "prompts": {"methods": ["manual", "generic"]},
     "target": {"backend": "transformers", "model": "smollm2-135m-instruct", "batch_size": 16},
     "evaluation": {"num_actors": 1, "batch_size_pairs": 32},
-    "dataset": {"prompts_per_group": 7, "queries_per_group": 3},
+    "dataset": {"prompts_per_group": 7, "queries_per_group": 3, "zero_shot_penalty": "nll",
+                "query_reward": "gold"},
     "policy": {"backbone": "smollm2-135m-instruct", "backbone_num_layers": 1,
                "max_query_tokens": 24, "max_prompt_tokens": 10},
     "training": {"num_workers": 1, "batch_size_global": 4, "lr_first_loop": 1.0e-3,
                  "epochs_first_loop": 1, "epochs_later_loops": 1, "max_steps_per_loop": 3},
     "loop": {"num_loops": 2, "augment_queries_per_round": 5},
-    "test": {"methods": ["qpo", "manual", "best_single", "nearest_neighbour"],
+    "test": {"methods": ["qpo", "qpo_greedy", "manual", "best_single", "router",
+                         "nearest_neighbour", "best_single_oracle"],
+             "decoding": "dev", "rank_collection_prompts": 3, "rank_samples": 1,
              "num_example_prompts": 2},
 }
 
@@ -107,14 +111,33 @@ def test_run_goes_through_every_stage_and_prints_the_report(finished_run, profil
 
     results = pd.read_csv(run.report_dir() / "results.csv")
     methods = set(results["method"])
-    assert {"qpo", "qpo_loop1", "manual", "best_single", "best_single_oracle",
-            "nearest_neighbour"} <= methods
+    assert {"qpo", "qpo_loop1", "qpo_loop2", "qpo_greedy", "manual", "best_single", "router",
+            "best_single_oracle", "nearest_neighbour"} <= methods
     assert (results["n"] == 6).all()
     assert ((results["ci_low"] <= results["accuracy"]) &
             (results["accuracy"] <= results["ci_high"])).all()
-    oracle = results.set_index("method").loc["best_single_oracle", "accuracy"]
+    table = results.set_index("method")
     singles = results[results["method"].str.startswith("single:")]
-    assert oracle == singles["accuracy"].max() and len(singles) == 7
+    assert table.loc["best_single_oracle", "accuracy"] == singles["accuracy"].max()
+    assert len(singles) == 7
+    # best_single is the best Step-0 prompt (all prompts scored on the same queries)
+    r_task = step0.groupby("prompt_id")["r_task"].first()
+    assert r_task[table.loc["best_single", "prompt_id"]] == r_task.max()
+    assert step0.groupby("prompt_id")["query_id"].apply(frozenset).nunique() == 1
+    assert not np.isnan(table.loc["qpo", "diff_vs_manual"])
+    assert "vs best_single" in stdout and "p=" in stdout and "upper bound" in stdout
+
+    # The loop and decoding were chosen on the dev split, never on test queries.
+    selection = json.loads((run.report_dir() / "selection.json").read_text())
+    assert selection["loop"] in (1, 2) and selection["chosen_decoding"] in ("greedy", "rank")
+    assert set(selection["dev_accuracy"]) == {f"qpo_loop{t}/{d}" for t in (1, 2)
+                                              for d in ("greedy", "rank")}
+    pred = pd.read_parquet(run.report_dir() / "predictions.parquet")
+    assert {"split", "method", "query_id", "prompt", "prediction", "correct"} <= set(pred.columns)
+    dev_ids, test_ids = (set(pred[pred["split"] == s]["query_id"]) for s in ("dev", "test"))
+    assert len(dev_ids) == 4 and len(test_ids) == 6 and not dev_ids & test_ids
+    assert not dev_ids & set(step0["query_id"]) and not dev_ids & set(rows["query_id"])
+    assert len(pred[(pred["split"] == "test") & (pred["method"] == "qpo")]) == 6
     assert (run.report_dir() / "plots" / "accuracy_per_loop.png").stat().st_size > 0
 
 
@@ -196,14 +219,14 @@ def test_run_refuses_a_workdir_holding_another_config(finished_run, profile):
 def test_evaluate_trains_the_ablations_and_labels_another_target(finished_run, profile,
                                                                 ray_cluster, tiny_model_dir):
     """`qpo evaluate --target ...` with the SFT and no-MLA ablations (trained on D_0)."""
+    from qpo_ray.loop import evaluate
     from qpo_ray.policy import QPOPolicy
-    from qpo_ray.report import evaluate_run
 
     workdir, _ = finished_run
     other_target = str(tiny_model_dir)  # same weights, another name: a different target
     cfg = load_config(str(profile), [f"workdir={workdir}", "test.methods=[sft, qpo_no_mla]",
                                      f"target.model={other_target}"])
-    report = evaluate_run(cfg, run_dir=str(workdir))
+    report = evaluate(cfg, run_dir=str(workdir))
     assert f"target: {other_target}" in report
     out_dirs = [p for p in workdir.glob("report-*") if (p / "results.csv").exists()]
     assert len(out_dirs) == 1

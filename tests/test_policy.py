@@ -266,3 +266,37 @@ def _batch_for(policy, cfg):
     enc = encode_rows(policy.tokenizer, ["hello there"], ["say hi"], [90.0],
                       cfg.max_query_tokens, cfg.max_prompt_tokens)
     return as_batch(enc.tensors())
+
+
+# ----- reward-conditioned ranking of candidate prompts -------------------------------------
+def test_candidate_logprobs_equal_the_training_forward(policy):
+    """The cached [R|q] prefix repeated over candidates gives the same log-likelihood as
+    the training forward over each (query, candidate) row, EOS included."""
+    from qpo_ray.policy.ranking import candidate_logprobs
+
+    queries = ["the film was a delight", "i hated every minute of it, truly"]
+    cands = [["Answer with positive or negative.", "Summarise."],
+             ["Is it good?", "Answer with positive or negative."]]
+    got = candidate_logprobs(policy, queries, cands, reward=70.0)
+    for i, q in enumerate(queries):
+        for j, c in enumerate(cands[i]):
+            batch = _batch(policy, [q], [c], [70.0])
+            with torch.no_grad():
+                logits, targets, _ = policy.prompt_logits_and_reward(batch)
+            want = logits.float().log_softmax(-1).gather(-1, targets[:, None]).sum().item()
+            assert got[i, j] == pytest.approx(want, abs=1e-3)
+
+
+def test_ranking_prefers_the_prompt_the_policy_ties_to_high_reward(toy_policy):
+    from qpo_ray.policy.ranking import candidate_logprobs, rank_candidates
+
+    cands = [[PROMPT_LOW, PROMPT_HIGH]] * len(TOY_QUERIES)
+    scores = rank_candidates(toy_policy, TOY_QUERIES, cands, high_reward=100.0, low_reward=0.0)
+    assert (scores.argmax(axis=1) == 1).all()
+    # the score is exactly the contrast of the two conditional log-likelihoods
+    high = candidate_logprobs(toy_policy, TOY_QUERIES, cands, 100.0)
+    low = candidate_logprobs(toy_policy, TOY_QUERIES, cands, 0.0)
+    np.testing.assert_allclose(scores, high - low, atol=1e-5)
+    with pytest.raises(ValueError, match="same, non-zero number"):
+        candidate_logprobs(toy_policy, TOY_QUERIES[:2], [[PROMPT_LOW], [PROMPT_LOW, PROMPT_HIGH]],
+                           100.0)

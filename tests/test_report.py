@@ -1,4 +1,5 @@
-"""The test-phase arithmetic: Wilson intervals and the results table."""
+"""The test-phase arithmetic: Wilson intervals, the results table with its paired
+differences, the upper bound kept apart, well-formed prompts."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import math
 import pandas as pd
 import pytest
 
-from qpo_ray.report import _table, wilson_interval
+from qpo_ray.report import results_table, well_formed
+from qpo_ray.stats import wilson_interval
 
 
 @pytest.mark.parametrize("successes,n,low,high", [
@@ -26,25 +28,43 @@ def test_wilson_interval_of_nothing_is_undefined():
     assert all(math.isnan(x) for x in wilson_interval(0, 0))
 
 
-def test_table_picks_best_single_by_step0_and_reports_the_test_oracle_apart():
-    # Prompt a was best in Step 0 but b is better on the test set: best_single must stay
-    # a (chosen without the test set), best_single_oracle is b.
-    scored = pd.DataFrame({
-        "shots": [0] * 10,
-        "method": ["qpo"] * 2 + ["manual"] * 2 + ["single:a"] * 3 + ["single:b"] * 3,
-        "accuracy": [1, 1, 0, 1, 1, 0, 0, 1, 1, 1],
-    })
-    table = _table(scored, step0_best="a").set_index("method")
-    assert table.loc["best_single", "prompt_id"] == "a"
-    assert table.loc["best_single", "accuracy"] == pytest.approx(1 / 3)
-    assert table.loc["best_single_oracle", "prompt_id"] == "b"
-    assert table.loc["best_single_oracle", "accuracy"] == 1.0
-    assert table.loc["qpo", "n"] == 2 and table.loc["single:b", "n"] == 3
-    assert list(table.index[:4]) == ["qpo", "manual", "best_single", "best_single_oracle"]
+def _predictions(rows: dict[str, list[int]], prompts: dict[str, str] | None = None):
+    frames = []
+    for method, correct in rows.items():
+        frames.append(pd.DataFrame({
+            "shots": 0, "method": method, "query_id": [f"q{i}" for i in range(len(correct))],
+            "accuracy": [float(c) for c in correct], "prompt_id": f"id-{method}",
+            "prompt": (prompts or {}).get(method, f"prompt of {method}")}))
+    return pd.concat(frames, ignore_index=True)
 
 
-def test_table_without_step0_data_has_only_the_oracle():
-    scored = pd.DataFrame({"shots": [0, 0], "method": ["single:a", "single:b"],
-                           "accuracy": [0.0, 1.0]})
-    methods = set(_table(scored, step0_best=None)["method"])
-    assert "best_single" not in methods and "best_single_oracle" in methods
+def test_results_table_pairs_every_method_with_manual_and_best_single():
+    pred = _predictions({
+        "qpo":         [1, 1, 1, 1, 0, 1],
+        "manual":      [1, 0, 0, 1, 0, 1],
+        "best_single": [1, 1, 0, 1, 0, 0],
+        "single:a":    [0, 0, 0, 0, 0, 0],
+        "single:b":    [1, 1, 1, 1, 1, 0],
+    }, prompts={"qpo": "Say positive or negative, please."})
+    table = results_table(pred, ("negative", "positive")).set_index("method")
+    assert table.loc["qpo", "accuracy"] == pytest.approx(5 / 6)
+    assert table.loc["qpo", "diff_vs_manual"] == pytest.approx(2 / 6)
+    # qpo right where manual is wrong on 2 queries, never the other way round
+    assert table.loc["qpo", "p_value_vs_manual"] == pytest.approx(0.5)
+    assert table.loc["qpo", "diff_vs_best_single"] == pytest.approx(2 / 6)
+    assert pd.isna(table.loc["manual", "diff_vs_manual"])
+    assert table.loc["qpo", "well_formed"] == 1.0 and pd.isna(table.loc["manual", "well_formed"])
+    # the best prompt on the test set is an upper bound derived from the single rows
+    assert table.loc["best_single_oracle", "prompt_id"] == "id-single:b"
+    assert table.loc["best_single_oracle", "accuracy"] == pytest.approx(5 / 6)
+    order = list(table.index)
+    assert order.index("qpo") < order.index("manual") < order.index("best_single") \
+        < order.index("best_single_oracle")
+
+
+def test_well_formed_prompts_are_readable_and_name_every_label():
+    labels = ("negative", "positive")
+    assert well_formed("Is this review positive or negative?", labels)
+    assert not well_formed("Label: positive.", labels)
+    assert not well_formed("As an expert inelli-  we '时, androg positive negative 时时时", labels)
+    assert not well_formed("positive negative", labels)

@@ -123,3 +123,59 @@ def test_expert_filter_cuts_the_reward_range_not_the_row_quantile():
     assert expert_filter(shifted, fraction=0.5)["reward"].tolist() == [60.0, 70.0]
     with pytest.raises(ValueError, match="fraction"):
         expert_filter(df, fraction=1.0)
+
+
+def test_gold_label_reward_by_hand():
+    # label words (negative, positive); log-likelihoods of the two labels per pair
+    frame = pd.DataFrame({
+        "prompt_id": ["A", "A", "B", "B"], "query_id": ["q1", "q2", "q1", "q2"],
+        "label": ["1", "0", "1", "0"], "correct": [True, True, False, True],
+        "label_logprobs": [[-3.0, -1.0], [-2.0, -2.5], [-0.5, -2.0], [-0.1, -5.0]],
+        "answer_nll": [1.0, 2.0, 0.5, 0.1], "answer_ppl": [1.0] * 4,
+    })
+    df, _ = compute_rewards(frame, penalty="nll", answer="gold")
+    # gold NLL normalised over the labels: log(sum exp) - logprob[gold]
+    gold_nll = [math.log(math.exp(-3) + math.exp(-1)) + 1.0,
+                math.log(math.exp(-2) + math.exp(-2.5)) + 2.0,
+                math.log(math.exp(-0.5) + math.exp(-2)) + 2.0,
+                math.log(math.exp(-0.1) + math.exp(-5)) + 0.1]
+    hits = [1, 1, 0, 1]
+    assert df["r_query"].tolist() == pytest.approx([h - g / 10 for h, g in zip(hits, gold_nll)])
+    # the predicted-answer variant reads answer_nll instead
+    pred, _ = compute_rewards(frame, penalty="nll", answer="predicted")
+    assert pred["r_query"].tolist() == pytest.approx([0.9, 0.8, -0.05, 0.99])
+    with pytest.raises(ValueError, match="label_logprobs"):
+        compute_rewards(frame.drop(columns=["label_logprobs"]), penalty="nll", answer="gold")
+
+
+def test_gold_reward_on_real_pairs_ranks_how_likely_the_target_finds_the_gold_label(
+        tiny_model_dir, one_torch_thread):
+    """Real Rotten Tomatoes pairs scored by the real target: among pairs that got the
+    answer right with the same prompt (same R_task), the one whose gold label the target
+    finds more likely gets the higher reward; a wrong pair is below every right one."""
+    from qpo_ray.backends import create_backend
+    from qpo_ray.config import TargetConfig, load_config
+    from qpo_ray.prompts import load_collection
+    from qpo_ray.scoring import LocalScorer
+    from qpo_ray.data.pairs import build_step0_pairs
+    from qpo_ray.tasks import get_task
+
+    cfg = load_config(None, {"task": {"name": "rotten_tomatoes"},
+                             "dataset": {"prompts_per_group": 0, "queries_per_group": 12}})
+    task = get_task(cfg.task)
+    splits = task.splits(0.05, seed=0)
+    prompts = load_collection(cfg.prompts, task.name)[:3]
+    pairs = build_step0_pairs(task, splits, prompts, cfg)
+    backend = create_backend(TargetConfig(backend="transformers", model=str(tiny_model_dir),
+                                          dtype="float32", batch_size=16))
+    scored = LocalScorer(task, backend, splits.demo_pool).score(pairs)
+    df, _ = compute_rewards(scored, penalty="nll", answer="gold")
+    p_gold = df.apply(lambda r: math.exp(r["label_logprobs"][int(r["label"])]) /
+                      sum(math.exp(v) for v in r["label_logprobs"]), axis=1)
+    for _, part in df.assign(p_gold=p_gold).groupby("prompt_id"):
+        right = part[part["correct"]].sort_values("p_gold")
+        assert right["reward"].is_monotonic_increasing
+        wrong = part[~part["correct"]]
+        if len(right) and len(wrong):
+            assert wrong["reward"].max() < right["reward"].min()
+    assert df["correct"].any() and (~df["correct"]).any()

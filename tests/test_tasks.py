@@ -103,6 +103,15 @@ def test_splits_are_disjoint_reproducible_and_seeded(shared_data):
         [e.id for e in splits.collection]
     assert {e.id for e in task.splits(0.1, seed=4).collection} != collected
     assert len(task.splits(0.1, seed=3, max_test=100).test) == 100
+    # a dev split comes out of the collection's share, apart from everything else
+    with_dev = task.splits(0.1, seed=3, dev_queries=50)
+    dev = {e.id for e in with_dev.dev}
+    assert len(dev) == 50 and len(with_dev.collection) == len(collected) - 50
+    assert dev | {e.id for e in with_dev.collection} == collected
+    assert not dev & {e.id for e in with_dev.collection} and not dev & demos
+    assert not dev & {e.id for e in with_dev.test}
+    with pytest.raises(ValueError, match="task.dev_queries"):
+        task.splits(0.1, seed=3, dev_queries=len(collected))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("datasets") is not None,

@@ -1,0 +1,180 @@
+"""Does QPO beat a fixed prompt? Paired test accuracy on 1,000 held-out queries, per seed
+and over seeds.
+
+    .venv/bin/python benchmarks/effectiveness.py --seeds 0 1 2
+    .venv/bin/python benchmarks/effectiveness.py --seeds 0 1 2 --report-only   # summarise
+
+Each seed is one whole `qpo run` (Step 0, training, augmentation, dev-split choice,
+test phase) of `benchmarks/profiles/effectiveness.yaml` in `<workdir>/seed<k>`; the seed
+changes the collection/dev split, Step-0 sampling, training and sampling. A finished
+seed is reused, an interrupted one resumed, so seeds can run as separate processes
+(`--seeds 1` in one shell, `--seeds 2` in another) and be summarised together.
+
+It prints, from each run's `report/predictions.parquet` (test split only; nothing here
+looks at the test set to choose anything):
+- one row per method and seed: accuracy, and the paired difference against `manual`
+  and against `best_single` (bootstrap 95% CI over queries, McNemar exact p);
+- the mean over seeds: the mean of the per-seed differences, with a bootstrap that
+  resamples queries within each seed;
+- the checks of the effectiveness issue: QPO above best_single and manual with the CI
+  above 0, QPO >= router, multi-loop QPO >= loop 1;
+- the share of well-formed prompts of each policy row (readable, naming the labels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from qpo_ray.report import well_formed  # noqa: E402
+from qpo_ray.stats import paired_difference  # noqa: E402
+
+PROFILE = REPO / "benchmarks" / "profiles" / "effectiveness.yaml"
+REFERENCES = ("manual", "best_single")
+
+
+def run_seed(seed: int, workdir: Path, profile: Path, overrides: list[str]) -> float:
+    """Run (or resume) one seed's `qpo run`; returns its wall time in seconds."""
+    run_dir = workdir / f"seed{seed}"
+    if (run_dir / "report" / "predictions.parquet").exists():
+        print(f"seed {seed}: finished run found in {run_dir}", flush=True)
+        return 0.0
+    cmd = [sys.executable, "-m", "qpo_ray.cli", "run"]
+    if (run_dir / "stages.json").exists():
+        cmd += ["--resume", str(run_dir)]
+    else:
+        cmd += ["--profile", str(profile), "--workdir", str(run_dir), "--set", f"seed={seed}"]
+        for item in overrides:
+            cmd += ["--set", item]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    start = time.perf_counter()
+    log = run_dir.parent / f"seed{seed}.log"
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    print(f"seed {seed}: {' '.join(cmd)} (log: {log})", flush=True)
+    with open(log, "a") as out:
+        subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, check=True)
+    seconds = time.perf_counter() - start
+    print(f"seed {seed}: done in {seconds / 60:.1f} min", flush=True)
+    return seconds
+
+
+def load_predictions(workdir: Path, seeds: list[int]) -> pd.DataFrame:
+    frames = []
+    for seed in seeds:
+        path = workdir / f"seed{seed}" / "report" / "predictions.parquet"
+        if not path.exists():
+            raise SystemExit(f"seed {seed}: no {path}; run it first (without --report-only)")
+        frame = pd.read_parquet(path)
+        frames.append(frame[(frame["split"] == "test") & (frame["shots"] == 0)].assign(seed=seed))
+    return pd.concat(frames, ignore_index=True)
+
+
+def label_words(run_dir: Path) -> tuple:
+    """The run's task's label words (what a well-formed prompt must name)."""
+    from qpo_ray.rundir import RunDir
+    from qpo_ray.tasks import get_task
+
+    _, cfg = RunDir.load(run_dir)
+    return tuple(getattr(get_task(cfg.task), "label_words", ()))
+
+
+def _aligned(pred: pd.DataFrame, method: str, ref: str) -> tuple | None:
+    a = pred[pred["method"] == method].set_index("query_id")["accuracy"]
+    b = pred[pred["method"] == ref].set_index("query_id")["accuracy"]
+    if a.empty or b.empty:
+        return None
+    common = a.index.intersection(b.index)
+    return a.loc[common].to_numpy(), b.loc[common].to_numpy()
+
+
+def _fmt(d) -> str:
+    return (f"{100 * d.diff:+5.1f} [{100 * d.ci_low:+5.1f}, {100 * d.ci_high:+5.1f}] "
+            f"p={d.p_value:.2g}")
+
+
+def summarise(pred: pd.DataFrame, seeds: list[int]) -> dict[str, dict]:
+    methods = [m for m in pred["method"].unique() if not m.startswith("single:")]
+    summary: dict[str, dict] = {}
+    print(f"\n{'method':<14} {'seed':>4} {'acc':>6}  {'vs manual':<32} {'vs best_single':<32}")
+    for method in methods:
+        per_ref: dict[str, list] = {ref: [] for ref in REFERENCES}
+        accs = []
+        for seed in seeds:
+            part = pred[pred["seed"] == seed]
+            rows = part[part["method"] == method]
+            if rows.empty:
+                continue
+            accs.append(rows["accuracy"].mean())
+            cells = []
+            for ref in REFERENCES:
+                pair = _aligned(part, method, ref) if method != ref else None
+                if pair is not None:
+                    per_ref[ref].append(pair)
+                cells.append(_fmt(paired_difference([pair])) if pair is not None else "")
+            print(f"{method:<14} {seed:>4} {100 * accs[-1]:6.1f}  {cells[0]:<32} {cells[1]:<32}")
+        mean = {ref: paired_difference(groups) for ref, groups in per_ref.items() if groups}
+        cells = [_fmt(mean[ref]) if ref in mean else "" for ref in REFERENCES]
+        print(f"{method:<14} {'mean':>4} {100 * sum(accs) / len(accs):6.1f}  "
+              f"{cells[0]:<32} {cells[1]:<32}")
+        summary[method] = {"accuracy": sum(accs) / len(accs), **mean}
+    return summary
+
+
+def checks(pred: pd.DataFrame, summary: dict, seeds: list[int], label_words) -> None:
+    print("\nchecks (mean over seeds; paired 95% CI):")
+
+    def above(method: str, ref: str) -> str:
+        d = summary.get(method, {}).get(ref)
+        if d is None:
+            return "n/a"
+        return f"{'PASS' if d.ci_low > 0 else 'FAIL'} ({_fmt(d)})"
+    print(f"  qpo > best_single, CI > 0: {above('qpo', 'best_single')}")
+    print(f"  qpo > manual, CI > 0:      {above('qpo', 'manual')}")
+    for other in ("router", "qpo_loop1", "qpo_greedy"):
+        groups = [g for s in seeds
+                  if (g := _aligned(pred[pred["seed"] == s], "qpo", other)) is not None]
+        if groups:
+            d = paired_difference(groups)
+            verdict = "PASS" if d.diff >= 0 else "FAIL"
+            print(f"  qpo >= {other:<11}         {verdict} ({_fmt(d)})")
+    print("\nwell-formed prompts (>= 3 words, printable, every label named), per seed:")
+    for method in sorted(m for m in pred["method"].unique() if m.startswith("qpo")):
+        shares = [pred[(pred["seed"] == s) & (pred["method"] == method)]["prompt"]
+                  .map(lambda p: well_formed(p, label_words)).mean() for s in seeds]
+        distinct = [pred[(pred["seed"] == s) & (pred["method"] == method)]["prompt"].nunique()
+                    for s in seeds]
+        print(f"  {method:<12} " + ", ".join(f"{100 * v:.0f}% ({n} distinct)"
+                                             for v, n in zip(shares, distinct)))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--workdir", type=Path, default=REPO / "runs" / "effectiveness")
+    p.add_argument("--profile", type=Path, default=PROFILE)
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   help="section.key=value passed to every seed's run (e.g. "
+                        "dataset.query_reward=predicted); use another --workdir per variant")
+    p.add_argument("--report-only", action="store_true", help="summarise finished seeds only")
+    args = p.parse_args()
+    if not args.report_only:
+        for seed in args.seeds:
+            run_seed(seed, args.workdir, args.profile, args.overrides)
+    pred = load_predictions(args.workdir, args.seeds)
+    print(f"test queries per seed: {pred.groupby('seed')['query_id'].nunique().to_dict()}")
+    summary = summarise(pred, args.seeds)
+    checks(pred, summary, args.seeds, label_words(args.workdir / f"seed{args.seeds[0]}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

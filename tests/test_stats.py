@@ -1,0 +1,45 @@
+"""The report's statistics against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from qpo_ray.stats import mcnemar_exact, paired_difference
+
+
+def test_mcnemar_exact_on_a_hand_computed_table():
+    # 2x2 table of (a right?, b right?): 50 both, 8 only a, 2 only b, 40 neither.
+    # H0: discordant queries split 1/2 : 1/2 -> p = 2 * P(Bin(10, .5) <= 2) = 112 / 1024.
+    assert mcnemar_exact(8, 2) == pytest.approx(112 / 1024)
+    assert mcnemar_exact(2, 8) == pytest.approx(112 / 1024)
+    assert mcnemar_exact(5, 5) == 1.0 and mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(0, 10) == pytest.approx(2 / 1024)
+    with pytest.raises(ValueError):
+        mcnemar_exact(-1, 3)
+
+
+def test_paired_difference_on_the_same_table():
+    a = np.array([1] * 50 + [1] * 8 + [0] * 2 + [0] * 40)
+    b = np.array([1] * 50 + [0] * 8 + [1] * 2 + [0] * 40)
+    d = paired_difference([(a, b)], n_boot=4000, seed=1)
+    assert d.diff == pytest.approx(0.06)
+    assert (d.only_a, d.only_b, d.n, d.seeds) == (8, 2, 100, 1)
+    assert d.p_value == pytest.approx(112 / 1024)
+    # the bootstrap interval of a mean of 100 differences (sd ~ 0.31): ~ +-0.06
+    assert d.ci_low < 0.06 < d.ci_high and 0.08 < d.ci_high - d.ci_low < 0.16
+    # a paired CI is narrower than what two independent proportions would give
+    independent = 1.96 * math.sqrt(0.58 * 0.42 / 100 + 0.52 * 0.48 / 100)
+    assert (d.ci_high - d.ci_low) / 2 < independent
+
+
+def test_paired_difference_over_seeds_is_the_mean_of_the_seeds():
+    a1, b1 = np.ones(20), np.zeros(20)          # +1.0
+    a2, b2 = np.zeros(10), np.zeros(10)         # +0.0
+    d = paired_difference([(a1, b1), (a2, b2)], n_boot=500)
+    assert d.diff == pytest.approx(0.5) and d.seeds == 2 and d.n == 30
+    assert d.ci_low == pytest.approx(0.5) and d.ci_high == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="equal"):
+        paired_difference([(np.ones(3), np.ones(4))])
