@@ -6,19 +6,15 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
+from mlflow_server import MlflowServer
+
 REPO = Path(__file__).resolve().parent.parent
-MLFLOW = str(Path(sys.executable).parent / "mlflow")
 PASSWORD = "a-generated-admin-password"
 
 
@@ -39,43 +35,17 @@ def auth_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-auth")
     ini = root / "auth.ini"
     ini.write_text(_auth_ini_from_manifest(root / "auth.db"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     # The environment the manifest's command gives the server.
     assert {"MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_AUTH_ADMIN_PASSWORD",
             "MLFLOW_FLASK_SERVER_SECRET_KEY"} <= set(re.findall(r"(MLFLOW_[A-Z_]+)=", _command()))
     env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(ini),
            "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD,
            "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-generated-secret-key"}
-    proc = subprocess.Popen(
-        [MLFLOW, "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts")],
-        env=env, stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT,
-        start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    server = MlflowServer(root, ("--app-name", "basic-auth"), env=env, start_timeout_s=180)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()}")
-            time.sleep(0.5)
-        yield url
+        yield server.url
     finally:
-        if proc.poll() is None:  # only the group this fixture started
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        server.stop()
 
 
 def test_registry_needs_credentials(auth_server, tmp_path, monkeypatch):

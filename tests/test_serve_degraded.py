@@ -5,11 +5,6 @@ reason; /healthz reports the registry's staleness."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,53 +13,21 @@ import pytest
 
 from qpo_ray.config import load_config
 
-MLFLOW = str(Path(sys.executable).parent / "mlflow")
+from mlflow_server import MlflowServer
+from mlflow_server import free_port as unused_port
+
 MODEL_NAME = "qpo-degraded-test"
 QUERY = {"query": "a gripping, funny film"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     """A real MLflow server; yields (url, stop) where stop() kills it."""
-    root = tmp_path_factory.mktemp("mlflow-degraded")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts"],
-        stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT,
-        start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def stop() -> None:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
-
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-degraded"))
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()}")
-            time.sleep(0.5)
-        yield url, stop
+        yield server.url, server.stop
     finally:
-        stop()
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +39,7 @@ def server(ray_cluster, registry, tmp_path_factory, tiny_model_dir, free_port):
     from qpo_ray.tracking import Tracker
 
     url, _stop = registry
-    dead_port = _free_port()  # nothing listens there: the target endpoint is down
+    dead_port = unused_port()  # nothing listens there: the target endpoint is down
     workdir = tmp_path_factory.mktemp("serve-degraded")
     cfg = load_config("cpu-demo", [
         f"workdir={workdir}", f"tracking.uri={url}",
