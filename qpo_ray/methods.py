@@ -93,10 +93,14 @@ def policy_prompts(ctx: MethodContext, loop: int, decoding: str, queries: list[E
     key = (policy_dir or loop, decoding, tuple(q.id for q in queries))
     if key not in ctx._cache:
         t = ctx.cfg.test
+        # Ranking's candidates include the greedy prompts (cached: qpo_greedy reuses them).
+        greedy = ([] if decoding == "greedy" else
+                  [p[1] for p in policy_prompts(ctx, loop, "greedy", queries, source, policy_dir)])
         policy = QPOPolicy.load(policy_dir or ctx.policy_dirs[loop])
         texts = [q.text for q in queries]
-        greedy = generate_prompts(policy, texts, target_reward=ctx.cfg.loop.target_reward)
-        if decoding == "rank":
+        if decoding == "greedy":
+            chosen = generate_prompts(policy, texts, target_reward=ctx.cfg.loop.target_reward)
+        else:
             fixed = [r.text for r in ctx.ranked_collection()[:t.rank_collection_prompts]]
             sampled = [generate_prompts(policy, texts, target_reward=ctx.cfg.loop.target_reward,
                                         do_sample=True, top_k=ctx.cfg.loop.top_k,
@@ -108,8 +112,6 @@ def policy_prompts(ctx: MethodContext, loop: int, decoding: str, queries: list[E
             scores = rank_candidates(policy, texts, candidates, ctx.cfg.loop.target_reward,
                                      t.rank_low_reward)
             chosen = [row[int(np.argmax(s))] for row, s in zip(candidates, scores)]
-        else:
-            chosen = greedy
         ctx._cache[key] = [(prompt_id(c), c, source) for c in chosen]
     return ctx._cache[key]
 
