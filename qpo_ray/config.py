@@ -1,9 +1,11 @@
-"""Typed configuration: the dataclasses below are the source of truth.
+"""Typed configuration: the dataclasses (here and in config_sections) are the source
+of truth.
 
 A YAML profile (``qpo_ray/profiles/<name>.yaml`` or any path) only overrides the
 defaults written here, and ``--set section.key=value`` overrides the profile. Unknown
 keys and values of the wrong type fail with the dotted key in the message, before any
-work starts.
+work starts. The sections and the checks of their fields live in
+``qpo_ray.config_sections``; this module assembles them and reads profiles.
 """
 
 from __future__ import annotations
@@ -18,281 +20,12 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from qpo_ray.config_sections import (DatasetConfig, EvaluationConfig, LoopConfig, PolicyConfig,
+                                     PromptsConfig, ServeConfig, TargetConfig, TaskConfig,
+                                     TestConfig, TrackingConfig, TrainingConfig, require_all)
+from qpo_ray.errors import ConfigError
+
 PROFILES_DIR = Path(__file__).parent / "profiles"
-
-
-class ConfigError(ValueError):
-    """A profile or override names an unknown key or carries a bad value."""
-
-
-@dataclass
-class TaskConfig:
-    # Registry name of a built-in task (rotten_tomatoes, ag_news, ...) or "byo".
-    name: str = "rotten_tomatoes"
-    # For name == "byo": path to the task's YAML description (see docs in tasks/byo.py).
-    spec_path: Optional[str] = None
-    # Where the task reads its files; None = the built-in default (package data or the
-    # Hugging Face hub through `datasets`).
-    data_dir: Optional[str] = None
-    # Share of the train split kept as the collection set (queries for Step 0 and
-    # augmentation); demonstrations come only from the rest (paper appendix B.2).
-    collection_fraction: float = 0.1
-    # Cap on the test split used by the test phase (None = all of it).
-    max_test_queries: Optional[int] = None
-    # Collection queries held out as a dev set: the test phase chooses the loop and
-    # the decoding on them, never on test queries. 0 = no dev set (the last loop,
-    # the configured decoding).
-    dev_queries: int = 0
-    # Demonstrations per prompt for few-shot; 0 = zero-shot.
-    num_shots: int = 0
-    # Demonstration sets per (query, prompt) in few-shot (K in eq. 3).
-    num_demo_sets: int = 5
-
-
-@dataclass
-class PromptsConfig:
-    # Where the initial prompt collection comes from: "builtin" (the project's own
-    # collection for the task, shipped in qpo_ray/prompts/data), an InstructEval-layout
-    # directory (<method>/<task>.yaml), or a .txt / .jsonl file.
-    source: str = "builtin"
-    # Which InstructEval methods to read from a directory (None = every method found).
-    methods: Optional[list[str]] = None
-    # The manual (PromptSource-style) baseline prompt's id; None = the first "manual" one.
-    manual_prompt_id: Optional[str] = None
-
-
-@dataclass
-class TargetConfig:
-    # Backend registry name: vllm | transformers | openai.
-    backend: str = "vllm"
-    # HF model id, local path, or an embedded alias (see qpo_ray/models.py).
-    model: str = "smollm2-135m-instruct"
-    # float32 on CPU (vLLM CPU has no bf16 here); bfloat16/float16 on GPUs; auto = pick.
-    dtype: str = "auto"
-    # Wrap the formatted input in the model's chat template (chat-tuned targets).
-    use_chat_template: bool = True
-    max_model_len_tokens: int = 1024
-    max_new_tokens: int = 16
-    # vLLM only.
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.85
-    cpu_kvcache_space_gib: int = 2
-    enable_prefix_caching: bool = True
-    # KV-cache block size; 0 = 32 on CPU (vLLM-CPU's own default of 128 leaves prompts
-    # under 128 tokens, i.e. most QPO inputs, uncacheable), vLLM's default on GPU.
-    kv_block_size_tokens: int = 0
-    # transformers only: pairs per forward pass.
-    batch_size: int = 16
-    # transformers only: prefixes whose first N+ tokens agree (chat template + prompt)
-    # compute those tokens once per batch; shorter shared heads are not worth a pass.
-    min_shared_prefix_tokens: int = 16
-    # openai only.
-    base_url: Optional[str] = None
-    api_key_env: str = "OPENAI_API_KEY"
-    request_timeout_s: float = 60.0
-    max_retries: int = 3
-    max_concurrent_requests: int = 8
-
-
-@dataclass
-class EvaluationConfig:
-    # Actors in the Ray Data pool, each holding one engine; 0 = derive from the
-    # cluster (GPUs / gpus_per_actor, or 1 on a CPU-only cluster).
-    num_actors: int = 0
-    num_gpus_per_actor: float = 0.0
-    num_cpus_per_actor: float = 1.0
-    # Pairs per map_batches call: large enough to keep an engine busy.
-    batch_size_pairs: int = 64
-    # Times a failed batch (dead actor) is retried on a replacement actor.
-    max_task_retries: int = 3
-
-
-@dataclass
-class DatasetConfig:
-    # Step 0 grouping (paper appendix B.2): each group of prompts is tested on its
-    # own random queries. 0 = one group: every prompt on the same queries, so that
-    # R_task compares prompts on equal terms (no group is luckier in its queries).
-    prompts_per_group: int = 40
-    queries_per_group: int = 100
-    # Zero-shot query reward: "ppl" = correct - PPL/10 (paper eq. 3), "nll" = correct -
-    # mean NLL/10 (the reference code).
-    zero_shot_penalty: Literal["ppl", "nll"] = "ppl"
-    # Whose answer the zero-shot penalty reads (label-scored tasks):
-    # "predicted" = the target's own answer (eq. 3 as written: ranks the target's
-    # confidence, right or wrong); "gold" = the gold label, its likelihood normalised
-    # over the label words (the reference code scores the gold label): ranks how
-    # strongly the prompt steers the target to the right answer.
-    query_reward: Literal["predicted", "gold"] = "predicted"
-    # Keep pairs with reward >= min + expert_fraction * (max - min).
-    expert_fraction: float = 0.667
-    # Import an existing dataset instead of running Step 0 (Parquet or the paper's JSON).
-    import_path: Optional[str] = None
-
-
-@dataclass
-class PolicyConfig:
-    # HF id, local path or embedded alias of the policy's backbone LM.
-    backbone: str = "gpt2"
-    # Keep only the first N transformer layers (None = all): the CPU demo's cost lever.
-    backbone_num_layers: Optional[int] = None
-    max_query_tokens: int = 40
-    max_prompt_tokens: int = 40
-    # lambda in L = NLL + lambda * MSE (paper: 0.1).
-    reward_loss_weight: float = 0.1
-    # "qpo" = reward-conditioned; "sft" = ablation: best prompt per query, no reward.
-    mode: Literal["qpo", "sft"] = "qpo"
-
-
-@dataclass
-class TrainingConfig:
-    num_workers: int = 1
-    use_gpu: bool = False
-    # Ray CPUs reserved per training worker; on CPU workers also torch's thread count.
-    num_cpus_per_worker: int = 1
-    strategy: Literal["ddp", "deepspeed"] = "ddp"
-    zero_stage: int = 2
-    # no | bf16 | fp16 (GPU only).
-    mixed_precision: str = "no"
-    # Global batch (paper: 128); each worker gets batch_size_global / num_workers.
-    batch_size_global: int = 128
-    lr_first_loop: float = 1e-3
-    lr_later_loops: float = 1e-4
-    epochs_first_loop: int = 100
-    epochs_later_loops: int = 20
-    weight_decay: float = 1e-4
-    grad_clip_norm: float = 0.25
-    # StepLR of the reference code.
-    lr_step_epochs: int = 20
-    lr_step_gamma: float = 0.65
-    # Cap on optimizer steps per loop (None = no cap): sizes the CPU demo.
-    max_steps_per_loop: Optional[int] = None
-
-
-@dataclass
-class LoopConfig:
-    # T in Algorithm 1: T loops = 1 initial training + (T-1) augmentation rounds.
-    num_loops: int = 4
-    # Queries sampled (with repeats) from the collection set per round (paper: 1,000).
-    augment_queries_per_round: int = 1000
-    target_reward: float = 100.0
-    top_k: int = 2
-    top_p: float = 0.9
-
-
-@dataclass
-class TestConfig:
-    # Methods compared in the report (the registry in qpo_ray/methods.py).
-    methods: list[str] = field(
-        default_factory=lambda: ["qpo", "manual", "best_single", "nearest_neighbour"]
-    )
-    # How `qpo` turns the policy into a prompt per query: "greedy" at the target reward
-    # (the paper), "rank" (the best of candidate prompts by log p(c | R high, q) -
-    # log p(c | R low, q), see qpo_ray/policy/ranking.py), or "dev": whichever of the two,
-    # with whichever loop's policy, is most accurate on the dev split (task.dev_queries).
-    decoding: Literal["greedy", "rank", "dev"] = "greedy"
-    # Ranking's candidates: the best N collection prompts by Step-0 R_task, the greedy
-    # prompt, and K prompts sampled at the target reward (top-k/top-p of `loop`).
-    rank_collection_prompts: int = 12
-    rank_samples: int = 4
-    # The "low" reward of the contrast (0-100 scale).
-    rank_low_reward: float = 0.0
-    # Model whose mean-pooled hidden states embed queries for the `router` baseline;
-    # None = the target model (the policy backbone when the target is an HTTP API).
-    router_embedding_model: Optional[str] = None
-    # Few-shot settings reported besides zero-shot, when the task supports them.
-    shots: list[int] = field(default_factory=lambda: [0])
-    # Prompts generated for a sample of queries shown in the report (paper Table 19).
-    num_example_prompts: int = 5
-
-
-@dataclass
-class TrackingConfig:
-    # None = sqlite:///<workdir>/mlflow.db with artifacts under <workdir>/mlartifacts.
-    uri: Optional[str] = None
-    experiment: str = "qpo"
-    registered_model_name: str = "qpo-policy"
-
-
-@dataclass
-class ServeConfig:
-    # Where Serve's HTTP proxy listens. Anything but a loopback address needs a token
-    # (auth_token_env / auth_token_file) or, in so many words, insecure: true.
-    host: str = "127.0.0.1"
-    port: int = 8000
-    num_replicas: int = 1
-    num_cpus_per_replica: float = 1.0
-    num_gpus_per_replica: float = 0.0
-    max_batch_size: int = 8
-    # How long a batch waits to fill when requests are concurrent; a lone client never
-    # waits (see serving.deployments.PolicyServer._generate).
-    batch_wait_timeout_s: float = 0.01
-    max_query_chars: int = 2000
-    # Bodies larger than this are answered 413 before they are parsed. Must leave room
-    # for a query of max_query_chars even if every character is JSON-escaped (\uXXXX).
-    max_request_bytes: int = 65536
-    # Bearer token read by each replica from this environment variable (set it in the
-    # Ray nodes' / pods' environment: it is never copied into the deployment config).
-    auth_token_env: str = "QPO_SERVE_TOKEN"
-    # Or from this file (e.g. a mounted Kubernetes secret); only the path travels in
-    # the deployment config. Read per request, so rotating the file needs no restart.
-    auth_token_file: Optional[str] = None
-    # Serve without any token on a non-loopback host. Off: such a host without a token
-    # refuses to start. On: every request is accepted and the log says so loudly.
-    insecure: bool = False
-    # "models:/<name>@latest" from the registry, or a policy directory.
-    policy_uri: Optional[str] = None
-    # How often replicas re-resolve a registry alias (models:/<name>@latest) and swap in
-    # a newly registered version; 0 = only on redeploy (a new user_config).
-    registry_poll_interval_s: float = 30.0
-    # /healthz reports the served policy as stale once the registry has not been read
-    # successfully for this long (0 = 3 x registry_poll_interval_s).
-    registry_stale_after_s: float = 0.0
-    # /v1/answer answers 503 when the target LLM has not answered within this time.
-    target_timeout_s: float = 120.0
-
-    def validate(self) -> None:
-        """Every field, at config load: a bad value fails here naming its key instead of
-        in a replica's constructor (or, for the size limits, on the first request)."""
-        import math
-        import re
-
-        def finite(x: float) -> bool:
-            return math.isfinite(x)
-
-        checks = [
-            (bool(self.host.strip()) and not any(c.isspace() for c in self.host),
-             f"serve.host: {self.host!r} is not a host name or address"),
-            (1 <= self.port <= 65535, f"serve.port must be in 1..65535, got {self.port}"),
-            (self.num_replicas >= 1, "serve.num_replicas must be >= 1"),
-            (finite(self.num_cpus_per_replica) and self.num_cpus_per_replica >= 0,
-             "serve.num_cpus_per_replica must be >= 0"),
-            (finite(self.num_gpus_per_replica) and self.num_gpus_per_replica >= 0,
-             "serve.num_gpus_per_replica must be >= 0"),
-            (self.max_batch_size >= 1, "serve.max_batch_size must be >= 1"),
-            (finite(self.batch_wait_timeout_s) and self.batch_wait_timeout_s >= 0,
-             "serve.batch_wait_timeout_s must be >= 0"),
-            (self.max_query_chars >= 1, "serve.max_query_chars must be >= 1"),
-            (self.max_request_bytes >= 6 * self.max_query_chars + 1024,
-             f"serve.max_request_bytes ({self.max_request_bytes}) must be >= 6 * "
-             f"serve.max_query_chars + 1024 ({6 * self.max_query_chars + 1024}): a query "
-             "at the length limit must fit even JSON-escaped"),
-            (re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.auth_token_env) is not None,
-             f"serve.auth_token_env: {self.auth_token_env!r} is not an environment "
-             "variable name"),
-            (self.auth_token_file is None or bool(self.auth_token_file.strip()),
-             "serve.auth_token_file must be a path or null"),
-            (self.policy_uri is None or bool(self.policy_uri.strip()),
-             "serve.policy_uri must be a models:/ URI, a directory or null"),
-            (finite(self.registry_poll_interval_s) and self.registry_poll_interval_s >= 0,
-             "serve.registry_poll_interval_s must be >= 0"),
-            (finite(self.registry_stale_after_s) and self.registry_stale_after_s >= 0,
-             "serve.registry_stale_after_s must be >= 0"),
-            (finite(self.target_timeout_s) and self.target_timeout_s > 0,
-             "serve.target_timeout_s must be > 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
 
 
 @dataclass
@@ -316,6 +49,19 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Every section's own checks, then the ones that span two sections."""
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate()
+        require_all([
+            (0 <= self.test.rank_low_reward < self.loop.target_reward,
+             "test.rank_low_reward must be in [0, loop.target_reward)"),
+            (self.test.decoding != "dev" or self.task.dev_queries > 0,
+             "test.decoding: 'dev' needs a dev split (task.dev_queries > 0)"),
+        ])
 
     def tracking_uri(self) -> str:
         if self.tracking.uri:
@@ -389,52 +135,6 @@ def _apply(obj: Any, overrides: dict[str, Any], prefix: str = "") -> None:
             setattr(obj, key, _check_type(value, hints[key], dotted))
 
 
-def _validate(cfg: Config) -> None:
-    checks = [
-        (0 < cfg.task.collection_fraction < 1, "task.collection_fraction must be in (0, 1)"),
-        (cfg.task.num_shots >= 0, "task.num_shots must be >= 0"),
-        (cfg.test.rank_collection_prompts >= 0 and cfg.test.rank_samples >= 0,
-         "test.rank_collection_prompts / test.rank_samples must be >= 0"),
-        (0 <= cfg.test.rank_low_reward < cfg.loop.target_reward,
-         "test.rank_low_reward must be in [0, loop.target_reward)"),
-        (cfg.test.decoding != "dev" or cfg.task.dev_queries > 0,
-         "test.decoding: 'dev' needs a dev split (task.dev_queries > 0)"),
-        (cfg.task.dev_queries >= 0, "task.dev_queries must be >= 0"),
-        (cfg.task.num_demo_sets >= 1, "task.num_demo_sets must be >= 1"),
-        (0 <= cfg.dataset.expert_fraction < 1, "dataset.expert_fraction must be in [0, 1)"),
-        (cfg.dataset.prompts_per_group >= 0,
-         "dataset.prompts_per_group must be >= 0 (0 = every prompt on the same queries)"),
-        (cfg.dataset.queries_per_group >= 1, "dataset.queries_per_group must be >= 1"),
-        (cfg.training.num_workers >= 1, "training.num_workers must be >= 1"),
-        (cfg.training.num_cpus_per_worker >= 1, "training.num_cpus_per_worker must be >= 1"),
-        (cfg.training.zero_stage in (0, 1, 2, 3), "training.zero_stage must be 0, 1, 2 or 3"),
-        (cfg.training.mixed_precision in ("no", "bf16", "fp16"),
-         "training.mixed_precision must be no, bf16 or fp16"),
-        (cfg.training.batch_size_global >= cfg.training.num_workers,
-         "training.batch_size_global must be >= training.num_workers"),
-        (cfg.loop.num_loops >= 1, "loop.num_loops must be >= 1"),
-        (cfg.loop.top_k >= 1, "loop.top_k must be >= 1"),
-        (0 < cfg.loop.top_p <= 1, "loop.top_p must be in (0, 1]"),
-        (cfg.target.backend in ("vllm", "transformers", "openai"),
-         f"target.backend: unknown backend {cfg.target.backend!r} "
-         "(known: vllm, transformers, openai)"),
-        (cfg.target.max_new_tokens >= 1, "target.max_new_tokens must be >= 1"),
-        (cfg.target.kv_block_size_tokens >= 0 and cfg.target.kv_block_size_tokens % 16 == 0,
-         "target.kv_block_size_tokens must be 0 (engine default) or a multiple of 16"),
-        (cfg.evaluation.batch_size_pairs >= 1, "evaluation.batch_size_pairs must be >= 1"),
-        (cfg.target.min_shared_prefix_tokens >= 1,
-         "target.min_shared_prefix_tokens must be >= 1"),
-        (cfg.policy.max_query_tokens >= 1 and cfg.policy.max_prompt_tokens >= 2,
-         "policy.max_query_tokens / policy.max_prompt_tokens too small"),
-        (cfg.task.name != "byo" or bool(cfg.task.spec_path),
-         "task.spec_path is required when task.name is 'byo'"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-    cfg.serve.validate()
-
-
 def parse_override(text: str) -> dict[str, Any]:
     """`a.b=value` -> {"a": {"b": value}}; the value is parsed as YAML (1, true, [1, 2])."""
     if "=" not in text:
@@ -494,7 +194,7 @@ def load_config(
     _apply(cfg, merged)
     if cfg.ray_address is None and os.environ.get("RAY_ADDRESS"):
         cfg.ray_address = os.environ["RAY_ADDRESS"]
-    _validate(cfg)
+    cfg.validate()
     return cfg
 
 
@@ -502,5 +202,11 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config saved with `Config.to_dict()` (a run directory's config.yaml)."""
     cfg = Config()
     _apply(cfg, data)
-    _validate(cfg)
+    cfg.validate()
     return cfg
+
+
+__all__ = ["PROFILES_DIR", "Config", "ConfigError", "DatasetConfig", "EvaluationConfig",
+           "LoopConfig", "PolicyConfig", "PromptsConfig", "ServeConfig", "TargetConfig",
+           "TaskConfig", "TestConfig", "TrackingConfig", "TrainingConfig", "config_from_dict",
+           "load_config", "parse_override", "profile_path"]

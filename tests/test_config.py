@@ -70,6 +70,10 @@ def test_int_is_accepted_where_a_float_is_expected():
         ("task.collection_fraction=1.5", "task.collection_fraction"),
         ("loop.top_p=0", "loop.top_p"),
         ("test.shots=[0, x]", "test.shots[1]"),
+        # checked by the section beside its fields, at load (not when training starts)
+        ("training.mixed_precision=bf16", "training.mixed_precision"),
+        ("training.epochs_later_loops=0", "training.epochs_later_loops"),
+        ("target.batch_size=0", "target.batch_size"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(override, fragment):

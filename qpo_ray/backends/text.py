@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from qpo_ray.errors import ConfigError
+
 
 class PromptEncoder:
     """Wraps prefixes in the chat template (when asked) and tokenizes candidates.
@@ -19,7 +21,7 @@ class PromptEncoder:
         self.tokenizer = tokenizer
         self.use_chat_template = use_chat_template
         if use_chat_template and not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
+            raise ConfigError(
                 "target.use_chat_template is true but the model's tokenizer has no chat "
                 "template; set target.use_chat_template=false for base models"
             )

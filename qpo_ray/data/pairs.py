@@ -18,7 +18,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from qpo_ray.config import Config
+from qpo_ray.config import Config, ConfigError
 from qpo_ray.data.schema import PAIR_COLUMNS
 from qpo_ray.prompts import PromptRecord
 from qpo_ray.tasks.base import Example, Splits, Task
@@ -38,8 +38,8 @@ def draw_demo_sets(demo_pool: Sequence[Example], num_shots: int, num_sets: int,
     """`num_sets` sets of `num_shots` distinct demo ids from the pool (never `exclude`)."""
     candidates = [e.id for e in demo_pool if e.id != exclude]
     if len(candidates) < num_shots:
-        raise ValueError(f"few-shot needs {num_shots} demonstrations but the demonstration "
-                         f"pool has {len(candidates)}")
+        raise ConfigError(f"task.num_shots: few-shot needs {num_shots} demonstrations but "
+                          f"the demonstration pool has {len(candidates)}")
     rng = random.Random(seed)
     return [rng.sample(candidates, num_shots) for _ in range(num_sets)]
 
@@ -47,7 +47,7 @@ def draw_demo_sets(demo_pool: Sequence[Example], num_shots: int, num_sets: int,
 def _check_few_shot(task: Task, splits: Splits, cfg: Config) -> bool:
     few_shot = cfg.task.num_shots > 0
     if few_shot and not task.supports_few_shot:
-        raise ValueError(f"task.num_shots: task {task.name} does not support few-shot")
+        raise ConfigError(f"task.num_shots: task {task.name} does not support few-shot")
     if few_shot:
         collected = {e.id for e in splits.collection}
         leaked = collected & {e.id for e in splits.demo_pool}

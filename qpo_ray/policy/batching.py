@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
+from qpo_ray.errors import ConfigError
+
 # Rewards come min-max scaled to 0-100 (eq. 4); the model reads reward / REWARD_SCALE so
 # its input and its reward-head target are O(1).
 REWARD_SCALE = 100.0
@@ -137,5 +139,5 @@ def training_rows(frame: pd.DataFrame, mode: str, source: str = "dataset") -> pd
         best = rows.groupby("query", sort=False)["reward"].idxmax()
         rows = rows.loc[best.values]
     elif mode != "qpo":
-        raise ValueError(f"policy.mode: unknown mode {mode!r} (known: qpo, sft)")
+        raise ConfigError(f"policy.mode: unknown mode {mode!r} (known: qpo, sft)")
     return rows.reset_index(drop=True)

@@ -35,6 +35,7 @@ from torch import nn
 from qpo_ray.atomic import atomic_dir
 from qpo_ray.config import PolicyConfig
 from qpo_ray.device import get_device
+from qpo_ray.errors import ConfigError
 from qpo_ray.models import resolve_model
 from qpo_ray.policy.batching import REWARD_SCALE, position_ids_from_mask
 
@@ -59,7 +60,7 @@ def _truncated_config(path: str, num_layers: int | None):
         return config
     total = config.num_hidden_layers
     if not 1 <= num_layers <= total:
-        raise ValueError(f"policy.backbone_num_layers={num_layers}: {path} has {total} layers")
+        raise ConfigError(f"policy.backbone_num_layers={num_layers}: {path} has {total} layers")
     config.num_hidden_layers = num_layers
     # Per-layer lists (sliding/full attention patterns) must shrink with the layers.
     if isinstance(getattr(config, "layer_types", None), list):

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from qpo_ray.errors import ConfigError
+
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
 
@@ -48,7 +50,7 @@ def resolve(uri: str, tracking_uri: Optional[str],
         return PolicyRef(uri=uri, version=str(path), local_dir=str(path))
     match = _MODELS_URI.match(uri)
     if not match:
-        raise ValueError(
+        raise ConfigError(
             f"serve.policy_uri: {uri!r} is neither a directory nor models:/<name>@<alias> "
             f"or models:/<name>/<version>"
         )

@@ -14,7 +14,7 @@ class); a local copy with a single labelled file gets a seeded, logged train/tes
 
 from __future__ import annotations
 
-from qpo_ray.config import Config, TaskConfig
+from qpo_ray.config import Config, ConfigError, TaskConfig
 from qpo_ray.tasks.base import Example, Splits, Task
 from qpo_ray.tasks.byo import ByoTask
 from qpo_ray.tasks.classification import AgNews, BoolQ, Imdb, RottenTomatoes, TweetEmotion
@@ -33,7 +33,7 @@ TASKS["byo"] = ByoTask
 def get_task(cfg: TaskConfig) -> Task:
     """The task named by `cfg.name`, reading its data as `cfg` says."""
     if cfg.name not in TASKS:
-        raise ValueError(f"task.name: unknown task {cfg.name!r} (known: {sorted(TASKS)})")
+        raise ConfigError(f"task.name: unknown task {cfg.name!r} (known: {sorted(TASKS)})")
     return TASKS[cfg.name](cfg)  # type: ignore[call-arg]
 
 

@@ -12,6 +12,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence
 
+from qpo_ray.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Example:
@@ -105,8 +107,8 @@ class Task(ABC):
         rng.shuffle(order)
         n_collect = max(1, int(round(collection_fraction * len(train))))
         if dev_queries and dev_queries >= n_collect:
-            raise ValueError(f"task.dev_queries={dev_queries} leaves no collection queries: "
-                             f"the collection share of {self.name!r} has {n_collect}")
+            raise ConfigError(f"task.dev_queries={dev_queries} leaves no collection queries: "
+                              f"the collection share of {self.name!r} has {n_collect}")
         collection = [train[i] for i in order[:n_collect - dev_queries]]
         dev = [train[i] for i in order[n_collect - dev_queries:n_collect]]
         demo_pool = [train[i] for i in order[n_collect:]]
