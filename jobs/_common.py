@@ -1,4 +1,5 @@
-"""What every Ray job entry point shares: the config arguments and the exit codes.
+"""What every Ray job entry point shares with the `qpo` command: qpo_ray.entry (the
+arguments of each command, the Config built from them, the work, the exit codes).
 
 Jobs are submitted from the repository root, e.g.
 
@@ -13,56 +14,25 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 from pathlib import Path
-from typing import Callable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+from qpo_ray.entry import (EXIT_FAILURE, EXIT_INPUT, EXIT_OK, add_config_args,  # noqa: E402
+                           config_from_args, job_main)
+
+EXIT_CONFIG = EXIT_INPUT
+__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "config", "job_main", "parser"]
 
 
 def parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the config arguments every job takes."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--profile", default="cpu-demo",
-                   help="profile name (qpo_ray/profiles/) or path to a YAML profile")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. loop.num_loops=2 (repeatable)")
-    p.add_argument("--workdir", help="run directory (overrides workdir)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (overrides tracking.uri)")
+    add_config_args(p)
     return p
 
 
 def config(args: argparse.Namespace):
-    from qpo_ray.config import load_config
-
-    overrides = list(args.overrides)
-    if args.workdir:
-        overrides.append(f"workdir={args.workdir}")
-    if args.tracking_uri:
-        overrides.append(f"tracking.uri={args.tracking_uri}")
-    return load_config(args.profile, overrides)
-
-
-def run(main: Callable[[], object]) -> int:
-    """Call `main`, print its result, and turn the outcome into an exit code."""
-    from qpo_ray.config import ConfigError
-    from qpo_ray.data.io import DatasetFileError
-    from qpo_ray.prompts import PromptCollectionError
-    from qpo_ray.rundir import RunDirBusy
-    from qpo_ray.tasks import TaskDataError
-
-    try:
-        result = main()
-    except (ConfigError, FileNotFoundError, DatasetFileError, PromptCollectionError,
-            TaskDataError, RunDirBusy) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except Exception:
-        traceback.print_exc()
-        return EXIT_FAILURE
-    if result is not None:
-        print(result)
-    return EXIT_OK
+    return config_from_args(args)

@@ -10,24 +10,5 @@ import sys
 
 import _common
 
-
-def main() -> int:
-    p = _common.parser(__doc__)
-    p.add_argument("--policy", required=True, help="policy directory of loop `round`")
-    p.add_argument("--dataset", required=True, help="D_{t-1} (Parquet with its reward scale)")
-    p.add_argument("--round", type=int, default=1)
-    p.add_argument("--out", required=True, help="where D_t is written")
-    args = p.parse_args()
-
-    def work():
-        from qpo_ray.loop import augment_round
-
-        return augment_round(_common.config(args), policy_dir=args.policy,
-                             dataset_path=args.dataset, round_index=args.round,
-                             out_path=args.out)
-
-    return _common.run(work)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_common.job_main("augment", __doc__))
