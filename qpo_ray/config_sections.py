@@ -276,7 +276,7 @@ class TestConfig:
     def validate(self) -> None:
         """Its own fields; the settings it shares with `loop` and `task` are checked by
         `Config.validate`. Method names are checked against the registry in
-        `qpo_ray.methods` before a run starts (`loop.check_before_work`)."""
+        `qpo_ray.methods` before a run starts (`stages.test.check_before_work`)."""
         require_all([
             (self.rank_collection_prompts >= 0 and self.rank_samples >= 0,
              "test.rank_collection_prompts / test.rank_samples must be >= 0"),

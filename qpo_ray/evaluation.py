@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -188,10 +188,12 @@ def init_ray(cfg: Config) -> None:
                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
 
 
-def score_pairs(cfg: Config, task: Task, splits, pairs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-    """Score pairs on the target through the Ray Data pipeline; returns (scored, usage)."""
+def score_pairs(cfg: Config, task: Task, splits, pairs: pd.DataFrame,
+                make: Optional[Callable[..., PairScorer]] = None) -> tuple[pd.DataFrame, dict]:
+    """Score pairs on the target with a fresh scorer from `make` (default: the Ray Data
+    pipeline of `make_scorer`); returns (scored, usage)."""
     init_ray(cfg)
-    scorer = make_scorer(cfg, task, splits.demo_pool)
+    scorer = (make or make_scorer)(cfg, task, splits.demo_pool)
     try:
         scored = scorer.score(pairs)
         usage = scorer.usage.as_dict()

@@ -26,6 +26,9 @@ A method returns {row name: one (id, text, source) per query}; most return one r
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -36,6 +39,7 @@ import pandas as pd
 from qpo_ray.config import Config, ConfigError
 from qpo_ray.prompts import PromptRecord, prompt_id
 from qpo_ray.rundir import RunDir, read_json, write_json_atomic
+from qpo_ray.stages.train import train_loop
 from qpo_ray.tasks.base import Example, Task
 
 PromptTuple = tuple[str, str, str]
@@ -151,7 +155,8 @@ def manual(ctx: MethodContext, queries: list[Example]) -> dict[str, list[PromptT
 
 def best_single(ctx: MethodContext, queries: list[Example]) -> dict[str, list[PromptTuple]]:
     if ctx.step0 is None:
-        raise ValueError("best_single needs the run's Step-0 data (R_task per prompt)")
+        raise ConfigError("test.methods: best_single needs the run's Step-0 data (R_task "
+                          "per prompt): evaluate a run directory")
     best = ctx.ranked_collection()[0]
     return {"best_single": [(best.id, best.text, best.source)] * len(queries)}
 
@@ -165,7 +170,8 @@ def router(ctx: MethodContext, queries: list[Example]) -> dict[str, list[PromptT
     from qpo_ray.router import fit_router, router_embedding_model
 
     if ctx.step0 is None:
-        raise ValueError("router needs the run's Step-0 data (its training set)")
+        raise ConfigError("test.methods: router needs the run's Step-0 data (its training "
+                          "set): evaluate a run directory")
     model = router_embedding_model(ctx.cfg)
     key = ("router", model)
     if key not in ctx._cache:
@@ -182,7 +188,8 @@ def nearest_neighbour(ctx: MethodContext, queries: list[Example]) -> dict[str, l
     from qpo_ray.policy import QPOPolicy, embed_queries
 
     if ctx.run is None:
-        raise ValueError("nearest_neighbour needs a run directory (its training queries)")
+        raise ConfigError("test.methods: nearest_neighbour needs a run directory (its "
+                          "training queries)")
     dataset, _ = read_dataset(ctx.run.dataset_path(ctx.last_loop))
     best = dataset.sort_values("reward", ascending=False).drop_duplicates("query")
     policy = QPOPolicy.load(ctx.policy_dirs[ctx.last_loop])
@@ -230,28 +237,35 @@ def method_prompts(ctx: MethodContext, methods: list[str],
     return out
 
 
-# -- ablation policies (trained on D_0 by the train stage's own function) -------------------
+# -- ablation policies: trained on D_0 by the train stage's own function ------------------
+
+def ablation_key(cfg: Config, loops: int) -> str:
+    """What an ablation's checkpoint depends on: the policy, training and seed settings
+    and the number of loops (D_0 is fixed per run directory)."""
+    data = {"policy": dataclasses.asdict(cfg.policy),
+            "training": dataclasses.asdict(cfg.training), "seed": cfg.seed, "loops": loops}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
 
 def _train_once(cfg: Config, dataset: Path, out_dir: Path, loops: int) -> str:
-    """Train `loops` stages on one fixed dataset (cached: reused if already done)."""
-    from qpo_ray.training import train_policy
-
-    marker = out_dir / "done.json"
-    if marker.exists():
+    """`loops` train stages on one fixed dataset, cached under `out_dir` for as long as
+    the settings it was trained with (its config key) stay the same."""
+    marker, key = out_dir / "done.json", ablation_key(cfg, loops)
+    if marker.exists() and read_json(marker).get("config_key") == key:
         return read_json(marker)["checkpoint_dir"]
     checkpoint: Optional[str] = None
     for loop in range(1, loops + 1):
-        result = train_policy(cfg, dataset_path=str(dataset), out_dir=str(out_dir / f"loop{loop}"),
-                              loop_index=loop, init_checkpoint=checkpoint)
-        checkpoint = str(result.checkpoint_dir)
-    write_json_atomic(marker, {"checkpoint_dir": checkpoint})
+        trained = train_loop(cfg, loop, dataset, out_dir / f"loop{loop}", checkpoint,
+                             label=f"{out_dir.name} train_{loop}")
+        checkpoint = trained.checkpoint_dir
+    write_json_atomic(marker, {"checkpoint_dir": checkpoint, "config_key": key})
     return checkpoint
 
 
 def ablation_policy(cfg: Config, run: Optional[RunDir], method: str) -> str:
     """The checkpoint of the `sft` or `qpo_no_mla` ablation, trained on D_0."""
     if run is None:
-        raise ValueError(f"{method} needs a run directory (it trains on D_0)")
+        raise ConfigError(f"test.methods: {method} needs a run directory (it trains on D_0)")
     dataset = run.dataset_path(1)
     if not dataset.exists():
         raise FileNotFoundError(f"{method} needs the run's D_0 ({dataset})")

@@ -40,6 +40,7 @@ import yaml
 
 from qpo_ray.atomic import write_text_atomic
 from qpo_ray.config import Config, ConfigError, config_from_dict
+from qpo_ray.stages import Stage, plan
 
 CONFIG_FILE = "config.yaml"
 STAGES_FILE = "stages.json"
@@ -96,11 +97,8 @@ def read_json(path: str | Path) -> Any:
 
 
 def stage_names(cfg: Config) -> list[str]:
-    """Every stage of a run, in order; the index of a stage seeds its random choices."""
-    names = ["step0", "filter", "train_1"]
-    for t in range(1, cfg.loop.num_loops):
-        names += [f"augment_{t}", f"train_{t + 1}"]
-    return names + ["test"]
+    """Every stage of a run, in order, by name (qpo_ray.stages.plan)."""
+    return [stage.name for stage in plan(cfg.loop.num_loops)]
 
 
 class RunDir:
@@ -226,10 +224,11 @@ class RunDir:
         if not trained:
             raise FileNotFoundError(f"{self.path}: no finished training stage (stages.json)")
         loop = trained[-1] if loop is None else loop
-        return Path(self.outputs(f"train_{loop}")["checkpoint_dir"])
+        return Path(self.outputs(Stage("train", loop).name)["checkpoint_dir"])
 
     def trained_loops(self) -> list[int]:
-        return sorted(int(n.split("_")[1]) for n in self.stages() if n.startswith("train_"))
+        stages = [Stage.parse(name) for name in self.stages()]
+        return sorted(s.loop for s in stages if s.kind == "train")
 
 
 def sidecar(path: str | Path, suffix: str) -> Path:

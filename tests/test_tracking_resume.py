@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from qpo_ray.config import load_config
-from qpo_ray.loop_tracking import log_stage
+from qpo_ray.loop import log_stage
 from qpo_ray.rundir import RunDir, write_json_atomic
 from qpo_ray.tracking import TRACKING_FILE, Tracker
 

@@ -1,0 +1,66 @@
+"""Step 0: every (query, prompt) pair of the collection scored on the target and
+rewarded, written as Parquet with its reward scale; or an existing dataset imported as
+is (`dataset.import_path`). MLflow: the target's cost, on loop 1's run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from qpo_ray.config import ConfigError
+from qpo_ray.data.importer import import_paper_json
+from qpo_ray.data.io import read_dataset, write_dataset
+from qpo_ray.data.pairs import build_step0_pairs
+from qpo_ray.data.rewards import compute_rewards
+from qpo_ray.loop_tracking import flatten_numbers
+from qpo_ray.prompts import load_collection
+from qpo_ray.rundir import read_json, sidecar, write_json_atomic
+from qpo_ray.stages import Stage, StageOutputs
+from qpo_ray.stages.context import RunContext
+
+
+@dataclass(frozen=True)
+class Step0Outputs(StageOutputs):
+    dataset: str
+    usage: str
+
+
+def build_initial_dataset(ctx: RunContext, out_path: Optional[str | Path] = None) -> Path:
+    """Write Step 0's dataset to `out_path` (default <workdir>/dataset_loop0.parquet)
+    and its target cost beside it (<out>.usage.json)."""
+    cfg = ctx.cfg
+    out = Path(out_path) if out_path else Path(cfg.workdir) / "dataset_loop0.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    usage: dict[str, Any] = {}
+    if cfg.dataset.import_path:
+        source = Path(cfg.dataset.import_path)
+        if not source.exists():
+            raise ConfigError(f"dataset.import_path: {source} does not exist")
+        if source.suffix == ".json":
+            frame, scale = import_paper_json(str(source))
+        else:
+            frame, scale = read_dataset(source)
+            if scale is None:
+                raise ConfigError(f"dataset.import_path: {source} has no reward scale in its "
+                                  "Parquet metadata (write it with qpo_ray.data.io.write_dataset)")
+    else:
+        prompts = load_collection(cfg.prompts, ctx.task.name)
+        pairs = build_step0_pairs(ctx.task, ctx.splits, prompts, cfg)
+        scored, usage = ctx.score(pairs)
+        frame, scale = compute_rewards(scored, cfg.dataset.zero_shot_penalty,
+                                       few_shot=cfg.task.num_shots > 0,
+                                       answer=cfg.dataset.query_reward)
+    write_dataset(frame, out, scale)
+    write_json_atomic(sidecar(out, ".usage.json"), usage)
+    return out
+
+
+def run(ctx: RunContext, stage: Stage) -> Step0Outputs:
+    path = build_initial_dataset(ctx, ctx.run.step0_path())
+    return Step0Outputs(dataset=str(path), usage=str(sidecar(path, ".usage.json")))
+
+
+def log(ctx: RunContext, stage: Stage, outputs: dict[str, Any]) -> None:
+    out = Step0Outputs.from_dict(outputs)
+    ctx.tracker.log_loop_metrics(1, flatten_numbers(read_json(out.usage)), prefix="target/")
