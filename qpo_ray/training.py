@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from qpo_ray.atomic import atomic_dir, write_text_atomic
 from qpo_ray.config import Config, TrainingConfig, config_from_dict
 from qpo_ray.device import configure_cpu_threads, get_device, move, resolve_dtype
+from qpo_ray.optim import EngineBase
 from qpo_ray.policy import QPOPolicy, as_batch, encode_rows, training_rows
 
 METRIC_KEYS = ("loss", "prompt_loss", "reward_loss", "reward_mae")
@@ -80,19 +81,14 @@ def check_training_config(cfg: Config) -> None:
 
 
 # ----- the per-step engine (shared by Ray workers and the bare benchmark loop) ------------
-class TorchEngine:
+class TorchEngine(EngineBase):
     """AdamW + clipping + StepLR around a policy, optionally wrapped (DDP) by `wrap`."""
 
     def __init__(self, policy: QPOPolicy, tcfg: TrainingConfig, lr: float,
                  wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None):
-        self.policy = policy
-        self.device = policy.device
         self.model = wrap(policy) if wrap else policy
+        super().__init__(policy, tcfg, lr)
         self.clip = tcfg.grad_clip_norm
-        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=lr,
-                                           weight_decay=tcfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(
-            self.optimizer, step_size=tcfg.lr_step_epochs, gamma=tcfg.lr_step_gamma)
         mp = tcfg.mixed_precision
         self.amp_dtype = resolve_dtype(mp, self.device) if mp != "no" else None
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range.
@@ -114,9 +110,6 @@ class TorchEngine:
             torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.clip)
             self.optimizer.step()
         return out
-
-    def end_epoch(self) -> None:
-        self.scheduler.step()
 
     def save(self, rank_dir: Path, rank: int) -> bool:
         """Write this rank's part of a checkpoint; True when it wrote anything."""

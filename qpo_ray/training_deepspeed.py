@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from qpo_ray.config import TrainingConfig
+from qpo_ray.optim import EngineBase
 from qpo_ray.policy import QPOPolicy
 
 DEEPSPEED_SUBDIR = "deepspeed"
@@ -45,19 +46,13 @@ def deepspeed_config(tcfg: TrainingConfig, world_size: int) -> dict[str, Any]:
     }
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(EngineBase):
     """Same surface as `training.TorchEngine`: step, end_epoch, save, optimizer."""
 
     def __init__(self, policy: QPOPolicy, tcfg: TrainingConfig, lr: float, world_size: int):
         import deepspeed
 
-        self.policy = policy
-        self.device = policy.device
-        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=lr,
-                                           weight_decay=tcfg.weight_decay)
-        # Stepped once per epoch by the loop (DeepSpeed would step a scheduler per batch).
-        self.scheduler = torch.optim.lr_scheduler.StepLR(
-            self.optimizer, step_size=tcfg.lr_step_epochs, gamma=tcfg.lr_step_gamma)
+        super().__init__(policy, tcfg, lr)
         self.engine, _, _, _ = deepspeed.initialize(
             model=policy, optimizer=self.optimizer,
             config=deepspeed_config(tcfg, world_size), dist_init_required=False,
@@ -68,9 +63,6 @@ class DeepSpeedEngine:
         self.engine.backward(out["loss"])
         self.engine.step()
         return out
-
-    def end_epoch(self) -> None:
-        self.scheduler.step()
 
     def save(self, rank_dir: Path, rank: int) -> bool:
         """Collective: every rank writes its own ZeRO shard under `rank_dir`."""

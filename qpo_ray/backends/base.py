@@ -89,6 +89,21 @@ class TargetBackend(ABC):
     def close(self) -> None:
         """Release the engine (GPU memory, worker processes)."""
 
+    def _counted_scores(self, rows: list[list[ContinuationScore]]) -> list[list[ContinuationScore]]:
+        """`rows` (one per prefix), after adding their cost to `usage`: every backend
+        counts a call per prefix, its prefix tokens once and each candidate's tokens."""
+        self.usage.calls += len(rows)
+        self.usage.prompt_tokens += sum(row[0].num_prompt_tokens for row in rows if row)
+        self.usage.completion_tokens += sum(s.num_tokens for row in rows for s in row)
+        return rows
+
+    def _counted_generations(self, gens: list[Generation]) -> list[Generation]:
+        """`gens` (one per prefix), after adding their cost to `usage`."""
+        self.usage.calls += len(gens)
+        self.usage.prompt_tokens += sum(g.num_prompt_tokens for g in gens)
+        self.usage.completion_tokens += sum(len(g.token_logprobs) for g in gens)
+        return gens
+
     @contextmanager
     def _timed(self) -> Iterator[None]:
         start = time.perf_counter()

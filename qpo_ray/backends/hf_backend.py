@@ -66,10 +66,7 @@ class HFBackend(TargetBackend):
                 for i, score in zip(rows, scores):
                     out[i] = score
                 self.usage.cached_prompt_tokens += head * (len(rows) - 1)
-        self.usage.calls += len(prefixes)
-        self.usage.prompt_tokens += sum(len(p) for p in prefix_ids)
-        self.usage.completion_tokens += len(prefixes) * sum(len(c) for c in cand_ids)
-        return out  # type: ignore[return-value]
+        return self._counted_scores(out)  # type: ignore[arg-type]
 
     def _head_cache(self, head_ids: list[int], rows: int):
         """The KV cache of `head_ids`, computed once and repeated for `rows` rows."""
@@ -142,10 +139,7 @@ class HFBackend(TargetBackend):
             for start in range(0, len(prefix_ids), self.batch_size):
                 out += self._generate_chunk(prefix_ids[start:start + self.batch_size],
                                             max_new_tokens)
-        self.usage.calls += len(prefixes)
-        self.usage.prompt_tokens += sum(len(p) for p in prefix_ids)
-        self.usage.completion_tokens += sum(len(g.token_logprobs) for g in out)
-        return out
+        return self._counted_generations(out)
 
     def _generate_chunk(self, prefix_ids: list[list[int]], max_new_tokens: int) -> list[Generation]:
         ids, mask = devices.move(_left_pad(prefix_ids, self.pad_id), self.device)

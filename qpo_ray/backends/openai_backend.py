@@ -92,10 +92,7 @@ class OpenAIBackend(TargetBackend):
         wrapped = ([self.encoder.wrap(p) for p in prefixes] if self.config.use_chat_template
                    else list(prefixes))
         rows = self._map(lambda prefix: self._score_one(prefix, texts), wrapped)
-        self.usage.calls += len(prefixes)
-        self.usage.prompt_tokens += sum(row[0].num_prompt_tokens for row in rows)
-        self.usage.completion_tokens += sum(s.num_tokens for row in rows for s in row)
-        return rows
+        return self._counted_scores(rows)
 
     def _score_one(self, prefix: str, candidates: list[str]) -> list[ContinuationScore]:
         body = {"model": self.config.model, "prompt": [prefix + c for c in candidates],
@@ -123,10 +120,7 @@ class OpenAIBackend(TargetBackend):
 
     def generate(self, prefixes: Sequence[str], max_new_tokens: int) -> list[Generation]:
         gens = self._map(lambda p: self._generate_one(p, max_new_tokens), prefixes)
-        self.usage.calls += len(prefixes)
-        self.usage.prompt_tokens += sum(g.num_prompt_tokens for g in gens)
-        self.usage.completion_tokens += sum(len(g.token_logprobs) for g in gens)
-        return gens
+        return self._counted_generations(gens)
 
     def _generate_one(self, prefix: str, max_new_tokens: int) -> Generation:
         common = {"model": self.config.model, "max_tokens": max_new_tokens, "temperature": 0.0}

@@ -96,9 +96,6 @@ class VLLMBackend(TargetBackend):
 
         prefix_ids = self.encoder.encode_prefixes(prefixes)
         cand_ids = self.encoder.encode_candidates(candidates)
-        self.usage.calls += len(prefixes)
-        self.usage.prompt_tokens += sum(len(p) for p in prefix_ids)
-        self.usage.completion_tokens += len(prefixes) * sum(len(c) for c in cand_ids)
         # One wave of one-step requests per trie depth: a deeper wave's prompts extend the
         # previous wave's, so they hit the prefix cache and cost only their last tokens.
         # (prompt_logprobs would bypass the cache and soft-max the whole 49k vocabulary
@@ -116,9 +113,10 @@ class VLLMBackend(TargetBackend):
             for (i, context, following), out in zip(wave, outputs):
                 logprobs = out.outputs[0].logprobs[0]
                 step[(i, context)] = {t: logprobs[t].logprob for t in following}
-        return [[ContinuationScore(sum(step[(i, tuple(c[:k]))][t] for k, t in enumerate(c)),
-                                   len(c), len(p)) for c in cand_ids]
-                for i, p in enumerate(prefix_ids)]
+        return self._counted_scores(
+            [[ContinuationScore(sum(step[(i, tuple(c[:k]))][t] for k, t in enumerate(c)),
+                                len(c), len(p)) for c in cand_ids]
+             for i, p in enumerate(prefix_ids)])
 
     def generate(self, prefixes: Sequence[str], max_new_tokens: int) -> list[Generation]:
         from vllm import SamplingParams
@@ -131,10 +129,7 @@ class VLLMBackend(TargetBackend):
             completion = out.outputs[0]
             lps = [step[t].logprob for step, t in zip(completion.logprobs, completion.token_ids)]
             gens.append(Generation(completion.text, lps, len(p)))
-        self.usage.calls += len(prefixes)
-        self.usage.prompt_tokens += sum(len(p) for p in prefix_ids)
-        self.usage.completion_tokens += sum(len(g.token_logprobs) for g in gens)
-        return gens
+        return self._counted_generations(gens)
 
     def close(self) -> None:
         # The engine core holds the KV cache (and, on GPU, its memory) until shut down.

