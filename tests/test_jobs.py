@@ -53,14 +53,18 @@ def test_job_exits_2_on_a_config_error():
     assert "loop.num_loops" in proc.stderr
 
 
-def test_job_exits_2_on_a_missing_input(tmp_path):
-    proc = subprocess.run([sys.executable, "jobs/augment_round.py", "--profile", "cpu-demo",
+@pytest.mark.parametrize("command", [["jobs/augment_round.py"], ["-m", "qpo_ray.cli", "augment"]],
+                         ids=["job", "qpo"])
+def test_job_and_qpo_exit_2_on_a_missing_input(tmp_path, command):
+    """The job and the `qpo` subcommand share arguments and exit-code policy."""
+    proc = subprocess.run([sys.executable, *command, "--profile", "cpu-demo",
                            "--policy", str(tmp_path / "nope"),
                            "--dataset", str(tmp_path / "missing.parquet"), "--round", "1",
                            "--out", str(tmp_path / "out.parquet")],
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "missing.parquet" in proc.stderr
+    assert "error: " in proc.stderr and "missing.parquet" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.fixture(scope="module")

@@ -233,8 +233,19 @@ def test_evaluate_trains_the_ablations_and_labels_another_target(finished_run, p
     results = pd.read_csv(out_dirs[0] / "results.csv")
     assert set(results["method"]) == {"sft", "qpo_no_mla"} and (results["n"] == 6).all()
 
-    sft_dir = json.loads((workdir / "baselines" / "sft" / "done.json").read_text())
+    marker = workdir / "baselines" / "sft" / "done.json"
+    sft_dir = json.loads(marker.read_text())
     assert QPOPolicy.load(sft_dir["checkpoint_dir"]).config.mode == "sft"
+    # Cached by the settings it was trained with: the same ones reuse it, untouched...
+    from qpo_ray.methods import ablation_key, ablation_policy
+
+    written = marker.stat().st_mtime_ns
+    assert ablation_policy(cfg, RunDir(workdir), "sft") == sft_dir["checkpoint_dir"]
+    assert marker.stat().st_mtime_ns == written
+    # ...other training settings do not.
+    other = load_config(str(profile), [f"workdir={workdir}", "training.lr_first_loop=0.5"])
+    other.policy.mode = "sft"
+    assert sft_dir["config_key"] != ablation_key(other, 1)
     # No multi-loop augmentation: the same number of training stages, all on D_0.
     no_mla = workdir / "baselines" / "qpo_no_mla"
     assert (no_mla / "loop1").is_dir() and (no_mla / "loop2").is_dir()

@@ -1,0 +1,37 @@
+"""Stage identity and order: the one parser of stage names, the plan the loop walks,
+and typed outputs surviving the run directory's stages.json (relative paths)."""
+
+from __future__ import annotations
+
+import pytest
+
+from qpo_ray.config import load_config
+from qpo_ray.rundir import RunDir, stage_names
+from qpo_ray.stages import Stage, plan
+from qpo_ray.stages.train import TrainOutputs
+
+
+def test_plan_is_algorithm_1_and_names_parse_back():
+    stages = plan(3)
+    assert [s.name for s in stages] == ["step0", "filter", "train_1", "augment_1", "train_2",
+                                        "augment_2", "train_3", "test"]
+    assert [Stage.parse(s.name) for s in stages] == stages
+    assert Stage.parse("train_12") == Stage("train", 12)
+    for bad in ("train_0", "train_", "Train_1", "train_1_2", ""):
+        with pytest.raises(ValueError):
+            Stage.parse(bad)
+
+
+def test_typed_outputs_round_trip_through_a_moved_run_directory(tmp_path):
+    cfg = load_config("cpu-demo", [f"workdir={tmp_path / 'a'}", "loop.num_loops=2"])
+    run = RunDir.create(cfg)
+    assert stage_names(cfg) == [s.name for s in plan(2)]
+    ckpt = run.train_dir(2) / "policy"
+    ckpt.mkdir(parents=True)
+    out = TrainOutputs(checkpoint_dir=str(ckpt), metrics=str(run.train_dir(2) / "m.json"))
+    run.mark_done(Stage("train", 2).name, {**out.to_dict(), "wall_s": 1.0})
+    moved = RunDir(run.path.rename(tmp_path / "b"))
+    back = TrainOutputs.from_dict(moved.outputs("train_2"))
+    assert back == TrainOutputs(str(moved.path / "loop2" / "policy"),
+                                str(moved.path / "loop2" / "m.json"))
+    assert moved.trained_loops() == [2] and moved.policy_dir() == moved.path / "loop2" / "policy"
