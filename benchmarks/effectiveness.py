@@ -55,7 +55,10 @@ def run_seed(seed: int, workdir: Path, profile: Path, overrides: list[str]) -> f
         cmd += ["--profile", str(profile), "--workdir", str(run_dir), "--set", f"seed={seed}"]
         for item in overrides:
             cmd += ["--set", item]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    # No OMP_NUM_THREADS default: the driver ranks and generates with torch between the
+    # scoring phases, and one thread there made the test stage several times slower; Ray
+    # already caps each scoring actor's threads at its num_cpus.
+    env = dict(os.environ)
     start = time.perf_counter()
     log = run_dir.parent / f"seed{seed}.log"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
