@@ -69,10 +69,11 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> str:
     cfg = None if args.resume else config_from_args(args)  # config errors before imports
-    from qpo_ray.loop import run_qpo
-
-    # Held for the whole run: a second run on this directory fails at once.
+    # Held for the whole run: a second run on this directory fails at once, before the
+    # stages' libraries load.
     with lock_run_dir(args.resume or cfg.workdir):
+        from qpo_ray.loop import run_qpo
+
         result = run_qpo(cfg, resume_dir=args.resume)
     return f"\nresults: {result}"
 
