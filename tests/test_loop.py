@@ -214,6 +214,7 @@ def _run_until_killed(args: list[str], point: str, workdir: Path) -> None:
     assert stage not in logged, (point, logged)
 
 
+@pytest.mark.timeout(2400)  # a whole run in up to ten processes, each starting Ray
 @pytest.mark.parametrize("kill_points", [
     pytest.param(BOUNDARIES, id="boundaries"),
     pytest.param(ANYWHERE, id="anywhere", marks=pytest.mark.crash_mid_stage)])
