@@ -2,7 +2,8 @@
 leaves either the old version or the new one, never a mixture or a truncated file.
 
 A file is written to a temporary sibling, fsynced, renamed over the target, and the
-parent directory is fsynced (the rename itself is only durable once the directory is).
+parent directory is fsynced (the rename itself is only durable once the directory is):
+`atomic_file` / `write_*_atomic` / `replace_file`, the only file renames in qpo_ray.
 A directory is written the same way as a whole: into a temporary sibling, every file
 fsynced, then swapped in with one atomic exchange (Linux `renameat2(RENAME_EXCHANGE)`;
 elsewhere two renames, with a window of microseconds in which the path is absent but
@@ -16,6 +17,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -42,20 +44,28 @@ def fsync_tree(root: str | Path) -> None:
         fsync_path(dirpath)
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """`with atomic_file(p) as tmp:` write the whole file at `tmp` (any writer that takes
+    a path: Parquet, safetensors); on success it is fsynced and renamed over `p`, on an
+    exception `p` is left as it was and `tmp` is removed. A process killed inside the
+    block leaves `p` as it was, plus a stray hidden `.<name>.*.tmp` sibling."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    # Not mkstemp: its 0600 would hide the file from other users (Serve); this honours
+    # the umask like a plain open().
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_path(path.parent)
+        yield tmp
+        replace_file(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -63,7 +73,9 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def replace_file(tmp: str | Path, path: str | Path) -> None:
-    """Rename an already written `tmp` over `path`, durably (fsync both ends)."""
+    """Rename an already written `tmp` over `path`, durably: the data is fsynced before
+    the rename (else a power loss can leave the new name on empty blocks), the directory
+    after it (else the rename itself can be lost)."""
     fsync_path(tmp)
     os.replace(tmp, path)
     fsync_path(Path(path).parent)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from qpo_ray import faults
 from qpo_ray.backends import create_backend, validate_backend_config
 from qpo_ray.backends.base import Usage
 from qpo_ray.config import Config
@@ -41,7 +42,7 @@ class _ScoringActor:
     """One engine per Ray actor; Ray Data calls it on each batch of pairs."""
 
     def __init__(self, target_config, shared: dict[str, Any], max_new_tokens: int,
-                 crash_once: str | None) -> None:
+                 crash_once: str | None, kill_driver: int | None = None) -> None:
         import ray
 
         from qpo_ray import device as devices
@@ -55,6 +56,7 @@ class _ScoringActor:
         self.demo_lookup = ray.get(shared["demos"])
         self.max_new_tokens = max_new_tokens
         self.crash_once = crash_once
+        self.kill_driver = kill_driver  # qpo_ray.faults: the resume test's "<stage>:score"
         self.backend = create_backend(target_config)
         self.start_seconds = time.perf_counter() - started
 
@@ -80,6 +82,7 @@ class _ScoringActor:
             self.start_seconds = 0.0
         for column, value in firsts.items():
             scored[column] = ([value] + [0.0] * (len(scored) - 1)) if len(scored) else []
+        faults.kill(self.kill_driver)  # scored, never received
         return scored
 
 
@@ -167,6 +170,7 @@ class RayDataScorer(PairScorer):
                 "target_config": self.cfg.target, "shared": self._shared,
                 "max_new_tokens": self.cfg.target.max_new_tokens,
                 "crash_once": os.environ.get(FAULT_ENV),
+                "kill_driver": faults.armed_pid("score"),
             },
             compute=ray.data.ActorPoolStrategy(size=min(self.num_actors, n_batches)),
             batch_size=ev.batch_size_pairs,

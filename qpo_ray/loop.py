@@ -28,6 +28,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Optional
 
+from qpo_ray import faults
 from qpo_ray.config import Config
 from qpo_ray.rundir import RunDir
 from qpo_ray.stages import Stage, augment, plan, step0, test, train
@@ -82,6 +83,7 @@ def run_qpo(cfg: Optional[Config], resume_dir: Optional[str] = None) -> Path:
     try:
         for stage in plan(cfg.loop.num_loops):
             module, name = _module(stage), stage.name
+            faults.enter_stage(name)  # QPO_FAULT_AT (the resume test) only; else no-op
             if not run.is_done(name):
                 print(f"[qpo] stage {name} ...", flush=True)
                 start = time.perf_counter()
@@ -89,8 +91,10 @@ def run_qpo(cfg: Optional[Config], resume_dir: Optional[str] = None) -> Path:
                 outputs["wall_s"] = round(time.perf_counter() - start, 1)
                 run.mark_done(name, outputs)
                 print(f"[qpo] stage {name} done in {outputs['wall_s']:.0f} s", flush=True)
+                faults.at("done")
             if name not in logged:
                 module.log(ctx, stage, run.outputs(name))
+                faults.at("logged")
                 logged.add(name)
                 tracker.mark_logged(name)
     except KeyboardInterrupt:

@@ -42,6 +42,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from qpo_ray import faults
 from qpo_ray.atomic import atomic_dir, write_text_atomic
 from qpo_ray.config import Config, TrainingConfig, config_from_dict
 from qpo_ray.device import configure_cpu_threads, get_device, move, resolve_dtype
@@ -119,7 +120,8 @@ class TorchEngine(EngineBase):
         return True
 
 
-def run_epoch(engine, loader: DataLoader, max_steps: int | None) -> dict[str, float]:
+def run_epoch(engine, loader: DataLoader, max_steps: int | None,
+              after_step: Callable[[], None] | None = None) -> dict[str, float]:
     """Train one pass over `loader` (at most `max_steps` steps); this rank's sums."""
     engine.policy.train()
     sums = torch.zeros(len(METRIC_KEYS), device=engine.device)
@@ -132,6 +134,8 @@ def run_epoch(engine, loader: DataLoader, max_steps: int | None) -> dict[str, fl
         sums += torch.stack([out[k].detach().float() for k in METRIC_KEYS])
         steps += 1
         samples += len(tensors[0])
+        if after_step is not None:
+            after_step()
     seconds = time.perf_counter() - start
     return {**dict(zip(METRIC_KEYS, sums.tolist())), "steps": steps, "samples": samples,
             "seconds": seconds}
@@ -198,13 +202,16 @@ def _train_worker(config: dict[str, Any]) -> None:
     else:
         engine = TorchEngine(policy, tcfg, config["lr"], wrap=ray.train.torch.prepare_model)
 
+    # qpo_ray.faults: the resume test's "<stage>:train" kills the driver mid-epoch.
+    kill_driver = config.get("kill_driver")
     history: list[dict[str, float]] = []
     steps_left = tcfg.max_steps_per_loop
     epochs = config["epochs"]
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
         lr = engine.optimizer.param_groups[0]["lr"]
-        local = run_epoch(engine, loader, steps_left)
+        local = run_epoch(engine, loader, steps_left,
+                          after_step=lambda: faults.kill(kill_driver))
         engine.end_epoch()
         metrics = {"epoch": epoch + 1, "lr": lr, **_reduce_epoch(local, device)}
         history.append(metrics)
@@ -266,6 +273,7 @@ def train_policy(cfg: Config, dataset_path: str, out_dir: str, loop_index: int,
         train_loop_config={
             "cfg": cfg.to_dict(), "rows": ray.put(rows), "lr": lr, "epochs": epochs,
             "init_checkpoint": str(Path(init_checkpoint).resolve()) if init_checkpoint else None,
+            "kill_driver": faults.armed_pid("train"),
         },
         scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
                                      resources_per_worker=resources),

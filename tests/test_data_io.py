@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -77,3 +81,49 @@ def test_later_loop_merge_keeps_the_first_scale(tmp_path):
     back, back_scale = read_dataset(tmp_path / "d1.parquet")
     assert back_scale == scale and len(back) == 6
     assert back.groupby("loop").size().to_dict() == {0: 3, 1: 3}
+
+
+KILLED_WRITER = """
+import os, signal, sys
+import pyarrow.parquet as pq
+from qpo_ray.data.io import read_dataset, write_dataset
+
+path = sys.argv[1]
+frame, scale = read_dataset(path)
+real_write = pq.write_table
+
+def write_then_die(table, where, **kwargs):  # the crash: written, not yet renamed
+    real_write(table, where, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+pq.write_table = write_then_die
+write_dataset(frame.iloc[:1], path, scale)
+"""
+
+
+def test_a_write_killed_before_its_rename_leaves_the_old_dataset(tmp_path):
+    """SIGKILL between writing the new file and renaming it into place: the old dataset is
+    still there whole (a crash can never leave a truncated or mixed Parquet file)."""
+    path = tmp_path / "dataset_1.parquet"
+    frame, scale = compute_rewards(scored_pairs(), "nll")
+    write_dataset(frame, path, scale)
+    before = path.read_bytes()
+    assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # readable by Serve
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(path)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert path.read_bytes() == before
+    got, got_scale = read_dataset(path)
+    assert len(got) == len(frame) and got_scale == scale
+    # What the crash leaves besides: one hidden, complete temporary file, never read.
+    (stray,) = tmp_path.glob(".dataset_1.parquet.*.tmp")
+    assert len(read_dataset(stray)[0]) == 1
+    write_dataset(frame.iloc[:2], path, scale)  # and the next write goes through
+    assert len(read_dataset(path)[0]) == 2
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,16 +1,19 @@
 """The multi-loop QPO run end to end on real components (Ray, Ray Data, Ray Train, the
 embedded target on transformers, MLflow's sqlite store), at tiny sizes, through the
-`qpo` CLI in subprocesses: one uninterrupted run, and one killed after a stage marker
-and resumed, which must end with the same dataset."""
+`qpo` CLI in subprocesses: one uninterrupted run, and one SIGKILLed at every stage
+boundary and inside the longest stages, resumed each time, which must end with the same
+dataset and MLflow state."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +23,10 @@ import yaml
 
 from qpo_ray.config import load_config
 from qpo_ray.data.io import read_dataset
+from qpo_ray.faults import FAULT_ENV
 from qpo_ray.policy.model import POLICY_FILE
 from qpo_ray.rundir import RunDir, stage_names
+from qpo_ray.tracking import TRACKING_FILE
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -168,43 +173,91 @@ def test_mlflow_store_has_parent_nested_runs_datasets_and_model_versions(finishe
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"report", "config.yaml"}
 
 
-def test_killed_run_resumes_to_the_same_dataset(finished_run, profile, tmp_path):
-    """Kill `qpo run` once train_1 is marked done, resume, compare with the uninterrupted run."""
-    workdir = tmp_path / "run"
-    stages = workdir / "stages.json"
-    proc = subprocess.Popen(_qpo("run", "--profile", str(profile), "--workdir", str(workdir)),
-                            env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 900
-        while not (stages.exists() and "train_1" in json.loads(stages.read_text())):
-            assert proc.poll() is None, "the run ended before it could be interrupted"
-            assert time.monotonic() < deadline, "train_1 never finished"
-            time.sleep(0.5)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # only the group this test started
-        proc.wait()
-    assert "test" not in RunDir(workdir).stages()
+# Where the resume tests SIGKILL `qpo run` (QPO_FAULT_AT, see qpo_ray.faults), in order,
+# each resumed run killed at the next point. Every stage boundary: after the stage is
+# marked done but before MLflow logged it ("done"), or after MLflow logged it (and for
+# train_<t> registered its version) but before tracking.json says so ("logged").
+BOUNDARIES = ["step0:done", "filter:logged", "train_1:logged", "augment_1:done",
+              "train_2:logged", "test:done"]
+# The same, plus inside the three longest stages ("score": a batch scored but not yet
+# received; "train": mid-epoch). Each of these redoes most of a stage: selected only with
+# `-m crash_mid_stage` (conftest.py), as CI's time budget has no room for it.
+ANYWHERE = ["step0:score", "step0:done", "filter:logged", "train_1:train", "train_1:logged",
+            "augment_1:score", "augment_1:done", "train_2:logged", "test:done"]
 
-    resumed = subprocess.run(_qpo("run", "--resume", str(workdir)), env=_env(), cwd=REPO,
-                             capture_output=True, text=True, timeout=1500)
+
+def _content_hash(frame: pd.DataFrame) -> str:
+    # str() of a float is its shortest exact repr; lists become their repr too.
+    return hashlib.sha256(frame.astype(str).to_csv(index=False).encode()).hexdigest()
+
+
+def _run_until_killed(args: list[str], point: str, workdir: Path) -> None:
+    # Output to a file, not a pipe: Ray processes that outlive the driver would hold a
+    # pipe open.
+    log = workdir.with_name(f"killed-at-{point.replace(':', '-')}.log")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(_qpo(*args), env={**_env(), FAULT_ENV: point}, cwd=REPO,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        proc.wait(timeout=900)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # what is left of the group this test started
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, \
+        f"{point}: rc {proc.returncode}\n{log.read_text()[-4000:]}"
+    stage, where = point.split(":")
+    done = RunDir(workdir).stages()
+    logged = json.loads((workdir / TRACKING_FILE).read_text()).get("logged_stages", [])
+    # Killed exactly where asked: inside the stage, or between its marker and MLflow.
+    assert (stage in done) == (where in ("done", "logged")), (point, list(done))
+    assert stage not in logged, (point, logged)
+
+
+@pytest.mark.timeout(2400)  # a whole run in up to ten processes, each starting Ray
+@pytest.mark.parametrize("kill_points", [
+    pytest.param(BOUNDARIES, id="boundaries"),
+    pytest.param(ANYWHERE, id="anywhere", marks=pytest.mark.crash_mid_stage)])
+def test_killed_run_resumes_to_the_same_dataset_and_mlflow(finished_run, profile, tmp_path,
+                                                          kill_points):
+    """`qpo run` SIGKILLed at each of `kill_points` in turn, each time continued with
+    `qpo run --resume`: the same final dataset as the uninterrupted run, and in MLflow one
+    parent run, one nested run and one model version per loop, no metric point twice."""
+    from mlflow import MlflowClient
+
+    workdir = tmp_path / "run"
+    args = ["run", "--profile", str(profile), "--workdir", str(workdir)]
+    for point in kill_points:
+        _run_until_killed(args, point, workdir)
+        args = ["run", "--resume", str(workdir)]
+    resumed = subprocess.run(_qpo(*args), env=_env(), cwd=REPO, capture_output=True,
+                             text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
     assert "resuming" in resumed.stdout
-    assert list(RunDir(workdir).stages())[-1] == "test"
+    assert list(RunDir(workdir).stages()) == list(RunDir(finished_run[0]).stages())
 
     expected, expected_scale = read_dataset(RunDir(finished_run[0]).dataset_path(2))
     got, got_scale = read_dataset(RunDir(workdir).dataset_path(2))
     assert got_scale == expected_scale
     pd.testing.assert_frame_equal(got, expected)
-
-    # The resumed process continued the same MLflow parent run.
-    from mlflow import MlflowClient
+    assert len(got) == len(expected) and _content_hash(got) == _content_hash(expected)
 
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("qpo")
-    parents = [r for r in client.search_runs([exp.experiment_id])
-               if "mlflow.parentRunId" not in r.data.tags]
+    runs = client.search_runs([client.get_experiment_by_name("qpo").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    loop_runs = {r.data.tags["qpo.loop"]: r.info.run_id for r in runs
+                 if "mlflow.parentRunId" in r.data.tags}
+    assert len(runs) == 3 and sorted(loop_runs) == ["1", "2"], [r.info.run_name for r in runs]
+    versions = {v.tags["qpo.loop"]: v for v in client.search_model_versions("name = 'qpo-policy'")}
+    assert len(client.search_model_versions("name = 'qpo-policy'")) == 2
+    assert {t: versions[t].run_id for t in versions} == loop_runs
+    assert client.get_model_version_by_alias("qpo-policy", "latest").version == \
+        client.get_model_version_by_alias("qpo-policy", "final").version == versions["2"].version
+    for run in runs:
+        for key in run.data.metrics:
+            steps = Counter(m.step for m in client.get_metric_history(run.info.run_id, key))
+            assert max(steps.values()) == 1, (run.info.run_name, key, steps)
 
 
 def test_run_refuses_a_workdir_holding_another_config(finished_run, profile):

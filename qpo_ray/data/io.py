@@ -16,6 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from qpo_ray.atomic import atomic_file
 from qpo_ray.data.rewards import RewardScale
 from qpo_ray.data.schema import ALL_COLUMNS, PAIR_COLUMNS, REWARD_SCALE_KEY
 
@@ -70,9 +71,9 @@ def write_dataset(df: pd.DataFrame, path: str | Path,
         metadata[REWARD_SCALE_KEY.encode()] = json.dumps(scale.to_dict()).encode()
     table = table.replace_schema_metadata(metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)  # a reader never sees half a file
+    # A reader never sees half a file; a crash leaves the old dataset, fsynced and whole.
+    with atomic_file(path) as tmp:
+        pq.write_table(table, tmp)
     return path
 
 
