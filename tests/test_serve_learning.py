@@ -45,6 +45,7 @@ def setup(tmp_path_factory, tiny_model_dir, free_port):
 def deploy(cfg, profile, policy_uri, user_config=None) -> None:
     """What `serve deploy` sends the controller (a Serve config); `user_config`, under
     the application's `deployments`, is the no-restart switch."""
+    from ray import serve
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
@@ -56,7 +57,14 @@ def deploy(cfg, profile, policy_uri, user_config=None) -> None:
         app["deployments"] = [{"name": "PolicyServer", "user_config": user_config}]
     schema = ServeDeploySchema(http_options={"host": cfg.serve.host, "port": cfg.serve.port},
                                applications=[app])
-    _get_global_client().deploy_apps(schema, _blocking=True)
+    # Not deploy_apps(_blocking=True): its fixed 60 s is too short on a busy 2-core machine.
+    _get_global_client().deploy_apps(schema)
+    deadline = time.monotonic() + 600
+    while (status := serve.status().applications.get(APP_NAME)) is None or \
+            status.status != "RUNNING":
+        assert status is None or status.status != "DEPLOY_FAILED", status.message
+        assert time.monotonic() < deadline, f"{APP_NAME} not running: {status}"
+        time.sleep(1)
 
 
 @pytest.fixture(scope="module")
