@@ -53,21 +53,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
     run_serve(cfg, blocking=True)
 
 
-def cmd_serve_report(args: argparse.Namespace) -> int:
+def cmd_serve_report(args: argparse.Namespace) -> str:
     from qpo_ray.serving.feedback_report import report
 
-    print(report(_config(args), versions=tuple(args.compare) if args.compare else None,
-                 to_mlflow=not args.no_mlflow))
-    return 0
+    return report(config_from_args(args), to_mlflow=not args.no_mlflow,
+                  versions=tuple(args.compare) if args.compare else None)
 
 
-def cmd_serve_feedback_dataset(args: argparse.Namespace) -> int:
+def cmd_serve_feedback_dataset(args: argparse.Namespace) -> str:
     from qpo_ray.serving.feedback_report import write_feedback_dataset
 
-    path, added = write_feedback_dataset(_config(args), args.out, into=args.into,
+    path, added = write_feedback_dataset(config_from_args(args), args.out, into=args.into,
                                          keep_all=args.keep_all)
-    print(f"{added} feedback rows{' + ' + args.into if args.into else ''} -> {path}")
-    return 0
+    return f"{added} feedback rows{' + ' + args.into if args.into else ''} -> {path}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,14 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     ssub = p.add_subparsers(dest="serve_command", required=False)
     p = ssub.add_parser("report", help="per policy version: requests, feedback, accuracy "
                         "with a 95%% CI, the A/B difference; logged to MLflow")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--compare", nargs=2, metavar=("A", "B"),
                    help="the two policy versions to compare (default: most feedback)")
     p.add_argument("--no-mlflow", action="store_true", help="print only")
     p.set_defaults(func=cmd_serve_report)
     p = ssub.add_parser("feedback-dataset", help="turn serving feedback into dataset rows "
                         "for the next training loop")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--out", required=True, help="Parquet path to write")
     p.add_argument("--into", help="a run's dataset (D_t) to append the rows to")
     p.add_argument("--keep-all", action="store_true",
