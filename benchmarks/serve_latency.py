@@ -3,7 +3,9 @@
 
 Targets: served p50 at concurrency 1 within 1.2x of the raw call (HTTP + Serve add
 little), and at concurrency 8 at least 3x the raw one-at-a-time throughput (dynamic
-batching turns 8 waiting requests into one batched generation). A third row, the same
+batching turns 8 waiting requests into one batched generation); these runs have the
+prompt cache off. Then, with the cache on, a repeated query (a hit) against the policy
+call: served hit p50 at least 10x lower than the raw call's and the served miss's. A third row, the same
 queries 8 at a time in-process, is the most batching can give on this machine: on CPU a
 batch of 8 is far from free, and the HTTP and Serve work shares the cores.
 
@@ -121,6 +123,29 @@ def measure(policy, url: str, queries: list[str], block_size: int = 24
     return {k: summarize(lat[k], wall[k]) for k in lat}
 
 
+def measure_cache(policy, url: str, queries: list[str]) -> dict[str, dict[str, float]]:
+    """Per query, interleaved: the raw policy call, the first request (a miss: the
+    replica runs the policy), the same query again (a hit: no policy call)."""
+    import httpx
+
+    from qpo_ray.policy import generate_prompts
+
+    lat: dict[str, list[float]] = {"raw": [], "miss": [], "hit": []}
+    with httpx.Client(base_url=url, timeout=300) as client:
+        def served(query: str) -> float:
+            return timed(lambda: client.post("/v1/prompt", json={"query": query})
+                         .raise_for_status())
+
+        for q in queries:
+            lat["raw"].append(timed(lambda: generate_prompts(policy, [q], target_reward=100.0)))
+            lat["miss"].append(served(q))
+            lat["hit"].append(served(q))
+        cache = client.get("/v1/version").raise_for_status().json()["cache"]
+    if cache["hits"] < len(queries):
+        raise RuntimeError(f"expected {len(queries)} cache hits, the replica counted {cache}")
+    return {k: summarize(v, sum(v)) for k, v in lat.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -139,7 +164,7 @@ def main() -> None:
 
     from qpo_ray.config import load_config
     from qpo_ray.policy import QPOPolicy, generate_prompts
-    from qpo_ray.serving import run_serve
+    from qpo_ray.serving import APP_NAME, run_serve
 
     torch.set_num_threads(args.threads)
     queries = movie_queries(args.requests)
@@ -155,18 +180,25 @@ def main() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        cfg = load_config("cpu-demo", [
+        overrides = [
             f"workdir={tmp}/run", f"serve.port={port}", "serve.num_replicas=1",
             f"serve.num_cpus_per_replica={args.threads}",
-            f"serve.max_batch_size={args.max_batch_size}",
+            f"serve.max_batch_size={args.max_batch_size}", "serve.feedback=false",
         ] + ([f"serve.batch_wait_timeout_s={args.batch_wait_timeout_s}"]
-             if args.batch_wait_timeout_s is not None else []))
+             if args.batch_wait_timeout_s is not None else [])
+        cfg = load_config("cpu-demo", overrides + ["serve.prompt_cache_entries=0"])
+        cached_cfg = load_config("cpu-demo", overrides + ["serve.prompt_cache_entries=4096"])
         ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads),
                                            "HF_HUB_OFFLINE": "1"}})
         try:
             url = run_serve(cfg, blocking=False, policy_uri=str(policy_dir), with_target=False)
             results = measure(policy, url, queries)
+            # The same app with the cache on. Deleted first: a rolling replacement would
+            # wait for CPUs the old replica holds (the replica takes all --threads).
+            serve.delete(APP_NAME)
+            run_serve(cached_cfg, blocking=False, policy_uri=str(policy_dir), with_target=False)
+            cache = measure_cache(policy, url, queries)
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -189,6 +221,16 @@ def main() -> None:
     ceiling = results["raw8"]["req_per_s"] / results["raw"]["req_per_s"]
     print(f"  of which batching can give at most:  {ceiling:.2f}x  (raw 8 at once / raw 1 by 1, "
           f"same threads: HTTP and Serve share the cores with generation)")
+
+    print(f"\nprompt cache on, concurrency 1, each query twice:\n{'':32}{'p50 ms':>10}{'p95 ms':>10}")
+    names = {"raw": "raw generate_prompts", "miss": "served, first time (miss)",
+             "hit": "served, again (cache hit)"}
+    for key, name in names.items():
+        print(f"{name:32}{cache[key]['p50_ms']:10.1f}{cache[key]['p95_ms']:10.1f}")
+    hit = cache["hit"]["p50_ms"]
+    print(f"\np50 raw policy call / served hit:     {cache['raw']['p50_ms'] / hit:.1f}x  "
+          f"(target >= 10x)")
+    print(f"p50 served miss / served hit:         {cache['miss']['p50_ms'] / hit:.1f}x")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
     run_serve(cfg, blocking=True)
 
 
+def cmd_serve_report(args: argparse.Namespace) -> str:
+    from qpo_ray.serving.feedback_report import report
+
+    return report(config_from_args(args), to_mlflow=not args.no_mlflow,
+                  versions=tuple(args.compare) if args.compare else None)
+
+
+def cmd_serve_feedback_dataset(args: argparse.Namespace) -> str:
+    from qpo_ray.serving.feedback_report import write_feedback_dataset
+
+    path, added = write_feedback_dataset(config_from_args(args), args.out, into=args.into,
+                                         keep_all=args.keep_all)
+    return f"{added} feedback rows{' + ' + args.into if args.into else ''} -> {path}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qpo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +102,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve without a token on a non-loopback serve.host (every request "
                         "is accepted; the log says so)")
     p.set_defaults(func=cmd_serve)
+    ssub = p.add_subparsers(dest="serve_command", required=False)
+    p = ssub.add_parser("report", help="per policy version: requests, feedback, accuracy "
+                        "with a 95%% CI, the A/B difference; logged to MLflow")
+    add_config_args(p)
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                   help="the two policy versions to compare (default: most feedback)")
+    p.add_argument("--no-mlflow", action="store_true", help="print only")
+    p.set_defaults(func=cmd_serve_report)
+    p = ssub.add_parser("feedback-dataset", help="turn serving feedback into dataset rows "
+                        "for the next training loop")
+    add_config_args(p)
+    p.add_argument("--out", required=True, help="Parquet path to write")
+    p.add_argument("--into", help="a run's dataset (D_t) to append the rows to")
+    p.add_argument("--keep-all", action="store_true",
+                   help="keep wrong / low-reward rows too (default: dataset.expert_fraction)")
+    p.set_defaults(func=cmd_serve_feedback_dataset)
     return parser
 
 

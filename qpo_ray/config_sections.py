@@ -327,6 +327,19 @@ class ServeConfig:
     registry_stale_after_s: float = 0.0
     # /v1/answer answers 503 when the target LLM has not answered within this time.
     target_timeout_s: float = 120.0
+    # Prompts kept per replica for repeated (normalised query, policy version, target
+    # reward): a hit skips the policy. LRU; 0 = no cache. Changeable without restart.
+    prompt_cache_entries: int = 4096
+    # A/B: a second policy (models:/ URI or directory) served to ab_traffic_percent of
+    # requests; None = every request gets policy_uri. Both changeable without restart.
+    ab_policy_uri: Optional[str] = None
+    ab_traffic_percent: float = 10.0
+    # Record every served request (query, prompt, version) so POST /v1/feedback can
+    # attach an outcome to it; off = nothing is written and /v1/feedback is 404.
+    feedback: bool = True
+    # Where records and feedback parts go; None = <workdir>/serving. Replicas on other
+    # nodes need it on a shared file system.
+    feedback_dir: Optional[str] = None
 
     def validate(self) -> None:
         """Every field, at config load: a bad value fails here naming its key instead of
@@ -367,5 +380,12 @@ class ServeConfig:
              "serve.registry_stale_after_s must be >= 0"),
             (finite(self.target_timeout_s) and self.target_timeout_s > 0,
              "serve.target_timeout_s must be > 0"),
+            (self.prompt_cache_entries >= 0, "serve.prompt_cache_entries must be >= 0"),
+            (self.ab_policy_uri is None or bool(self.ab_policy_uri.strip()),
+             "serve.ab_policy_uri must be a models:/ URI, a directory or null"),
+            (finite(self.ab_traffic_percent) and 0 <= self.ab_traffic_percent <= 100,
+             f"serve.ab_traffic_percent must be in [0, 100], got {self.ab_traffic_percent}"),
+            (self.feedback_dir is None or bool(self.feedback_dir.strip()),
+             "serve.feedback_dir must be a path or null"),
         ]
         require_all(checks)

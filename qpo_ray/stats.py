@@ -86,3 +86,17 @@ def paired_difference(groups: Sequence[tuple[Sequence[float], Sequence[float]]],
         diff=float(np.mean([d.mean() for d in diffs])), ci_low=float(low), ci_high=float(high),
         p_value=mcnemar_exact(only_a, only_b), only_a=only_a, only_b=only_b,
         n=int(sum(d.size for d in diffs)), seeds=len(diffs))
+
+
+def newcombe_difference(successes_a: float, n_a: int, successes_b: float, n_b: int,
+                        z: float = Z95) -> tuple[float, float, float]:
+    """accuracy(a) - accuracy(b) of two *independent* samples (an A/B test's two arms)
+    with Newcombe's hybrid score interval, built from the two Wilson intervals."""
+    if n_a == 0 or n_b == 0:
+        return (float("nan"), float("nan"), float("nan"))
+    p_a, p_b = successes_a / n_a, successes_b / n_b
+    (low_a, high_a), (low_b, high_b) = wilson_interval(successes_a, n_a, z), \
+        wilson_interval(successes_b, n_b, z)
+    diff = p_a - p_b
+    return (diff, diff - math.hypot(p_a - low_a, high_b - p_b),
+            diff + math.hypot(high_a - p_a, p_b - low_b))

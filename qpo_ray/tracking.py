@@ -1,7 +1,7 @@
 """MLflow tracking of a QPO run: one parent run per run directory, one nested run per loop.
 
 Only `qpo_ray.loop` (and the test phase it drives) calls this module; the core never
-does. Everything goes through an explicit `MlflowClient` bound to the run's tracking
+does (serving's report borrows `metric_key`). Everything goes through an explicit `MlflowClient` bound to the run's tracking
 URI instead of MLflow's global "active run" stack, so a resumed run (a new process)
 reopens the same runs by the ids kept in ``<workdir>/tracking.json``.
 
@@ -185,7 +185,7 @@ class Tracker:
             if isinstance(value, bool):
                 value = float(value)
             if isinstance(value, (int, float)) and value == value:  # skip NaN
-                values[(_metric_key(key), int(step))] = float(value)
+                values[(metric_key(key), int(step))] = float(value)
         if not values:
             return
         present = set(self.client.get_run(run_id).data.metrics) & {k for k, _ in values}
@@ -268,7 +268,7 @@ class Tracker:
             self.log_artifact(loop, out, None if parent == "." else parent)
 
 
-def _metric_key(key: str) -> str:
+def metric_key(key: str) -> str:
     # MLflow keys allow alphanumerics and _ - . space / only.
     return "".join(c if c.isalnum() or c in "_-. /" else "_" for c in key)
 

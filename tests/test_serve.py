@@ -116,7 +116,9 @@ def test_prompt_is_the_policys_greedy_prompt(server, policies):
     assert reference(policy, QUERIES[0], 100.0) == PROMPT_HIGH  # the fit worked
     for query in QUERIES + ["an unseen query about a film"]:
         body = server.post("/v1/prompt", json={"query": query}).json()
-        assert body == {"prompt": reference(policy, query, 100.0),
+        request_id = body.pop("request_id")
+        assert len(request_id) == 32 and body.pop("cached") in (True, False)
+        assert body == {"prompt": reference(policy, query, 100.0), "arm": "a",
                         "policy_version": f"models:/{MODEL_NAME}/1", "target_reward": 100.0}
 
 
@@ -163,6 +165,23 @@ def test_answer_runs_the_prompt_through_the_target(server, cfg, policies):
     assert body["label_logprobs"] == pytest.approx(logprobs, abs=1e-3)
 
 
+def test_answer_with_the_gold_label_records_its_outcome(server, cfg):
+    from qpo_ray.serving.feedback import feedback_root, read_feedback
+
+    body = server.post("/v1/answer", json={"query": QUERIES[1], "label": "negative"}).json()
+    assert body["correct"] is (body["label"] == "negative")
+    stored = read_feedback(feedback_root(cfg)).set_index("request_id").loc[body["request_id"]]
+    assert (stored["correct"], stored["gold_label"], stored["feedback_source"]) == \
+        (body["correct"], "negative", "answer-gold")
+    assert (stored["target_label"], stored["prompt"]) == (body["label"], body["prompt"])
+    again = server.post("/v1/feedback", json={"request_id": body["request_id"], "correct": True})
+    assert again.status_code == 409
+    # Without a label nothing is scored or recorded as feedback.
+    plain = server.post("/v1/answer", json={"query": QUERIES[1]}).json()
+    assert plain["correct"] is None
+    assert plain["request_id"] not in set(read_feedback(feedback_root(cfg))["request_id"])
+
+
 BAD_REQUESTS = [
     # (case, path, raw body, status, field named in the answer)
     ("malformed json", "/v1/prompt", '{"query": "a film",', 400, "body"),
@@ -195,6 +214,10 @@ BAD_REQUESTS = [
     ("answer: query too long", "/v1/answer",
      json.dumps({"query": "y" * (MAX_QUERY_CHARS + 1)}), 422, "query"),
     ("answer: malformed json", "/v1/answer", "{query: 1}", 400, "body"),
+    ("answer: label not a label word", "/v1/answer", '{"query": "a", "label": "great"}', 422,
+     "label"),
+    ("client_key empty", "/v1/prompt", '{"query": "a film", "client_key": ""}', 422,
+     "client_key"),
 ]
 
 

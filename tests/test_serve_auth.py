@@ -226,6 +226,12 @@ def test_cli_refuses_without_insecure(tmp_path):
     ("serve.registry_stale_after_s=.nan", "serve.registry_stale_after_s"),
     ("serve.target_timeout_s=0", "serve.target_timeout_s"),
     ("serve.insecure=maybe", "serve.insecure"),
+    ("serve.prompt_cache_entries=-1", "serve.prompt_cache_entries"),
+    ("serve.ab_policy_uri=' '", "serve.ab_policy_uri"),
+    ("serve.ab_traffic_percent=100.5", "serve.ab_traffic_percent"),
+    ("serve.ab_traffic_percent=.nan", "serve.ab_traffic_percent"),
+    ("serve.feedback=sometimes", "serve.feedback"),
+    ("serve.feedback_dir=''", "serve.feedback_dir"),
 ])
 def test_every_serve_field_is_validated_at_load(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -43,3 +43,13 @@ def test_paired_difference_over_seeds_is_the_mean_of_the_seeds():
     assert d.ci_low == pytest.approx(0.5) and d.ci_high == pytest.approx(0.5)
     with pytest.raises(ValueError, match="equal"):
         paired_difference([(np.ones(3), np.ones(4))])
+
+
+def test_newcombe_difference_matches_the_published_example():
+    # Newcombe (1998), Stat. Med. 17:873, table II example (e): 56/70 vs 48/80,
+    # method 10 (hybrid score): 0.2000 [0.0524, 0.3339].
+    from qpo_ray.stats import newcombe_difference
+
+    diff, low, high = newcombe_difference(56, 70, 48, 80)
+    assert (round(diff, 4), round(low, 4), round(high, 4)) == (0.2, 0.0524, 0.3339)
+    assert all(math.isnan(x) for x in newcombe_difference(1, 0, 1, 2))

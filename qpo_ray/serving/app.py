@@ -13,6 +13,7 @@ from ray import serve
 from ray.serve import Application
 
 from qpo_ray.config import Config, load_config
+from qpo_ray.serving.feedback import feedback_root
 from qpo_ray.serving.guard import check_auth_setup
 
 APP_NAME = "qpo"
@@ -23,15 +24,23 @@ def default_policy_uri(cfg: Config) -> str:
     return cfg.serve.policy_uri or f"models:/{cfg.tracking.registered_model_name}@latest"
 
 
+def _absolute(uri: Optional[str]) -> Optional[str]:
+    """A policy directory made absolute: replicas may run with another working
+    directory (or on another node); registry URIs stay as they are."""
+    if not uri or uri.startswith("models:/"):
+        return uri
+    return str(Path(uri).expanduser().resolve())
+
+
 def user_config(cfg: Config, policy_uri: Optional[str] = None) -> dict[str, Any]:
-    """What a replica can change in place (no restart): the policy and batching knobs.
-    Redeploying with a different one of these swaps the policy without downtime."""
-    uri = policy_uri or default_policy_uri(cfg)
-    if not uri.startswith("models:/"):
-        # Replicas may run with another working directory (or on another node).
-        uri = str(Path(uri).expanduser().resolve())
+    """What a replica can change in place (no restart): the policy, the A/B arm and
+    split, the cache size and batching knobs. Redeploying with a different one of these
+    (a Serve config's `deployments[].user_config`) applies it without downtime."""
     return {
-        "policy_uri": uri,
+        "policy_uri": _absolute(policy_uri or default_policy_uri(cfg)),
+        "ab_policy_uri": _absolute(cfg.serve.ab_policy_uri),
+        "ab_traffic_percent": cfg.serve.ab_traffic_percent,
+        "prompt_cache_entries": cfg.serve.prompt_cache_entries,
         "max_batch_size": cfg.serve.max_batch_size,
         "batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s,
         "registry_poll_interval_s": cfg.serve.registry_poll_interval_s,
@@ -46,6 +55,7 @@ def _pinned(cfg: Config) -> Config:
     if serve_cfg.auth_token_file:
         serve_cfg = replace(serve_cfg, auth_token_file=str(
             Path(serve_cfg.auth_token_file).expanduser().resolve()))
+    serve_cfg = replace(serve_cfg, feedback_dir=str(feedback_root(cfg)))
     return replace(cfg, workdir=str(Path(cfg.workdir).resolve()), tracking=tracking,
                    serve=serve_cfg)
 
@@ -130,14 +140,17 @@ def run_serve(cfg: Config, blocking: bool = True, policy_uri: Optional[str] = No
               "UNAUTHENTICATED (--insecure / serve.insecure and no token)", file=sys.stderr)
     app = build_app(cfg, policy_uri=policy_uri, with_target=with_target)
     # Fail here, with the setting's name, rather than in every replica's constructor.
-    resolve(user_config(cfg, policy_uri)["policy_uri"], cfg.tracking_uri(),
-            cfg.tracking.experiment)
+    uc = user_config(cfg, policy_uri)
+    for uri in (uc["policy_uri"], uc["ab_policy_uri"]):
+        if uri:
+            resolve(uri, cfg.tracking_uri(), cfg.tracking.experiment)
     # A single-machine Ray listens on loopback only (qpo_ray.local_ray).
     connect_ray(cfg.ray_address)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
-    print(f"qpo serve: {url}  (POST /v1/prompt, POST /v1/answer, GET /v1/version, GET /healthz)")
+    print(f"qpo serve: {url}  (POST /v1/prompt, /v1/answer, /v1/feedback; "
+          "GET /v1/version, /healthz)")
     if not blocking:
         return url
     try:

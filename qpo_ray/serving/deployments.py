@@ -4,10 +4,11 @@ same backend interface evaluation uses).
 
 The policy is swapped without downtime: a registry URI (`models:/<name>@latest`) is
 polled, so a version the loop registers is picked up on its own; a new `user_config`
-in a Serve config file's `deployments` section reconfigures replicas in place; a
-`serve.run` with another `policy_uri` rolls the replicas (old ones serve until their
-replacements are ready). A new policy is loaded in a worker thread while the old one keeps serving;
-the swap is one attribute assignment, so every request sees one whole policy.
+in a Serve config file's `deployments` section reconfigures replicas in place (the
+policy, the A/B arm and split, the cache size); a `serve.run` with another
+`policy_uri` rolls the replicas (old ones serve until their replacements are ready).
+How arms load and swap: qpo_ray.serving.arms; the prompt cache: serving.cache; the
+request records and feedback: serving.feedback.
 
 What cannot be served answers 503 with a reason and nothing else does: a failed or slow
 target makes /v1/answer a 503 (carrying the policy's prompt) while /v1/prompt keeps
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections import defaultdict
 from typing import Any, Optional
 
@@ -30,7 +32,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from qpo_ray.config import Config
-from qpo_ray.serving import policy_source
+from qpo_ray.serving.arms import Arm, PolicyArms
+from qpo_ray.serving.cache import PromptCache, normalise_query
+from qpo_ray.serving.feedback import DuplicateFeedback, FeedbackStore, UnknownRequest
 from qpo_ray.serving.guard import (
     UNAUTHENTICATED_WARNING,
     GuardSettings,
@@ -41,9 +45,13 @@ from qpo_ray.serving.guard import (
 from qpo_ray.serving.schemas import (
     AnswerRequest,
     AnswerResponse,
+    FeedbackRequest,
+    FeedbackResponse,
     PromptRequest,
     PromptResponse,
     VersionResponse,
+    check_feedback,
+    check_label,
     check_query_length,
     finite_or_none,
     validation_error_handler,
@@ -66,6 +74,12 @@ def _unavailable(error: str, reason: str, **extra: Any) -> JSONResponse:
     retry (the rest of the API keeps answering)."""
     return JSONResponse(status_code=503, headers={"Retry-After": "5"},
                         content={"error": error, "reason": reason, **extra})
+
+
+def _refused(status: int, error: str, field: str, message: str) -> JSONResponse:
+    """A 4xx about one field's value that is well-formed but not acceptable now."""
+    return JSONResponse(status_code=status, content={
+        "error": error, "errors": [{"field": field, "message": message}]})
 
 
 @serve.deployment(name="TargetServer")
@@ -113,15 +127,21 @@ class TargetServer:
 @serve.deployment(name="PolicyServer")
 @serve.ingress(api)
 class PolicyServer:
-    """HTTP ingress: validates requests, batches them into one `generate_prompts` call per
-    batch (grouped by target reward), and forwards /v1/answer to the target."""
+    """HTTP ingress: validates requests, picks the A/B arm, answers from the prompt cache
+    or batches misses into one `generate_prompts` call per (arm, target reward), records
+    each served request for feedback, and forwards /v1/answer to the target."""
 
     def __init__(self, cfg: Config, target: Optional[DeploymentHandle] = None) -> None:
         from qpo_ray.device import configure_cpu_threads
+        from qpo_ray.serving.feedback import feedback_root
+        from qpo_ray.tasks import get_task
 
         configure_cpu_threads()
         self._cfg = cfg
         self._target = target
+        self._task = get_task(cfg.task)
+        self._label_words = tuple(self._task.label_words) if self._task.mode == "labels" else ()
+        self._replica_id = uuid.uuid4().hex[:12]
         _GUARD.serve_cfg = cfg.serve
         try:
             if read_token(cfg.serve) is None and cfg.serve.insecure:
@@ -129,25 +149,17 @@ class PolicyServer:
                                                               port=cfg.serve.port))
         except TokenUnavailable as exc:
             logger.error("every request will be refused (503): %s", exc)
-        self._policy = None
-        self._ref: Optional[policy_source.PolicyRef] = None
-        self._loaded_at = 0.0
-        self._policy_uri: Optional[str] = None
-        self._poll_interval_s = 0.0
-        self._poll_task: Optional[asyncio.Task] = None
-        # Registry freshness for /healthz: when the alias was last resolved, the last
-        # failure since then (None once a poll succeeds again).
-        self._registry_ok_at = 0.0
-        self._registry_error: Optional[str] = None
+        self._cache = PromptCache(cfg.serve.prompt_cache_entries)
+        self._policy_prompts = 0
+        self._arms = PolicyArms(cfg.tracking_uri(), cfg.tracking.experiment,
+                                cfg.serve.registry_stale_after_s, self._cache.retain)
+        self._store = (FeedbackStore(feedback_root(cfg), self._replica_id)
+                       if cfg.serve.feedback else None)
         # Requests inside generate_batch, the size of the last batch and the configured
         # wait for a batch to fill (see _generate: a lone client does not wait).
         self._in_flight = 0
         self._last_batch_size = 0
         self._batch_wait_s = cfg.serve.batch_wait_timeout_s
-        # Serialises loads: a reconfigure and a poll never load two policies at once.
-        self._load_lock = asyncio.Lock()
-
-    # ---- policy lifecycle -------------------------------------------------------------
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Called by Serve before the replica first serves and on every user_config change.
@@ -156,152 +168,182 @@ class PolicyServer:
         serve_cfg = self._cfg.serve
         if "policy_uri" not in user_config:
             raise ValueError("PolicyServer user_config: policy_uri is required")
+        percent_b = float(user_config.get("ab_traffic_percent", serve_cfg.ab_traffic_percent))
+        cache_entries = int(user_config.get("prompt_cache_entries",
+                                            serve_cfg.prompt_cache_entries))
+        if not 0 <= percent_b <= 100 or cache_entries < 0:
+            raise ValueError("PolicyServer user_config: ab_traffic_percent must be in "
+                             "[0, 100] and prompt_cache_entries >= 0")
         self.generate_batch.set_max_batch_size(
             int(user_config.get("max_batch_size", serve_cfg.max_batch_size)))
         self._batch_wait_s = float(user_config.get("batch_wait_timeout_s",
                                                    serve_cfg.batch_wait_timeout_s))
         self.generate_batch.set_batch_wait_timeout_s(self._batch_wait_s)
-        self._policy_uri = str(user_config["policy_uri"])
-        self._poll_interval_s = float(user_config.get("registry_poll_interval_s",
-                                                      serve_cfg.registry_poll_interval_s))
-        await self._refresh()
-        if self._poll_task is None:
-            self._poll_task = asyncio.get_running_loop().create_task(self._poll_registry())
-
-    async def _refresh(self) -> None:
-        """Load the policy the URI points at now, if it is not the one already served (a
-        directory is read once: write a new policy to a new directory)."""
-        async with self._load_lock:
-            uri = self._policy_uri
-            tracking_uri = self._cfg.tracking_uri()
-            ref = await asyncio.to_thread(policy_source.resolve, uri, tracking_uri,
-                                          self._cfg.tracking.experiment)
-            if self._ref is not None and ref == self._ref:
-                self._registry_ok_at, self._registry_error = time.time(), None
-                return
-            policy = await asyncio.to_thread(policy_source.load_policy, ref, tracking_uri)
-            policy.eval()
-            self._policy, self._ref, self._loaded_at = policy, ref, time.time()
-            self._registry_ok_at, self._registry_error = self._loaded_at, None
-            logger.info("serving policy %s", ref.version)
-
-    async def _poll_registry(self) -> None:
-        """Follow a registry alias: a failed poll (registry briefly unreachable) keeps the
-        current policy and tries again at the next tick."""
-        while True:
-            interval = self._poll_interval_s
-            await asyncio.sleep(interval if interval > 0 else 1.0)
-            if interval <= 0 or not policy_source.is_registry_uri(self._policy_uri or ""):
-                continue
-            try:
-                await self._refresh()
-            except Exception as exc:  # noqa: BLE001 - keep serving the policy we have
-                self._registry_error = f"{type(exc).__name__}: {exc}"[:500]
-                logger.exception("policy refresh from %s failed", self._policy_uri)
-
-    def _registry_health(self) -> Optional[dict[str, Any]]:
-        """How fresh the served policy is, for a registry alias (a directory or a pinned
-        version cannot go stale): stale once no poll succeeded for the configured time."""
-        uri = self._policy_uri or ""
-        if not policy_source.is_registry_uri(uri) or self._poll_interval_s <= 0:
-            return None
-        limit = self._cfg.serve.registry_stale_after_s or 3 * self._poll_interval_s
-        age = time.time() - self._registry_ok_at
-        return {"uri": uri, "last_ok_unix_s": self._registry_ok_at,
-                "seconds_since_ok": round(age, 1), "stale_after_s": limit,
-                "stale": age > limit, "last_error": self._registry_error}
+        self._cache.resize(cache_entries)
+        await self._arms.configure(
+            str(user_config["policy_uri"]),
+            user_config.get("ab_policy_uri", serve_cfg.ab_policy_uri) or None, percent_b,
+            float(user_config.get("registry_poll_interval_s",
+                                  serve_cfg.registry_poll_interval_s)))
 
     # ---- batched generation -----------------------------------------------------------
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def generate_batch(self, items: list[tuple[str, float]]) -> list[tuple[str, str]]:
-        """items: (query, target_reward). Returns (prompt, policy_version) per item."""
-        policy, ref = self._policy, self._ref
+    async def generate_batch(self, items: list[tuple[str, float, Arm]]) -> list[tuple[str, str]]:
+        """items: (query, target_reward, arm). Returns (prompt, policy_version) per item,
+        each from the arm's policy as loaded when the batch starts."""
         self._last_batch_size = len(items)
-        prompts = await asyncio.to_thread(self._generate_grouped, policy, items)
-        return [(p, ref.version) for p in prompts]
+        loaded = {id(arm): arm.loaded for _q, _r, arm in items}
+        prompts = await asyncio.to_thread(self._generate_grouped, loaded, items)
+        self._policy_prompts += len(items)
+        return [(p, loaded[id(arm)][1].version) for p, (_q, _r, arm) in zip(prompts, items)]
 
     @staticmethod
-    def _generate_grouped(policy, items: list[tuple[str, float]]) -> list[str]:
-        """One `generate_prompts` call per distinct target reward in the batch (usually one),
-        so every request is conditioned on its own reward."""
+    def _generate_grouped(loaded: dict[int, tuple[Any, Any]],
+                          items: list[tuple[str, float, Arm]]) -> list[str]:
+        """One `generate_prompts` call per distinct (arm, target reward) in the batch, so
+        every request gets its own arm's policy conditioned on its own reward."""
         from qpo_ray.policy import generate_prompts
 
-        by_reward: dict[float, list[int]] = defaultdict(list)
-        for i, (_query, reward) in enumerate(items):
-            by_reward[reward].append(i)
+        groups: dict[tuple[int, float], list[int]] = defaultdict(list)
+        for i, (_query, reward, arm) in enumerate(items):
+            groups[(id(arm), reward)].append(i)
         out: list[str] = [""] * len(items)
-        for reward, indices in by_reward.items():
-            prompts = generate_prompts(policy, [items[i][0] for i in indices],
+        for (arm_id, reward), indices in groups.items():
+            prompts = generate_prompts(loaded[arm_id][0], [items[i][0] for i in indices],
                                        target_reward=reward, do_sample=False,
                                        batch_size=max(len(indices), 1))
             for i, p in zip(indices, prompts):
                 out[i] = p
         return out
 
-    # ---- HTTP routes ------------------------------------------------------------------
-
-    async def _generate(self, query: str, target_reward: float) -> tuple[str, str]:
-        """generate_batch for one request. Serve's batcher waits batch_wait_timeout_s for
-        a batch to fill even when no other request is coming. When nothing else is in
-        flight and the last batch was a single request (one client at a time), the wait
-        is set to 0 (the batcher reads it as it takes a batch's first request): a lone
-        client pays no batching delay, while concurrent clients, whose requests arrive
-        in bursts after each batch, still wait for and share full batches."""
+    async def _generate(self, query: str, target_reward: float,
+                        client_key: Optional[str]) -> tuple[str, str, str, bool]:
+        """(prompt, policy_version, arm, cached) for one request: the cache first (the
+        key's version is the arm's current one), else generate_batch. Serve's batcher
+        waits batch_wait_timeout_s for a batch to fill even when no other request is
+        coming; when nothing else is in flight and the last batch was a single request
+        (one client at a time), the wait is set to 0 (the batcher reads it as it takes
+        a batch's first request), while concurrent clients still share full batches."""
+        arm = self._arms.pick(client_key)
+        cached = self._cache.get((query, arm.version, target_reward))
+        if cached is not None:
+            return cached, arm.version, arm.name, True
         self._in_flight += 1
         try:
             alone = self._in_flight == 1 and self._last_batch_size <= 1
             self.generate_batch.set_batch_wait_timeout_s(0.0 if alone else self._batch_wait_s)
-            return await self.generate_batch((query, target_reward))
+            prompt, version = await self.generate_batch((query, target_reward, arm))
         finally:
             self._in_flight -= 1
+        if version in self._arms.versions():  # not an arm swapped out meanwhile
+            self._cache.put((query, version, target_reward), prompt)
+        return prompt, version, arm.name, False
+
+    def _record(self, route: str, body: PromptRequest, served: tuple[str, str, str, bool],
+                **extra: Any) -> str:
+        """Journal the served request (before the response leaves) and return its id."""
+        request_id = uuid.uuid4().hex
+        if self._store is not None:
+            prompt, version, arm, cached = served
+            self._store.record({
+                "request_id": request_id, "served_at_unix_s": time.time(), "route": route,
+                "arm": arm, "policy_version": version, "query": normalise_query(body.query),
+                "prompt": prompt, "target_reward": float(body.target_reward),
+                "cached": cached, **extra})
+        return request_id
+
+    # ---- HTTP routes ------------------------------------------------------------------
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         """200 while the replica can serve a policy (a liveness probe must not restart a
-        replica because the registry is down); "stale" tells monitoring that the policy
-        may be older than the registry's."""
-        registry = self._registry_health()
-        body: dict[str, Any] = {
-            "status": "stale" if registry and registry["stale"] else "ok",
-            "policy_version": self._ref.version if self._ref else "",
-            "policy_loaded_at_unix_s": self._loaded_at}
-        if registry is not None:
-            body["registry"] = registry
+        replica because the registry is down); "stale" tells monitoring that a policy
+        may be older than the registry's (`registry`: arm a, `ab_registry`: arm b)."""
+        arms = self._arms.arms
+        health = {name: self._arms.registry_health(arm) for name, arm in arms.items()}
+        stale = any(h and h["stale"] for h in health.values())
+        body: dict[str, Any] = {"status": "stale" if stale else "ok",
+                                "policy_version": arms["a"].version if arms else "",
+                                "policy_loaded_at_unix_s": arms["a"].loaded_at if arms else 0.0}
+        for name, key in (("a", "registry"), ("b", "ab_registry")):
+            if health.get(name) is not None:
+                body[key] = health[name]
         return body
 
     @api.get("/v1/version", response_model=VersionResponse)
     async def version(self) -> VersionResponse:
-        return VersionResponse(policy_version=self._ref.version, policy_uri=self._ref.uri,
-                               loaded_at_unix_s=self._loaded_at)
+        a = self._arms.arms["a"]
+        return VersionResponse(
+            policy_version=a.version, policy_uri=a.uri, loaded_at_unix_s=a.loaded_at,
+            arms=[arm.describe() for arm in self._arms.arms.values()],
+            ab_traffic_percent=self._arms.percent_b, replica_id=self._replica_id,
+            cache={**self._cache.stats(), "policy_prompts": self._policy_prompts})
 
     @api.post("/v1/prompt", response_model=PromptResponse)
     async def prompt(self, body: PromptRequest) -> PromptResponse:
         check_query_length(body.query, self._cfg.serve.max_query_chars)
-        prompt, version = await self._generate(body.query, float(body.target_reward))
-        return PromptResponse(prompt=prompt, policy_version=version,
-                              target_reward=body.target_reward)
+        served = await self._generate(normalise_query(body.query), float(body.target_reward),
+                                      body.client_key)
+        return PromptResponse(prompt=served[0], policy_version=served[1], arm=served[2],
+                              cached=served[3], target_reward=body.target_reward,
+                              request_id=self._record("prompt", body, served))
 
     @api.post("/v1/answer", response_model=AnswerResponse)
     async def answer(self, body: AnswerRequest) -> AnswerResponse:
         check_query_length(body.query, self._cfg.serve.max_query_chars)
+        check_label(body.label, self._label_words)
         if self._target is None:
             return JSONResponse(status_code=404, content={
                 "error": "this deployment serves no target LLM (/v1/answer is off)"})
-        prompt, version = await self._generate(body.query, float(body.target_reward))
+        query = normalise_query(body.query)
+        served = await self._generate(query, float(body.target_reward), body.client_key)
+        prompt, version, arm, cached = served
         timeout = self._cfg.serve.target_timeout_s
         try:
-            result = await asyncio.wait_for(self._ask_target(prompt, body.query), timeout)
-        except asyncio.TimeoutError:
-            return _unavailable("target LLM unavailable",
-                                f"no answer within {timeout:g} s (serve.target_timeout_s)",
-                                prompt=prompt, policy_version=version)
+            result = await asyncio.wait_for(self._ask_target(prompt, query), timeout)
         except Exception as exc:  # noqa: BLE001 - the policy's part is still served
-            logger.exception("target LLM call failed")
-            return _unavailable("target LLM unavailable", f"{type(exc).__name__}: {exc}"[:300],
-                                prompt=prompt, policy_version=version)
-        return AnswerResponse(prompt=prompt, policy_version=version,
-                              target_reward=body.target_reward, **result)
+            reason = (f"no answer within {timeout:g} s (serve.target_timeout_s)"
+                      if isinstance(exc, asyncio.TimeoutError)
+                      else f"{type(exc).__name__}: {exc}"[:300])
+            if not isinstance(exc, asyncio.TimeoutError):
+                logger.exception("target LLM call failed")
+            return _unavailable("target LLM unavailable", reason, prompt=prompt,
+                                policy_version=version, arm=arm,
+                                request_id=self._record("answer", body, served))
+        request_id = self._record("answer", body, served, answer=result["answer"],
+                                  target_label=result.get("label"))
+        correct = None
+        if body.label is not None:
+            predicted = result.get("label") if self._label_words else \
+                self._task.parse(result["answer"])
+            correct = predicted.strip() == body.label.strip()
+            if self._store is not None:
+                await asyncio.to_thread(self._store.add, request_id, correct, None,
+                                        body.label, "answer-gold")
+        return AnswerResponse(prompt=prompt, policy_version=version, arm=arm, cached=cached,
+                              target_reward=body.target_reward, request_id=request_id,
+                              correct=correct, **result)
 
     async def _ask_target(self, prompt: str, query: str) -> dict[str, Any]:
         return await self._target.answer.remote((prompt, query))
+
+    @api.post("/v1/feedback", response_model=FeedbackResponse)
+    async def feedback(self, body: FeedbackRequest) -> FeedbackResponse:
+        """The outcome of a served request, stored durably (serving.feedback): 404 for an
+        id no replica served, 409 when the request already has feedback."""
+        if self._store is None:
+            return JSONResponse(status_code=404, content={
+                "error": "feedback is off (serve.feedback: false)"})
+        check_feedback(body, self._label_words)
+        try:
+            row = await asyncio.to_thread(self._store.add, body.request_id, body.correct,
+                                          body.reward, body.label, "client")
+        except UnknownRequest:
+            return _refused(404, "unknown request id", "request_id",
+                            "no served request has this id")
+        except DuplicateFeedback:
+            return _refused(409, "feedback already recorded", "request_id",
+                            "this request already has feedback")
+        return FeedbackResponse(request_id=body.request_id, arm=row["arm"],
+                                policy_version=row["policy_version"])

@@ -8,12 +8,12 @@ Kept free of Ray so the contract can be read (and unit-tested) on its own.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, Sequence
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
 
 # Rewards are min-max normalised to 0-100 over the dataset (QPO.md, "Rewards"), so a
 # target outside that range asks the policy for something it never saw.
@@ -38,18 +38,43 @@ class _Request(BaseModel):
         return value
 
 
+# A/B stickiness key (a user or session id): the same key always gets the same arm.
+ClientKey = Annotated[str, Field(strict=True, min_length=1, max_length=200)]
+# Gold labels: a label word (label tasks) or the reference answer.
+GoldLabel = Annotated[str, Field(strict=True, min_length=1, max_length=200)]
+
+
 class PromptRequest(_Request):
     target_reward: Reward = 100.0
+    client_key: Optional[ClientKey] = None
 
 
-class AnswerRequest(_Request):
-    target_reward: Reward = 100.0
+class AnswerRequest(PromptRequest):
+    # With the gold label, the target's answer is scored and recorded as feedback.
+    label: Optional[GoldLabel] = None
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: Annotated[str, Field(strict=True, min_length=1, max_length=100)]
+    # The outcome: whether the served prompt led to a right answer, and/or a reward on
+    # the 0-100 scale of target_reward. At least one of the two (check_feedback).
+    correct: Optional[StrictBool] = None
+    reward: Optional[Reward] = None
+    label: Optional[GoldLabel] = None
 
 
 class PromptResponse(BaseModel):
     prompt: str
     policy_version: str
     target_reward: float
+    # Names the request in POST /v1/feedback.
+    request_id: str
+    # "a" (serve.policy_uri) or "b" (serve.ab_policy_uri).
+    arm: str
+    # True when the prompt came from the replica's prompt cache (no policy call).
+    cached: bool
 
 
 class AnswerResponse(PromptResponse):
@@ -60,25 +85,55 @@ class AnswerResponse(PromptResponse):
     # of them (what evaluation uses as the prediction).
     label: Optional[str] = None
     label_logprobs: Optional[dict[str, Optional[float]]] = None
+    # Only when the request carried the gold label: the answer matched it.
+    correct: Optional[bool] = None
+
+
+class FeedbackResponse(BaseModel):
+    request_id: str
+    policy_version: str
+    arm: str
+    recorded: bool = True
 
 
 class VersionResponse(BaseModel):
+    # Arm a's (serve.policy_uri), as before A/B; `arms` lists every served arm.
     policy_version: str
     policy_uri: str
     loaded_at_unix_s: float
+    arms: list[dict[str, Any]]
+    ab_traffic_percent: float
+    # Prompt cache: entries, max_entries, hits, misses; policy_prompts counts the
+    # prompts the policy generated (misses that reached it).
+    cache: dict[str, int]
+    replica_id: str
+
+
+def field_error(field: str, message: str, kind: str = "value_error") -> RequestValidationError:
+    """A 422 for one body field, in the same shape as the model's own errors."""
+    return RequestValidationError([{"type": kind, "loc": ("body", field), "msg": message,
+                                    "input": None}])
 
 
 def check_query_length(query: str, max_chars: int) -> None:
     """The size limit comes from the config at run time, so it is checked here rather than
     in the static model; it fails the same way a model constraint would."""
     if len(query) > max_chars:
-        raise RequestValidationError([{
-            "type": "string_too_long",
-            "loc": ("body", "query"),
-            "msg": f"query is {len(query)} characters long; the limit is {max_chars} "
-                   f"(serve.max_query_chars)",
-            "input": None,
-        }])
+        raise field_error("query", f"query is {len(query)} characters long; the limit is "
+                                   f"{max_chars} (serve.max_query_chars)", "string_too_long")
+
+
+def check_feedback(body: FeedbackRequest, label_words: Sequence[str]) -> None:
+    """An outcome must be given; a gold label must be one of the task's label words."""
+    if body.correct is None and body.reward is None:
+        raise field_error("correct", "give correct (true/false) or reward (0-100)")
+    check_label(body.label, label_words)
+
+
+def check_label(label: Optional[str], label_words: Sequence[str]) -> None:
+    if label is not None and label_words and label not in label_words:
+        raise field_error("label", f"{label!r} is not one of the task's labels "
+                                   f"{list(label_words)}")
 
 
 def _field_name(loc: tuple[Any, ...]) -> str:
