@@ -19,6 +19,20 @@ def cmd_setup(args: argparse.Namespace) -> str:
                      for alias in EMBEDDED_MODELS)
 
 
+def cmd_prompts(args: argparse.Namespace) -> str:
+    from qpo_ray.prompts import load_collection, manual_prompt
+    from qpo_ray.tasks import get_task
+
+    cfg = config_from_args(args)
+    records = load_collection(cfg.prompts, get_task(cfg.task).name)
+    manual = manual_prompt(records, cfg.prompts)
+    lines = ["index  id              source      text   (* = the manual baseline)"]
+    for i, r in enumerate(records):
+        mark = "*" if r.id == manual.id else " "
+        lines.append(f"{i:>5}{mark} {r.id}  {r.source[:10]:<10}  {r.text}")
+    return "\n".join(lines)
+
+
 def cmd_dataset_build(args: argparse.Namespace) -> str:
     from qpo_ray.loop import build_initial_dataset
 
@@ -79,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, command in COMMANDS.items():
         p = command_parser(name, sub.add_parser(name, help=command.help))
         p.set_defaults(func=command.work)
+
+    p = sub.add_parser("prompts", help="list the prompt collection: index, id, source, text "
+                                         "(any of index, id or text names a prompt)")
+    add_config_args(p)
+    p.set_defaults(func=cmd_prompts)
 
     ds = sub.add_parser("dataset", help="build, import or describe an offline dataset")
     dsub = ds.add_subparsers(dest="dataset_command", required=True)

@@ -62,8 +62,10 @@ class PromptsConfig:
     source: str = "builtin"
     # Which InstructEval methods to read from a directory (None = every method found).
     methods: Optional[list[str]] = None
-    # The manual (PromptSource-style) baseline prompt's id; None = the first "manual" one.
-    manual_prompt_id: Optional[str] = None
+    # The manual (PromptSource-style) baseline prompt: its id, its 0-based index in the
+    # collection (`qpo prompts` lists both) or its text; None = the first "manual" one,
+    # else the first prompt (announced).
+    manual_prompt_id: Optional[int | str] = None
 
 
 @dataclass
@@ -127,13 +129,19 @@ class EvaluationConfig:
     num_actors: int = 0
     num_gpus_per_actor: float = 0.0
     num_cpus_per_actor: float = 1.0
+    # Memory Ray reserves per actor (its engine: weights, KV cache, runtime); 0 =
+    # estimated from the target (qpo_ray.evaluation.actor_memory_bytes).
+    memory_per_actor_gib: float = 0.0
     # Pairs per map_batches call: large enough to keep an engine busy.
     batch_size_pairs: int = 64
     # Times a failed batch (dead actor) is retried on a replacement actor.
     max_task_retries: int = 3
 
     def validate(self) -> None:
-        require_all([(self.batch_size_pairs >= 1, "evaluation.batch_size_pairs must be >= 1")])
+        require_all([
+            (self.batch_size_pairs >= 1, "evaluation.batch_size_pairs must be >= 1"),
+            (self.memory_per_actor_gib >= 0, "evaluation.memory_per_actor_gib must be >= 0"),
+        ])
 
 
 @dataclass

@@ -16,9 +16,11 @@ import argparse
 import sys
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 from qpo_ray.config import Config, load_config
+from qpo_ray.errors import ConfigError
 from qpo_ray.rundir import RunDirBusy, lock_run_dir
 
 EXIT_OK, EXIT_FAILURE, EXIT_INPUT = 0, 1, 2
@@ -64,17 +66,25 @@ def run_command(work: Callable[[], Optional[str]], prog: str) -> int:
 # -- the commands both `qpo` and jobs/ run ------------------------------------------------
 
 def _run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run; --set changes its saved config unless "
+                        "the change would contradict a finished stage (README: Resume)")
 
 
 def _run(args: argparse.Namespace) -> str:
+    overrides = list(args.overrides)  # on resume: changes to the saved config (qpo_ray.resume)
+    if args.resume:
+        if getattr(args, "workdir", None):
+            raise ConfigError("--workdir and --resume: the run directory is --resume's")
+        if getattr(args, "tracking_uri", None):
+            overrides.append(f"tracking.uri={args.tracking_uri}")
     cfg = None if args.resume else config_from_args(args)  # config errors before imports
     # Held for the whole run: a second run on this directory fails at once, before the
     # stages' libraries load.
     with lock_run_dir(args.resume or cfg.workdir):
         from qpo_ray.loop import run_qpo
 
-        result = run_qpo(cfg, resume_dir=args.resume)
+        result = run_qpo(cfg, resume_dir=args.resume, overrides=overrides)
     return f"\nresults: {result}"
 
 
@@ -115,10 +125,15 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> str:
-    from qpo_ray.loop import evaluate
+    from qpo_ray.loop import evaluate_tracked
 
-    cfg = config_from_args(args, *([f"target.model={args.target}"] if args.target else []))
-    return evaluate(cfg, run_dir=args.run_dir, policy_dir=args.policy)
+    extra = [f"target.model={args.target}"] if args.target else []
+    if args.run_dir and not args.workdir:  # its MLflow store, its baselines
+        extra.append(f"workdir={Path(args.run_dir).resolve()}")
+    cfg = config_from_args(args, *extra)
+    # Logged to MLflow as a run nested under the evaluated run.
+    report, logged = evaluate_tracked(cfg, run_dir=args.run_dir, policy_dir=args.policy)
+    return f"{report}\n{logged}"
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -99,8 +100,36 @@ def default_num_actors(cfg: Config) -> int:
     return 1
 
 
+# What an engine holds besides its weights: the Python/torch runtime, tokenizer, buffers.
+_RUNTIME_BYTES = int(1.5 * 2**30)
+
+
+def actor_memory_bytes(cfg: Config, num_actors: int) -> int:
+    """The memory each scoring actor asks Ray for: `evaluation.memory_per_actor_gib`, or
+    its engine's weights (the checkpoint's safetensors) + vLLM's CPU KV cache + the
+    runtime; never more than the cluster's memory per actor (else no actor would ever
+    be scheduled). Without it Ray Data schedules actors by CPU alone and warns that
+    they use more memory than requested."""
+    import ray
+
+    from qpo_ray.models import resolve_model
+
+    if cfg.evaluation.memory_per_actor_gib > 0:
+        wanted = int(cfg.evaluation.memory_per_actor_gib * 2**30)
+    else:
+        wanted = _RUNTIME_BYTES
+        path = Path(resolve_model(cfg.target.model)) if cfg.target.backend != "openai" else None
+        if path is not None and path.is_dir():
+            wanted += sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        if cfg.target.backend == "vllm" and cfg.evaluation.num_gpus_per_actor == 0:
+            wanted += cfg.target.cpu_kvcache_space_gib * 2**30
+    available = ray.cluster_resources().get("memory", 0.0)
+    return int(min(wanted, available / max(1, num_actors))) if available else wanted
+
+
 class RayDataScorer(PairScorer):
-    def __init__(self, cfg: Config, task: Task, demo_pool: Sequence[Example]) -> None:
+    def __init__(self, cfg: Config, task: Task, demo_pool: Sequence[Example],
+                 label: str = "scoring") -> None:
         import ray
 
         from qpo_ray.local_ray import connect_ray
@@ -108,6 +137,7 @@ class RayDataScorer(PairScorer):
         validate_backend_config(cfg.target)
         connect_ray(cfg.ray_address)
         self.cfg = cfg
+        self.label = label
         self.num_actors = default_num_actors(cfg)
         self.last_slowest_start_seconds = 0.0
         self._shared = {"task": ray.put(task), "demos": ray.put({d.id: d for d in demo_pool})}
@@ -137,7 +167,7 @@ class RayDataScorer(PairScorer):
             size = ev.batch_size_pairs
             blocks = [frame.iloc[i:i + size] for i in range(0, len(frame), size)]
             ds = self._pipeline(ray.data.from_pandas(blocks), n_batches)
-        out = ds.to_pandas().sort_values(_ROW)
+        out = self._collect(ds, len(frame)).sort_values(_ROW)
         rows = out[_ROW].to_numpy()
         if len(rows) != len(frame) or not (rows == np.arange(len(frame))).all():
             raise RuntimeError(f"evaluation returned {len(out)} rows for {len(frame)} pairs "
@@ -160,6 +190,19 @@ class RayDataScorer(PairScorer):
         scored["label_logprobs"] = [[float(v) for v in cell] for cell in scored["label_logprobs"]]
         return scored
 
+    def _collect(self, ds, total: int) -> pd.DataFrame:
+        """The pipeline's output, block by block as actors finish them (progress)."""
+        from qpo_ray.progress import Progress
+
+        progress = Progress(self.label, total, "pairs")
+        parts, done = [], 0
+        for part in ds.iter_batches(batch_size=None, batch_format="pandas"):
+            parts.append(part)
+            done += len(part)
+            progress.update(done)
+        progress.close()
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
     def _pipeline(self, ds, n_batches: int):
         import ray.data
 
@@ -177,6 +220,7 @@ class RayDataScorer(PairScorer):
             batch_format="pandas",
             num_cpus=ev.num_cpus_per_actor,
             num_gpus=ev.num_gpus_per_actor or None,
+            memory=actor_memory_bytes(self.cfg, self.num_actors),
             max_restarts=-1,
             max_task_retries=ev.max_task_retries,
         )
@@ -193,11 +237,14 @@ def init_ray(cfg: Config) -> None:
 
 
 def score_pairs(cfg: Config, task: Task, splits, pairs: pd.DataFrame,
-                make: Optional[Callable[..., PairScorer]] = None) -> tuple[pd.DataFrame, dict]:
+                make: Optional[Callable[..., PairScorer]] = None,
+                label: str = "scoring") -> tuple[pd.DataFrame, dict]:
     """Score pairs on the target with a fresh scorer from `make` (default: the Ray Data
-    pipeline of `make_scorer`); returns (scored, usage)."""
+    pipeline of `make_scorer`); returns (scored, usage). `label` names the phase on the
+    console's progress line."""
     init_ray(cfg)
-    scorer = (make or make_scorer)(cfg, task, splits.demo_pool)
+    scorer = (make(cfg, task, splits.demo_pool) if make is not None
+              else make_scorer(cfg, task, splits.demo_pool, label=label))
     try:
         scored = scorer.score(pairs)
         usage = scorer.usage.as_dict()
@@ -207,10 +254,11 @@ def score_pairs(cfg: Config, task: Task, splits, pairs: pd.DataFrame,
 
 
 def make_scorer(cfg: Config, task: Task, demo_pool: Sequence[Example],
-                distributed: bool = True) -> PairScorer:
-    """Ray Data over an actor pool, or one engine in this process."""
+                distributed: bool = True, label: str = "scoring") -> PairScorer:
+    """Ray Data over an actor pool (its progress line named `label`), or one engine in
+    this process."""
     if distributed:
-        return RayDataScorer(cfg, task, demo_pool)
+        return RayDataScorer(cfg, task, demo_pool, label=label)
     validate_backend_config(cfg.target)
     return LocalScorer(task, create_backend(cfg.target), demo_pool,
                        max_new_tokens=cfg.target.max_new_tokens)

@@ -30,6 +30,7 @@ from typing import Any, Optional
 
 from qpo_ray import faults
 from qpo_ray.config import Config
+from qpo_ray.progress import send_library_logs_to
 from qpo_ray.rundir import RunDir
 from qpo_ray.stages import Stage, augment, plan, step0, test, train
 from qpo_ray.stages import filter as filter_stage
@@ -60,25 +61,63 @@ def log_stage(tracker: Tracker, cfg: Config, run: RunDir, name: str) -> None:
 
 
 def check_before_work(cfg: Config) -> None:
-    """What the test stage needs, checked before Step 0 spends anything."""
-    test.check_before_work(RunContext(cfg))
+    """Everything a run needs from its config, checked before Step 0 spends anything."""
+    _check_before_work(RunContext(cfg))
 
 
-def run_qpo(cfg: Optional[Config], resume_dir: Optional[str] = None) -> Path:
-    """Run (or continue) QPO end to end; returns the run directory."""
+def _check_before_work(ctx: RunContext) -> None:
+    """Each error names its setting: the task's files and splits, the target (model,
+    backend) and the policy backbone, the label words as the target tokenizes them; then
+    what the test stage needs (its methods' inputs, the manual prompt)."""
+    from qpo_ray.backends import check_continuations, check_model, validate_backend_config
+    from qpo_ray.methods import check_methods
+
+    cfg = ctx.cfg
+    check_methods(cfg.test.methods)  # a typo fails before any file is read
+    task = ctx.task
+    validate_backend_config(cfg.target)
+    check_model(cfg.policy.backbone, "policy.backbone")
+    if task.mode == "labels":
+        where = (f"label_words of {cfg.task.spec_path}" if cfg.task.name == "byo" else
+                 f"the label words of task {task.name!r}")
+        check_continuations(cfg.target, task.continuations(), where)
+    test.check_before_work(ctx)
+
+
+def run_qpo(cfg: Optional[Config], resume_dir: Optional[str] = None,
+            overrides: Optional[list[str]] = None) -> Path:
+    """Run (or continue) QPO end to end; returns the run directory. On resume,
+    `overrides` ("key=value") change the saved config (qpo_ray.resume says which)."""
+    from qpo_ray.resume import apply_resume_overrides
+
+    changes: list[str] = []
     if resume_dir is not None:
         run, cfg = RunDir.load(resume_dir)
         print(f"resuming {run.path}: done {list(run.stages())}")
+        cfg, changes = apply_resume_overrides(run, cfg, overrides or [])
+        for change in changes:
+            print(f"[qpo] resume: {change}", flush=True)
+        if overrides and not changes:
+            print("[qpo] resume: --set changed nothing (the saved config has these values)")
         ctx = RunContext(cfg, run)
+        _check_before_work(ctx)
     elif cfg is None:
         raise ValueError("run_qpo needs a config or a resume_dir")
     else:
         ctx = RunContext(cfg)
-        test.check_before_work(ctx)
+        _check_before_work(ctx)
         ctx.run = run = RunDir.create(cfg)
         cfg.workdir = str(run.path)
+    log_file = send_library_logs_to(run.path)
+    print(f"[qpo] run directory {run.path}; Ray's and MLflow's logs: {log_file}", flush=True)
     ctx.tracker = tracker = Tracker(cfg, run.path)
-    tracker.parent_run_id()
+    parent = tracker.parent_run_id()
+    if changes:
+        # MLflow params are write-once: the changes and the config now in use are
+        # recorded as artifacts of the parent run instead.
+        tracker.client.log_dict(parent, cfg.to_dict(), "config.yaml")
+        tracker.log_text(None, "\n".join(changes) + "\n",
+                         f"resume_overrides/{time.strftime('%Y%m%dT%H%M%S')}.txt")
     logged = tracker.logged_stages()
     try:
         for stage in plan(cfg.loop.num_loops):
@@ -137,3 +176,16 @@ def evaluate(cfg: Config, run_dir: Optional[str] = None,
     """The test phase of a run directory, or of the policy in `policy_dir`."""
     return test.evaluate(RunContext(cfg, RunDir(run_dir) if run_dir else None),
                          policy_dir=policy_dir)
+
+
+def evaluate_tracked(cfg: Config, run_dir: Optional[str] = None,
+                     policy_dir: Optional[str] = None) -> tuple[str, str]:
+    """`qpo evaluate`: the test phase, logged to MLflow as a run nested under the
+    evaluated run's parent run (a new run when there is none). (report, where logged)."""
+    from qpo_ray.report import report_dir
+
+    base = Path(run_dir) if run_dir else Path(cfg.workdir)
+    send_library_logs_to(base)
+    run = RunDir(run_dir) if run_dir else None
+    report = test.evaluate(RunContext(cfg, run), policy_dir=policy_dir)
+    return report, test.log_evaluation(Tracker(cfg, base), report_dir(cfg, run))

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from qpo_ray.config import Config, ConfigError
+from qpo_ray.progress import Progress
 from qpo_ray.prompts import PromptRecord, prompt_id
 from qpo_ray.rundir import RunDir, read_json, write_json_atomic
 from qpo_ray.stages.train import train_loop
@@ -102,13 +103,21 @@ def policy_prompts(ctx: MethodContext, loop: int, decoding: str, queries: list[E
                   [p[1] for p in policy_prompts(ctx, loop, "greedy", queries, source, policy_dir)])
         policy = QPOPolicy.load(policy_dir or ctx.policy_dirs[loop])
         texts = [q.text for q in queries]
+        passes = 1 if decoding == "greedy" else t.rank_samples
+        progress = Progress(f"test: {source if policy_dir else f'loop {loop}'} {decoding} "
+                            "prompts", passes * len(texts), "prompts")
+
+        def on_batch(k: int) -> Callable[[int], None]:
+            return lambda done: progress.update(k * len(texts) + done)
         if decoding == "greedy":
-            chosen = generate_prompts(policy, texts, target_reward=ctx.cfg.loop.target_reward)
+            chosen = generate_prompts(policy, texts, target_reward=ctx.cfg.loop.target_reward,
+                                      on_batch=on_batch(0))
         else:
             fixed = [r.text for r in ctx.ranked_collection()[:t.rank_collection_prompts]]
             sampled = [generate_prompts(policy, texts, target_reward=ctx.cfg.loop.target_reward,
                                         do_sample=True, top_k=ctx.cfg.loop.top_k,
-                                        top_p=ctx.cfg.loop.top_p, seed=ctx.cfg.seed + k)
+                                        top_p=ctx.cfg.loop.top_p, seed=ctx.cfg.seed + k,
+                                        on_batch=on_batch(k))
                        for k in range(t.rank_samples)]
             candidates = [_uniform([c for c in fixed + [g] + [s[i] for s in sampled] if c.strip()],
                                    len(fixed) + 1 + len(sampled))
@@ -116,6 +125,7 @@ def policy_prompts(ctx: MethodContext, loop: int, decoding: str, queries: list[E
             scores = rank_candidates(policy, texts, candidates, ctx.cfg.loop.target_reward,
                                      t.rank_low_reward)
             chosen = [row[int(np.argmax(s))] for row, s in zip(candidates, scores)]
+        progress.close()
         ctx._cache[key] = [(prompt_id(c), c, source) for c in chosen]
     return ctx._cache[key]
 
@@ -225,6 +235,23 @@ def check_methods(methods: list[str]) -> None:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"test.methods: unknown method(s) {unknown} (known: {list(METHODS)})")
+
+
+def check_method_inputs(cfg: Config, collection: list[PromptRecord]) -> None:
+    """What the configured methods take from the config, checked before Step 0 spends
+    anything (the rest they take from the run itself): the manual prompt, the router's
+    embedding model."""
+    from qpo_ray.backends import check_model
+    from qpo_ray.prompts import manual_prompt
+    from qpo_ray.router import router_embedding_model
+
+    check_methods(cfg.test.methods)
+    if "manual" in cfg.test.methods:
+        manual_prompt(collection, cfg.prompts)
+    if "router" in cfg.test.methods:
+        key = ("test.router_embedding_model" if cfg.test.router_embedding_model else
+               "test.router_embedding_model (unset: the target's model)")
+        check_model(router_embedding_model(cfg), key)
 
 
 def method_prompts(ctx: MethodContext, methods: list[str],

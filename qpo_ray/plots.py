@@ -1,11 +1,13 @@
 """Figures of a QPO run (matplotlib, headless Agg backend): rewards per loop, test
-accuracy per loop against the baselines."""
+accuracy per loop against the baselines (with the reward distribution per loop beside)."""
 
 from __future__ import annotations
 
 import matplotlib
 
 matplotlib.use("Agg")
+
+from typing import Optional, Sequence  # noqa: E402
 
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -29,15 +31,22 @@ def reward_histogram(frame: pd.DataFrame, loop: int):
     return fig
 
 
-def accuracy_per_loop(results: pd.DataFrame, shots: int = 0):
+def accuracy_per_loop(results: pd.DataFrame, shots: int = 0,
+                      rewards: Optional[dict[str, Sequence[float]]] = None):
     """Test accuracy of every loop's policy (qpo_loop<t>) with 95% intervals, QPO's
     chosen policy marked, and every baseline as a labelled horizontal line (lines
-    that coincide share one label, so none hides another)."""
+    that coincide share one label, so none hides another); beside it, when given, the
+    reward distribution per loop (`rewards`: label -> the rewards of that loop's pairs)."""
     rows = results[results["shots"] == shots]
     loops = rows[rows["method"].str.match(r"^qpo_loop\d+$")].copy()
     loops["loop"] = loops["method"].str.removeprefix("qpo_loop").astype(int)
     loops = loops.sort_values("loop")
-    fig, ax = plt.subplots(figsize=(7, 4))
+    if rewards:
+        fig, (ax, right) = plt.subplots(1, 2, figsize=(13, 4),
+                                        gridspec_kw={"width_ratios": [7, 5]})
+        _reward_boxes(right, rewards)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4))
     if len(loops):
         ax.errorbar(loops["loop"], loops["accuracy"],
                     yerr=[loops["accuracy"] - loops["ci_low"], loops["ci_high"] - loops["accuracy"]],
@@ -61,6 +70,21 @@ def accuracy_per_loop(results: pd.DataFrame, shots: int = 0):
     ax.set_xlabel("loop")
     ax.set_ylabel("test accuracy")
     ax.set_title(f"{shots}-shot test accuracy per loop")
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    if rewards:
+        ax.legend(fontsize=8, loc="best")
+    else:
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     plt.close(fig)
     return fig
+
+
+def _reward_boxes(ax, rewards: dict[str, Sequence[float]]) -> None:
+    """One box (quartiles, whiskers at 1.5 IQR) per loop, its mean as a dot, n below."""
+    labels = list(rewards)
+    data = [list(rewards[k]) for k in labels]
+    ax.boxplot(data, showmeans=True, meanprops={"marker": "o", "markerfacecolor": "C0"})
+    ax.set_xticks(range(1, len(labels) + 1))
+    ax.set_xticklabels([f"{k}\n(n={len(v)})" for k, v in zip(labels, data)], fontsize=8)
+    ax.set_ylabel("reward (0-100, Step-0 scale)")
+    ax.set_ylim(-5, 105)
+    ax.set_title("reward of the pairs each loop scored")

@@ -32,7 +32,7 @@ from qpo_ray.data.pairs import make_pairs
 from qpo_ray.data.rewards import pair_accuracy
 from qpo_ray.methods import (DECODINGS, Choice, MethodContext, PromptTuple, check_methods,
                              method_prompts, policy_prompts)
-from qpo_ray.rundir import RunDir, write_json_atomic
+from qpo_ray.rundir import RunDir, sidecar, write_json_atomic
 from qpo_ray.stats import paired_difference, wilson_interval
 from qpo_ray.tasks.base import Example, Splits, Task
 
@@ -56,7 +56,8 @@ def well_formed(prompt: str, label_words) -> bool:
     return printable >= 0.95 and all(str(w).lower() in lower for w in label_words)
 
 
-def _report_dir(cfg: Config, run: Optional[RunDir]) -> Path:
+def report_dir(cfg: Config, run: Optional[RunDir]) -> Path:
+    """Where the test phase of `run` (or of a lone policy: cfg.workdir) writes."""
     base = run.path if run is not None else Path(cfg.workdir)
     if run is not None and (run.path / "config.yaml").exists():
         _, saved = RunDir.load(run.path)
@@ -116,9 +117,11 @@ def results_table(predictions: pd.DataFrame, label_words=()) -> pd.DataFrame:
     rows = []
     for (shots, method), part in predictions.groupby(["shots", "method"], sort=False):
         lo, hi = wilson_interval(float(part["accuracy"].sum()), len(part))
+        single = part["prompt_id"].nunique() == 1
         row = {"shots": int(shots), "method": method, "accuracy": float(part["accuracy"].mean()),
                "ci_low": lo, "ci_high": hi, "n": len(part),
-               "prompt_id": part["prompt_id"].iloc[0] if part["prompt_id"].nunique() == 1 else "",
+               "prompt_id": part["prompt_id"].iloc[0] if single else "",
+               "prompt": part["prompt"].iloc[0] if single else "",
                "distinct_prompts": int(part["prompt"].nunique())}
         if GENERATED.match(method):
             row["well_formed"] = float(np.mean([well_formed(p, label_words)
@@ -163,7 +166,7 @@ def _markdown(table: pd.DataFrame, examples: pd.DataFrame, header: list[str]) ->
         lines += [f"### {shots}-shot test accuracy (paired differences on the same queries: "
                   "bootstrap 95% CI, McNemar exact p)", "",
                   "| method | accuracy | 95% CI (Wilson) | n | vs manual | vs best_single "
-                  "| well-formed prompts |", "|---|---|---|---|---|---|---|"]
+                  "| well-formed prompts | prompt |", "|---|---|---|---|---|---|---|---|"]
         for _, row in part[~part["method"].str.startswith("single:")].iterrows():
             name = row["method"] + (" (upper bound, picked on test)"
                                     if row["method"] == "best_single_oracle" else "")
@@ -171,7 +174,8 @@ def _markdown(table: pd.DataFrame, examples: pd.DataFrame, header: list[str]) ->
             lines.append(f"| {name} | {100 * row['accuracy']:.1f} | [{100 * row['ci_low']:.1f}, "
                          f"{100 * row['ci_high']:.1f}] | {row['n']} | {_paired(row, 'manual')} | "
                          f"{_paired(row, 'best_single')} | "
-                         f"{'' if wf is None or pd.isna(wf) else f'{100 * wf:.0f}%'} |")
+                         f"{'' if wf is None or pd.isna(wf) else f'{100 * wf:.0f}%'} | "
+                         f"{_prompt_cell(row)} |")
         lines.append("")
     if len(examples):
         lines += ["### QPO's prompts (sample of test queries)", "",
@@ -180,6 +184,13 @@ def _markdown(table: pd.DataFrame, examples: pd.DataFrame, header: list[str]) ->
             lines.append(f"| {_cell(row.query, 120)} | {row.label} | {_cell(row.prompt, 200)} | "
                          f"{row.qpo_correct} | {row.manual_correct} |")
     return "\n".join(lines) + "\n"
+
+
+def _prompt_cell(row) -> str:
+    """A fixed prompt's text beside its id; "per query" for methods that vary it."""
+    if isinstance(row.get("prompt_id"), str) and row["prompt_id"]:
+        return f"{_cell(row['prompt'], 90)} ({row['prompt_id']})"
+    return f"per query ({row['distinct_prompts']} distinct)"
 
 
 def _cell(text: str, limit: int) -> str:
@@ -194,6 +205,21 @@ def _examples(predictions: pd.DataFrame, shots: int, count: int) -> pd.DataFrame
     return pd.DataFrame({"query": qpo["query"], "label": qpo["label"], "prompt": qpo["prompt"],
                          "qpo_correct": qpo["correct"],
                          "manual_correct": qpo["query_id"].map(manual)})
+
+
+def rewards_per_loop(run: Optional[RunDir]) -> dict[str, list[float]]:
+    """The rewards of the pairs each loop scored: Step 0's (the collection's prompts,
+    "loop 0") and augmentation round t's (policy t's sampled prompts, "loop t")."""
+    from qpo_ray.data.io import read_dataset
+
+    if run is None or not run.step0_path().exists():
+        return {}
+    out = {"0 (step 0)": read_dataset(run.step0_path())[0]["reward"].tolist()}
+    for t in range(1, max(run.trained_loops(), default=0) + 1):
+        rows = sidecar(run.dataset_path(t + 1), ".rows.parquet")
+        if rows.exists():
+            out[f"{t} (policy {t})"] = read_dataset(rows)[0]["reward"].tolist()
+    return out
 
 
 def evaluate_run(cfg: Config, task: Task, splits: Splits, score: ScoreFn,
@@ -217,7 +243,7 @@ def evaluate_run(cfg: Config, task: Task, splits: Splits, score: ScoreFn,
     ctx = MethodContext(cfg, task, collection, manual_prompt(collection, cfg.prompts),
                         policy_dirs, run=run, step0=step0)
     settings = [k for k in cfg.test.shots if k == 0 or task.supports_few_shot]
-    out_dir = _report_dir(cfg, run)
+    out_dir = report_dir(cfg, run)
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
 
     frames, selection = [], {"decoding": cfg.test.decoding}
@@ -241,8 +267,8 @@ def evaluate_run(cfg: Config, task: Task, splits: Splits, score: ScoreFn,
     table.to_csv(out_dir / "results.csv", index=False)
     examples = _examples(test, settings[0], cfg.test.num_example_prompts)
     examples.to_csv(out_dir / "examples.csv", index=False)
-    accuracy_per_loop(table, settings[0]).savefig(out_dir / "plots" / "accuracy_per_loop.png",
-                                                 dpi=100, bbox_inches="tight")
+    accuracy_per_loop(table, settings[0], rewards_per_loop(run)).savefig(
+        out_dir / "plots" / "accuracy_per_loop.png", dpi=100, bbox_inches="tight")
     chosen = (f"qpo = loop {ctx.choice.loop}, {ctx.choice.decoding} decoding (chosen on "
               f"{len(splits.dev)} dev queries)" if ctx.choice else
               f"qpo = loop {max(policy_dirs)}, {selection['decoding']} decoding")

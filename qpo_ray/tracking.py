@@ -136,6 +136,17 @@ class Tracker:
             self._save_state()
         return runs[str(loop)]
 
+    def evaluation_run_id(self, name: str) -> tuple[str, Optional[str]]:
+        """A new run for a standalone `qpo evaluate`, nested under this run directory's
+        parent run when it has one, else a new top-level run. (run id, parent or None)."""
+        parent = self.state.get("parent_run_id")
+        tags = {"qpo.evaluation": name, "qpo.target": self.cfg.target.model,
+                "qpo.run_dir": str(self.run_dir)}
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        run = self.client.create_run(self._experiment_id(), run_name=name, tags=tags)
+        return run.info.run_id, parent
+
     def logged_stages(self) -> set[str]:
         """Stages whose results are already in MLflow (a resume logs only the rest)."""
         return set(self.state.get("logged_stages", []))

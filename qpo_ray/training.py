@@ -121,8 +121,10 @@ class TorchEngine(EngineBase):
 
 
 def run_epoch(engine, loader: DataLoader, max_steps: int | None,
-              after_step: Callable[[], None] | None = None) -> dict[str, float]:
-    """Train one pass over `loader` (at most `max_steps` steps); this rank's sums."""
+              after_step: Callable[[int, int, torch.Tensor], None] | None = None
+              ) -> dict[str, float]:
+    """Train one pass over `loader` (at most `max_steps` steps); this rank's sums.
+    `after_step(steps, samples, loss)` is called after every step (progress, faults)."""
     engine.policy.train()
     sums = torch.zeros(len(METRIC_KEYS), device=engine.device)
     steps = samples = 0
@@ -135,7 +137,7 @@ def run_epoch(engine, loader: DataLoader, max_steps: int | None,
         steps += 1
         samples += len(tensors[0])
         if after_step is not None:
-            after_step()
+            after_step(steps, samples, out["loss"])
     seconds = time.perf_counter() - start
     return {**dict(zip(METRIC_KEYS, sums.tolist())), "steps": steps, "samples": samples,
             "seconds": seconds}
@@ -207,11 +209,18 @@ def _train_worker(config: dict[str, Any]) -> None:
     history: list[dict[str, float]] = []
     steps_left = tcfg.max_steps_per_loop
     epochs = config["epochs"]
+    report = _progress_reporter(config.get("progress_file") if rank == 0 else None,
+                                epochs * len(loader), steps_left, world)
+
+    def after_step(steps: int, samples: int, loss: torch.Tensor) -> None:
+        if report is not None:
+            report(steps, samples, loss)
+        faults.kill(kill_driver)
+
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
         lr = engine.optimizer.param_groups[0]["lr"]
-        local = run_epoch(engine, loader, steps_left,
-                          after_step=lambda: faults.kill(kill_driver))
+        local = run_epoch(engine, loader, steps_left, after_step=after_step)
         engine.end_epoch()
         metrics = {"epoch": epoch + 1, "lr": lr, **_reduce_epoch(local, device)}
         history.append(metrics)
@@ -232,6 +241,35 @@ def _train_worker(config: dict[str, Any]) -> None:
             checkpoint = ray.train.Checkpoint.from_directory(tmp) if wrote else None
             ray.train.report(metrics, checkpoint=checkpoint)
         break
+
+
+def _progress_reporter(path: str | None, steps_per_run: int, max_steps: int | None,
+                       world: int) -> Callable[[int, int, torch.Tensor], None] | None:
+    """Rank 0's step callback: the run's steps, loss and samples/s (this rank's samples
+    times the world size) into `path` for the driver (qpo_ray.progress), at most twice a
+    second (reading the loss synchronises a GPU)."""
+    if path is None:
+        return None
+    from qpo_ray.progress import write_progress_file
+
+    total = min(steps_per_run, max_steps) if max_steps is not None else steps_per_run
+    state = {"steps": 0, "samples": 0, "epoch_samples": 0, "written": 0.0,
+             "start": time.perf_counter()}
+
+    def report(epoch_steps: int, epoch_samples: int, loss: torch.Tensor) -> None:
+        # run_epoch counts within its epoch; a new epoch starts again at step 1.
+        before = 0 if epoch_steps == 1 else state["epoch_samples"]
+        state["samples"] += epoch_samples - before
+        state["epoch_samples"] = epoch_samples
+        state["steps"] += 1
+        now = time.perf_counter()
+        if now - state["written"] < 0.5 and state["steps"] < total:
+            return
+        state["written"] = now
+        write_progress_file(path, {
+            "done": state["steps"], "total": total, "loss": float(loss.detach()),
+            "samples/s": world * state["samples"] / max(now - state["start"], 1e-9)})
+    return report
 
 
 # ----- the driver ------------------------------------------------------------------------
@@ -268,12 +306,14 @@ def train_policy(cfg: Config, dataset_path: str, out_dir: str, loop_index: int,
     # A stale run of the same name would be picked up as if resuming it.
     shutil.rmtree(storage / run_name, ignore_errors=True)
     resources = {"CPU": tcfg.num_cpus_per_worker}
+    progress_file = out / "progress.json"
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={
             "cfg": cfg.to_dict(), "rows": ray.put(rows), "lr": lr, "epochs": epochs,
             "init_checkpoint": str(Path(init_checkpoint).resolve()) if init_checkpoint else None,
             "kill_driver": faults.armed_pid("train"),
+            "progress_file": str(progress_file),
         },
         scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
                                      resources_per_worker=resources),
@@ -283,7 +323,12 @@ def train_policy(cfg: Config, dataset_path: str, out_dir: str, loop_index: int,
         run_config=RunConfig(name=run_name, storage_path=str(storage),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
-    result = trainer.fit()
+    from qpo_ray.progress import follow_progress_file
+
+    # The worker writes its steps to progress_file (a file every node of a cluster sees,
+    # like the rest of workdir); the driver shows them while fit() blocks.
+    with follow_progress_file(progress_file, f"train_{loop_index}", "steps"):
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {storage / run_name} reported no checkpoint")
 

@@ -136,12 +136,14 @@ def test_ray_address_comes_from_the_environment(monkeypatch):
     assert load_config(None).ray_address is None
 
 
-@pytest.mark.parametrize("override,named", [
-    ("test.methods=[qpo, best_singel]", "test.methods"),
-    ("prompts.manual_prompt_id=p-000000000000", "prompts.manual_prompt_id"),
-    ("task.dev_queries=100000", "task.dev_queries"),
+@pytest.mark.parametrize("overrides,named", [
+    (["test.methods=[qpo, best_singel]"], "test.methods"),
+    (["prompts.manual_prompt_id=p-000000000000"], "prompts.manual_prompt_id"),
+    (["task.dev_queries=100000"], "task.dev_queries"),
+    (["target.model=/nonexistent/model"], "target.model"),
+    (["task.name=byo", "task.spec_path=/nonexistent/task.yaml"], "task.spec_path"),
 ])
-def test_run_fails_before_any_work_naming_the_setting(tmp_path, override, named):
+def test_run_fails_before_any_work_naming_the_setting(tmp_path, overrides, named):
     """What the test stage needs is checked before Step 0 spends anything."""
     import subprocess
     import sys
@@ -151,7 +153,7 @@ def test_run_fails_before_any_work_naming_the_setting(tmp_path, override, named)
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "qpo_ray.cli", "run", "--profile", "cpu-demo",
-         "--workdir", str(workdir), "--set", override],
+         "--workdir", str(workdir)] + [arg for o in overrides for arg in ("--set", o)],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]

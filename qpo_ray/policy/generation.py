@@ -10,6 +10,8 @@ is what augmentation rounds use; greedy is what the test phase uses.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -84,8 +86,10 @@ def _generate_batch(policy: QPOPolicy, queries: list[str], target_reward: float,
 @torch.no_grad()
 def generate_token_ids(policy: QPOPolicy, queries: list[str], target_reward: float = 100.0,
                        do_sample: bool = False, top_k: int = 2, top_p: float = 0.9,
-                       seed: int | None = None, batch_size: int = 32) -> list[list[int]]:
-    """`generate_prompts` before decoding: each prompt's token ids, EOS excluded."""
+                       seed: int | None = None, batch_size: int = 32,
+                       on_batch: Callable[[int], None] | None = None) -> list[list[int]]:
+    """`generate_prompts` before decoding: each prompt's token ids, EOS excluded.
+    `on_batch(done)` is called after each batch with the queries done so far."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     # Stored-W^T matmuls on CPU (see policy.inference); a no-op on GPU and when done.
@@ -101,6 +105,8 @@ def generate_token_ids(policy: QPOPolicy, queries: list[str], target_reward: flo
             chunk = list(queries[start:start + batch_size])
             ids.extend(_generate_batch(policy, chunk, target_reward, do_sample, top_k, top_p,
                                        generator))
+            if on_batch is not None:
+                on_batch(len(ids))
         return ids
     finally:
         policy.train(was_training)
@@ -108,14 +114,15 @@ def generate_token_ids(policy: QPOPolicy, queries: list[str], target_reward: flo
 
 def generate_prompts(policy: QPOPolicy, queries: list[str], target_reward: float = 100.0,
                      do_sample: bool = False, top_k: int = 2, top_p: float = 0.9,
-                     seed: int | None = None, batch_size: int = 32) -> list[str]:
+                     seed: int | None = None, batch_size: int = 32,
+                     on_batch: Callable[[int], None] | None = None) -> list[str]:
     """One prompt per query, asking the policy for `target_reward` (0-100 scale).
 
     Greedy when `do_sample` is False; otherwise top-k / top-p sampling, reproducible for
     a given `seed` (and batch size). The policy's train/eval mode is restored afterwards.
     """
     ids = generate_token_ids(policy, queries, target_reward, do_sample, top_k, top_p, seed,
-                             batch_size)
+                             batch_size, on_batch)
     return [policy.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
 
 

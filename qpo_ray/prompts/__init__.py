@@ -79,19 +79,46 @@ def load_collection(cfg: PromptsConfig, task_name: str) -> list[PromptRecord]:
     return records
 
 
-def manual_prompt(records: list[PromptRecord], cfg: PromptsConfig) -> PromptRecord:
-    """The manual baseline: `cfg.manual_prompt_id`, else the first `manual` prompt."""
-    if cfg.manual_prompt_id is not None:
+def resolve_prompt(records: list[PromptRecord], ref: str | int, key: str) -> PromptRecord:
+    """The collection prompt a user named by `ref`: its id (``p-...``), its index in the
+    collection (0-based, as ``qpo prompts`` lists them) or its exact text. Errors name
+    the setting `key` and show the first prompts with their index and id."""
+    if isinstance(ref, int) or (isinstance(ref, str) and ref.strip().isdigit()):
+        index = int(ref)
+        if 0 <= index < len(records):
+            return records[index]
+        problem = f"index {index} is outside the collection (0..{len(records) - 1})"
+    else:
+        text = str(ref).strip()
         for record in records:
-            if record.id == cfg.manual_prompt_id:
+            if text in (record.id, record.text):
                 return record
-        raise PromptCollectionError(f"prompts.manual_prompt_id: {cfg.manual_prompt_id!r} is "
-                                    "not in the collection")
+        problem = f"{ref!r} is neither a prompt id, an index nor a prompt's text"
+    shown = "; ".join(f"{i}: {r.id} {r.text[:40]!r}" for i, r in enumerate(records[:5]))
+    more = f" ... ({len(records)} in all; `qpo prompts` lists them)" if len(records) > 5 else ""
+    raise PromptCollectionError(f"{key}: {problem}; the collection: {shown}{more}")
+
+
+def manual_prompt(records: list[PromptRecord], cfg: PromptsConfig) -> PromptRecord:
+    """The manual baseline: `cfg.manual_prompt_id` (an id, index or text), else the
+    first prompt with source `manual`, else (a collection without sources, e.g. a .txt
+    file) the first prompt; `manual_prompt_note` says so before any work starts."""
+    if cfg.manual_prompt_id is not None:
+        return resolve_prompt(records, cfg.manual_prompt_id, "prompts.manual_prompt_id")
     for record in records:
         if record.source == "manual":
             return record
-    raise PromptCollectionError("the collection has no prompt with source 'manual'; set "
-                                "prompts.manual_prompt_id")
+    return records[0]
+
+
+def manual_prompt_note(records: list[PromptRecord], cfg: PromptsConfig) -> str | None:
+    """The announcement when the manual baseline is a default rather than a choice."""
+    chosen = manual_prompt(records, cfg)
+    if cfg.manual_prompt_id is not None or chosen.source == "manual":
+        return None
+    return (f"prompts: no prompt with source 'manual' in {cfg.source}; the manual baseline "
+            f"is prompt 0 ({chosen.id}): {chosen.text[:80]!r} (set prompts.manual_prompt_id "
+            "to an id, index or text to pick another)")
 
 
 def _dedupe(pairs: list[tuple[str, str]]) -> list[PromptRecord]:

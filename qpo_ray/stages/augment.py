@@ -21,6 +21,7 @@ from qpo_ray.data.io import DatasetFileError, read_dataset, write_dataset
 from qpo_ray.data.pairs import make_pairs
 from qpo_ray.data.rewards import compute_rewards, pair_accuracy
 from qpo_ray.loop_tracking import flatten_numbers, log_training_set
+from qpo_ray.progress import progress_callback
 from qpo_ray.prompts import prompt_id
 from qpo_ray.rundir import read_json, sidecar, write_json_atomic
 from qpo_ray.stages import Stage, StageOutputs, plan
@@ -53,13 +54,17 @@ def augment_round(ctx: RunContext, policy_dir: str | Path, dataset_path: str | P
                                           k=cfg.loop.augment_queries_per_round)
 
     policy = QPOPolicy.load(str(policy_dir))
+    progress, on_batch = progress_callback(f"augment_{round_index}: generating", len(queries),
+                                           "prompts")
     texts = generate_prompts(policy, [q.text for q in queries],
                              target_reward=cfg.loop.target_reward, do_sample=True,
-                             top_k=cfg.loop.top_k, top_p=cfg.loop.top_p, seed=seed)
+                             top_k=cfg.loop.top_k, top_p=cfg.loop.top_p, seed=seed,
+                             on_batch=on_batch)
+    progress.close()
     del policy
     prompts = [(prompt_id(t), t, "policy") for t in texts]
     pairs = make_pairs(queries, prompts, ctx.task, ctx.splits, cfg, loop=round_index, seed=seed)
-    scored, usage = ctx.score(pairs)
+    scored, usage = ctx.score(pairs, label=f"augment_{round_index}: scoring")
 
     r_task = float(pair_accuracy(scored).mean())
     rows, _ = compute_rewards(scored, cfg.dataset.zero_shot_penalty,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 import pandas as pd
 
 from qpo_ray.config import Config
-from qpo_ray.evaluation import make_scorer, score_pairs
+from qpo_ray.evaluation import score_pairs
 from qpo_ray.rundir import RunDir
 from qpo_ray.scoring import PairScorer
 from qpo_ray.tasks import task_and_splits
@@ -31,8 +31,9 @@ class RunContext:
     run: Optional[RunDir] = None
     # MLflow tracking of the run; None outside `qpo run`.
     tracker: Optional["Tracker"] = None
-    # Builds the scorer of each scoring pass (Ray Data over an actor pool by default).
-    scorer_factory: ScorerFactory = make_scorer
+    # Builds the scorer of each scoring pass; None = Ray Data over an actor pool
+    # (evaluation.make_scorer, with a progress line).
+    scorer_factory: Optional[ScorerFactory] = None
 
     @cached_property
     def _task_and_splits(self) -> tuple[Task, Splits]:
@@ -48,6 +49,8 @@ class RunContext:
         """The seeded splits, the same in every stage and process of the run."""
         return self._task_and_splits[1]
 
-    def score(self, pairs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-        """Score (query, prompt) pairs on the target; returns (scored rows, usage)."""
-        return score_pairs(self.cfg, self.task, self.splits, pairs, self.scorer_factory)
+    def score(self, pairs: pd.DataFrame, label: str = "scoring") -> tuple[pd.DataFrame, dict]:
+        """Score (query, prompt) pairs on the target; returns (scored rows, usage).
+        `label` names the pass on the console's progress line."""
+        return score_pairs(self.cfg, self.task, self.splits, pairs, self.scorer_factory,
+                           label=label)

@@ -47,7 +47,7 @@ def build_initial_dataset(ctx: RunContext, out_path: Optional[str | Path] = None
     else:
         prompts = load_collection(cfg.prompts, ctx.task.name)
         pairs = build_step0_pairs(ctx.task, ctx.splits, prompts, cfg)
-        scored, usage = ctx.score(pairs)
+        scored, usage = ctx.score(pairs, label="step0: scoring")
         frame, scale = compute_rewards(scored, cfg.dataset.zero_shot_penalty,
                                        few_shot=cfg.task.num_shots > 0,
                                        answer=cfg.dataset.query_reward)

@@ -1,22 +1,27 @@
 """The test phase: the run's policies against the baselines on the test split
 (qpo_ray.report: choose on dev, each method of `test.methods` from the registry in
 qpo_ray.methods, one scoring pass, paired statistics). MLflow: accuracy and Wilson
-interval per (shots, method) and the report directory, on the parent run."""
+interval per (shots, method) and the report directory, on the parent run; a standalone
+`qpo evaluate` on a run nested under it (`log_evaluation`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
 
 import pandas as pd
 
 from qpo_ray.config import Config
 from qpo_ray.evaluation import init_ray
-from qpo_ray.methods import check_methods
-from qpo_ray.prompts import load_collection, manual_prompt
+from qpo_ray.methods import check_method_inputs
+from qpo_ray.prompts import load_collection, manual_prompt_note
 from qpo_ray.report import evaluate_run
 from qpo_ray.stages import Stage, StageOutputs
 from qpo_ray.stages.context import RunContext
+
+if TYPE_CHECKING:  # only for the annotation: MLflow loads when a Tracker is made
+    from qpo_ray.tracking import Tracker
 
 
 @dataclass(frozen=True)
@@ -26,22 +31,24 @@ class ReportOutputs(StageOutputs):
 
 def check_before_work(ctx: RunContext) -> None:
     """What this stage needs, checked before Step 0 spends anything: the methods exist,
-    the collection loads and has its manual prompt, the task's splits hold a dev set of
-    the asked size."""
+    the collection loads, every method's inputs (the manual prompt, or the announced
+    default for a collection without sources; the router's model), the task's splits
+    hold a dev set of the asked size."""
     cfg: Config = ctx.cfg
-    check_methods(cfg.test.methods)
     # Building the splits here makes a dev set larger than the collection share fail now.
     task, _ = ctx.task, ctx.splits
     collection = load_collection(cfg.prompts, task.name)
-    if "manual" in cfg.test.methods:
-        manual_prompt(collection, cfg.prompts)
+    check_method_inputs(cfg, collection)
+    if "manual" in cfg.test.methods and (note := manual_prompt_note(collection, cfg.prompts)):
+        print(f"[qpo] {note}", flush=True)
 
 
 def evaluate(ctx: RunContext, policy_dir: Optional[str] = None) -> str:
     """The test phase of `ctx.run` (or of the policy in `policy_dir`); returns the
     markdown report."""
     init_ray(ctx.cfg)  # the ablations train on Ray before anything is scored
-    return evaluate_run(ctx.cfg, ctx.task, ctx.splits, ctx.score,
+    return evaluate_run(ctx.cfg, ctx.task, ctx.splits,
+                        lambda pairs: ctx.score(pairs, label="test: scoring"),
                         run_dir=str(ctx.run.path) if ctx.run else None, policy_dir=policy_dir)
 
 
@@ -51,11 +58,30 @@ def run(ctx: RunContext, stage: Stage) -> ReportOutputs:
 
 
 def log(ctx: RunContext, stage: Stage, outputs: dict[str, Any]) -> None:
-    tracker, report_dir = ctx.tracker, ctx.run.report_dir()
+    log_report(ctx.tracker, ctx.tracker.parent_run_id(), ctx.run.report_dir())
+
+
+def log_report(tracker: "Tracker", run_id: str, report_dir: Path) -> None:
+    """A test report's accuracies (per shots and method) and its files."""
     results = pd.read_csv(report_dir / "results.csv")
     for row in results.itertuples():
         key = f"test/{row.shots}shot/{row.method}/"
-        tracker.log_metrics(tracker.parent_run_id(), {
-            key + "accuracy": row.accuracy, key + "ci_low": row.ci_low,
-            key + "ci_high": row.ci_high, key + "n": row.n})
-    tracker.log_artifact(None, report_dir, "report")
+        tracker.log_metrics(run_id, {key + "accuracy": row.accuracy, key + "ci_low": row.ci_low,
+                                     key + "ci_high": row.ci_high, key + "n": row.n})
+    tracker.client.log_artifacts(run_id, str(report_dir), "report")
+
+
+def log_evaluation(tracker: "Tracker", report_dir: Path) -> str:
+    """A standalone `qpo evaluate` in MLflow: a run nested under the evaluated run's
+    parent run (or a new run when the directory has none); says which."""
+    name = f"evaluate-{report_dir.name}"
+    run_id, parent = tracker.evaluation_run_id(name)
+    try:
+        log_report(tracker, run_id, report_dir)
+    except BaseException:
+        tracker.client.set_terminated(run_id, "FAILED")
+        raise
+    tracker.client.set_terminated(run_id, "FINISHED")
+    where = (f"nested run {run_id} ({name}) under the run's parent run {parent}" if parent else
+             f"a new run {run_id} ({name}): {tracker.run_dir} has no MLflow run to nest under")
+    return f"MLflow: {where} in experiment {tracker.cfg.tracking.experiment!r} at {tracker.uri}"

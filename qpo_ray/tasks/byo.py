@@ -10,6 +10,9 @@ files:                         # CSV/TSV (header row), JSON, JSONL or Parquet; r
                                #   N-th record (not counting a CSV header)
   train: data/train.csv        # at least one split; with only one, a seeded 80/20
   test: data/test.jsonl        #   train/test split is carved from it (logged)
+  # or one example per line plus a parallel label file (line N labels line N; errors
+  # name the file and line; text_columns / label_column are then not needed):
+  # validation: {text: data/dev.txt, labels: data/dev_labels.txt}
 text_columns: [title, body]    # one or more columns (or `text_column: text`)
 text_template: "{title}: {body}"   # optional; default joins the columns with newlines
 label_column: label
@@ -35,7 +38,8 @@ import yaml
 
 from qpo_ray.config import TaskConfig
 from qpo_ray.tasks.base import Example, Task
-from qpo_ray.tasks.files import TaskDataError, carve, read_rows, require_columns
+from qpo_ray.tasks.files import (TaskDataError, carve, read_rows, read_text_and_labels,
+                                 require_columns)
 from qpo_ray.tasks.math_word import same_answer
 
 SPLIT_NAMES = ("train", "validation", "test")
@@ -69,7 +73,8 @@ class ByoTask(Task):
             raise self._error("type", f"{kind!r} is not classification or generation")
         self.mode = "labels" if kind == "classification" else "generate"
         self.files = self._files(spec)
-        columns = spec.get("text_columns", spec.get("text_column"))
+        line_files = all(isinstance(f, tuple) for f in self.files.values())
+        columns = spec.get("text_columns", spec.get("text_column", "text" if line_files else None))
         if isinstance(columns, str):
             columns = [columns]
         if not columns or not all(isinstance(c, str) for c in columns):
@@ -81,6 +86,8 @@ class ByoTask(Task):
             if not fields <= set(columns):
                 raise self._error("text_template", f"uses {sorted(fields - set(columns))}, "
                                                    f"not in text_columns {columns}")
+        if line_files and "label_column" not in spec:
+            spec["label_column"] = "label"
         self.label_column = self._get(spec, "label_column", str)
         self.input_label = str(spec.get("input_label", "Input"))
         self.supports_few_shot = bool(spec.get("few_shot", True))
@@ -117,22 +124,34 @@ class ByoTask(Task):
             raise self._error(key, f"expected a non-empty {kind.__name__}, got {spec[key]!r}")
         return spec[key]
 
-    def _files(self, spec: dict[str, Any]) -> dict[str, Path]:
+    def _files(self, spec: dict[str, Any]) -> dict[str, Path | tuple[Path, Path]]:
+        """split -> a data file, or (text file, label file) for the line layout."""
         files = spec.get("files")
         if not isinstance(files, dict) or not files:
             raise self._error("files", "a mapping of split (train/validation/test) to a file")
-        out = {}
+        out: dict[str, Path | tuple[Path, Path]] = {}
         for split, name in files.items():
             if split not in SPLIT_NAMES:
                 raise self._error(f"files.{split}", f"unknown split (known: {SPLIT_NAMES})")
-            path = Path(str(name)).expanduser()
-            path = path if path.is_absolute() else self.spec_path.parent / path
-            if not path.exists():
-                raise self._error(f"files.{split}", f"{path}: file not found")
-            out[split] = path
+            if isinstance(name, dict):
+                if set(name) != {"text", "labels"}:
+                    raise self._error(f"files.{split}", "a file, or {text: <one example per "
+                                      f"line>, labels: <one label per line>}}, got {name}")
+                out[split] = (self._path(split, name["text"], "text"),
+                              self._path(split, name["labels"], "labels"))
+            else:
+                out[split] = self._path(split, name)
         if "train" not in out and "test" not in out:
             raise self._error("files", "needs a train or a test file")
         return out
+
+    def _path(self, split: str, name: Any, part: str = "") -> Path:
+        path = Path(str(name)).expanduser()
+        path = path if path.is_absolute() else self.spec_path.parent / path
+        if not path.exists():
+            key = f"files.{split}" + (f".{part}" if part else "")
+            raise self._error(key, f"{path}: file not found")
+        return path
 
     def _label_words(self, spec: dict[str, Any]) -> None:
         mapping = spec.get("label_words")
@@ -167,7 +186,8 @@ class ByoTask(Task):
             if split in ("train", "test") and len(labelled) == 1:
                 # One file only: both train and test are carved from it, disjointly.
                 only = self.files[labelled[0]]
-                examples = carve(self._read(only), split, str(only))
+                examples = carve(self._read(only), split, str(only[0] if isinstance(only, tuple)
+                                                               else only))
             elif split in self.files:
                 examples = self._read(self.files[split])
             else:
@@ -175,7 +195,13 @@ class ByoTask(Task):
             self._cache[split] = examples
         return list(self._cache[split])
 
-    def _read(self, path: Path) -> list[Example]:
+    def _read(self, path: Path | tuple[Path, Path]) -> list[Example]:
+        if isinstance(path, tuple):
+            text_path, label_path = path
+            rows = [{**r, **{c: r["text"] for c in self.text_columns},
+                     self.label_column: r["label"]}
+                    for r in read_text_and_labels(text_path, label_path)]
+            return [self._example(row, text_path, i) for i, row in enumerate(rows)]
         rows = read_rows(path)
         for key, columns in (("text_columns", self.text_columns),
                              ("label_column", [self.label_column])):
@@ -186,7 +212,8 @@ class ByoTask(Task):
         return [self._example(row, path, i) for i, row in enumerate(rows)]
 
     def _example(self, row: dict[str, Any], path: Path, index: int) -> Example:
-        where = f"{path}: row {index + 1}"
+        where = row.get("_where_text", f"{path}: row {index + 1}")
+        where_label = row.get("_where_label", where)
         for column in (*self.text_columns, self.label_column):
             if column not in row:  # JSON rows may differ from the first one
                 raise TaskDataError(f"{where}: no column {column!r}")
@@ -199,11 +226,11 @@ class ByoTask(Task):
             raise TaskDataError(f"{where}: empty text in {self.text_columns}")
         raw = row[self.label_column]
         if _raw_key(raw) == "":
-            raise TaskDataError(f"{where}: empty label in column {self.label_column!r}")
+            raise TaskDataError(f"{where_label}: empty label in column {self.label_column!r}")
         if self.mode == "labels":
             word = self.word_of.get(_raw_key(raw))
             if word is None:
-                raise TaskDataError(f"{where}: label {raw!r} has no entry under key "
+                raise TaskDataError(f"{where_label}: label {raw!r} has no entry under key "
                                     f"'label_words' in {self.spec_path} "
                                     f"(known: {sorted(self.word_of)})")
             label: int | str = self.label_words.index(word)

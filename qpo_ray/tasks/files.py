@@ -67,6 +67,34 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     return frame.to_dict(orient="records")
 
 
+def read_text_and_labels(text_path: str | Path, label_path: str | Path) -> list[dict[str, Any]]:
+    """The one-example-per-line layout: line N of `text_path` is an example, line N of
+    `label_path` its label. Rows {"text", "label", "_where_text", "_where_label"} (the
+    last two say "file: line N" for errors). Trailing blank lines are ignored."""
+    lines = {}
+    for key, path in (("text", Path(text_path)), ("label", Path(label_path))):
+        if not path.exists():
+            raise TaskDataError(f"{path}: file not found")
+        try:
+            content = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise TaskDataError(f"{path}: not UTF-8 text ({exc.reason} at byte "
+                                f"{exc.start})") from None
+        while content and not content[-1].strip():
+            content.pop()
+        lines[key] = (path, content)
+    (tpath, texts), (lpath, labels) = lines["text"], lines["label"]
+    if len(texts) != len(labels):
+        short, line = (lpath, len(labels) + 1) if len(labels) < len(texts) else \
+            (tpath, len(texts) + 1)
+        raise TaskDataError(f"{short}: line {line}: missing ({tpath} has {len(texts)} lines, "
+                            f"{lpath} has {len(labels)}; line N of one is the label of line "
+                            "N of the other)")
+    return [{"text": text.strip(), "label": label.strip(),
+             "_where_text": f"{tpath}: line {n}", "_where_label": f"{lpath}: line {n}"}
+            for n, (text, label) in enumerate(zip(texts, labels), start=1)]
+
+
 def require_columns(rows: list[dict[str, Any]], columns: Sequence[str], path: str | Path,
                     where: str = "") -> None:
     """Fail naming the file and the first missing column (and `where` it was asked for)."""
