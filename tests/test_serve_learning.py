@@ -140,7 +140,9 @@ BAD_FEEDBACK = [
 
 
 def test_feedback_is_recorded_and_bad_feedback_is_a_4xx(server):
-    served = ask(server, QUERIES[0])
+    # Keyed to arm a: an unkeyed request lands on a random arm, and the report test
+    # below counts the queries with feedback under both arms.
+    served = ask(server, QUERIES[0], client_key=key_in(server, "a"))
     rid = served["request_id"]
     for case, extra, status, field in BAD_FEEDBACK:
         response = server.post("/v1/feedback", content=_json({"request_id": rid, **extra}),
