@@ -23,6 +23,7 @@ the jobs/ scripts.
 
 from __future__ import annotations
 
+import importlib
 import time
 from pathlib import Path
 from types import ModuleType
@@ -32,26 +33,20 @@ from qpo_ray import faults
 from qpo_ray.config import Config
 from qpo_ray.progress import send_library_logs_to
 from qpo_ray.rundir import RunDir
-from qpo_ray.stages import Stage, augment, plan, step0, test, train
+from qpo_ray.stages import PIPELINE, Stage, augment, plan, step0, test
 from qpo_ray.stages import filter as filter_stage
 from qpo_ray.stages.context import RunContext
 from qpo_ray.tracking import Tracker
 
-# Stage kind -> the module that runs it (`run(ctx, stage)`) and logs it (`log(ctx,
-# stage, outputs)`). The order of a run is `qpo_ray.stages.plan`.
-STAGES: dict[str, ModuleType] = {
-    "step0": step0,
-    "filter": filter_stage,
-    "train": train,
-    "augment": augment,
-    "test": test,
-}
+KINDS = [kind for kind, _ in PIPELINE]
 
 
 def _module(stage: Stage) -> ModuleType:
-    if stage.kind not in STAGES:
-        raise ValueError(f"unknown stage {stage.name!r} (known kinds: {list(STAGES)})")
-    return STAGES[stage.kind]
+    """The module qpo_ray.stages.<kind>, which runs a stage (`run(ctx, stage)`) and logs
+    it (`log(ctx, stage, outputs)`): a stage is registered by its line in PIPELINE."""
+    if stage.kind not in KINDS:
+        raise ValueError(f"unknown stage {stage.name!r} (known kinds: {KINDS})")
+    return importlib.import_module(f"qpo_ray.stages.{stage.kind}")
 
 
 def log_stage(tracker: Tracker, cfg: Config, run: RunDir, name: str) -> None:
@@ -68,7 +63,8 @@ def check_before_work(cfg: Config) -> None:
 def _check_before_work(ctx: RunContext) -> None:
     """Each error names its setting: the task's files and splits, the target (model,
     backend) and the policy backbone, the label words as the target tokenizes them; then
-    what the test stage needs (its methods' inputs, the manual prompt)."""
+    what each stage's `check_before_work` asks (the test stage: its methods' inputs, the
+    manual prompt)."""
     from qpo_ray.backends import check_continuations, check_model, validate_backend_config
     from qpo_ray.methods import check_methods
 
@@ -81,7 +77,10 @@ def _check_before_work(ctx: RunContext) -> None:
         where = (f"label_words of {cfg.task.spec_path}" if cfg.task.name == "byo" else
                  f"the label words of task {task.name!r}")
         check_continuations(cfg.target, task.continuations(), where)
-    test.check_before_work(ctx)
+    for kind in KINDS:  # and what each stage checks of its own (the test stage's inputs)
+        check = getattr(_module(Stage(kind)), "check_before_work", None)
+        if check is not None:
+            check(ctx)
 
 
 def run_qpo(cfg: Optional[Config], resume_dir: Optional[str] = None,

@@ -7,7 +7,7 @@ import pytest
 
 from qpo_ray.config import load_config
 from qpo_ray.rundir import RunDir, stage_names
-from qpo_ray.stages import Stage, plan
+from qpo_ray.stages import PIPELINE, Stage, plan
 from qpo_ray.stages.train import TrainOutputs
 
 
@@ -20,6 +20,25 @@ def test_plan_is_algorithm_1_and_names_parse_back():
     for bad in ("train_0", "train_", "Train_1", "train_1_2", ""):
         with pytest.raises(ValueError):
             Stage.parse(bad)
+
+
+def test_a_stage_is_its_module_plus_one_pipeline_line():
+    from qpo_ray.loop import _module
+
+    for kind, _ in PIPELINE:  # every listed kind has its module, which runs and logs
+        module = _module(Stage(kind))
+        assert callable(module.run) and callable(module.log), kind
+    with_stats = PIPELINE[:-1] + (("stats", "once"),) + PIPELINE[-1:]
+    assert [s.name for s in plan(2, with_stats)][-2:] == ["stats", "test"]
+    per_loop = PIPELINE[:2] + (("check", "per_loop"),) + PIPELINE[2:]
+    assert [s.name for s in plan(2, per_loop)][2:7] == ["check_1", "train_1", "check_2",
+                                                        "augment_1", "train_2"]
+    with pytest.raises(ValueError, match="contiguous"):
+        plan(2, PIPELINE[:3] + (("stats", "once"),) + PIPELINE[3:])
+    with pytest.raises(ValueError, match="repeat 'twice'"):
+        plan(2, PIPELINE + (("stats", "twice"),))
+    with pytest.raises(ValueError, match="unknown stage 'stats'"):
+        _module(Stage("stats"))
 
 
 def test_typed_outputs_round_trip_through_a_moved_run_directory(tmp_path):

@@ -4,8 +4,9 @@ and the typed record a stage leaves (`StageOutputs`).
 Each stage has a module of its own in this package with one entry point,
 ``run(ctx, stage) -> <its StageOutputs>``, and ``log(ctx, stage, outputs)`` that records
 its finished outputs in MLflow; `ctx` is the run's `RunContext` (stages/context.py).
-`qpo_ray.loop` maps each kind to its module and walks `plan`. Nothing here imports a
-stage module, so the run directory (qpo_ray.rundir) can name stages without a cycle.
+`PIPELINE` below lists the kinds in order; `qpo_ray.loop` walks `plan` and finds each
+kind's module by name. Nothing here imports a stage module, so the run directory
+(qpo_ray.rundir) can name stages without a cycle.
 """
 
 from __future__ import annotations
@@ -49,15 +50,48 @@ class Stage:
         return cls(match["kind"], int(loop) if loop else None)
 
 
-def plan(num_loops: int) -> list[Stage]:
+# The stages of a run, in order, by kind (a kind is also its module's name in this
+# package), with how often each runs. Adding a stage is its module plus one line here.
+#   once       one stage, named <kind>
+#   per_loop   <kind>_t for every loop t = 1 .. T
+#   per_round  <kind>_t for every augmentation round t = 1 .. T-1, inside loop t + 1
+# Within a loop the repeating stages run in the order listed.
+PIPELINE: tuple[tuple[str, str], ...] = (
+    ("step0", "once"),
+    ("filter", "once"),
+    ("augment", "per_round"),
+    ("train", "per_loop"),
+    ("test", "once"),
+)
+_REPEATS = ("once", "per_loop", "per_round")
+
+
+def _loop_span(pipeline: tuple[tuple[str, str], ...]) -> tuple[int, int]:
+    """[first, last) of the entries that repeat per loop; they must be contiguous, so that
+    every `once` stage runs either before all loops or after them."""
+    for kind, repeat in pipeline:
+        if repeat not in _REPEATS:
+            raise ValueError(f"stage {kind!r}: repeat {repeat!r} is not one of {_REPEATS}")
+    looped = [i for i, (_, repeat) in enumerate(pipeline) if repeat != "once"]
+    if not looped or looped != list(range(looped[0], looped[-1] + 1)):
+        raise ValueError("the per-loop stages of PIPELINE must form one contiguous block")
+    return looped[0], looped[-1] + 1
+
+
+def plan(num_loops: int, pipeline: tuple[tuple[str, str], ...] = PIPELINE) -> list[Stage]:
     """Every stage of a run with `num_loops` loops, in order (paper Algorithm 1): Step 0,
     the expert filter, train_1, then per further loop t an augmentation round with
     pi_{t-1} and train_t, then the test phase. A stage's index here seeds its random
     choices, so a resumed run draws what an uninterrupted one draws."""
-    stages = [Stage("step0"), Stage("filter"), Stage("train", 1)]
-    for t in range(1, num_loops):
-        stages += [Stage("augment", t), Stage("train", t + 1)]
-    return stages + [Stage("test")]
+    first, end = _loop_span(pipeline)
+    stages = [Stage(kind) for kind, _ in pipeline[:first]]
+    for t in range(1, num_loops + 1):
+        for kind, repeat in pipeline[first:end]:
+            if repeat == "per_loop":
+                stages.append(Stage(kind, t))
+            elif t > 1:  # per_round: round t - 1 makes the training set of loop t
+                stages.append(Stage(kind, t - 1))
+    return stages + [Stage(kind) for kind, _ in pipeline[end:]]
 
 
 @dataclass(frozen=True)
