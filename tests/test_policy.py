@@ -91,6 +91,42 @@ def test_padding_does_not_change_a_rows_logits(policy):
     torch.testing.assert_close(rm[:1], ra, atol=1e-5, rtol=1e-5)
 
 
+def test_all_padding_columns_are_dropped_and_change_no_number(policy, monkeypatch):
+    """A batch pays for its longest row, not the slot width: columns that are padding
+    in every row are dropped (leading ones of the query slot, trailing ones of the
+    prompt slot), and the logits, reward and ranked log-likelihoods stay the same."""
+    import qpo_ray.policy.batching as batching
+    import qpo_ray.policy.generation as generation
+    import qpo_ray.policy.model as model
+    import qpo_ray.policy.ranking as ranking
+    from qpo_ray.policy.batching import trim_padding
+
+    ids = torch.arange(12).view(2, 6)
+    mask = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 0]])
+    assert trim_padding(ids, mask, "left")[1].tolist() == [[1, 1, 0, 0], [0, 1, 1, 0]]
+    assert trim_padding(ids, mask, "right")[0].tolist() == [[0, 1, 2, 3, 4], [6, 7, 8, 9, 10]]
+    assert trim_padding(ids, torch.zeros_like(mask), "left")[0].shape == (2, 0)
+    with pytest.raises(ValueError, match="side"):
+        trim_padding(ids, mask, "middle")
+
+    batch = _batch(policy, ["nice", "fine film"], ["Say yes.", "No."], [50.0, 90.0])
+    assert batch["query_mask"][:, 0].sum() == 0 and batch["prompt_mask"][:, -1].sum() == 0
+    queries, cands = ["a fine film", "dull"], [["Say yes.", "No."], ["No.", "Rate it."]]
+
+    def numbers():
+        with torch.no_grad():
+            logits, targets, r_hat = policy.prompt_logits_and_reward(batch)
+        return logits, targets, r_hat, ranking.candidate_logprobs(policy, queries, cands, 70.0)
+    trimmed = numbers()
+    for module in (model, generation, ranking):  # the full slots, as before trimming
+        monkeypatch.setattr(module, "trim_padding", lambda i, m, side: (i, m))
+    full = numbers()
+    assert batching.trim_padding is trim_padding
+    for a, b in zip(trimmed[:3], full[:3]):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
+    np.testing.assert_allclose(trimmed[3], full[3], atol=1e-3)
+
+
 def test_cached_greedy_generation_matches_the_training_forward(policy):
     """The KV-cache path feeds the same inputs at the same positions as training: each
     greedy token is the argmax of the teacher-forced logits at that position."""

@@ -59,7 +59,7 @@ def test_a_policy_save_killed_anywhere_leaves_a_whole_policy(tmp_path, tiny_mode
     from qpo_ray.policy import QPOPolicy
 
     target, ref_a, ref_b = tmp_path / "policy", tmp_path / "a", tmp_path / "b"
-    for delay in (0.15, 0.6, 1.3):
+    for delay in (0.2, 1.0):  # inside the first save, and some saves later
         proc = subprocess.Popen([PY, "-c", SAVER, str(tiny_model_dir), str(target), str(ref_a),
                                  str(ref_b)], env=_env(), stdout=subprocess.PIPE,
                                 start_new_session=True)

@@ -11,6 +11,8 @@ the real query tokens sit right before the prompt and every sequence's prompt st
 the same slot (Q + 1): generation then needs no per-row prefix alignment. Padding is
 masked out of attention and position ids count only real positions (see
 `position_ids_from_mask`), so the backbone sees ``R q p`` as one contiguous sequence.
+The model reads a batch with the columns that are padding in every row dropped
+(`trim_padding`), so Q and P are the slots' widths, not what each batch pays.
 """
 
 from __future__ import annotations
@@ -103,6 +105,24 @@ def encode_rows(tokenizer, queries: list[str], prompts: list[str], rewards: list
     p_ids, p_mask = encode_prompts(tokenizer, prompts, max_prompt_tokens)
     reward = torch.tensor([float(r) for r in rewards], dtype=torch.float32)
     return EncodedRows(q_ids, q_mask, p_ids, p_mask, reward)
+
+
+def trim_padding(ids: torch.Tensor, mask: torch.Tensor, side: str
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the slot's columns that are padding in every row of this batch (leading ones
+    for the left-padded query slot, trailing ones for the right-padded prompt slot): a
+    batch then costs its longest row, not the slot width. Exact, since a padded column
+    is masked out of attention and position ids come from the mask."""
+    used = mask.bool().any(dim=0).nonzero()
+    if used.numel() == 0:
+        return ids[:, :0], mask[:, :0]
+    if side == "left":
+        start = int(used[0])
+        return ids[:, start:], mask[:, start:]
+    if side == "right":
+        end = int(used[-1]) + 1
+        return ids[:, :end], mask[:, :end]
+    raise ValueError(f"trim_padding: side must be 'left' or 'right', got {side!r}")
 
 
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from qpo_ray.policy.batching import encode_queries, pad_id, position_ids_from_mask
+from qpo_ray.policy.batching import (encode_queries, pad_id, position_ids_from_mask,
+                                     trim_padding)
 from qpo_ray.policy.inference import speed_up_decoding
 from qpo_ray.policy.model import QPOPolicy
 
@@ -37,7 +38,8 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
 
 def prefix_inputs(policy: QPOPolicy, queries: list[str], target_reward: float):
     """The `[R | q]` input vectors, their attention mask and the query mask."""
-    q_ids, q_mask = encode_queries(policy.tokenizer, queries, policy.config.max_query_tokens)
+    q_ids, q_mask = trim_padding(*encode_queries(policy.tokenizer, queries,
+                                                 policy.config.max_query_tokens), "left")
     q_ids, q_mask = q_ids.to(policy.device), q_mask.to(policy.device)
     reward = torch.full((len(queries),), float(target_reward), device=policy.device)
     embeds = policy.embed_prefix(reward, q_ids)

@@ -37,7 +37,7 @@ from qpo_ray.config import PolicyConfig
 from qpo_ray.device import get_device
 from qpo_ray.errors import ConfigError
 from qpo_ray.models import resolve_model
-from qpo_ray.policy.batching import REWARD_SCALE, position_ids_from_mask
+from qpo_ray.policy.batching import REWARD_SCALE, position_ids_from_mask, trim_padding
 
 FORMAT_VERSION = 1
 POLICY_FILE = "qpo_policy.json"
@@ -208,8 +208,8 @@ class QPOPolicy(nn.Module):
         slots Q+1 .. Q+P are predicted from slots Q .. Q+P-1; only rows whose target is
         a real (unpadded) prompt token go through the LM head.
         """
-        q_ids, q_mask = batch["query_ids"], batch["query_mask"]
-        p_ids, p_mask = batch["prompt_ids"], batch["prompt_mask"]
+        q_ids, q_mask = trim_padding(batch["query_ids"], batch["query_mask"], "left")
+        p_ids, p_mask = trim_padding(batch["prompt_ids"], batch["prompt_mask"], "right")
         num_q, num_p = q_ids.shape[1], p_ids.shape[1]
         embeds = torch.cat([self.embed_prefix(batch["reward"], q_ids),
                             self.embed_prompt_tokens(p_ids)], dim=1)

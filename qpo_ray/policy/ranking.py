@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from qpo_ray.policy.batching import encode_prompts, position_ids_from_mask
+from qpo_ray.policy.batching import encode_prompts, position_ids_from_mask, trim_padding
 from qpo_ray.policy.generation import prefix_inputs
 from qpo_ray.policy.model import QPOPolicy
 
@@ -35,7 +35,8 @@ def _chunk_logprobs(policy: QPOPolicy, queries: list[str], candidates: list[list
     """(B, C) log p(candidate + EOS | R = reward, query) for B queries, C candidates each."""
     n_b, n_c = len(queries), len(candidates[0])
     flat = [c for row in candidates for c in row]
-    p_ids, p_mask = encode_prompts(policy.tokenizer, flat, policy.config.max_prompt_tokens)
+    p_ids, p_mask = trim_padding(*encode_prompts(policy.tokenizer, flat,
+                                                 policy.config.max_prompt_tokens), "right")
     p_ids, p_mask = p_ids.to(policy.device), p_mask.to(policy.device)
     embeds, mask, _ = prefix_inputs(policy, queries, reward)
     out = policy.run_backbone(embeds, mask, position_ids_from_mask(mask), use_cache=True)
