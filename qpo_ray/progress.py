@@ -1,7 +1,7 @@
 """What a run shows on the console while a stage works: one progress bar per phase on a
 terminal, redrawn in place; elsewhere (a log file, CI, `nohup`) one line every few
-seconds (``QPO_PROGRESS_EVERY_S``, default 5; 0 = every update) but at most one per
-tenth of the phase (or per minute), and a last line when the phase ends (a phase
+seconds (``QPO_PROGRESS_EVERY_S``, default 15; 0 = every update) but at most one per
+fifth of the phase (or per minute), and a last line when the phase ends (a phase
 shorter than `every_s`: only the last line). Each line carries the phase, done/total with its unit, ETA, and the
 phase's own numbers (loss, samples/s).
 
@@ -41,7 +41,7 @@ class Progress:
         self.label, self.total, self.unit = label, max(int(total), 0), unit
         self.stream = stream or sys.stdout
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.every_s = float(os.environ.get(EVERY_ENV, "5")) if every_s is None else every_s
+        self.every_s = float(os.environ.get(EVERY_ENV, "15")) if every_s is None else every_s
         self.start = self._shown_at = time.perf_counter()
         self.done, self.fields = 0, {}
         self._shown: Optional[tuple] = None  # what the last line said
@@ -54,9 +54,9 @@ class Progress:
         self.fields.update(fields)
         now = time.perf_counter()
         since = now - self._shown_at
-        # Off a terminal: a line every `every_s`, but one per tenth of the way at most
-        # (or one a minute), so a long phase stays within a screenful.
-        advanced = self._shown is None or self.done - self._shown[0] >= self.total / 10
+        # Off a terminal: a line every `every_s`, but one per fifth of the way at most
+        # (or one a minute), so that the test stage's ten phases stay within a screenful.
+        advanced = self._shown is None or self.done - self._shown[0] >= self.total / 5
         if self.tty or (since >= self.every_s and (advanced or since >= 60)):
             self._show(now)
 
