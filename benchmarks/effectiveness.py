@@ -24,7 +24,6 @@ looks at the test set to choose anything):
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
@@ -55,16 +54,16 @@ def run_seed(seed: int, workdir: Path, profile: Path, overrides: list[str]) -> f
         cmd += ["--profile", str(profile), "--workdir", str(run_dir), "--set", f"seed={seed}"]
         for item in overrides:
             cmd += ["--set", item]
-    # No OMP_NUM_THREADS default: the driver ranks and generates with torch between the
-    # scoring phases, and one thread there made the test stage several times slower; Ray
-    # already caps each scoring actor's threads at its num_cpus.
-    env = dict(os.environ)
+    # The run inherits this environment as it is, with no OMP_NUM_THREADS default: the
+    # driver ranks and generates with torch between the scoring phases, and one thread
+    # there made the test stage several times slower; Ray already caps each scoring
+    # actor's threads at its num_cpus.
     start = time.perf_counter()
     log = run_dir.parent / f"seed{seed}.log"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     print(f"seed {seed}: {' '.join(cmd)} (log: {log})", flush=True)
     with open(log, "a") as out:
-        subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, check=True)
+        subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, check=True)
     seconds = time.perf_counter() - start
     print(f"seed {seed}: done in {seconds / 60:.1f} min", flush=True)
     return seconds
