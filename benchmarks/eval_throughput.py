@@ -1,140 +1,317 @@
-"""Pairs/s of label scoring, three ways, on the same machine and the same pairs
-(4-label tweet_emotion, the tiny target model):
+"""Target-LLM label scoring against the machine's limit (issue #12): one run, one machine.
 
-1. the reference code's way: a Python loop, one full forward over prompt+input+label
-   per pair per label, unbatched;
-2. the single-process batched backend (`LocalScorer`: one pass per prefix scores every
-   label, shared-prefix KV cache for multi-token labels);
-3. the Ray Data pipeline (`RayDataScorer`, an actor pool of engines), wall time
-   including the actors' engine start, and without it (wall minus the slowest actor's
-   engine start, as each actor measures it: what a run of this size pays per pair
-   once its engines are up; a larger run tends to it).
+    nice -n 5 .venv/bin/python benchmarks/eval_throughput.py --reference-pairs 16
+    .venv/bin/python benchmarks/eval_throughput.py --queries 64 --test-queries 256  # 35x64
 
-    .venv/bin/python benchmarks/eval_throughput.py --pairs 1024 --backend transformers vllm
+Sizing on an idle 2-core machine, both backends: `--queries 16 --test-queries 128`
+took 13.4 min (each of the 8 rows starts its own actor pool; a vLLM pool ~20 s); the
+defaults (12, 96) are scaled down from that to fit in about 11. The 35x64 shape with
+256 test queries is about 3-4x the work (estimated, not timed): run it with one backend
+at a time (`--backend vllm`).
+
+It prints:
+1. a matmul probe: fp32 GFLOP/s of torch matmul in `--actors` Ray tasks at once, each
+   with the CPUs (hence torch threads) of one scoring actor: the engines' own bound;
+2. the target's FLOP per computed token from its config (2 x non-embedding parameters);
+3. two job shapes on the embedded default (Rotten Tomatoes, SmolLM2-135M-Instruct, chat
+   template, the cpu-demo profile's target and evaluation settings):
+   - Step-0-shaped: every builtin collection prompt x `--queries` shared collection
+     queries (qpo_ray.data.pairs.build_step0_pairs, one group);
+   - test-shaped: `--test-queries` test queries x {manual prompt, one fixed collection
+     prompt (as best_single), a random collection prompt per query (as QPO / the
+     router)}, deduplicated as the test phase does;
+4. for each shape and backend, the same pairs through `RayDataScorer` twice: "today"
+   with prefix reuse off by config (transformers: min_shared_prefix_tokens above any
+   head; vLLM: enable_prefix_caching=false) and "current" (defaults). Wall time includes
+   the actors' engine start; tokens come from the engines' own counters (Usage):
+   computed = submitted - cached; the share of the bound is computed tokens per
+   engine-second x FLOP/token over one actor's probe; the two paths must agree.
+
+Reading the share (measured with --queries 16): vLLM reaches 74-81% of the bound; the
+transformers backend 54-64% with shared heads, because a batch's rows are left-padded
+to its longest query and the padding (38% of the tokens it forwards on Step-0 pairs,
+20% without shared heads) is computed but not counted; a raw unpadded forward reaches
+~80% of a one-thread matmul.
+
+With `--reference-pairs N` it also first runs the first N Step-0 pairs the reference
+code's way (a Python loop, one full forward per pair per label) and through
+`LocalScorer` in this process, and checks the label log-probs against each other.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import logging
 import os
+import random
 import time
-from pathlib import Path
+from dataclasses import dataclass
+
+import pandas as pd
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+
+def matmul_gflops(n: int = 2048, seconds: float = 3.0) -> float:
+    """fp32 GFLOP/s of an n x n matmul on this process's torch threads (the Ray task's
+    OMP_NUM_THREADS, as in a scoring actor)."""
+    import torch
+
+    from qpo_ray import device as devices
+
+    devices.configure_cpu_threads()
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # first call pays allocation and thread start
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        done += 1
+    return 2 * n ** 3 * done / (time.perf_counter() - start) / 1e9
 
 
-def build_pairs(task, n_pairs: int):
-    import pandas as pd
+def probe(actors: int, cpus: float) -> list[float]:
+    """One matmul probe per actor slot, all at once: the cores are shared by the actors
+    as they are while scoring (one probe alone would get the whole machine's cache)."""
+    import ray
 
-    prompts = ["Classify the emotion of the tweet.",
-               "Which emotion does the tweet express: anger, joy, optimism or sadness?",
-               "Read the tweet and name its emotion.",
-               "Emotion?"]
-    queries = task.load_split("train")
-    rows = []
-    for i in range(n_pairs):
-        q, p = queries[i // len(prompts)], prompts[i % len(prompts)]
-        rows.append({"pair_id": f"p{i}", "query_id": q.id, "query": q.text, "prompt_id":
-                     f"m{i % len(prompts)}", "prompt": p, "source": "manual",
-                     "label": str(q.label), "group": 0, "loop": 0, "seed": 0, "demo_ids": []})
-    return pd.DataFrame(rows)
+    task = ray.remote(num_cpus=cpus)(matmul_gflops)
+    return ray.get([task.remote() for _ in range(actors)])
 
 
-def per_pair_loop(task, backend, pairs) -> list[str]:
-    """One forward per pair per label over the whole text, as the reference code does."""
+def flop_per_token(model: str) -> tuple[float, int, int, int]:
+    """(FLOP per token = 2 x non-embedding parameters, those parameters, hidden size,
+    layers), from the model's config: built on the meta device, nothing loaded."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qpo_ray.models import resolve_model
+
+    config = AutoConfig.from_pretrained(resolve_model(model))
+    with torch.device("meta"):
+        net = AutoModelForCausalLM.from_config(config)
+    # Input embeddings are a lookup, not a matmul; the (tied) LM head runs only at the
+    # position(s) whose next token is scored, once per pair, so it is not per token.
+    skip = {id(p) for m in (net.get_input_embeddings(), net.get_output_embeddings())
+            for p in m.parameters()}
+    params = sum(p.numel() for p in net.parameters() if id(p) not in skip)
+    return 2.0 * params, params, config.hidden_size, config.num_hidden_layers
+
+
+def test_pairs(cfg, task, splits, collection, n: int) -> pd.DataFrame:
+    """A test phase's pairs: manual, a fixed prompt, a random prompt per query; pairs
+    two methods share are scored once (as qpo_ray.report.score_prompts does)."""
+    from qpo_ray.data.pairs import make_pairs
+    from qpo_ray.prompts import manual_prompt
+
+    queries = splits.test[:n]
+    manual = manual_prompt(collection, cfg.prompts)
+    fixed = next(p for p in collection if p.id != manual.id)
+    rng = random.Random(cfg.seed)
+    per_query = [rng.choice(collection) for _ in queries]
+    frames = [make_pairs(queries, [(p.id, p.text, p.source) for p in prompts], task, splits,
+                         cfg, loop=1, seed=cfg.seed)
+              for prompts in ([manual] * len(queries), [fixed] * len(queries), per_query)]
+    every = pd.concat(frames, ignore_index=True).drop_duplicates(["query_id", "prompt"])
+    return every.assign(pair_id=[f"test-{i}" for i in range(len(every))]).reset_index(drop=True)
+
+
+@dataclass
+class Result:
+    wall: float
+    start: float  # the slowest actor's engine start (the actors start side by side)
+    usage: object
+    scored: pd.DataFrame
+
+    @property
+    def computed(self) -> int:
+        return self.usage.prompt_tokens - self.usage.cached_prompt_tokens
+
+
+def score(cfg, task, splits, pairs: pd.DataFrame, label: str) -> Result:
+    """The pairs through a fresh RayDataScorer (a new actor pool: engine start included)."""
+    from qpo_ray.evaluation import RayDataScorer
+
+    start = time.perf_counter()
+    scorer = RayDataScorer(cfg, task, splits.demo_pool, label=label)
+    try:
+        scored = scorer.score(pairs)
+    finally:
+        scorer.close()
+    return Result(time.perf_counter() - start, scorer.last_slowest_start_seconds,
+                  scorer.usage, scored)
+
+
+def path_config(base, backend: str, reuse: bool):
+    cfg = copy.deepcopy(base)
+    cfg.target.backend = backend
+    if not reuse:  # each knob only matters to its own backend
+        cfg.target.min_shared_prefix_tokens = 10 ** 9
+        cfg.target.enable_prefix_caching = False
+    return cfg
+
+
+def agreement(a: pd.DataFrame, b: pd.DataFrame) -> tuple[int, float]:
+    """(pairs with the same prediction, max |difference| of any label log-prob)."""
+    b = b.set_index("pair_id").loc[a["pair_id"]]
+    same = int((a["prediction"].to_numpy() == b["prediction"].to_numpy()).sum())
+    diff = max(abs(x - y) for la, lb in zip(a["label_logprobs"], b["label_logprobs"])
+               for x, y in zip(la, lb))
+    return same, diff
+
+
+def per_pair_loop(task, backend, pairs) -> list[list[float]]:
+    """Every label's log-prob, one full forward over prompt+input+label per pair per
+    label, unbatched, as the reference code scores."""
     import torch
 
     from qpo_ray.scoring import query_example
 
-    predictions = []
+    out = []
     model, enc = backend.model, backend.encoder
     for row in pairs.itertuples():
         prefix = task.format(row.prompt, query_example(task, row))
         scores = []
         for cand in enc.encode_candidates(task.continuations()):
             prefix_ids = enc.encode_prefixes([prefix])[0]  # re-read per label, as reference
-            n_prefix = len(prefix_ids)
             ids = torch.tensor([prefix_ids + cand])
             with torch.inference_mode():
                 lp = model(input_ids=ids).logits[0].float().log_softmax(-1)
-            scores.append(sum(lp[n_prefix - 1 + k, t].item() for k, t in enumerate(cand)))
-        predictions.append(str(max(range(len(scores)), key=scores.__getitem__)))
-    return predictions
+            scores.append(sum(lp[len(prefix_ids) - 1 + k, t].item() for k, t in enumerate(cand)))
+        out.append(scores)
+    return out
 
 
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
+def reference_check(cfg, task, pairs: pd.DataFrame) -> None:
+    """The reference loop vs LocalScorer (shared heads) on the same pairs, this process."""
+    from qpo_ray.backends import create_backend
+    from qpo_ray.scoring import LocalScorer
+
+    backend = create_backend(path_config(cfg, "transformers", True).target)
+    t0 = time.perf_counter()
+    loop = per_pair_loop(task, backend, pairs)
+    t1 = time.perf_counter()
+    local = LocalScorer(task, backend, []).score(pairs)
+    t2 = time.perf_counter()
+    diff = max(abs(x - y) for la, lb in zip(loop, local["label_logprobs"]) for x, y in zip(la, lb))
+    same = sum(max(range(len(s)), key=s.__getitem__) == int(p)
+               for s, p in zip(loop, local["prediction"]))
+    n = len(pairs)
+    print(f"reference, {n} Step-0 pairs in this process: per-pair loop {n / (t1 - t0):.2f} "
+          f"pairs/s, LocalScorer {n / (t2 - t1):.2f} pairs/s (x{(t1 - t0) / (t2 - t1):.1f}); "
+          f"same prediction {same}/{n}, max |d log-prob| {diff:.2e}")
+    backend.close()
+
+
+HEADER = (f"{'job':7s} {'backend':12s} {'path':7s} {'pairs':>5s} {'wall s':>7s} "
+          f"{'pairs/s':>7s} {'start s':>7s} {'excl.st':>7s} {'eng s':>6s} {'submit':>7s} "
+          f"{'cached':>7s} {'computed':>8s} {'reuse':>5s} {'tok/eng-s':>9s} {'GFLOP/s':>7s} "
+          f"{'bound':>5s} {'speedup':>7s}")
+
+
+def row(job: str, backend: str, path: str, r: Result, gflop_token: float, bound: float,
+        base: Result | None) -> str:
+    n, u = len(r.scored), r.usage
+    rate = r.computed / u.engine_seconds
+    speedup = f"x{base.wall / r.wall:.2f}" if base else ""
+    return (f"{job:7s} {backend:12s} {path:7s} {n:5d} {r.wall:7.1f} {n / r.wall:7.2f} "
+            f"{r.start:7.1f} {n / (r.wall - r.start):7.2f} {u.engine_seconds:6.1f} "
+            f"{u.prompt_tokens:7d} {u.cached_prompt_tokens:7d} {r.computed:8d} "
+            f"{u.prompt_tokens / r.computed:5.2f} {rate:9.0f} {rate * gflop_token:7.1f} "
+            f"{rate * gflop_token / bound:5.0%} {speedup:>7s}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pairs", type=int, default=64)
-    parser.add_argument("--backend", nargs="+", default=["transformers"],
-                        choices=["transformers", "vllm"],
-                        help="engine(s) inside the Ray Data actors, each run on the same pairs")
-    parser.add_argument("--actors", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                        help="torch threads of the single-process runs (1 on a busy machine)")
-    parser.add_argument("--data-dir", default=str(REPO_ROOT.parent / "shared" / "data" /
-                                                  "tweet_emotion"))
+    parser.add_argument("--queries", type=int, default=12,
+                        help="shared collection queries of the Step-0 job (35 x 64: 64)")
+    parser.add_argument("--test-queries", type=int, default=96,
+                        help="test queries of the test-shaped job (x 3 prompts each)")
+    parser.add_argument("--backend", nargs="+", choices=["transformers", "vllm"],
+                        help="engines to compare (default: both, vllm if it imports)")
+    parser.add_argument("--actors", type=int, default=2, help="scoring actors, 1 CPU each")
+    parser.add_argument("--jobs", nargs="+", default=["step0", "test"],
+                        choices=["step0", "test"])
+    parser.add_argument("--batch-size", type=int, default=0,
+                        help="transformers pairs per forward (0: the config's)")
+    parser.add_argument("--reference-pairs", type=int, default=0,
+                        help="also check the first N Step-0 pairs against the per-pair loop")
+    parser.add_argument("--profile", default="cpu-demo")
     args = parser.parse_args()
+    begun = time.perf_counter()
 
+    import importlib.util
+
+    from qpo_ray.config import load_config
+    from qpo_ray.data.pairs import build_step0_pairs
+    from qpo_ray.evaluation import init_ray
+    from qpo_ray.prompts import load_collection
+    from qpo_ray.tasks import task_and_splits
+
+    backends = args.backend or (["transformers", "vllm"] if importlib.util.find_spec("vllm")
+                                else ["transformers"])
+    cfg = load_config(args.profile, {
+        "task": {"max_test_queries": args.test_queries},
+        "dataset": {"prompts_per_group": 0, "queries_per_group": args.queries},
+        "evaluation": {"num_actors": args.actors, "num_cpus_per_actor": 1}})
+    if args.batch_size:
+        cfg.target.batch_size = args.batch_size
+    task, splits = task_and_splits(cfg)
+    collection = load_collection(cfg.prompts, task.name)
+    jobs = {"step0": build_step0_pairs(task, splits, collection, cfg),
+            "test": test_pairs(cfg, task, splits, collection, args.test_queries)}
+    jobs = {name: jobs[name] for name in args.jobs}
+    if args.reference_pairs:
+        reference_check(cfg, task, jobs.get("step0", next(iter(jobs.values())))
+                        .head(args.reference_pairs))
+
+    init_ray(cfg)
+    # Ray Data logs its progress every few seconds when stdout is not a terminal; the
+    # scorer's own progress line says the same.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    gflops = probe(args.actors, cfg.evaluation.num_cpus_per_actor)
+    bound = sum(gflops) / len(gflops)
+    flop, params, hidden, layers = flop_per_token(cfg.target.model)
+    gflop_token = flop / 1e9
+    print(f"\nmatmul probe (fp32 2048x2048, {args.actors} Ray tasks at once, "
+          f"{cfg.evaluation.num_cpus_per_actor:g} CPU each): "
+          + " + ".join(f"{g:.1f}" for g in gflops)
+          + f" = {sum(gflops):.1f} GFLOP/s; bound per engine {bound:.1f} GFLOP/s")
+    print(f"{cfg.target.model}: {params / 1e6:.1f} M non-embedding parameters -> "
+          f"{gflop_token:.3f} GFLOP per computed token (2 x parameters) = "
+          f"{bound / gflop_token:.0f} tokens/s per engine at the bound")
+
+    lines, checks = [], []
+    for job, pairs in jobs.items():
+        for backend in backends:
+            results = {}
+            for path, reuse in (("today", False), ("current", True)):
+                results[path] = score(path_config(cfg, backend, reuse), task, splits, pairs,
+                                      f"{job} {backend} {path}")
+                base = results["today"] if path == "current" else None
+                lines.append(row(job, backend, path, results[path], gflop_token, bound, base))
+                print(lines[-1], flush=True)
+            same, diff = agreement(results["today"].scored, results["current"].scored)
+            mean_len = results["today"].usage.prompt_tokens / len(pairs)
+            checks.append(f"{job} {backend}: same prediction {same}/{len(pairs)}, max |d label "
+                          f"log-prob| {diff:.2e} ({'ok' if diff <= 1e-4 else 'ABOVE'} 1e-4); "
+                          f"mean prefix {mean_len:.1f} tokens")
     import ray
-    import torch
 
-    from qpo_ray.backends import create_backend
-    from qpo_ray.config import Config, EvaluationConfig, TargetConfig, TaskConfig
-    from qpo_ray.evaluation import RayDataScorer
-    from qpo_ray.scoring import LocalScorer
-    from qpo_ray.tasks import get_task
-
-    ncpu = os.cpu_count() or 1
-    torch.set_num_threads(args.threads)
-    task = get_task(TaskConfig(name="tweet_emotion", data_dir=args.data_dir))
-    pairs = build_pairs(task, args.pairs)
-    target = TargetConfig(backend="transformers", dtype="float32", batch_size=16,
-                          max_model_len_tokens=512, cpu_kvcache_space_gib=1)
-    backend = create_backend(target)
-
-    reference, t_loop = timed(lambda: per_pair_loop(task, backend, pairs))
-    local, t_local = timed(lambda: LocalScorer(task, backend, []).score(pairs))
-
-    ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, ncpu // args.actors)),
-                                       "HF_HUB_OFFLINE": "1"}})
-    n = len(pairs)
-    rows = [("per-pair loop (reference)", t_loop), ("batched backend, 1 process", t_local)]
-    notes = [f"predictions agreeing with the loop: batched "
-             f"{sum(a == b for a, b in zip(reference, local['prediction'])) / n:.0%}"]
-    for name in args.backend:
-        cfg = Config()
-        cfg.target = TargetConfig(**{**target.__dict__, "backend": name})
-        cfg.evaluation = EvaluationConfig(num_actors=args.actors, num_cpus_per_actor=1,
-                                          batch_size_pairs=max(1, n // (2 * args.actors)))
-        scorer = RayDataScorer(cfg, task, [])
-        dist, t_dist = timed(lambda: scorer.score(pairs))
-        slowest = scorer.last_slowest_start_seconds
-        rows += [(f"Ray Data, {args.actors} {name} actors (incl. start)", t_dist),
-                 (f"Ray Data, {args.actors} {name} actors (excl. start)", t_dist - slowest)]
-        notes += [f"{name}: engine start slowest actor {slowest:.1f} s "
-                  f"({scorer.usage.engine_start_seconds:.1f} s summed); engine time "
-                  f"{scorer.usage.engine_seconds:.1f} s = "
-                  f"{n / scorer.usage.engine_seconds:.2f} pairs per engine-second; "
-                  f"agreeing with the loop "
-                  f"{sum(a == b for a, b in zip(reference, dist['prediction'])) / n:.0%}"]
     ray.shutdown()
+    # Not counted in FLOP/token: attention's QK^T and AV (4 x layers x hidden x context
+    # per token) and the LM head once per pair; said here so the share can be judged.
+    attention = 4 * layers * hidden * (mean_len / 2) / flop
+    print(f"\n{os.cpu_count()} CPU cores; {args.actors} actors; "
+          f"transformers batch {cfg.target.batch_size}, pairs per Ray batch "
+          f"{cfg.evaluation.batch_size_pairs}; attention adds ~{attention:.0%} to FLOP/token "
+          "at half the mean prefix length (not counted)")
+    print(HEADER)
+    print("\n".join(lines))
+    print("\n".join(checks))
+    print(f"total {time.perf_counter() - begun:.0f} s")
 
-    print(f"\n{n} pairs x {len(task.label_words)} labels, {ncpu} CPU cores, "
-          f"{args.threads} torch thread(s) in the single-process runs")
-    for name, seconds in rows:
-        print(f"{name:52s} {n / seconds:8.2f} pairs/s  {seconds:7.1f} s  "
-              f"x{t_loop / seconds:5.1f} vs loop")
-    print("\n".join(notes))
 
 if __name__ == "__main__":
     main()

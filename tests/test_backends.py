@@ -176,7 +176,9 @@ def test_shared_prefix_runs_group_sorted_heads_and_cover_every_row():
     assert shared_prefix_runs([[1, 2, 3], [1, 2, 3]], 8, 1) == [(2, [0, 1])]
     # max_rows splits a long run; heads under min_shared are not worth a pass
     assert [len(r) for _, r in shared_prefix_runs(seqs, 2, 2)] == [2, 2, 1]
-    assert shared_prefix_runs(seqs, 8, 10) == [(0, [i]) for i in [2, 4, 0, 3, 1]]
+    # rows without a head are still batched (read whole), max_rows at a time
+    assert shared_prefix_runs(seqs, 8, 10) == [(0, [2, 4, 0, 3, 1])]
+    assert shared_prefix_runs(seqs, 2, 10) == [(0, [2, 4]), (0, [0, 3]), (0, [1])]
 
 
 @pytest.fixture(scope="module")

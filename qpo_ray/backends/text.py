@@ -105,8 +105,9 @@ def shared_prefix_runs(prefix_ids: Sequence[Sequence[int]], max_rows: int,
     Sorted order puts prefixes with a common head next to each other (QPO's pairs share
     the chat template and the prompt, which come before the query), and in sorted order
     the head common to a run is the one common to its first and last rows. A head
-    shorter than `min_shared` tokens is not worth a separate pass (head 0); a head
-    always leaves at least one token of every row to read, where the answer is scored.
+    shorter than `min_shared` tokens is not worth a separate pass (head 0: such rows are
+    batched together, read whole); a head always leaves at least one token of every row
+    to read, where the answer is scored.
     """
     order = sorted(range(len(prefix_ids)), key=lambda i: list(prefix_ids[i]))
     runs: list[tuple[int, list[int]]] = []
@@ -124,4 +125,12 @@ def shared_prefix_runs(prefix_ids: Sequence[Sequence[int]], max_rows: int,
         rows, head = [i], len(prefix_ids[i]) - 1
     if rows:
         runs.append((head if len(rows) > 1 else 0, rows))
-    return runs
+    # Rows with no head worth a pass are still read together, whole (head 0), up to
+    # max_rows at a time: one forward per row would starve the engine's matmuls.
+    merged: list[tuple[int, list[int]]] = []
+    for head, rows in runs:
+        if not head and merged and not merged[-1][0] and len(merged[-1][1]) < max_rows:
+            merged[-1][1].extend(rows)
+        else:
+            merged.append((head, rows))
+    return merged

@@ -79,15 +79,21 @@ class VLLMBackend(TargetBackend):
     def _warm_shared_heads(self, prefix_ids: list[list[int]]) -> None:
         """Compute each head that many prefixes share (chat template + prompt) once, so
         that the prefixes that follow find it in the prefix cache: requests scheduled
-        in the same step as the first one to compute a block cannot reuse it."""
+        in the same step as the first one to compute a block cannot reuse it. Without
+        prefix caching a warm-up would only add work. The heads it computes are counted
+        against the cache hits they buy, so that prompt_tokens - cached_prompt_tokens is
+        what the engine computed, as in the HF backend (a head computed once per run)."""
         from vllm import SamplingParams
 
+        if not self.config.enable_prefix_caching:
+            return
         block = devices.vllm_kv_block_size_tokens(self.config.kv_block_size_tokens) or 16
         heads = {tuple(prefix_ids[rows[0]][:head])
                  for head, rows in shared_prefix_runs(prefix_ids, len(prefix_ids), block)
                  if head >= block}
         if heads:
             self._run([list(h) for h in heads], SamplingParams(max_tokens=1, temperature=0.0))
+            self.usage.cached_prompt_tokens -= sum(len(h) for h in heads)
 
     def score_continuations(
         self, prefixes: Sequence[str], candidates: Sequence[str]
