@@ -1,10 +1,10 @@
 """Target-LLM label scoring against the machine's limit (issue #12): one run, one machine.
 
-    nice -n 5 .venv/bin/python benchmarks/eval_throughput.py --reference-pairs 16
+    nice -n 5 .venv/bin/python benchmarks/eval_throughput.py        # both backends, ~11 min
     .venv/bin/python benchmarks/eval_throughput.py --queries 64 --test-queries 256  # 35x64
 
-Sizing on an idle 2-core machine, both backends: `--queries 16 --test-queries 128`
-took 13.4 min (each of the 8 rows starts its own actor pool; a vLLM pool ~20 s); the
+Sizing on an idle 2-core machine, both backends: `--queries 16 --test-queries 128
+--reference-pairs 16` took 13.4 min (each of the 8 rows starts its own actor pool; a vLLM pool ~20 s); the
 defaults (12, 96) are scaled down from that to fit in about 11. The 35x64 shape with
 256 test queries is about 3-4x the work (estimated, not timed): run it with one backend
 at a time (`--backend vllm`).
