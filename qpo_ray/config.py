@@ -150,6 +150,14 @@ def parse_override(text: str) -> dict[str, Any]:
     return out
 
 
+def merge_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`data` (a config as nested mappings) with each "a.b=value" merged in, in order;
+    `config_from_dict` / `load_config` then validate the result, naming a bad key."""
+    for text in overrides:
+        _merge(data, parse_override(text))
+    return data
+
+
 def _merge(base: dict, extra: dict) -> dict:
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
@@ -188,8 +196,7 @@ def load_config(
     if isinstance(overrides, dict):
         _merge(merged, overrides)
     else:
-        for text in overrides or []:
-            _merge(merged, parse_override(text))
+        merge_overrides(merged, overrides or [])
     cfg = Config()
     _apply(cfg, merged)
     if cfg.ray_address is None and os.environ.get("RAY_ADDRESS"):

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from qpo_ray.atomic import write_text_atomic
-from qpo_ray.config import Config, ConfigError, config_from_dict, parse_override
+from qpo_ray.config import Config, ConfigError, config_from_dict, merge_overrides
 from qpo_ray.rundir import CONFIG_FILE, RunDir, stage_names
 
 # Keys (or sections) that never change a stage's output.
@@ -71,17 +71,7 @@ def apply_resume_overrides(run: RunDir, cfg: Config,
     config.yaml. ConfigError names the key and the finished stages it would invalidate."""
     if not overrides:
         return cfg, []
-    data = cfg.to_dict()
-    for text in overrides:
-        for dotted, value in _flat(parse_override(text)).items():
-            node = data
-            *sections, last = dotted.split(".")
-            for section in sections:
-                node = node.get(section) if isinstance(node, dict) else None
-                if not isinstance(node, dict):
-                    raise ConfigError(f"unknown config key '{dotted}'")
-            node[last] = value
-    new = config_from_dict(data)
+    new = config_from_dict(merge_overrides(cfg.to_dict(), overrides))
     new.workdir = cfg.workdir
     before, after = _flat(cfg.to_dict()), _flat(new.to_dict())
     changes = [f"{k}: {before[k]!r} -> {after[k]!r}" for k in after if after[k] != before[k]]
