@@ -22,8 +22,8 @@ on a two-label task with a small target, prompts that push one label make the or
 trivial.
 
 The dev matrix (every prompt x every dev query, scored through the run's own backend
-and Ray Data pool) and the policies' log-likelihoods are cached under --out, so a
-second call only prints.
+and Ray Data pool) and the policies' contrasts are cached under --out, so a second call
+only prints; delete that directory after the run's Step 0 or policies change.
 """
 
 from __future__ import annotations
