@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -41,20 +42,20 @@ sys.path.insert(0, str(REPO))
 from qpo_ray.atomic import atomic_file  # noqa: E402
 from qpo_ray.stats import paired_difference  # noqa: E402
 
+if TYPE_CHECKING:
+    from qpo_ray.config import Config
+    from qpo_ray.rundir import RunDir
 
-def dev_matrix(run_dir: Path, out: Path) -> pd.DataFrame:
+
+def dev_matrix(run: "RunDir", cfg: "Config", out: Path) -> pd.DataFrame:
     """Scored pairs: every Step-0 prompt on every dev query of the run (cached)."""
     from qpo_ray.evaluation import score_pairs
-    from qpo_ray.rundir import RunDir
     from qpo_ray.tasks import task_and_splits
 
     path = out / "dev_matrix.parquet"
     if path.exists():
         return pd.read_parquet(path)
-    run, cfg = RunDir.load(run_dir)
     task, splits = task_and_splits(cfg)
-    if not splits.dev:
-        raise SystemExit(f"{run_dir}: the run has no dev split (task.dev_queries = 0)")
     prompts = pd.read_parquet(run.step0_path()).drop_duplicates("prompt_id")
     pairs = pd.DataFrame([
         {"pair_id": f"dev-{p.prompt_id}-{q.id}", "query_id": q.id, "query": q.text,
@@ -70,14 +71,12 @@ def dev_matrix(run_dir: Path, out: Path) -> pd.DataFrame:
     return scored
 
 
-def policy_scores(run_dir: Path, out: Path, queries: list[str], prompts: list[str]
-                  ) -> dict[int, np.ndarray]:
+def policy_scores(run: "RunDir", cfg: "Config", out: Path, queries: list[str],
+                  prompts: list[str]) -> dict[int, np.ndarray]:
     """loop -> (dev queries, prompts) contrast of that loop's policy (cached per loop)."""
     from qpo_ray.policy import QPOPolicy
     from qpo_ray.policy.ranking import rank_candidates
-    from qpo_ray.rundir import RunDir
 
-    run, cfg = RunDir.load(run_dir)
     scores = {}
     for loop in run.trained_loops():
         path = out / f"contrast_loop{loop}.npy"
@@ -105,28 +104,39 @@ def query_specific_corr(scores: np.ndarray, correct: np.ndarray) -> float:
     return float((s * c).sum() / denom) if denom > 0 else 0.0
 
 
-def _fmt(correct: np.ndarray, reference: np.ndarray) -> str:
-    d = paired_difference([(correct, reference)])
-    return (f"{100 * d.diff:+5.1f} [{100 * d.ci_low:+5.1f}, {100 * d.ci_high:+5.1f}] "
-            f"p={d.p_value:.2g}")
+def _top(text: str) -> str:
+    """--top value: "all" or a positive number of candidates."""
+    if text != "all" and not (text.isdigit() and int(text) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'all' or a positive integer")
+    return text
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", type=Path, required=True, help="a finished `qpo run` directory")
     p.add_argument("--out", type=Path, help="cache directory (default: <run>/headroom)")
-    p.add_argument("--top", nargs="+", default=["2", "4", "8", "all"],
+    p.add_argument("--top", nargs="+", type=_top, default=["2", "4", "8", "all"],
                    help="candidate-set sizes for the policy's ranking (best R_task first)")
     args = p.parse_args()
+    from qpo_ray.errors import ConfigError
+    from qpo_ray.rundir import RunDir
+
+    # Everything that can be wrong with the input is checked before any scoring.
+    try:
+        run, cfg = RunDir.load(args.run)
+    except (FileNotFoundError, ConfigError) as exc:
+        p.error(str(exc))
+    if cfg.task.dev_queries == 0:
+        p.error(f"{args.run}: the run has no dev split (task.dev_queries = 0)")
+    if not run.step0_path().exists():
+        p.error(f"{args.run}: no Step-0 dataset ({run.step0_path().name}); finish the run first")
     out = args.out or args.run / "headroom"
     out.mkdir(parents=True, exist_ok=True)
     from qpo_ray.progress import send_library_logs_to
     send_library_logs_to(out)  # Ray Data's and transformers' progress go to a log file
     from qpo_ray.router import fit_router, router_embedding_model
-    from qpo_ray.rundir import RunDir
 
-    run, cfg = RunDir.load(args.run)
-    scored = dev_matrix(args.run, out)
+    scored = dev_matrix(run, cfg, out)
     correct = scored.pivot(index="query_id", columns="prompt_id", values="correct").astype(float)
     says_first = (scored.assign(first=scored["prediction"] == "0")
                   .pivot(index="query_id", columns="prompt_id", values="first").mean())
@@ -149,7 +159,7 @@ def main() -> int:
     router = fit_router(step0, router_embedding_model(cfg), seed=cfg.seed)
     picks = router.choose(queries.tolist())
     table.append(("router", correct.to_numpy()[rows, [correct.columns.get_loc(c) for c in picks]]))
-    contrast = policy_scores(args.run, out, queries.tolist(), [texts[c] for c in order])
+    contrast = policy_scores(run, cfg, out, queries.tolist(), [texts[c] for c in order])
     for loop, scores in contrast.items():
         print(f"loop {loop}: query-specific correlation of the policy's contrast with "
               f"correctness {query_specific_corr(scores, grid):+.3f}")
@@ -163,7 +173,8 @@ def main() -> int:
 
     print(f"\n{'choice':<34} {'dev acc':>7}  vs best_single (paired)")
     for name, got in table:
-        cell = "" if name == "best_single" else _fmt(got, best_single)
+        cell = ("" if name == "best_single"
+                else paired_difference([(got, best_single)]).in_points())
         print(f"{name:<34} {100 * got.mean():7.1f}  {cell}")
     return 0
 

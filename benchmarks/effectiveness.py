@@ -98,11 +98,6 @@ def _aligned(pred: pd.DataFrame, method: str, ref: str) -> tuple | None:
     return a.loc[common].to_numpy(), b.loc[common].to_numpy()
 
 
-def _fmt(d) -> str:
-    return (f"{100 * d.diff:+5.1f} [{100 * d.ci_low:+5.1f}, {100 * d.ci_high:+5.1f}] "
-            f"p={d.p_value:.2g}")
-
-
 def summarise(pred: pd.DataFrame, seeds: list[int]) -> dict[str, dict]:
     methods = [m for m in pred["method"].unique() if not m.startswith("single:")]
     summary: dict[str, dict] = {}
@@ -121,10 +116,10 @@ def summarise(pred: pd.DataFrame, seeds: list[int]) -> dict[str, dict]:
                 pair = _aligned(part, method, ref) if method != ref else None
                 if pair is not None:
                     per_ref[ref].append(pair)
-                cells.append(_fmt(paired_difference([pair])) if pair is not None else "")
+                cells.append(paired_difference([pair]).in_points() if pair is not None else "")
             print(f"{method:<14} {seed:>4} {100 * accs[-1]:6.1f}  {cells[0]:<32} {cells[1]:<32}")
         mean = {ref: paired_difference(groups) for ref, groups in per_ref.items() if groups}
-        cells = [_fmt(mean[ref]) if ref in mean else "" for ref in REFERENCES]
+        cells = [mean[ref].in_points() if ref in mean else "" for ref in REFERENCES]
         print(f"{method:<14} {'mean':>4} {100 * sum(accs) / len(accs):6.1f}  "
               f"{cells[0]:<32} {cells[1]:<32}")
         summary[method] = {"accuracy": sum(accs) / len(accs), **mean}
@@ -138,7 +133,7 @@ def checks(pred: pd.DataFrame, summary: dict, seeds: list[int], label_words) -> 
         d = summary.get(method, {}).get(ref)
         if d is None:
             return "n/a"
-        return f"{'PASS' if d.ci_low > 0 else 'FAIL'} ({_fmt(d)})"
+        return f"{'PASS' if d.ci_low > 0 else 'FAIL'} ({d.in_points()})"
     print(f"  qpo > best_single, CI > 0: {above('qpo', 'best_single')}")
     print(f"  qpo > manual, CI > 0:      {above('qpo', 'manual')}")
     for other in ("router", "qpo_loop1", "qpo_greedy"):
@@ -147,7 +142,7 @@ def checks(pred: pd.DataFrame, summary: dict, seeds: list[int], label_words) -> 
         if groups:
             d = paired_difference(groups)
             verdict = "PASS" if d.diff >= 0 else "FAIL"
-            print(f"  qpo >= {other:<11}         {verdict} ({_fmt(d)})")
+            print(f"  qpo >= {other:<11}         {verdict} ({d.in_points()})")
     print("\nwell-formed prompts (>= 3 words, printable, every label named), per seed:")
     for method in sorted(m for m in pred["method"].unique() if m.startswith("qpo")):
         shares = [pred[(pred["seed"] == s) & (pred["method"] == method)]["prompt"]

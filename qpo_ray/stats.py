@@ -60,6 +60,11 @@ class PairedDifference:
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
 
+    def in_points(self) -> str:
+        """"+1.2 [ -0.4,  +2.8] p=0.15": the difference and its CI in accuracy points."""
+        return (f"{100 * self.diff:+5.1f} [{100 * self.ci_low:+5.1f}, "
+                f"{100 * self.ci_high:+5.1f}] p={self.p_value:.2g}")
+
 
 def paired_difference(groups: Sequence[tuple[Sequence[float], Sequence[float]]],
                       n_boot: int = 10_000, seed: int = 0) -> PairedDifference:
