@@ -27,11 +27,13 @@ It prints:
    computed = submitted - cached; the share of the bound is computed tokens per
    engine-second x FLOP/token over one actor's probe; the two paths must agree.
 
-Reading the share (measured with --queries 16): vLLM reaches 74-81% of the bound; the
-transformers backend 54-64% with shared heads, because a batch's rows are left-padded
-to its longest query and the padding (38% of the tokens it forwards on Step-0 pairs,
-20% without shared heads) is computed but not counted; a raw unpadded forward reaches
-~80% of a one-thread matmul.
+Reading the share: the transformers backend forwards padded batches, and padding is
+computed but not counted. It batches each prompt's queries by length (a dynamic
+programme over cut points, backends/hf_backend.length_batches): on 35 x 64 Step-0 pairs
+padding is 8% of the tokens read with 16 rows per batch (9% with 32), where fixed-size
+batches in text order read 40% (49%). Measured at 35 x 64 with 256 test queries, idle:
+transformers Step-0 job 70% of the bound with shared heads (x1.97 over no reuse), 79%
+without; the test-shaped job 68% / 80% (x1.65).
 
 With `--reference-pairs N` it also first runs the first N Step-0 pairs the reference
 code's way (a Python loop, one full forward per pair per label) and through

@@ -169,16 +169,44 @@ def test_shared_prefix_runs_group_sorted_heads_and_cover_every_row():
     from qpo_ray.backends.text import shared_prefix_runs
 
     seqs = [[1, 2, 3, 9], [7, 7], [1, 2, 3, 4, 5], [1, 2, 8], [1, 2, 3, 4, 6]]
-    runs = shared_prefix_runs(seqs, max_rows=8, min_shared=2)
+    runs = shared_prefix_runs(seqs, min_shared=2)
     assert sorted(i for _, rows in runs for i in rows) == list(range(len(seqs)))
     assert runs == [(2, [2, 4, 0, 3]), (0, [1])]
     # a head never swallows a whole row: at least one token is left to read
-    assert shared_prefix_runs([[1, 2, 3], [1, 2, 3]], 8, 1) == [(2, [0, 1])]
-    # max_rows splits a long run; heads under min_shared are not worth a pass
-    assert [len(r) for _, r in shared_prefix_runs(seqs, 2, 2)] == [2, 2, 1]
-    # rows without a head are still batched (read whole), max_rows at a time
-    assert shared_prefix_runs(seqs, 8, 10) == [(0, [2, 4, 0, 3, 1])]
-    assert shared_prefix_runs(seqs, 2, 10) == [(0, [2, 4]), (0, [0, 3]), (0, [1])]
+    assert shared_prefix_runs([[1, 2, 3], [1, 2, 3]], 1) == [(2, [0, 1])]
+    # rows without a head worth a pass are still batched together (read whole)
+    assert shared_prefix_runs(seqs, 10) == [(0, [2, 4, 0, 3, 1])]
+
+
+def test_shared_prefix_runs_keep_each_prompt_under_its_own_head():
+    """QPO's shape: a template every row shares, then one of two prompts, then the
+    query. One run per prompt (head = template + prompt) saves more than one run under
+    the template alone, and more than runs of queries that share their first words."""
+    from qpo_ray.backends.text import shared_prefix_runs
+
+    template, prompts = [1, 2, 3], [[10, 11, 12, 13], [20, 21, 22, 23]]
+    queries = [[5, 6, 7], [5, 6, 8], [9, 9], [30, 31, 32, 33]]
+    seqs = [template + p + q for p in prompts for q in queries]
+    runs = shared_prefix_runs(seqs, min_shared=2)
+    assert runs == [(7, [0, 1, 2, 3]), (7, [4, 5, 6, 7])]
+    # a run of two queries sharing 9 tokens saves 9; a prompt's run of four saves 21
+    assert sum(head * (len(rows) - 1) for head, rows in runs) == 42
+
+
+def test_length_batches_cut_sorted_rows_where_padding_costs_more_than_a_pass():
+    from qpo_ray.backends.hf_backend import length_batches
+
+    lengths = [10, 10, 10, 10, 60, 60]
+    # without a cost per pass every distinct width gets its own batch
+    assert length_batches(lengths, 8, 0) == [(0, 4), (4, 6)]
+    # a pass dearer than the padding it saves: one batch
+    assert length_batches(lengths, 8, 500) == [(0, 6)]
+    # never more than max_rows, and every row exactly once, in order
+    cuts = length_batches(list(range(1, 20)), 4, 8)
+    assert cuts[0][0] == 0 and cuts[-1][1] == 19
+    assert all(a[1] == b[0] for a, b in zip(cuts, cuts[1:]))
+    assert all(0 < hi - lo <= 4 for lo, hi in cuts)
+    assert length_batches([], 4, 8) == []
 
 
 @pytest.fixture(scope="module")
@@ -195,13 +223,15 @@ def rt_prefixes():
     return [task.format(p.text, q) for q in queries for p in prompts]
 
 
+@pytest.mark.parametrize("batch_size", [8, 2], ids=["one-batch-per-prompt", "head-reused"])
 @pytest.mark.parametrize("candidates", [SINGLE, MULTI], ids=["single-token", "multi-token"])
 def test_hf_shared_prefix_scoring_equals_per_pair_scoring(tiny_model_dir, rt_prefixes,
-                                                          candidates):
+                                                          candidates, batch_size):
     """Computing each prompt's head once (and repeating its KV cache) changes no number:
-    same log-probs to 1e-4 as reading every pair whole, and fewer tokens computed."""
+    same log-probs to 1e-4 as reading every pair whole, and fewer tokens computed; also
+    when a prompt's 4 queries need several batches that start from one head cache."""
     config = TargetConfig(backend="transformers", model=str(tiny_model_dir), dtype="float32",
-                          batch_size=8)
+                          batch_size=batch_size)
     shared = create_backend(config)
     whole = create_backend(TargetConfig(**{**config.__dict__, "min_shared_prefix_tokens": 10**6}))
     got = shared.score_continuations(rt_prefixes, candidates)

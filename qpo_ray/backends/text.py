@@ -97,40 +97,54 @@ def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def shared_prefix_runs(prefix_ids: Sequence[Sequence[int]], max_rows: int,
+def shared_prefix_runs(prefix_ids: Sequence[Sequence[int]],
                        min_shared: int) -> list[tuple[int, list[int]]]:
-    """Group prefixes that start with the same tokens: (head length, row indices) runs
-    of at most `max_rows` rows, every input row in exactly one run.
+    """Group prefixes that start with the same tokens: (head length, row indices) runs,
+    every input row in exactly one run, each run's head computed once by the engine.
 
     Sorted order puts prefixes with a common head next to each other (QPO's pairs share
-    the chat template and the prompt, which come before the query), and in sorted order
-    the head common to a run is the one common to its first and last rows. A head
-    shorter than `min_shared` tokens is not worth a separate pass (head 0: such rows are
-    batched together, read whole); a head always leaves at least one token of every row
-    to read, where the answer is scored.
+    the chat template and the prompt, which come before the query). The runs maximise
+    the tokens saved, head x (rows - 1): all of a prompt's queries make one run with
+    the template + prompt as head, rather than one run of every prompt with only the
+    template as head (which saves less), or runs of queries that happen to share their
+    first words (smaller runs, and more heads to compute). A head shorter than
+    `min_shared` tokens is not worth a separate pass; a head always leaves at least one
+    token of every row to read, where the answer is scored. Rows in no run worth a head
+    come last, together (head 0: read whole).
     """
     order = sorted(range(len(prefix_ids)), key=lambda i: list(prefix_ids[i]))
-    runs: list[tuple[int, list[int]]] = []
-    rows: list[int] = []
-    head = 0
-    for i in order:
-        if rows:
-            shared = min(_common_length(prefix_ids[rows[0]], prefix_ids[i]),
-                         len(prefix_ids[i]) - 1, head)
-            if len(rows) < max_rows and shared >= min_shared:
-                rows.append(i)
-                head = shared
-                continue
-            runs.append((head if len(rows) > 1 else 0, rows))
-        rows, head = [i], len(prefix_ids[i]) - 1
-    if rows:
-        runs.append((head if len(rows) > 1 else 0, rows))
-    # Rows with no head worth a pass are still read together, whole (head 0), up to
-    # max_rows at a time: one forward per row would starve the engine's matmuls.
-    merged: list[tuple[int, list[int]]] = []
-    for head, rows in runs:
-        if not head and merged and not merged[-1][0] and len(merged[-1][1]) < max_rows:
-            merged[-1][1].extend(rows)
+    # common[k]: the head rows order[k - 1] and order[k] could share
+    common = [0] + [min(_common_length(prefix_ids[a], prefix_ids[b]),
+                        len(prefix_ids[a]) - 1, len(prefix_ids[b]) - 1)
+                    for a, b in zip(order, order[1:])]
+
+    # Each range of sorted rows is one run under the head all its rows share, or split
+    # where that head ends, whichever saves more (a tie keeps one run: fewer heads to
+    # compute). Ranges are solved children first, with a stack rather than recursion:
+    # nesting is as deep as the number of distinct shared lengths.
+    best: dict[tuple[int, int], tuple[int, list[tuple[int, int, int]]]] = {}
+    stack = [(0, len(order), False)] if order else []
+    while stack:
+        lo, hi, children_done = stack.pop()
+        if hi - lo == 1:
+            best[lo, hi] = (0, [(0, lo, hi)])
+            continue
+        head = min(common[lo + 1:hi])
+        cuts = [lo] + [k for k in range(lo + 1, hi) if common[k] == head] + [hi]
+        children = list(zip(cuts, cuts[1:]))
+        if not children_done:
+            stack.append((lo, hi, True))
+            stack.extend((a, b, False) for a, b in children)
+            continue
+        whole = head * (hi - lo - 1) if head >= min_shared else 0
+        saved = sum(best[c][0] for c in children)
+        best[lo, hi] = ((saved, [p for c in children for p in best[c][1]]) if saved > whole
+                        else (whole, [(head if whole else 0, lo, hi)]))
+
+    runs, loose = [], []
+    for head, lo, hi in best[0, len(order)][1] if order else []:
+        if head:
+            runs.append((head, order[lo:hi]))
         else:
-            merged.append((head, rows))
-    return merged
+            loose += order[lo:hi]
+    return runs + ([(0, loose)] if loose else [])

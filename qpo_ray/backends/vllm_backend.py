@@ -89,7 +89,7 @@ class VLLMBackend(TargetBackend):
             return
         block = devices.vllm_kv_block_size_tokens(self.config.kv_block_size_tokens) or 16
         heads = {tuple(prefix_ids[rows[0]][:head])
-                 for head, rows in shared_prefix_runs(prefix_ids, len(prefix_ids), block)
+                 for head, rows in shared_prefix_runs(prefix_ids, block)
                  if head >= block}
         if heads:
             self._run([list(h) for h in heads], SamplingParams(max_tokens=1, temperature=0.0))
