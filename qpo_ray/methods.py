@@ -122,8 +122,14 @@ def policy_prompts(ctx: MethodContext, loop: int, decoding: str, queries: list[E
             candidates = [_uniform([c for c in fixed + [g] + [s[i] for s in sampled] if c.strip()],
                                    len(fixed) + 1 + len(sampled))
                           for i, g in enumerate(greedy)]
+            progress.close()
+            # Ranking reads every candidate at the high and at the low reward: as long
+            # as the sampling above, so it gets its own progress line.
+            progress = Progress(f"test: {source if policy_dir else f'loop {loop}'} ranking "
+                                f"{len(candidates[0])} candidates", 2 * len(texts),
+                                "query passes")
             scores = rank_candidates(policy, texts, candidates, ctx.cfg.loop.target_reward,
-                                     t.rank_low_reward)
+                                     t.rank_low_reward, on_batch=progress.update)
             chosen = [row[int(np.argmax(s))] for row, s in zip(candidates, scores)]
         progress.close()
         ctx._cache[key] = [(prompt_id(c), c, source) for c in chosen]

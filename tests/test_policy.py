@@ -311,9 +311,11 @@ def test_candidate_logprobs_equal_the_training_forward(policy):
     from qpo_ray.policy.ranking import candidate_logprobs
 
     queries = ["the film was a delight", "i hated every minute of it, truly"]
-    cands = [["Answer with positive or negative.", "Summarise."],
-             ["Is it good?", "Answer with positive or negative."]]
+    # a candidate listed twice for one query is read once and reported in both slots
+    cands = [["Answer with positive or negative.", "Summarise.", "Summarise."],
+             ["Is it good?", "Answer with positive or negative.", "Is it good?"]]
     got = candidate_logprobs(policy, queries, cands, reward=70.0)
+    assert got[0, 1] == got[0, 2] and got[1, 0] == got[1, 2]
     for i, q in enumerate(queries):
         for j, c in enumerate(cands[i]):
             batch = _batch(policy, [q], [c], [70.0])
@@ -327,8 +329,14 @@ def test_ranking_prefers_the_prompt_the_policy_ties_to_high_reward(toy_policy):
     from qpo_ray.policy.ranking import candidate_logprobs, rank_candidates
 
     cands = [[PROMPT_LOW, PROMPT_HIGH]] * len(TOY_QUERIES)
-    scores = rank_candidates(toy_policy, TOY_QUERIES, cands, high_reward=100.0, low_reward=0.0)
+    seen: list[int] = []
+    scores = rank_candidates(toy_policy, TOY_QUERIES, cands, high_reward=100.0, low_reward=0.0,
+                             batch_size=2, on_batch=seen.append)
     assert (scores.argmax(axis=1) == 1).all()
+    # progress counts every query at both rewards, batch by batch, up to 2N
+    n = len(TOY_QUERIES)
+    assert seen == [min(i + 2, n) for i in range(0, n, 2)] + [n + min(i + 2, n)
+                                                               for i in range(0, n, 2)]
     # the score is exactly the contrast of the two conditional log-likelihoods
     high = candidate_logprobs(toy_policy, TOY_QUERIES, cands, 100.0)
     low = candidate_logprobs(toy_policy, TOY_QUERIES, cands, 0.0)
@@ -336,3 +344,4 @@ def test_ranking_prefers_the_prompt_the_policy_ties_to_high_reward(toy_policy):
     with pytest.raises(ValueError, match="same, non-zero number"):
         candidate_logprobs(toy_policy, TOY_QUERIES[:2], [[PROMPT_LOW], [PROMPT_LOW, PROMPT_HIGH]],
                            100.0)
+

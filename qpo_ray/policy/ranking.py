@@ -15,12 +15,13 @@ reading of "which action has high return here", with the prompt's prior frequenc
 cancelled out). Every candidate's log-likelihood includes its EOS, as in training.
 
 The `[R | q]` prefix of a query is computed once per reward level and its KV cache is
-repeated over the query's candidates, so only candidate tokens are read per candidate.
+repeated over the query's distinct candidates, so only candidate tokens are read, once
+per distinct candidate.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,20 +33,31 @@ from qpo_ray.policy.model import QPOPolicy
 
 def _chunk_logprobs(policy: QPOPolicy, queries: list[str], candidates: list[list[str]],
                     reward: float) -> torch.Tensor:
-    """(B, C) log p(candidate + EOS | R = reward, query) for B queries, C candidates each."""
+    """(B, C) log p(candidate + EOS | R = reward, query) for B queries, C candidates each.
+    A candidate a query lists twice (the greedy prompt is often a collection prompt, and
+    samples repeat it) is read once."""
     n_b, n_c = len(queries), len(candidates[0])
-    flat = [c for row in candidates for c in row]
+    flat, owner, where = [], [], []  # distinct (query, candidate) rows; each slot's row
+    for b, row in enumerate(candidates):
+        seen: dict[str, int] = {}
+        for c in row:
+            if c not in seen:
+                seen[c] = len(flat)
+                flat.append(c)
+                owner.append(b)
+            where.append(seen[c])
     p_ids, p_mask = trim_padding(*encode_prompts(policy.tokenizer, flat,
                                                  policy.config.max_prompt_tokens), "right")
     p_ids, p_mask = p_ids.to(policy.device), p_mask.to(policy.device)
+    owner_t = torch.tensor(owner, device=policy.device)
     embeds, mask, _ = prefix_inputs(policy, queries, reward)
     out = policy.run_backbone(embeds, mask, position_ids_from_mask(mask), use_cache=True)
-    last = out.last_hidden_state[:, -1].repeat_interleave(n_c, dim=0)  # predicts token 0
+    last = out.last_hidden_state[owner_t, -1]  # predicts token 0
     cache = out.past_key_values
-    cache.batch_repeat_interleave(n_c)
-    start = mask.sum(dim=1, keepdim=True).repeat_interleave(n_c, dim=0)
+    cache.reorder_cache(owner_t)  # each row's [R | q] prefix, repeated per distinct candidate
+    start = mask.sum(dim=1, keepdim=True)[owner_t]
     positions = start + torch.arange(p_ids.shape[1], device=policy.device).unsqueeze(0)
-    full_mask = torch.cat([mask.repeat_interleave(n_c, dim=0), p_mask], dim=1)
+    full_mask = torch.cat([mask[owner_t], p_mask], dim=1)
     hidden = policy.run_backbone(policy.embed_prompt_tokens(p_ids), full_mask, positions,
                                  past_key_values=cache).last_hidden_state
     # Slot j of the prompt is predicted from slot j - 1 (slot 0 from the prefix's end).
@@ -53,17 +65,19 @@ def _chunk_logprobs(policy: QPOPolicy, queries: list[str], candidates: list[list
     valid = p_mask.bool()
     logprobs = policy.lm_logits(predictors[valid]).float().log_softmax(-1)
     picked = logprobs.gather(-1, p_ids[valid].unsqueeze(-1)).squeeze(-1)
-    row = torch.arange(n_b * n_c, device=policy.device).unsqueeze(1).expand_as(p_ids)[valid]
-    sums = torch.zeros(n_b * n_c, device=policy.device).index_add_(0, row, picked)
-    return sums.view(n_b, n_c)
+    row = torch.arange(len(flat), device=policy.device).unsqueeze(1).expand_as(p_ids)[valid]
+    sums = torch.zeros(len(flat), device=policy.device).index_add_(0, row, picked)
+    return sums[torch.tensor(where, device=policy.device)].view(n_b, n_c)
 
 
 @torch.no_grad()
 def candidate_logprobs(policy: QPOPolicy, queries: Sequence[str],
                        candidates: Sequence[Sequence[str]], reward: float,
-                       batch_size: int = 8) -> np.ndarray:
+                       batch_size: int = 8,
+                       on_batch: Optional[Callable[[int], None]] = None) -> np.ndarray:
     """(N, C) log-likelihood of each query's C candidate prompts at `reward` (0-100).
-    Every query must have the same number of candidates."""
+    Every query must have the same number of candidates. `on_batch(done)` is called
+    after each batch with the queries done so far."""
     if len(queries) != len(candidates):
         raise ValueError(f"candidate_logprobs: {len(queries)} queries, {len(candidates)} "
                          "candidate lists")
@@ -74,9 +88,13 @@ def candidate_logprobs(policy: QPOPolicy, queries: Sequence[str],
     was_training = policy.training
     policy.eval()
     try:
-        chunks = [_chunk_logprobs(policy, list(queries[i:i + batch_size]),
-                                  [list(c) for c in candidates[i:i + batch_size]], reward).cpu()
-                  for i in range(0, len(queries), batch_size)]
+        chunks = []
+        for i in range(0, len(queries), batch_size):
+            chunks.append(_chunk_logprobs(policy, list(queries[i:i + batch_size]),
+                                          [list(c) for c in candidates[i:i + batch_size]],
+                                          reward).cpu())
+            if on_batch is not None:
+                on_batch(min(i + batch_size, len(queries)))
         return torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), dtype=np.float32)
     finally:
         policy.train(was_training)
@@ -84,12 +102,14 @@ def candidate_logprobs(policy: QPOPolicy, queries: Sequence[str],
 
 def rank_candidates(policy: QPOPolicy, queries: Sequence[str],
                     candidates: Sequence[Sequence[str]], high_reward: float = 100.0,
-                    low_reward: float = 0.0, batch_size: int = 8) -> np.ndarray:
+                    low_reward: float = 0.0, batch_size: int = 8,
+                    on_batch: Optional[Callable[[int], None]] = None) -> np.ndarray:
     """(N, C) contrastive scores log p(c | high, q) - log p(c | low, q); argmax per row
-    is the ranked choice."""
+    is the ranked choice. `on_batch(done)` counts 0..2N: every query at both rewards."""
     if high_reward <= low_reward:
         raise ValueError(f"rank_candidates: high_reward {high_reward} must exceed "
                          f"low_reward {low_reward}")
-    high = candidate_logprobs(policy, queries, candidates, high_reward, batch_size)
-    low = candidate_logprobs(policy, queries, candidates, low_reward, batch_size)
+    high = candidate_logprobs(policy, queries, candidates, high_reward, batch_size, on_batch)
+    low = candidate_logprobs(policy, queries, candidates, low_reward, batch_size,
+                             on_batch and (lambda done: on_batch(len(queries) + done)))
     return high - low
