@@ -53,7 +53,7 @@ def test_ids_are_stable_across_loads_and_sources(tmp_path):
     assert mine[0].id == first[3].id  # same text, same id, whatever the file
 
 
-def test_instructeval_directory_keeps_methods(shared_data):
+def test_instructeval_directory_keeps_methods(shared_data, caplog, monkeypatch):
     root = shared_data / "instructeval_prompts"
     records = load_collection(PromptsConfig(source=str(root)), "tweet_emotion")
     sources = {r.source for r in records}
@@ -68,6 +68,16 @@ def test_instructeval_directory_keeps_methods(shared_data):
                              "tweet_emotion")
     assert {r.source.split("/")[0] for r in picked} == {"manual", "low_perplexity_prompts"}
     assert len({r.source for r in picked}) > 2  # several low-perplexity models
+
+    # `no_instruction` holds one empty prompt: left out before any work, with a warning
+    # (scored in Step 0, it used to fail the first training stage minutes later)
+    monkeypatch.setattr("qpo_ray.prompts._WARNED_EMPTY", set())  # said once per process
+    with caplog.at_level("WARNING", logger="qpo_ray.prompts"):
+        every = load_collection(PromptsConfig(source=str(root)), "ag_news")
+    assert every and all(r.text.strip() for r in every)
+    assert "empty prompts left out" in caplog.text and "no_instruction" in caplog.text
+    with pytest.raises(PromptCollectionError, match="no prompts for task 'ag_news'"):
+        load_collection(PromptsConfig(source=str(root), methods=["no_instruction"]), "ag_news")
 
     with pytest.raises(PromptCollectionError, match=r"prompts\.methods: 'apex'"):
         load_collection(PromptsConfig(source=str(root), methods=["apex"]), "tweet_emotion")

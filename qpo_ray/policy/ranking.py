@@ -109,7 +109,7 @@ def rank_candidates(policy: QPOPolicy, queries: Sequence[str],
     if high_reward <= low_reward:
         raise ValueError(f"rank_candidates: high_reward {high_reward} must exceed "
                          f"low_reward {low_reward}")
+    after_high = None if on_batch is None else (lambda done: on_batch(len(queries) + done))
     high = candidate_logprobs(policy, queries, candidates, high_reward, batch_size, on_batch)
-    low = candidate_logprobs(policy, queries, candidates, low_reward, batch_size,
-                             on_batch and (lambda done: on_batch(len(queries) + done)))
+    low = candidate_logprobs(policy, queries, candidates, low_reward, batch_size, after_high)
     return high - low

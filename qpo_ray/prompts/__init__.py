@@ -27,6 +27,7 @@ from qpo_ray.config import PromptsConfig
 from qpo_ray.jsonl import read_jsonl
 
 logger = logging.getLogger(__name__)
+_WARNED_EMPTY: set[str] = set()
 
 BUILTIN_DIR = Path(__file__).parent / "data"
 
@@ -72,6 +73,16 @@ def load_collection(cfg: PromptsConfig, task_name: str) -> list[PromptRecord]:
                 "file" + ("" if path.exists() else " (it does not exist)"))
     if cfg.methods is not None and not path.is_dir():
         pairs = [(text, source) for text, source in pairs if source in cfg.methods]
+    # InstructEval's `no_instruction` method is one empty prompt. Scored in Step 0 it
+    # would fail training later (a pair's prompt must be text the policy can learn to
+    # write), so it is left out here, before any work, and said so.
+    empty = sorted({source for text, source in pairs if not text.strip()})
+    if empty and str(path) not in _WARNED_EMPTY:  # stages reload it: said once per process
+        _WARNED_EMPTY.add(str(path))
+        logger.warning("%s: empty prompts left out of the collection (from %s): the policy "
+                       "learns to write prompts, and an empty one is none", path,
+                       ", ".join(empty))
+    pairs = [(text, source) for text, source in pairs if text.strip()]
     records = _dedupe(pairs)
     if not records:
         raise PromptCollectionError(f"{path}: no prompts for task {task_name!r}"
