@@ -104,8 +104,8 @@ def policy_prompts(ctx: MethodContext, loop: int, decoding: str, queries: list[E
         policy = QPOPolicy.load(policy_dir or ctx.policy_dirs[loop])
         texts = [q.text for q in queries]
         passes = 1 if decoding == "greedy" else t.rank_samples
-        progress = Progress(f"test: {source if policy_dir else f'loop {loop}'} {decoding} "
-                            "prompts", passes * len(texts), "prompts")
+        whose = source if policy_dir else f"loop {loop}"
+        progress = Progress(f"test: {whose} {decoding} prompts", passes * len(texts), "prompts")
 
         def on_batch(k: int) -> Callable[[int], None]:
             return lambda done: progress.update(k * len(texts) + done)
@@ -125,9 +125,8 @@ def policy_prompts(ctx: MethodContext, loop: int, decoding: str, queries: list[E
             progress.close()
             # Ranking reads every candidate at the high and at the low reward: as long
             # as the sampling above, so it gets its own progress line.
-            progress = Progress(f"test: {source if policy_dir else f'loop {loop}'} ranking "
-                                f"{len(candidates[0])} candidates", 2 * len(texts),
-                                "query passes")
+            progress = Progress(f"test: {whose} ranking {len(candidates[0])} candidates",
+                                2 * len(texts), "query passes")
             scores = rank_candidates(policy, texts, candidates, ctx.cfg.loop.target_reward,
                                      t.rank_low_reward, on_batch=progress.update)
             chosen = [row[int(np.argmax(s))] for row, s in zip(candidates, scores)]

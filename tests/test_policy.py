@@ -344,4 +344,3 @@ def test_ranking_prefers_the_prompt_the_policy_ties_to_high_reward(toy_policy):
     with pytest.raises(ValueError, match="same, non-zero number"):
         candidate_logprobs(toy_policy, TOY_QUERIES[:2], [[PROMPT_LOW], [PROMPT_LOW, PROMPT_HIGH]],
                            100.0)
-
