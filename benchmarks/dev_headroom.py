@@ -15,6 +15,11 @@ made. It prints dev accuracy and the paired difference against `best_single` (bo
   query-dependent signal, and how many candidates can it handle? Also printed per loop:
   the correlation of that contrast with correctness once each prompt's mean is removed
   (0 = the policy cannot tell which prompt suits which query);
+- label-aware, N labels (a diagnostic, neither QPO nor a baseline): a chooser that knows
+  a label task's structure, P(label | query) from a ridge probe on the target's query
+  embedding fitted on N labelled train examples (gold labels only, no target calls)
+  times each prompt's Step-0 accuracy on queries of each label. How much per-query
+  choice can pay on this target, and how many labelled queries it takes;
 - upper bounds, labelled as such and never baselines: the best prompt on these dev
   queries (chosen on them) and the per-query oracle (some prompt is right).
 It also prints each prompt's dev accuracy and share of answers naming the first label:
@@ -104,6 +109,40 @@ def query_specific_corr(scores: np.ndarray, correct: np.ndarray) -> float:
     return float((s * c).sum() / denom) if denom > 0 else 0.0
 
 
+def label_aware_choice(step0: pd.DataFrame, order: list[str], queries: list[str],
+                       labelled: list, num_labels: int, model: str, seed: int,
+                       folds: int = 5) -> np.ndarray:
+    """(dev queries, prompts in `order`) expected correctness of a chooser that knows
+    the task's structure: P(label | query) from a ridge probe on the target's embedding,
+    fitted on `labelled` examples' gold labels alone (no target calls), times each
+    prompt's Step-0 accuracy on queries of that label. Ridge strength by
+    cross-validation over `labelled`, never on dev."""
+    from qpo_ray.router import embed_texts, predict, ridge
+
+    x = embed_texts(model, [e.text for e in labelled])
+    mean, std = x.mean(axis=0), x.std(axis=0) + 1e-6
+    x = (x - mean) / std
+    y = np.eye(num_labels)[[int(e.label) for e in labelled]]
+    parts = np.array_split(np.random.default_rng(seed).permutation(len(x)), folds)
+
+    def cv_accuracy(alpha: float) -> float:
+        hits = [predict(x[held], ridge(np.delete(x, held, 0), np.delete(y, held, 0), alpha))
+                .argmax(1) == y[held].argmax(1) for held in parts]
+        return float(np.concatenate(hits).mean())
+
+    alpha = max((1.0, 10.0, 100.0, 1000.0), key=cv_accuracy)
+    scores = predict((embed_texts(model, queries) - mean) / std, ridge(x, y, alpha))
+    p_label = np.clip(scores, 0.0, None) + 1e-6
+    p_label /= p_label.sum(axis=1, keepdims=True)
+    # Each prompt's accuracy on Step-0 queries of each gold label (Laplace-smoothed).
+    labels = step0["label"].astype(int)
+    hits = step0["correct"].astype(float).groupby([step0["prompt_id"], labels]).sum()
+    seen = step0["correct"].groupby([step0["prompt_id"], labels]).size()
+    per_label = ((hits + 1) / (seen + 2)).unstack().reindex(index=order,
+                                                            columns=range(num_labels))
+    return p_label @ per_label.fillna(0.5).to_numpy().T
+
+
 def _top(text: str) -> str:
     """--top value: "all" or a positive number of candidates."""
     if text != "all" and not (text.isdigit() and int(text) > 0):
@@ -117,6 +156,9 @@ def main() -> int:
     p.add_argument("--out", type=Path, help="cache directory (default: <run>/headroom)")
     p.add_argument("--top", nargs="+", type=_top, default=["2", "4", "8", "all"],
                    help="candidate-set sizes for the policy's ranking (best R_task first)")
+    p.add_argument("--labelled", nargs="*", type=int, default=[64, 256, 1024],
+                   help="sizes of the label-aware chooser's labelled sets (drawn from the "
+                        "demonstration pool: train data that is neither collection nor dev)")
     args = p.parse_args()
     from qpo_ray.errors import ConfigError
     from qpo_ray.rundir import RunDir
@@ -136,6 +178,8 @@ def main() -> int:
     send_library_logs_to(out)  # Ray Data's and transformers' progress go to a log file
     from qpo_ray.router import fit_router, router_embedding_model
 
+    from qpo_ray.tasks import task_and_splits
+    task, splits = task_and_splits(cfg)
     scored = dev_matrix(run, cfg, out)
     correct = scored.pivot(index="query_id", columns="prompt_id", values="correct").astype(float)
     says_first = (scored.assign(first=scored["prediction"] == "0")
@@ -167,6 +211,17 @@ def main() -> int:
             n = len(order) if top == "all" else min(int(top), len(order))
             choice = np.argmax(scores[:, :n], axis=1)
             table.append((f"qpo_loop{loop} rank top{top}", grid[rows, choice]))
+    if task.label_words and args.labelled:
+        pool = list(splits.demo_pool)
+        np.random.default_rng(cfg.seed).shuffle(pool)
+        for n in args.labelled:
+            expected = label_aware_choice(step0, order, queries.tolist(), pool[:n],
+                                          len(task.label_words),
+                                          router_embedding_model(cfg), cfg.seed)
+            for top in args.top:
+                k = len(order) if top == "all" else min(int(top), len(order))
+                table.append((f"label-aware, {n} labels, top{top}",
+                              grid[rows, expected[:, :k].argmax(axis=1)]))
     dev_best = grid.mean(axis=0).argmax()
     table.append(("upper bound: best prompt on dev", grid[:, dev_best]))
     table.append(("upper bound: per-query oracle", grid.max(axis=1)))

@@ -151,6 +151,12 @@ class DatasetConfig:
     # R_task compares prompts on equal terms (no group is luckier in its queries).
     prompts_per_group: int = 40
     queries_per_group: int = 100
+    # Wide Step 0 (needs prompts_per_group: 0): the `wide_prompts` prompts with the best
+    # R_task on the shared queries are also scored on `wide_queries` more collection
+    # queries. Which prompt suits which query is learnt from many queries; R_task
+    # compares prompts on shared ones and stays computed there. 0 = off.
+    wide_prompts: int = 0
+    wide_queries: int = 0
     # Zero-shot query reward: "ppl" = correct - PPL/10 (paper eq. 3), "nll" = correct -
     # mean NLL/10 (the reference code).
     zero_shot_penalty: Literal["ppl", "nll"] = "ppl"
@@ -171,6 +177,13 @@ class DatasetConfig:
             (self.prompts_per_group >= 0,
              "dataset.prompts_per_group must be >= 0 (0 = every prompt on the same queries)"),
             (self.queries_per_group >= 1, "dataset.queries_per_group must be >= 1"),
+            (self.wide_prompts >= 0 and self.wide_queries >= 0,
+             "dataset.wide_prompts / dataset.wide_queries must be >= 0"),
+            ((self.wide_prompts > 0) == (self.wide_queries > 0),
+             "dataset.wide_prompts and dataset.wide_queries go together (both 0 = off)"),
+            (self.wide_prompts == 0 or self.prompts_per_group == 0,
+             "dataset.wide_prompts needs dataset.prompts_per_group: 0 (R_task on shared "
+             "queries picks the wide prompts)"),
         ])
 
 

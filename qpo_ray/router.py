@@ -58,8 +58,8 @@ def embed_texts(model: str, texts: Sequence[str], batch_size: int = 32) -> np.nd
     return torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), dtype=np.float32)
 
 
-def _ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:
-    """Weights (with a bias as the last entry) of ridge regression y ~ x."""
+def ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:
+    """Weights (with a bias as the last row) of ridge regression y ~ x (y: (N,) or (N, K))."""
     xb = np.hstack([x, np.ones((len(x), 1))])
     reg = alpha * np.eye(xb.shape[1])
     reg[-1, -1] = 0.0  # the bias is not shrunk
@@ -74,11 +74,11 @@ def _fit_all(x: np.ndarray, rewards: np.ndarray, alpha: float) -> np.ndarray:
         if seen.sum() == 0:
             weights[-1, j] = -np.inf
             continue
-        weights[:, j] = _ridge(x[seen], rewards[seen, j], alpha)
+        weights[:, j] = ridge(x[seen], rewards[seen, j], alpha)
     return weights
 
 
-def _predict(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def predict(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return np.hstack([x, np.ones((len(x), 1))]) @ weights
 
 
@@ -92,7 +92,7 @@ class FittedRouter:
     def choose(self, queries: Sequence[str]) -> list[str]:
         if not len(queries):
             return []
-        scores = _predict(embed_texts(self.model, queries), self.weights)
+        scores = predict(embed_texts(self.model, queries), self.weights)
         return [self.prompt_ids[j] for j in scores.argmax(axis=1)]
 
 
@@ -113,7 +113,7 @@ def fit_router(step0: pd.DataFrame, model: str, seed: int = 0, folds: int = 5) -
         for held in parts:
             train = np.setdiff1d(order, held)
             w = _fit_all(x[train], rewards[train], alpha)
-            picks = _predict(x[held], w).argmax(axis=1)
+            picks = predict(x[held], w).argmax(axis=1)
             got = rewards[held, picks]
             gained.extend(got[~np.isnan(got)])
         return float(np.mean(gained)) if gained else -np.inf

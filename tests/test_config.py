@@ -74,6 +74,8 @@ def test_int_is_accepted_where_a_float_is_expected():
         ("training.mixed_precision=bf16", "training.mixed_precision"),
         ("training.epochs_later_loops=0", "training.epochs_later_loops"),
         ("target.batch_size=0", "target.batch_size"),
+        ("dataset.wide_prompts=8", "dataset.wide_queries go together"),
+        ("dataset.wide_queries=-1", "dataset.wide_prompts / dataset.wide_queries"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(override, fragment):

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from qpo_ray.config import load_config
-from qpo_ray.data.pairs import NO_GROUP, build_step0_pairs, make_pairs
+from qpo_ray.config import ConfigError, load_config
+from qpo_ray.data.pairs import (
+    NO_GROUP,
+    build_step0_pairs,
+    build_wide_pairs,
+    make_pairs,
+    wide_queries,
+)
 from qpo_ray.data.schema import PAIR_COLUMNS
 from qpo_ray.prompts import load_collection
 from qpo_ray.tasks import get_task
@@ -108,6 +114,28 @@ def test_few_shot_is_refused_for_tasks_without_it(emotion, tmp_path):
     task = get_task(cfg.task)
     with pytest.raises(ValueError, match="task.num_shots: task t does not support few-shot"):
         build_step0_pairs(task, task.splits(0.5, 0), prompts, cfg)
+
+
+def test_wide_step0_adds_other_collection_queries_for_the_given_prompts(emotion):
+    task, splits, prompts = emotion
+    cfg = config(prompts_per_group=0, queries_per_group=7, wide_prompts=2, wide_queries=9)
+    shared = build_step0_pairs(task, splits, prompts, cfg)
+    queries = wide_queries(splits, shared, cfg)
+    assert [q.id for q in queries] == [q.id for q in wide_queries(splits, shared, cfg)]
+    collection = {q.id for q in splits.collection}
+    ids = {q.id for q in queries}
+    assert len(ids) == 9 and ids <= collection and not ids & set(shared["query_id"])
+    wide = build_wide_pairs(queries, prompts[:2], cfg)
+    assert list(wide.columns) == list(PAIR_COLUMNS)
+    assert len(wide) == 18 and (wide["group"] == 1).all() and (wide["loop"] == 0).all()
+    per_prompt = wide.groupby("prompt_id")["query_id"].apply(frozenset)
+    assert set(per_prompt.index) == {p.id for p in prompts[:2]}
+    assert (per_prompt == frozenset(ids)).all()
+    assert wide["pair_id"].is_unique and not set(wide["pair_id"]) & set(shared["pair_id"])
+    too_many = config(prompts_per_group=0, queries_per_group=7, wide_prompts=2,
+                      wide_queries=len(collection))
+    with pytest.raises(ConfigError, match=f"dataset.wide_queries: {len(collection)} asked"):
+        wide_queries(splits, shared, too_many)
 
 
 def test_step0_with_one_group_gives_every_prompt_the_same_queries(emotion):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -37,6 +38,18 @@ def test_zero_shot_ppl_penalty_by_hand():
     assert (scale.min, scale.max) == pytest.approx((0.2, 1.9))
     assert df["reward"].tolist() == pytest.approx([1.15 / 1.7 * 100, 0.0, 100.0,
                                                    1.6 / 1.7 * 100])
+
+
+def test_r_task_given_per_prompt_is_kept_for_every_row_of_that_prompt():
+    """Wide Step 0: R_task comes from the shared queries only, whatever other rows a
+    prompt has; a prompt without one is named."""
+    df, _ = compute_rewards(zero_shot_frame([0.4, 1.1, 0.0, 0.7]), penalty="nll",
+                            r_task={"A": 0.25, "B": 0.75})
+    assert df["r_task"].tolist() == pytest.approx([0.25, 0.25, 0.75, 0.75])
+    assert df["r_raw"].tolist() == pytest.approx([0.96 + 0.25, -0.11 + 0.25, 1.75, 1.68])
+    with pytest.raises(ValueError, match="no R_task given for prompts \\['B'\\]"):
+        compute_rewards(zero_shot_frame([0.4, 1.1, 0.0, 0.7]), penalty="nll",
+                        r_task={"A": 0.25})
 
 
 def test_zero_shot_nll_penalty_by_hand():
@@ -179,3 +192,40 @@ def test_gold_reward_on_real_pairs_ranks_how_likely_the_target_finds_the_gold_la
         if len(right) and len(wrong):
             assert wrong["reward"].max() < right["reward"].min()
     assert df["correct"].any() and (~df["correct"]).any()
+
+
+def test_wide_step0_on_the_real_target_keeps_r_task_from_the_shared_queries(
+        tiny_model_dir, one_torch_thread, tmp_path):
+    """Step 0 with dataset.wide_prompts: every prompt on the same shared queries, then
+    the prompt that did best there on more queries; each row's R_task is its prompt's
+    accuracy on the shared queries alone."""
+    from qpo_ray.backends import create_backend
+    from qpo_ray.config import TargetConfig, load_config
+    from qpo_ray.data.io import read_dataset
+    from qpo_ray.scoring import LocalScorer
+    from qpo_ray.stages.context import RunContext
+    from qpo_ray.stages.step0 import build_initial_dataset
+
+    cfg = load_config(None, {
+        "task": {"name": "rotten_tomatoes", "collection_fraction": 0.01},
+        "prompts": {"methods": ["manual", "generic"]},
+        "dataset": {"prompts_per_group": 0, "queries_per_group": 4, "zero_shot_penalty": "nll",
+                    "query_reward": "gold", "wide_prompts": 1, "wide_queries": 5}})
+    target = TargetConfig(backend="transformers", model=str(tiny_model_dir), dtype="float32",
+                          batch_size=16)
+    ctx = RunContext(cfg, scorer_factory=lambda c, task, demos: LocalScorer(
+        task, create_backend(target), demos))
+    df, scale = read_dataset(build_initial_dataset(ctx, tmp_path / "step0.parquet"))
+    shared, wide = df[df["group"] == 0], df[df["group"] == 1]
+    n_prompts = shared["prompt_id"].nunique()
+    assert n_prompts >= 2 and len(shared) == 4 * n_prompts and len(wide) == 5
+    on_shared = shared.groupby("prompt_id")["correct"].mean()
+    assert wide["prompt_id"].nunique() == 1
+    best = wide["prompt_id"].iloc[0]
+    assert on_shared[best] == on_shared.max()
+    assert not set(wide["query_id"]) & set(shared["query_id"])
+    assert df["r_task"].tolist() == pytest.approx(df["prompt_id"].map(on_shared).tolist())
+    assert df["reward"].between(0, 100).all()
+    assert (scale.min, scale.max) == pytest.approx((df["r_raw"].min(), df["r_raw"].max()))
+    usage = json.loads((tmp_path / "step0.usage.json").read_text())
+    assert usage["calls"] == len(df)

@@ -93,6 +93,41 @@ def build_step0_pairs(task: Task, splits: Splits, prompts: list[PromptRecord],
     return _frame(rows)
 
 
+def wide_queries(splits: Splits, step0_pairs: pd.DataFrame, cfg: Config) -> list[Example]:
+    """Wide Step 0's queries: `dataset.wide_queries` collection queries that Step 0's
+    shared pairs did not use (seeded), checked before anything is scored."""
+    wanted = cfg.dataset.wide_queries
+    if wanted == 0:
+        return []
+    used = set(step0_pairs["query_id"])
+    free = [q for q in splits.collection if q.id not in used]
+    if len(free) < wanted:
+        raise ConfigError(f"dataset.wide_queries: {wanted} asked, but the collection set "
+                          f"has {len(free)} queries besides Step 0's shared ones (raise "
+                          "task.collection_fraction or lower dataset.wide_queries)")
+    return random.Random(derive_seed("wide", cfg.seed)).sample(free, wanted)
+
+
+def build_wide_pairs(queries: Sequence[Example], prompts: Sequence[PromptRecord],
+                     cfg: Config) -> pd.DataFrame:
+    """Every one of `prompts` (the best on the shared queries) on every wide query: one
+    more Step-0 group, numbered after the shared one (zero-shot only)."""
+    if cfg.task.num_shots > 0:
+        raise ConfigError("dataset.wide_prompts: wide Step 0 is zero-shot only "
+                          "(task.num_shots must be 0)")
+    rows = []
+    for query in queries:
+        seed = derive_seed("wide", cfg.seed, query.id)
+        for prompt in prompts:
+            rows.append({
+                "pair_id": f"l0w-{len(rows)}", "query_id": query.id, "query": query.text,
+                "prompt_id": prompt.id, "prompt": prompt.text, "source": prompt.source,
+                "label": str(query.label), "group": 1, "loop": 0, "seed": seed,
+                "demo_ids": [],
+            })
+    return _frame(rows)
+
+
 def make_pairs(queries: list[Example], prompts: list[tuple[str, str, str]], task: Task,
                splits: Splits, cfg: Config, loop: int, seed: int) -> pd.DataFrame:
     """Augmentation round `loop`: one pair per (query, (id, text, source)), zipped.

@@ -26,7 +26,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Mapping, Optional
 
 import numpy as np
 import pandas as pd
@@ -143,7 +143,7 @@ def answer_penalty(df: pd.DataFrame, penalty: str, answer: str) -> pd.Series:
 
 def compute_rewards(scored_df: pd.DataFrame, penalty: Literal["ppl", "nll"] = "ppl",
                     few_shot: bool = False, scale: Optional[RewardScale] = None,
-                    r_task: Optional[float] = None,
+                    r_task: Optional[float | Mapping[str, float]] = None,
                     answer: Literal["predicted", "gold"] = "predicted",
                     ) -> tuple[pd.DataFrame, RewardScale]:
     """`scored_df` plus REWARD_COLUMNS, and the scale used (fitted here when none given)."""
@@ -161,6 +161,13 @@ def compute_rewards(scored_df: pd.DataFrame, penalty: Literal["ppl", "nll"] = "p
         by_prompt = df["prompt_id"]
         df["r_task"] = (hits.groupby(by_prompt).transform("sum")
                         / answers.groupby(by_prompt).transform("sum"))
+    elif isinstance(r_task, Mapping):
+        # Given per prompt (wide Step 0: R_task from the shared queries only).
+        _require(df, ["prompt_id"], "R_task per prompt")
+        df["r_task"] = df["prompt_id"].map(r_task)
+        if df["r_task"].isna().any():
+            missing = sorted(set(df.loc[df["r_task"].isna(), "prompt_id"]))
+            raise ValueError(f"compute_rewards: no R_task given for prompts {missing[:3]}")
     else:
         df["r_task"] = float(r_task)
     df["r_raw"] = df["r_query"] + df["r_task"]

@@ -8,16 +8,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import pandas as pd
+
 from qpo_ray.config import ConfigError
 from qpo_ray.data.importer import import_paper_json
 from qpo_ray.data.io import read_dataset, write_dataset
-from qpo_ray.data.pairs import build_step0_pairs
-from qpo_ray.data.rewards import compute_rewards
+from qpo_ray.data.pairs import build_step0_pairs, build_wide_pairs, wide_queries
+from qpo_ray.data.rewards import RewardScale, compute_rewards
+from qpo_ray.data.schema import REWARD_COLUMNS
 from qpo_ray.loop_tracking import flatten_numbers
-from qpo_ray.prompts import load_collection
+from qpo_ray.prompts import PromptRecord, load_collection
 from qpo_ray.rundir import read_json, sidecar, write_json_atomic
 from qpo_ray.stages import Stage, StageOutputs
 from qpo_ray.stages.context import RunContext
+from qpo_ray.tasks.base import Example
 
 
 @dataclass(frozen=True)
@@ -47,13 +51,36 @@ def build_initial_dataset(ctx: RunContext, out_path: Optional[str | Path] = None
     else:
         prompts = load_collection(cfg.prompts, ctx.task.name)
         pairs = build_step0_pairs(ctx.task, ctx.splits, prompts, cfg)
+        wide = wide_queries(ctx.splits, pairs, cfg)  # checked before anything is scored
         scored, usage = ctx.score(pairs, label="step0: scoring")
         frame, scale = compute_rewards(scored, cfg.dataset.zero_shot_penalty,
                                        few_shot=cfg.task.num_shots > 0,
                                        answer=cfg.dataset.query_reward)
+        if wide:
+            frame, scale, usage = _widen(ctx, prompts, frame, wide, usage)
     write_dataset(frame, out, scale)
     write_json_atomic(sidecar(out, ".usage.json"), usage)
     return out
+
+
+def _widen(ctx: RunContext, prompts: list[PromptRecord], shared: pd.DataFrame,
+           queries: list[Example], usage: dict[str, Any],
+           ) -> tuple[pd.DataFrame, RewardScale, dict[str, Any]]:
+    """Wide Step 0: the best prompts on the shared queries, scored on `queries` too.
+    R_task stays each prompt's accuracy on the shared queries, so it still compares
+    every prompt on the same ones; the reward scale is fitted on all pairs."""
+    cfg = ctx.cfg
+    r_task = shared.groupby("prompt_id")["r_task"].first().to_dict()
+    best = sorted(prompts, key=lambda p: -r_task[p.id])[:cfg.dataset.wide_prompts]
+    pairs = build_wide_pairs(queries, best, cfg)
+    scored, wide_usage = ctx.score(pairs, label=f"step0: {len(best)} best prompts, "
+                                                f"{len(queries)} more queries")
+    columns = [c for c in shared.columns if c not in REWARD_COLUMNS]
+    both = pd.concat([shared[columns], scored[columns]], ignore_index=True)
+    frame, scale = compute_rewards(both, cfg.dataset.zero_shot_penalty, r_task=r_task,
+                                   answer=cfg.dataset.query_reward)
+    total = {k: usage.get(k, 0) + wide_usage.get(k, 0) for k in usage.keys() | wide_usage.keys()}
+    return frame, scale, total
 
 
 def run(ctx: RunContext, stage: Stage) -> Step0Outputs:
