@@ -177,8 +177,8 @@ def main() -> int:
     from qpo_ray.progress import send_library_logs_to
     send_library_logs_to(out)  # Ray Data's and transformers' progress go to a log file
     from qpo_ray.router import fit_router, router_embedding_model
-
     from qpo_ray.tasks import task_and_splits
+
     task, splits = task_and_splits(cfg)
     scored = dev_matrix(run, cfg, out)
     correct = scored.pivot(index="query_id", columns="prompt_id", values="correct").astype(float)

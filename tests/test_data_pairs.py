@@ -136,6 +136,10 @@ def test_wide_step0_adds_other_collection_queries_for_the_given_prompts(emotion)
                       wide_queries=len(collection))
     with pytest.raises(ConfigError, match=f"dataset.wide_queries: {len(collection)} asked"):
         wide_queries(splits, shared, too_many)
+    few_shot = load_config(None, {"task": {"num_shots": 2}, "dataset": {
+        "prompts_per_group": 0, "queries_per_group": 7, "wide_prompts": 2, "wide_queries": 9}})
+    with pytest.raises(ConfigError, match="wide Step 0 is zero-shot only"):
+        wide_queries(splits, shared, few_shot)
 
 
 def test_step0_with_one_group_gives_every_prompt_the_same_queries(emotion):

@@ -99,6 +99,9 @@ def wide_queries(splits: Splits, step0_pairs: pd.DataFrame, cfg: Config) -> list
     wanted = cfg.dataset.wide_queries
     if wanted == 0:
         return []
+    if cfg.task.num_shots > 0:
+        raise ConfigError("dataset.wide_prompts: wide Step 0 is zero-shot only "
+                          "(task.num_shots must be 0)")
     used = set(step0_pairs["query_id"])
     free = [q for q in splits.collection if q.id not in used]
     if len(free) < wanted:
@@ -111,10 +114,7 @@ def wide_queries(splits: Splits, step0_pairs: pd.DataFrame, cfg: Config) -> list
 def build_wide_pairs(queries: Sequence[Example], prompts: Sequence[PromptRecord],
                      cfg: Config) -> pd.DataFrame:
     """Every one of `prompts` (the best on the shared queries) on every wide query: one
-    more Step-0 group, numbered after the shared one (zero-shot only)."""
-    if cfg.task.num_shots > 0:
-        raise ConfigError("dataset.wide_prompts: wide Step 0 is zero-shot only "
-                          "(task.num_shots must be 0)")
+    more Step-0 group, numbered after the shared one (zero-shot: see wide_queries)."""
     rows = []
     for query in queries:
         seed = derive_seed("wide", cfg.seed, query.id)
