@@ -9,17 +9,19 @@ made. It prints dev accuracy and the paired difference against `best_single` (bo
 95% CI over dev queries, McNemar exact p) for:
 - best_single: the prompt with the best Step-0 R_task (the run's baseline);
 - router: the Prompt-OIRL-style selection baseline, fitted on Step 0 (qpo_ray.router);
+  label_router (label tasks): the label-aware one, its probe fitted on the Step-0
+  queries' gold labels;
 - qpo_loop<k> rank top<n>: the policy of loop k choosing among the n best collection
   prompts by its reward-conditioned contrast log p(c | R=high, q) - log p(c | R=low, q)
   (qpo_ray.policy.ranking; n = all is the whole collection): does the policy carry any
   query-dependent signal, and how many candidates can it handle? Also printed per loop:
   the correlation of that contrast with correctness once each prompt's mean is removed
   (0 = the policy cannot tell which prompt suits which query);
-- label-aware, N labels (a diagnostic, neither QPO nor a baseline): a chooser that knows
-  a label task's structure, P(label | query) from a ridge probe on the target's query
-  embedding fitted on N labelled train examples (gold labels only, no target calls)
-  times each prompt's Step-0 accuracy on queries of each label. How much per-query
-  choice can pay on this target, and how many labelled queries it takes;
+- label-aware, N labels (a diagnostic): the `label_router` baseline's chooser
+  (qpo_ray.router.fit_label_router) with its label probe fitted on N labelled train
+  examples of the demonstration pool instead of the Step-0 queries (gold labels only,
+  no target calls): how much per-query choice can pay on this target, and how many
+  labelled queries it takes;
 - upper bounds, labelled as such and never baselines: the best prompt on these dev
   queries (chosen on them) and the per-query oracle (some prompt is right).
 It also prints each prompt's dev accuracy and share of answers naming the first label:
@@ -109,40 +111,6 @@ def query_specific_corr(scores: np.ndarray, correct: np.ndarray) -> float:
     return float((s * c).sum() / denom) if denom > 0 else 0.0
 
 
-def label_aware_choice(step0: pd.DataFrame, order: list[str], queries: list[str],
-                       labelled: list, num_labels: int, model: str, seed: int,
-                       folds: int = 5) -> np.ndarray:
-    """(dev queries, prompts in `order`) expected correctness of a chooser that knows
-    the task's structure: P(label | query) from a ridge probe on the target's embedding,
-    fitted on `labelled` examples' gold labels alone (no target calls), times each
-    prompt's Step-0 accuracy on queries of that label. Ridge strength by
-    cross-validation over `labelled`, never on dev."""
-    from qpo_ray.router import embed_texts, predict, ridge
-
-    x = embed_texts(model, [e.text for e in labelled])
-    mean, std = x.mean(axis=0), x.std(axis=0) + 1e-6
-    x = (x - mean) / std
-    y = np.eye(num_labels)[[int(e.label) for e in labelled]]
-    parts = np.array_split(np.random.default_rng(seed).permutation(len(x)), folds)
-
-    def cv_accuracy(alpha: float) -> float:
-        hits = [predict(x[held], ridge(np.delete(x, held, 0), np.delete(y, held, 0), alpha))
-                .argmax(1) == y[held].argmax(1) for held in parts]
-        return float(np.concatenate(hits).mean())
-
-    alpha = max((1.0, 10.0, 100.0, 1000.0), key=cv_accuracy)
-    scores = predict((embed_texts(model, queries) - mean) / std, ridge(x, y, alpha))
-    p_label = np.clip(scores, 0.0, None) + 1e-6
-    p_label /= p_label.sum(axis=1, keepdims=True)
-    # Each prompt's accuracy on Step-0 queries of each gold label (Laplace-smoothed).
-    labels = step0["label"].astype(int)
-    hits = step0["correct"].astype(float).groupby([step0["prompt_id"], labels]).sum()
-    seen = step0["correct"].groupby([step0["prompt_id"], labels]).size()
-    per_label = ((hits + 1) / (seen + 2)).unstack().reindex(index=order,
-                                                            columns=range(num_labels))
-    return p_label @ per_label.fillna(0.5).to_numpy().T
-
-
 def _top(text: str) -> str:
     """--top value: "all" or a positive number of candidates."""
     if text != "all" and not (text.isdigit() and int(text) > 0):
@@ -176,7 +144,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     from qpo_ray.progress import send_library_logs_to
     send_library_logs_to(out)  # Ray Data's and transformers' progress go to a log file
-    from qpo_ray.router import fit_router, router_embedding_model
+    from qpo_ray.router import fit_label_router, fit_router, router_embedding_model
     from qpo_ray.tasks import task_and_splits
 
     task, splits = task_and_splits(cfg)
@@ -203,6 +171,13 @@ def main() -> int:
     router = fit_router(step0, router_embedding_model(cfg), seed=cfg.seed)
     picks = router.choose(queries.tolist())
     table.append(("router", correct.to_numpy()[rows, [correct.columns.get_loc(c) for c in picks]]))
+    if task.label_words:
+        labelled = step0.drop_duplicates("query_id")
+        picks = fit_label_router(step0, labelled["query"].tolist(),
+                                 labelled["label"].astype(int).tolist(), len(task.label_words),
+                                 router_embedding_model(cfg), seed=cfg.seed).choose(
+                                     queries.tolist())
+        table.append(("label_router", grid[rows, [order.index(c) for c in picks]]))
     contrast = policy_scores(run, cfg, out, queries.tolist(), [texts[c] for c in order])
     for loop, scores in contrast.items():
         print(f"loop {loop}: query-specific correlation of the policy's contrast with "
@@ -215,9 +190,11 @@ def main() -> int:
         pool = list(splits.demo_pool)
         np.random.default_rng(cfg.seed).shuffle(pool)
         for n in args.labelled:
-            expected = label_aware_choice(step0, order, queries.tolist(), pool[:n],
-                                          len(task.label_words),
-                                          router_embedding_model(cfg), cfg.seed)
+            fitted = fit_label_router(step0, [e.text for e in pool[:n]],
+                                      [int(e.label) for e in pool[:n]], len(task.label_words),
+                                      router_embedding_model(cfg), prompt_ids=order,
+                                      seed=cfg.seed)
+            expected = fitted.expected_correct(queries.tolist())
             for top in args.top:
                 k = len(order) if top == "all" else min(int(top), len(order))
                 table.append((f"label-aware, {n} labels, top{top}",

@@ -15,6 +15,10 @@ A method returns {row name: one (id, text, source) per query}; most return one r
 - ``router``: a Prompt-OIRL-style selection baseline: per query, the collection prompt
   whose reward a model fitted on the offline (Step-0) data predicts highest from the
   target's embedding of the query (qpo_ray.router).
+- ``label_router`` (label tasks): the collection prompt with the highest expected
+  correctness, P(label | query) from a probe on the target's embedding fitted on the
+  Step-0 queries' gold labels, times each prompt's Step-0 accuracy per label
+  (qpo_ray.router.fit_label_router): it sees the same queries QPO's dataset holds.
 - ``nearest_neighbour`` (paper Table 5): the best-reward prompt of the most similar
   training query, embedded by the policy.
 - ``sft`` (Table 4) and ``qpo_no_mla`` (Figure 3): policies trained on D_0 with
@@ -198,6 +202,28 @@ def router(ctx: MethodContext, queries: list[Example]) -> dict[str, list[PromptT
     return {"router": [(by_id[p].id, by_id[p].text, by_id[p].source) for p in picks]}
 
 
+def label_router(ctx: MethodContext, queries: list[Example]) -> dict[str, list[PromptTuple]]:
+    from qpo_ray.router import fit_label_router, router_embedding_model
+
+    if ctx.step0 is None:
+        raise ConfigError("test.methods: label_router needs the run's Step-0 data: "
+                          "evaluate a run directory")
+    if not ctx.task.label_words:
+        raise ConfigError(f"test.methods: label_router needs a label task; "
+                          f"{ctx.task.name!r} answers free text")
+    model = router_embedding_model(ctx.cfg)
+    key = ("label_router", model)
+    if key not in ctx._cache:
+        step0 = ctx.step0[ctx.step0["loop"] == 0]
+        labelled = step0.drop_duplicates("query_id")
+        ctx._cache[key] = fit_label_router(
+            step0, labelled["query"].tolist(), labelled["label"].astype(int).tolist(),
+            len(ctx.task.label_words), model, seed=ctx.cfg.seed)
+    by_id = {r.id: r for r in ctx.collection}
+    picks = ctx._cache[key].choose([q.text for q in queries])
+    return {"label_router": [(by_id[p].id, by_id[p].text, by_id[p].source) for p in picks]}
+
+
 def nearest_neighbour(ctx: MethodContext, queries: list[Example]) -> dict[str, list[PromptTuple]]:
     from qpo_ray.data.io import read_dataset
     from qpo_ray.policy import QPOPolicy, embed_queries
@@ -229,6 +255,7 @@ METHODS: dict[str, Callable[[MethodContext, list[Example]], dict[str, list[Promp
     "manual": manual,
     "best_single": best_single,
     "router": router,
+    "label_router": label_router,
     "nearest_neighbour": nearest_neighbour,
     "sft": _ablation("sft"),
     "qpo_no_mla": _ablation("qpo_no_mla"),
@@ -249,11 +276,15 @@ def check_method_inputs(cfg: Config, collection: list[PromptRecord]) -> None:
     from qpo_ray.backends import check_model
     from qpo_ray.prompts import manual_prompt
     from qpo_ray.router import router_embedding_model
+    from qpo_ray.tasks import get_task
 
     check_methods(cfg.test.methods)
     if "manual" in cfg.test.methods:
         manual_prompt(collection, cfg.prompts)
-    if "router" in cfg.test.methods:
+    if "label_router" in cfg.test.methods and not get_task(cfg.task).label_words:
+        raise ConfigError(f"test.methods: label_router needs a label task; "
+                          f"{cfg.task.name!r} answers free text")
+    if {"router", "label_router"} & set(cfg.test.methods):
         key = ("test.router_embedding_model" if cfg.test.router_embedding_model else
                "test.router_embedding_model (unset: the target's model)")
         check_model(router_embedding_model(cfg), key)

@@ -1,4 +1,4 @@
-"""The Prompt-OIRL-style router baseline on the real tiny target's query embeddings."""
+"""The Prompt-OIRL-style router baselines on the real tiny target's query embeddings."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qpo_ray.router import embed_texts, fit_router
+from qpo_ray.config import ConfigError, load_config
+from qpo_ray.methods import check_method_inputs
+from qpo_ray.router import embed_texts, fit_label_router, fit_router
 
 GOOD = ["Bake the bread at 200 degrees for forty minutes.", "Whisk the eggs with sugar and butter.",
         "Simmer the tomato sauce with garlic and basil.", "Knead the dough until it is smooth.",
@@ -36,3 +38,32 @@ def test_router_learns_which_prompt_pays_for_which_query(tiny_model_dir, one_tor
     assert fitted.choose(GOOD[4:] + BAD[4:]) == ["P", "P", "N", "N"]
     with pytest.raises(ValueError, match="at least 2 queries"):
         fit_router(pd.DataFrame(rows[:2]), str(tiny_model_dir))
+
+
+def test_label_router_sends_each_label_to_the_prompt_that_answers_it(tiny_model_dir,
+                                                                     one_torch_thread):
+    """Step-0 pairs where prompt P is right on label-1 (cooking) queries and N on label-0
+    (football) ones: the label probe, fitted on those queries' gold labels, sends held-out
+    queries of each kind to their prompt; the per-label accuracies are the hand-computed
+    Laplace-smoothed ones."""
+    texts = GOOD[:4] + BAD[:4]
+    labels = [1] * 4 + [0] * 4
+    rows = [{"prompt_id": pid, "label": str(label), "correct": (pid == "P") == (label == 1)}
+            for label in labels for pid in ("P", "N")]
+    fitted = fit_label_router(pd.DataFrame(rows), texts, labels, 2, str(tiny_model_dir),
+                              folds=4)
+    assert fitted.prompt_ids == ["N", "P"]
+    np.testing.assert_allclose(fitted.per_label, [[5 / 6, 1 / 6], [1 / 6, 5 / 6]])
+    assert fitted.choose(GOOD[4:] + BAD[4:]) == ["P", "P", "N", "N"]
+    expected = fitted.expected_correct(GOOD[4:])
+    assert expected.shape == (2, 2) and (expected[:, 1] > expected[:, 0]).all()
+    with pytest.raises(ValueError, match="at least 2 labels, got 4 of 1"):
+        fit_label_router(pd.DataFrame(rows), GOOD[:4], [1] * 4, 2, str(tiny_model_dir),
+                         folds=4)
+
+
+def test_label_router_on_a_free_text_task_is_refused_before_any_work():
+    cfg = load_config(None, {"task": {"name": "gsm8k"},
+                             "test": {"methods": ["label_router"]}})
+    with pytest.raises(ConfigError, match="label_router needs a label task; 'gsm8k'"):
+        check_method_inputs(cfg, [])
