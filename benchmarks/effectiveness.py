@@ -17,7 +17,7 @@ looks at the test set to choose anything):
 - the mean over seeds: the mean of the per-seed differences, with a bootstrap that
   resamples queries within each seed;
 - the checks of the effectiveness issue: QPO above best_single and manual with the CI
-  above 0, QPO >= router, multi-loop QPO >= loop 1;
+  above 0, QPO >= router and label_router, multi-loop QPO >= loop 1;
 - the share of well-formed prompts of each policy row (readable, naming the labels).
 """
 
@@ -136,7 +136,7 @@ def checks(pred: pd.DataFrame, summary: dict, seeds: list[int], label_words) -> 
         return f"{'PASS' if d.ci_low > 0 else 'FAIL'} ({d.in_points()})"
     print(f"  qpo > best_single, CI > 0: {above('qpo', 'best_single')}")
     print(f"  qpo > manual, CI > 0:      {above('qpo', 'manual')}")
-    for other in ("router", "qpo_loop1", "qpo_greedy"):
+    for other in ("router", "label_router", "qpo_loop1", "qpo_greedy"):
         groups = [g for s in seeds
                   if (g := _aligned(pred[pred["seed"] == s], "qpo", other)) is not None]
         if groups:
