@@ -111,6 +111,11 @@ def query_specific_corr(scores: np.ndarray, correct: np.ndarray) -> float:
     return float((s * c).sum() / denom) if denom > 0 else 0.0
 
 
+def _size(top: str, n: int) -> int:
+    """How many of the n ranked prompts a `--top` value keeps."""
+    return n if top == "all" else min(int(top), n)
+
+
 def _top(text: str) -> str:
     """--top value: "all" or a positive number of candidates."""
     if text != "all" and not (text.isdigit() and int(text) > 0):
@@ -144,7 +149,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     from qpo_ray.progress import send_library_logs_to
     send_library_logs_to(out)  # Ray Data's and transformers' progress go to a log file
-    from qpo_ray.router import fit_label_router, fit_router, router_embedding_model
+    from qpo_ray.router import (fit_label_router, fit_label_router_on_step0, fit_router,
+                                router_embedding_model)
     from qpo_ray.tasks import task_and_splits
 
     task, splits = task_and_splits(cfg)
@@ -172,19 +178,16 @@ def main() -> int:
     picks = router.choose(queries.tolist())
     table.append(("router", correct.to_numpy()[rows, [correct.columns.get_loc(c) for c in picks]]))
     if task.label_words:
-        labelled = step0.drop_duplicates("query_id")
-        picks = fit_label_router(step0, labelled["query"].tolist(),
-                                 labelled["label"].astype(int).tolist(), len(task.label_words),
-                                 router_embedding_model(cfg), seed=cfg.seed).choose(
-                                     queries.tolist())
+        picks = fit_label_router_on_step0(step0, len(task.label_words),
+                                          router_embedding_model(cfg),
+                                          seed=cfg.seed).choose(queries.tolist())
         table.append(("label_router", grid[rows, [order.index(c) for c in picks]]))
     contrast = policy_scores(run, cfg, out, queries.tolist(), [texts[c] for c in order])
     for loop, scores in contrast.items():
         print(f"loop {loop}: query-specific correlation of the policy's contrast with "
               f"correctness {query_specific_corr(scores, grid):+.3f}")
         for top in args.top:
-            n = len(order) if top == "all" else min(int(top), len(order))
-            choice = np.argmax(scores[:, :n], axis=1)
+            choice = np.argmax(scores[:, :_size(top, len(order))], axis=1)
             table.append((f"qpo_loop{loop} rank top{top}", grid[rows, choice]))
     if task.label_words and args.labelled:
         pool = list(splits.demo_pool)
@@ -196,9 +199,8 @@ def main() -> int:
                                       seed=cfg.seed)
             expected = fitted.expected_correct(queries.tolist())
             for top in args.top:
-                k = len(order) if top == "all" else min(int(top), len(order))
                 table.append((f"label-aware, {n} labels, top{top}",
-                              grid[rows, expected[:, :k].argmax(axis=1)]))
+                              grid[rows, expected[:, :_size(top, len(order))].argmax(axis=1)]))
     dev_best = grid.mean(axis=0).argmax()
     table.append(("upper bound: best prompt on dev", grid[:, dev_best]))
     table.append(("upper bound: per-query oracle", grid.max(axis=1)))

@@ -202,23 +202,25 @@ def router(ctx: MethodContext, queries: list[Example]) -> dict[str, list[PromptT
     return {"router": [(by_id[p].id, by_id[p].text, by_id[p].source) for p in picks]}
 
 
+def _needs_labels(task) -> None:
+    if not task.label_words:
+        raise ConfigError(f"test.methods: label_router needs a label task; "
+                          f"{task.name!r} answers free text")
+
+
 def label_router(ctx: MethodContext, queries: list[Example]) -> dict[str, list[PromptTuple]]:
-    from qpo_ray.router import fit_label_router, router_embedding_model
+    from qpo_ray.router import fit_label_router_on_step0, router_embedding_model
 
     if ctx.step0 is None:
         raise ConfigError("test.methods: label_router needs the run's Step-0 data: "
                           "evaluate a run directory")
-    if not ctx.task.label_words:
-        raise ConfigError(f"test.methods: label_router needs a label task; "
-                          f"{ctx.task.name!r} answers free text")
+    _needs_labels(ctx.task)
     model = router_embedding_model(ctx.cfg)
     key = ("label_router", model)
     if key not in ctx._cache:
-        step0 = ctx.step0[ctx.step0["loop"] == 0]
-        labelled = step0.drop_duplicates("query_id")
-        ctx._cache[key] = fit_label_router(
-            step0, labelled["query"].tolist(), labelled["label"].astype(int).tolist(),
-            len(ctx.task.label_words), model, seed=ctx.cfg.seed)
+        ctx._cache[key] = fit_label_router_on_step0(ctx.step0[ctx.step0["loop"] == 0],
+                                                    len(ctx.task.label_words), model,
+                                                    seed=ctx.cfg.seed)
     by_id = {r.id: r for r in ctx.collection}
     picks = ctx._cache[key].choose([q.text for q in queries])
     return {"label_router": [(by_id[p].id, by_id[p].text, by_id[p].source) for p in picks]}
@@ -281,9 +283,8 @@ def check_method_inputs(cfg: Config, collection: list[PromptRecord]) -> None:
     check_methods(cfg.test.methods)
     if "manual" in cfg.test.methods:
         manual_prompt(collection, cfg.prompts)
-    if "label_router" in cfg.test.methods and not get_task(cfg.task).label_words:
-        raise ConfigError(f"test.methods: label_router needs a label task; "
-                          f"{cfg.task.name!r} answers free text")
+    if "label_router" in cfg.test.methods:
+        _needs_labels(get_task(cfg.task))
     if {"router", "label_router"} & set(cfg.test.methods):
         key = ("test.router_embedding_model" if cfg.test.router_embedding_model else
                "test.router_embedding_model (unset: the target's model)")

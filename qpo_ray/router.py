@@ -184,3 +184,13 @@ def fit_label_router(step0: pd.DataFrame, texts: Sequence[str], labels: Sequence
                                                             columns=range(num_labels))
     return FittedLabelRouter(model, ids, mean, std, ridge(x, y, alpha),
                              per_label.fillna(0.5).to_numpy(), alpha)
+
+
+def fit_label_router_on_step0(step0: pd.DataFrame, num_labels: int, model: str,
+                              seed: int = 0) -> FittedLabelRouter:
+    """The label router as a baseline: its probe fitted on the Step-0 queries' own gold
+    labels, i.e. on exactly the queries QPO's dataset holds."""
+    labelled = step0.drop_duplicates("query_id")
+    return fit_label_router(step0, labelled["query"].tolist(),
+                            labelled["label"].astype(int).tolist(), num_labels, model,
+                            seed=seed)
