@@ -7,8 +7,10 @@ and over seeds.
 Each seed is one whole `qpo run` (Step 0, training, augmentation, dev-split choice,
 test phase) of `benchmarks/profiles/effectiveness.yaml` in `<workdir>/seed<k>`; the seed
 changes the collection/dev split, Step-0 sampling, training and sampling. A finished
-seed is reused, an interrupted one resumed, so seeds can run as separate processes
-(`--seeds 1` in one shell, `--seeds 2` in another) and be summarised together.
+seed is reused (methods added to the profile since it ran are scored on its saved
+policies and Step 0 and added to its report), an interrupted one resumed, so seeds can
+run as separate processes (`--seeds 1` in one shell, `--seeds 2` in another) and be
+summarised together.
 
 It prints, from each run's `report/predictions.parquet` (test split only; nothing here
 looks at the test set to choose anything):
@@ -41,19 +43,39 @@ PROFILE = REPO / "benchmarks" / "profiles" / "effectiveness.yaml"
 REFERENCES = ("manual", "best_single")
 
 
+def missing_methods(run_dir: Path, profile: Path, overrides: list[str]) -> list[str]:
+    """The profile's test methods a finished seed's report has no rows for (methods
+    added to the profile after the seed ran)."""
+    from qpo_ray.config import load_config
+
+    methods = load_config(profile, overrides).test.methods
+    have = set(pd.read_parquet(run_dir / "report" / "predictions.parquet",
+                               columns=["method"])["method"])
+    # best_single_oracle's rows are the collection's prompts, one row each (single:<id>).
+    have |= {"best_single_oracle"} if any(m.startswith("single:") for m in have) else set()
+    return [m for m in methods if m not in have]
+
+
 def run_seed(seed: int, workdir: Path, profile: Path, overrides: list[str]) -> float:
-    """Run (or resume) one seed's `qpo run`; returns its wall time in seconds."""
+    """Run (or resume) one seed's `qpo run`; returns its wall time in seconds. A finished
+    seed is reused, with the profile's methods its report lacks scored and added
+    (`qpo evaluate --add`: the same policies, Step 0 and test queries)."""
     run_dir = workdir / f"seed{seed}"
+    config = ["--profile", str(profile), "--set", f"seed={seed}"]
+    for item in overrides:
+        config += ["--set", item]
+    cmd = [sys.executable, "-m", "qpo_ray.cli"]
     if (run_dir / "report" / "predictions.parquet").exists():
-        print(f"seed {seed}: finished run found in {run_dir}", flush=True)
-        return 0.0
-    cmd = [sys.executable, "-m", "qpo_ray.cli", "run"]
-    if (run_dir / "stages.json").exists():
-        cmd += ["--resume", str(run_dir)]
+        missing = missing_methods(run_dir, profile, [f"seed={seed}", *overrides])
+        print(f"seed {seed}: finished run found in {run_dir}"
+              + (f"; adding {missing} to its report" if missing else ""), flush=True)
+        if not missing:
+            return 0.0
+        cmd += ["evaluate", "--run-dir", str(run_dir), *config, "--add", *missing]
+    elif (run_dir / "stages.json").exists():
+        cmd += ["run", "--resume", str(run_dir)]
     else:
-        cmd += ["--profile", str(profile), "--workdir", str(run_dir), "--set", f"seed={seed}"]
-        for item in overrides:
-            cmd += ["--set", item]
+        cmd += ["run", "--workdir", str(run_dir), *config]
     # The run inherits this environment as it is, with no OMP_NUM_THREADS default: the
     # driver ranks and generates with torch between the scoring phases, and one thread
     # there made the test stage several times slower; Ray already caps each scoring
@@ -101,7 +123,7 @@ def _aligned(pred: pd.DataFrame, method: str, ref: str) -> tuple | None:
 def summarise(pred: pd.DataFrame, seeds: list[int]) -> dict[str, dict]:
     methods = [m for m in pred["method"].unique() if not m.startswith("single:")]
     summary: dict[str, dict] = {}
-    print(f"\n{'method':<14} {'seed':>4} {'acc':>6}  {'vs manual':<32} {'vs best_single':<32}")
+    print(f"\n{'method':<24} {'seed':>4} {'acc':>6}  {'vs manual':<32} {'vs best_single':<32}")
     for method in methods:
         per_ref: dict[str, list] = {ref: [] for ref in REFERENCES}
         accs = []
@@ -117,10 +139,10 @@ def summarise(pred: pd.DataFrame, seeds: list[int]) -> dict[str, dict]:
                 if pair is not None:
                     per_ref[ref].append(pair)
                 cells.append(paired_difference([pair]).in_points() if pair is not None else "")
-            print(f"{method:<14} {seed:>4} {100 * accs[-1]:6.1f}  {cells[0]:<32} {cells[1]:<32}")
+            print(f"{method:<24} {seed:>4} {100 * accs[-1]:6.1f}  {cells[0]:<32} {cells[1]:<32}")
         mean = {ref: paired_difference(groups) for ref, groups in per_ref.items() if groups}
         cells = [mean[ref].in_points() if ref in mean else "" for ref in REFERENCES]
-        print(f"{method:<14} {'mean':>4} {100 * sum(accs) / len(accs):6.1f}  "
+        print(f"{method:<24} {'mean':>4} {100 * sum(accs) / len(accs):6.1f}  "
               f"{cells[0]:<32} {cells[1]:<32}")
         summary[method] = {"accuracy": sum(accs) / len(accs), **mean}
     return summary
@@ -134,15 +156,16 @@ def checks(pred: pd.DataFrame, summary: dict, seeds: list[int], label_words) -> 
         if d is None:
             return "n/a"
         return f"{'PASS' if d.ci_low > 0 else 'FAIL'} ({d.in_points()})"
-    print(f"  qpo > best_single, CI > 0: {above('qpo', 'best_single')}")
-    print(f"  qpo > manual, CI > 0:      {above('qpo', 'manual')}")
-    for other in ("router", "label_router", "qpo_loop1", "qpo_greedy"):
+    print(f"  qpo > best_single, CI > 0:    {above('qpo', 'best_single')}")
+    print(f"  qpo > manual, CI > 0:         {above('qpo', 'manual')}")
+    for other in ("router", "label_router", "label_router_collection", "qpo_loop1",
+                  "qpo_greedy"):
         groups = [g for s in seeds
                   if (g := _aligned(pred[pred["seed"] == s], "qpo", other)) is not None]
         if groups:
             d = paired_difference(groups)
             verdict = "PASS" if d.diff >= 0 else "FAIL"
-            print(f"  qpo >= {other:<11}         {verdict} ({d.in_points()})")
+            print(f"  qpo >= {other:<24} {verdict} ({d.in_points()})")
     print("\nwell-formed prompts (>= 3 words, printable, every label named), per seed:")
     for method in sorted(m for m in pred["method"].unique() if m.startswith("qpo")):
         shares = [pred[(pred["seed"] == s) & (pred["method"] == method)]["prompt"]

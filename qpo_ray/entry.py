@@ -122,6 +122,9 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", help="a finished run directory (uses its latest policy)")
     p.add_argument("--policy", help="a policy directory (instead of --run-dir)")
     p.add_argument("--target", help="another target model (cross-model transfer)")
+    p.add_argument("--add", nargs="+", metavar="METHOD",
+                   help="score only these methods and add their rows to the run's existing "
+                        "report (e.g. a baseline added after the run finished)")
 
 
 def _evaluate(args: argparse.Namespace) -> str:
@@ -130,9 +133,12 @@ def _evaluate(args: argparse.Namespace) -> str:
     extra = [f"target.model={args.target}"] if args.target else []
     if args.run_dir and not args.workdir:  # its MLflow store, its baselines
         extra.append(f"workdir={Path(args.run_dir).resolve()}")
+    if args.add:
+        extra.append(f"test.methods=[{', '.join(args.add)}]")
     cfg = config_from_args(args, *extra)
     # Logged to MLflow as a run nested under the evaluated run.
-    report, logged = evaluate_tracked(cfg, run_dir=args.run_dir, policy_dir=args.policy)
+    report, logged = evaluate_tracked(cfg, run_dir=args.run_dir, policy_dir=args.policy,
+                                      add=bool(args.add))
     return f"{report}\n{logged}"
 
 

@@ -178,13 +178,14 @@ def evaluate(cfg: Config, run_dir: Optional[str] = None,
 
 
 def evaluate_tracked(cfg: Config, run_dir: Optional[str] = None,
-                     policy_dir: Optional[str] = None) -> tuple[str, str]:
-    """`qpo evaluate`: the test phase, logged to MLflow as a run nested under the
-    evaluated run's parent run (a new run when there is none). (report, where logged)."""
+                     policy_dir: Optional[str] = None, add: bool = False) -> tuple[str, str]:
+    """`qpo evaluate`: the test phase (with `add`, only `test.methods`, added to the
+    earlier report), logged to MLflow as a run nested under the evaluated run's parent
+    run (a new run when there is none). (report, where logged)."""
     from qpo_ray.report import report_dir
 
     base = Path(run_dir) if run_dir else Path(cfg.workdir)
     send_library_logs_to(base)
     run = RunDir(run_dir) if run_dir else None
-    report = test.evaluate(RunContext(cfg, run), policy_dir=policy_dir)
+    report = test.evaluate(RunContext(cfg, run), policy_dir=policy_dir, add=add)
     return report, test.log_evaluation(Tracker(cfg, base), report_dir(cfg, run))

@@ -19,6 +19,10 @@ A method returns {row name: one (id, text, source) per query}; most return one r
   correctness, P(label | query) from a probe on the target's embedding fitted on the
   Step-0 queries' gold labels, times each prompt's Step-0 accuracy per label
   (qpo_ray.router.fit_label_router): it sees the same queries QPO's dataset holds.
+- ``label_router_collection`` (label tasks): the same with its probe fitted on every
+  collection query's gold label (the dev split is not in the collection): labels the
+  user has anyway, read without any target call; Step 0 still gives the per-label
+  accuracies. The strongest cheap per-query selector here, not QPO.
 - ``nearest_neighbour`` (paper Table 5): the best-reward prompt of the most similar
   training query, embedded by the policy.
 - ``sft`` (Table 4) and ``qpo_no_mla`` (Figure 3): policies trained on D_0 with
@@ -45,7 +49,7 @@ from qpo_ray.progress import Progress
 from qpo_ray.prompts import PromptRecord, prompt_id
 from qpo_ray.rundir import RunDir, read_json, write_json_atomic
 from qpo_ray.stages.train import train_loop
-from qpo_ray.tasks.base import Example, Task
+from qpo_ray.tasks.base import Example, Splits, Task
 
 PromptTuple = tuple[str, str, str]
 DECODINGS = ("greedy", "rank")
@@ -71,6 +75,8 @@ class MethodContext:
     # Step 0's scored pairs (rewards), when the run has them.
     step0: Optional[pd.DataFrame] = None
     choice: Optional[Choice] = None
+    # The task's splits (label_router_collection reads the collection's gold labels).
+    splits: Optional[Splits] = None
     # (loop, decoding, query ids) -> prompts: qpo and qpo_loop<t> share generations.
     _cache: dict = field(default_factory=dict)
 
@@ -202,28 +208,46 @@ def router(ctx: MethodContext, queries: list[Example]) -> dict[str, list[PromptT
     return {"router": [(by_id[p].id, by_id[p].text, by_id[p].source) for p in picks]}
 
 
-def _needs_labels(task) -> None:
+def _needs_labels(task, name: str) -> None:
     if not task.label_words:
-        raise ConfigError(f"test.methods: label_router needs a label task; "
+        raise ConfigError(f"test.methods: {name} needs a label task; "
                           f"{task.name!r} answers free text")
 
 
-def label_router(ctx: MethodContext, queries: list[Example]) -> dict[str, list[PromptTuple]]:
-    from qpo_ray.router import fit_label_router_on_step0, router_embedding_model
+def _label_router(name: str, ctx: MethodContext, queries: list[Example],
+                  labelled: Optional[list[Example]]) -> dict[str, list[PromptTuple]]:
+    """The label router's picks; its probe fitted on `labelled` (None: the Step-0
+    queries' own gold labels)."""
+    from qpo_ray.router import (fit_label_router, fit_label_router_on_step0,
+                                router_embedding_model)
 
     if ctx.step0 is None:
-        raise ConfigError("test.methods: label_router needs the run's Step-0 data: "
+        raise ConfigError(f"test.methods: {name} needs the run's Step-0 data: "
                           "evaluate a run directory")
-    _needs_labels(ctx.task)
+    _needs_labels(ctx.task, name)
     model = router_embedding_model(ctx.cfg)
-    key = ("label_router", model)
+    key = (name, model)
     if key not in ctx._cache:
-        ctx._cache[key] = fit_label_router_on_step0(ctx.step0[ctx.step0["loop"] == 0],
-                                                    len(ctx.task.label_words), model,
-                                                    seed=ctx.cfg.seed)
+        step0, num_labels = ctx.step0[ctx.step0["loop"] == 0], len(ctx.task.label_words)
+        ctx._cache[key] = (
+            fit_label_router_on_step0(step0, num_labels, model, seed=ctx.cfg.seed)
+            if labelled is None else
+            fit_label_router(step0, [e.text for e in labelled], [int(e.label) for e in labelled],
+                             num_labels, model, seed=ctx.cfg.seed))
     by_id = {r.id: r for r in ctx.collection}
     picks = ctx._cache[key].choose([q.text for q in queries])
-    return {"label_router": [(by_id[p].id, by_id[p].text, by_id[p].source) for p in picks]}
+    return {name: [(by_id[p].id, by_id[p].text, by_id[p].source) for p in picks]}
+
+
+def label_router(ctx: MethodContext, queries: list[Example]) -> dict[str, list[PromptTuple]]:
+    return _label_router("label_router", ctx, queries, None)
+
+
+def label_router_collection(ctx: MethodContext,
+                            queries: list[Example]) -> dict[str, list[PromptTuple]]:
+    if ctx.splits is None:
+        raise ConfigError("test.methods: label_router_collection needs the task's splits")
+    return _label_router("label_router_collection", ctx, queries, list(ctx.splits.collection))
 
 
 def nearest_neighbour(ctx: MethodContext, queries: list[Example]) -> dict[str, list[PromptTuple]]:
@@ -258,6 +282,7 @@ METHODS: dict[str, Callable[[MethodContext, list[Example]], dict[str, list[Promp
     "best_single": best_single,
     "router": router,
     "label_router": label_router,
+    "label_router_collection": label_router_collection,
     "nearest_neighbour": nearest_neighbour,
     "sft": _ablation("sft"),
     "qpo_no_mla": _ablation("qpo_no_mla"),
@@ -283,9 +308,10 @@ def check_method_inputs(cfg: Config, collection: list[PromptRecord]) -> None:
     check_methods(cfg.test.methods)
     if "manual" in cfg.test.methods:
         manual_prompt(collection, cfg.prompts)
-    if "label_router" in cfg.test.methods:
-        _needs_labels(get_task(cfg.task))
-    if {"router", "label_router"} & set(cfg.test.methods):
+    labelled = {"label_router", "label_router_collection"} & set(cfg.test.methods)
+    if labelled:
+        _needs_labels(get_task(cfg.task), sorted(labelled)[0])
+    if {"router", *labelled} & set(cfg.test.methods):
         key = ("test.router_embedding_model" if cfg.test.router_embedding_model else
                "test.router_embedding_model (unset: the target's model)")
         check_model(router_embedding_model(cfg), key)

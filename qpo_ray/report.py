@@ -32,13 +32,14 @@ from qpo_ray.data.pairs import make_pairs
 from qpo_ray.data.rewards import pair_accuracy
 from qpo_ray.methods import (DECODINGS, Choice, MethodContext, PromptTuple, check_methods,
                              method_prompts, policy_prompts)
-from qpo_ray.rundir import RunDir, sidecar, write_json_atomic
+from qpo_ray.rundir import RunDir, read_json, sidecar, write_json_atomic
 from qpo_ray.stats import paired_difference, wilson_interval
 from qpo_ray.tasks.base import Example, Splits, Task
 
 # Table order: QPO and its loops, ablations, selection baselines, query-agnostic ones.
 METHOD_ORDER = ("qpo", "qpo_loop", "qpo_greedy", "qpo_no_mla", "sft", "router",
-                "nearest_neighbour", "manual", "best_single", "best_single_oracle", "single:")
+                "label_router", "label_router_collection", "nearest_neighbour", "manual",
+                "best_single", "best_single_oracle", "single:")
 REFERENCES = ("manual", "best_single")
 # Rows whose prompts a policy wrote (their share of well-formed prompts is reported).
 GENERATED = re.compile(r"^(qpo|qpo_loop\d+|qpo_greedy|sft|qpo_no_mla)$")
@@ -222,11 +223,31 @@ def rewards_per_loop(run: Optional[RunDir]) -> dict[str, list[float]]:
     return out
 
 
+def _earlier_report(out_dir: Path, test: list[Example]) -> tuple[pd.DataFrame, dict]:
+    """The predictions and dev choice of the report that `add` adds methods to, checked
+    to be on the same test queries before anything is scored."""
+    path = out_dir / "predictions.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no earlier test report to add methods to; run the "
+                                "whole test phase first (qpo evaluate without --add)")
+    earlier = pd.read_parquet(path)
+    had = set(earlier.loc[earlier["split"] == "test", "query_id"])
+    if had != {q.id for q in test}:
+        raise ValueError(f"{path}: its test queries are not this config's test split "
+                         f"({len(had)} vs {len(test)} queries, {len(had - {q.id for q in test})}"
+                         " not in it): add methods with the run's own profile and seed")
+    selection = out_dir / "selection.json"
+    return earlier, (read_json(selection) if selection.exists() else {})
+
+
 def evaluate_run(cfg: Config, task: Task, splits: Splits, score: ScoreFn,
-                 run_dir: Optional[str] = None, policy_dir: Optional[str] = None) -> str:
+                 run_dir: Optional[str] = None, policy_dir: Optional[str] = None,
+                 add: bool = False) -> str:
     """Test the policy (a run's loops, or `policy_dir`) and the configured baselines on
     the test split, `score` scoring pairs on the target; writes the report files and
-    returns the markdown report."""
+    returns the markdown report. With `add`, only `test.methods` are scored and their
+    rows join (or replace) those of the earlier report in the same directory: a baseline
+    added to a finished run costs its own pairs, not the whole test phase again."""
     from qpo_ray.data.io import read_dataset
     from qpo_ray.plots import accuracy_per_loop
     from qpo_ray.prompts import load_collection, manual_prompt
@@ -241,12 +262,16 @@ def evaluate_run(cfg: Config, task: Task, splits: Splits, score: ScoreFn,
     step0 = (read_dataset(run.step0_path())[0]
              if run is not None and run.step0_path().exists() else None)
     ctx = MethodContext(cfg, task, collection, manual_prompt(collection, cfg.prompts),
-                        policy_dirs, run=run, step0=step0)
+                        policy_dirs, run=run, step0=step0, splits=splits)
     settings = [k for k in cfg.test.shots if k == 0 or task.supports_few_shot]
     out_dir = report_dir(cfg, run)
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
 
-    frames, selection = [], {"decoding": cfg.test.decoding}
+    earlier, selection = (_earlier_report(out_dir, splits.test) if add else
+                          (None, {"decoding": cfg.test.decoding}))
+    frames = []
+    if "loop" in selection and "chosen_decoding" in selection:  # the earlier dev choice
+        ctx.choice = Choice(int(selection["loop"]), selection["chosen_decoding"])
     if cfg.test.decoding == "dev" and "qpo" in cfg.test.methods:
         ctx.choice, dev_scored, info = choose_on_dev(ctx, splits, score, settings[0])
         frames.append(dev_scored)
@@ -258,10 +283,14 @@ def evaluate_run(cfg: Config, task: Task, splits: Splits, score: ScoreFn,
     frames.append(test_scored)
     write_json_atomic(out_dir / "selection.json", selection)
 
-    predictions = pd.concat(frames, ignore_index=True)
     columns = ["split", "shots", "method", "query_id", "query", "label", "prompt_id", "prompt",
                "source", "prediction", "correct", "accuracy"]
-    predictions[columns].to_parquet(out_dir / "predictions.parquet", index=False)
+    predictions = pd.concat(frames, ignore_index=True)[columns]
+    if earlier is not None:
+        rows = ["split", "shots", "method"]
+        redone = earlier.set_index(rows).index.isin(predictions.set_index(rows).index)
+        predictions = pd.concat([earlier[~redone][columns], predictions], ignore_index=True)
+    predictions.to_parquet(out_dir / "predictions.parquet", index=False)
     test = predictions[predictions["split"] == "test"]
     table = results_table(test, getattr(task, "label_words", ()))
     table.to_csv(out_dir / "results.csv", index=False)
@@ -271,11 +300,14 @@ def evaluate_run(cfg: Config, task: Task, splits: Splits, score: ScoreFn,
         out_dir / "plots" / "accuracy_per_loop.png", dpi=100, bbox_inches="tight")
     chosen = (f"qpo = loop {ctx.choice.loop}, {ctx.choice.decoding} decoding (chosen on "
               f"{len(splits.dev)} dev queries)" if ctx.choice else
-              f"qpo = loop {max(policy_dirs)}, {selection['decoding']} decoding")
+              f"qpo = loop {max(policy_dirs)}, "
+              f"{selection.get('decoding', cfg.test.decoding)} decoding")
+    cost_of = (f"the methods added last ({', '.join(cfg.test.methods)})" if add
+               else "the test phase")
     header = [f"## QPO test report: {task.name}",
               f"target: {cfg.target.model} ({cfg.target.backend}); policy: "
               f"{policy_dirs[max(policy_dirs)]}", chosen,
-              f"test queries: {len(splits.test)}; target cost of the test phase: "
+              f"test queries: {len(splits.test)}; target cost of {cost_of}: "
               f"{usage.get('calls', 0)} calls ({usage['pairs_scored']} distinct pairs), "
               f"{usage.get('engine_seconds', 0.0):.1f} engine-s"]
     report = _markdown(table, examples, header)

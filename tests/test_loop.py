@@ -383,3 +383,42 @@ def test_evaluate_trains_the_ablations_and_labels_another_target(finished_run, p
     assert (no_mla / "loop1").is_dir() and (no_mla / "loop2").is_dir()
     # The loop's own report is untouched.
     assert set(pd.read_csv(workdir / "report" / "results.csv")["method"]) >= {"qpo", "manual"}
+
+
+def test_evaluate_adds_methods_to_the_finished_report(finished_run, profile):
+    """`qpo evaluate --add`: only the named methods are scored; their rows join the
+    run's report (a redone method's rows are replaced, not doubled), every other row is
+    kept as it was, and a config whose test split is not the report's is refused before
+    anything is scored."""
+    workdir = finished_run[0]
+    report = workdir / "report"
+    before = pd.read_parquet(report / "predictions.parquet")
+    proc = subprocess.run(_qpo("evaluate", "--profile", str(profile), "--run-dir", str(workdir),
+                               "--add", "sft", "manual"),
+                          env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "target cost of the methods added last (sft, manual)" in proc.stdout
+    after = pd.read_parquet(report / "predictions.parquet")
+
+    untouched = before[before["method"] != "manual"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(
+        after[after["method"].isin(set(untouched["method"]))].reset_index(drop=True), untouched)
+    test_ids = set(before.loc[before["split"] == "test", "query_id"])
+    old_manual = before[before["method"] == "manual"].set_index("query_id")
+    new_manual = after[after["method"] == "manual"].set_index("query_id")
+    assert len(new_manual) == len(old_manual) == len(test_ids)
+    assert (new_manual.loc[old_manual.index, "prediction"] == old_manual["prediction"]).all()
+    added = after[after["method"] == "sft"]
+    assert set(added["query_id"]) == test_ids and len(added) == len(test_ids)
+    assert added["prompt"].str.strip().str.len().gt(0).all()
+    results = pd.read_csv(report / "results.csv")
+    assert {"sft", "manual", "qpo", "best_single"} <= set(results["method"])
+    assert (results.loc[results["method"] == "sft", "n"] == len(test_ids)).all()
+
+    proc = subprocess.run(_qpo("evaluate", "--profile", str(profile), "--run-dir", str(workdir),
+                               "--set", "seed=99", "--add", "manual"),
+                          env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "test queries are not this config's test split" in proc.stderr
+    assert "scoring" not in proc.stdout
+    pd.testing.assert_frame_equal(pd.read_parquet(report / "predictions.parquet"), after)

@@ -7,8 +7,11 @@ import pandas as pd
 import pytest
 
 from qpo_ray.config import ConfigError, load_config
-from qpo_ray.methods import check_method_inputs
+from qpo_ray.methods import MethodContext, check_method_inputs, method_prompts
+from qpo_ray.prompts import PromptRecord
 from qpo_ray.router import embed_texts, fit_label_router, fit_router
+from qpo_ray.tasks import get_task
+from qpo_ray.tasks.base import Example, Splits
 
 GOOD = ["Bake the bread at 200 degrees for forty minutes.", "Whisk the eggs with sugar and butter.",
         "Simmer the tomato sauce with garlic and basil.", "Knead the dough until it is smooth.",
@@ -62,8 +65,32 @@ def test_label_router_sends_each_label_to_the_prompt_that_answers_it(tiny_model_
                          folds=4)
 
 
-def test_label_router_on_a_free_text_task_is_refused_before_any_work():
-    cfg = load_config(None, {"task": {"name": "gsm8k"},
-                             "test": {"methods": ["label_router"]}})
-    with pytest.raises(ConfigError, match="label_router needs a label task; 'gsm8k'"):
+def test_label_router_collection_fits_its_probe_on_the_collection_labels(tiny_model_dir,
+                                                                         one_torch_thread):
+    """Step 0 holds one query per label, too few for the Step-0 label router; the
+    collection variant reads the collection's gold labels (no target call) and still
+    takes the per-label accuracies from Step 0: held-out queries go to their prompt."""
+    cfg = load_config(None, {"task": {"name": "rotten_tomatoes"},
+                             "test": {"router_embedding_model": str(tiny_model_dir)}})
+    step0 = pd.DataFrame([
+        {"loop": 0, "query_id": qid, "query": text, "label": label, "prompt_id": pid,
+         "correct": (pid == "P") == (label == 1)}
+        for qid, text, label in (("c0", GOOD[0], 1), ("f0", BAD[0], 0)) for pid in ("P", "N")])
+    collection = [Example(f"c{i}", text, 1) for i, text in enumerate(GOOD[:4])] + \
+        [Example(f"f{i}", text, 0) for i, text in enumerate(BAD[:4])]
+    prompts = [PromptRecord("P", "Say positive.", "test"), PromptRecord("N", "Say negative.", "test")]
+    ctx = MethodContext(cfg, get_task(cfg.task), prompts, prompts[0], {}, step0=step0,
+                        splits=Splits(collection=collection, demo_pool=[], test=[]))
+    held_out = [Example(f"t{i}", text, 0) for i, text in enumerate(GOOD[4:] + BAD[4:])]
+    rows = method_prompts(ctx, ["label_router_collection"], held_out)["label_router_collection"]
+    assert [pid for pid, _, _ in rows] == ["P", "P", "N", "N"]
+    assert rows[0][1] == "Say positive." and rows[0][2] == "test"
+    with pytest.raises(ValueError, match="at least 5 labelled queries"):
+        method_prompts(ctx, ["label_router"], held_out)
+
+
+@pytest.mark.parametrize("method", ["label_router", "label_router_collection"])
+def test_label_router_on_a_free_text_task_is_refused_before_any_work(method):
+    cfg = load_config(None, {"task": {"name": "gsm8k"}, "test": {"methods": [method]}})
+    with pytest.raises(ConfigError, match=f"{method} needs a label task; 'gsm8k'"):
         check_method_inputs(cfg, [])

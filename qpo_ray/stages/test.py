@@ -43,13 +43,14 @@ def check_before_work(ctx: RunContext) -> None:
         print(f"[qpo] {note}", flush=True)
 
 
-def evaluate(ctx: RunContext, policy_dir: Optional[str] = None) -> str:
-    """The test phase of `ctx.run` (or of the policy in `policy_dir`); returns the
-    markdown report."""
+def evaluate(ctx: RunContext, policy_dir: Optional[str] = None, add: bool = False) -> str:
+    """The test phase of `ctx.run` (or of the policy in `policy_dir`; with `add`, only
+    `test.methods`, added to the earlier report); returns the markdown report."""
     init_ray(ctx.cfg)  # the ablations train on Ray before anything is scored
     return evaluate_run(ctx.cfg, ctx.task, ctx.splits,
                         lambda pairs: ctx.score(pairs, label="test: scoring"),
-                        run_dir=str(ctx.run.path) if ctx.run else None, policy_dir=policy_dir)
+                        run_dir=str(ctx.run.path) if ctx.run else None, policy_dir=policy_dir,
+                        add=add)
 
 
 def run(ctx: RunContext, stage: Stage) -> ReportOutputs:
