@@ -223,7 +223,7 @@ def rewards_per_loop(run: Optional[RunDir]) -> dict[str, list[float]]:
     return out
 
 
-def _earlier_report(out_dir: Path, test: list[Example]) -> tuple[pd.DataFrame, dict]:
+def earlier_report(out_dir: Path, test: list[Example]) -> tuple[pd.DataFrame, dict]:
     """The predictions and dev choice of the report that `add` adds methods to, checked
     to be on the same test queries before anything is scored."""
     path = out_dir / "predictions.parquet"
@@ -267,7 +267,7 @@ def evaluate_run(cfg: Config, task: Task, splits: Splits, score: ScoreFn,
     out_dir = report_dir(cfg, run)
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
 
-    earlier, selection = (_earlier_report(out_dir, splits.test) if add else
+    earlier, selection = (earlier_report(out_dir, splits.test) if add else
                           (None, {"decoding": cfg.test.decoding}))
     frames = []
     if "loop" in selection and "chosen_decoding" in selection:  # the earlier dev choice

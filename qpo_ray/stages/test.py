@@ -16,7 +16,8 @@ from qpo_ray.config import Config
 from qpo_ray.evaluation import init_ray
 from qpo_ray.methods import check_method_inputs
 from qpo_ray.prompts import load_collection, manual_prompt_note
-from qpo_ray.report import evaluate_run
+from qpo_ray.report import earlier_report, evaluate_run
+from qpo_ray.report import report_dir as report_dir_of
 from qpo_ray.stages import Stage, StageOutputs
 from qpo_ray.stages.context import RunContext
 
@@ -46,6 +47,8 @@ def check_before_work(ctx: RunContext) -> None:
 def evaluate(ctx: RunContext, policy_dir: Optional[str] = None, add: bool = False) -> str:
     """The test phase of `ctx.run` (or of the policy in `policy_dir`; with `add`, only
     `test.methods`, added to the earlier report); returns the markdown report."""
+    if add:  # no report to add to, or other test queries: refused before Ray starts
+        earlier_report(report_dir_of(ctx.cfg, ctx.run), ctx.splits.test)
     init_ray(ctx.cfg)  # the ablations train on Ray before anything is scored
     return evaluate_run(ctx.cfg, ctx.task, ctx.splits,
                         lambda pairs: ctx.score(pairs, label="test: scoring"),
