@@ -224,30 +224,30 @@ def rewards_per_loop(run: Optional[RunDir]) -> dict[str, list[float]]:
 
 
 def earlier_report(out_dir: Path, test: list[Example]) -> tuple[pd.DataFrame, dict]:
-    """The predictions and dev choice of the report that `add` adds methods to, checked
-    to be on the same test queries before anything is scored."""
+    """The predictions and dev choice of the report in `out_dir` (what `evaluate_run`'s
+    `earlier` adds methods to), checked to be on the same test queries."""
     path = out_dir / "predictions.parquet"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no earlier test report to add methods to; run the "
                                 "whole test phase first (qpo evaluate without --add)")
     earlier = pd.read_parquet(path)
-    had = set(earlier.loc[earlier["split"] == "test", "query_id"])
-    if had != {q.id for q in test}:
+    had, wanted = set(earlier.loc[earlier["split"] == "test", "query_id"]), {q.id for q in test}
+    if had != wanted:
         raise ValueError(f"{path}: its test queries are not this config's test split "
-                         f"({len(had)} vs {len(test)} queries, {len(had - {q.id for q in test})}"
-                         " not in it): add methods with the run's own profile and seed")
+                         f"({len(had)} vs {len(test)} queries, {len(had - wanted)} not in it): "
+                         "add methods with the run's own profile and seed")
     selection = out_dir / "selection.json"
     return earlier, (read_json(selection) if selection.exists() else {})
 
 
 def evaluate_run(cfg: Config, task: Task, splits: Splits, score: ScoreFn,
                  run_dir: Optional[str] = None, policy_dir: Optional[str] = None,
-                 add: bool = False) -> str:
+                 earlier: Optional[tuple[pd.DataFrame, dict]] = None) -> str:
     """Test the policy (a run's loops, or `policy_dir`) and the configured baselines on
     the test split, `score` scoring pairs on the target; writes the report files and
-    returns the markdown report. With `add`, only `test.methods` are scored and their
-    rows join (or replace) those of the earlier report in the same directory: a baseline
-    added to a finished run costs its own pairs, not the whole test phase again."""
+    returns the markdown report. Given `earlier` (`earlier_report` of the same directory),
+    only `test.methods` are scored and their rows join (or replace) that report's: a
+    baseline added to a finished run costs its own pairs, not the whole test phase again."""
     from qpo_ray.data.io import read_dataset
     from qpo_ray.plots import accuracy_per_loop
     from qpo_ray.prompts import load_collection, manual_prompt
@@ -267,8 +267,8 @@ def evaluate_run(cfg: Config, task: Task, splits: Splits, score: ScoreFn,
     out_dir = report_dir(cfg, run)
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
 
-    earlier, selection = (earlier_report(out_dir, splits.test) if add else
-                          (None, {"decoding": cfg.test.decoding}))
+    add = earlier is not None
+    kept, selection = earlier if add else (None, {"decoding": cfg.test.decoding})
     frames = []
     if "loop" in selection and "chosen_decoding" in selection:  # the earlier dev choice
         ctx.choice = Choice(int(selection["loop"]), selection["chosen_decoding"])
@@ -286,10 +286,10 @@ def evaluate_run(cfg: Config, task: Task, splits: Splits, score: ScoreFn,
     columns = ["split", "shots", "method", "query_id", "query", "label", "prompt_id", "prompt",
                "source", "prediction", "correct", "accuracy"]
     predictions = pd.concat(frames, ignore_index=True)[columns]
-    if earlier is not None:
+    if add:
         rows = ["split", "shots", "method"]
-        redone = earlier.set_index(rows).index.isin(predictions.set_index(rows).index)
-        predictions = pd.concat([earlier[~redone][columns], predictions], ignore_index=True)
+        redone = kept.set_index(rows).index.isin(predictions.set_index(rows).index)
+        predictions = pd.concat([kept[~redone][columns], predictions], ignore_index=True)
     predictions.to_parquet(out_dir / "predictions.parquet", index=False)
     test = predictions[predictions["split"] == "test"]
     table = results_table(test, getattr(task, "label_words", ()))

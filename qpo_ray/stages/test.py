@@ -47,13 +47,13 @@ def check_before_work(ctx: RunContext) -> None:
 def evaluate(ctx: RunContext, policy_dir: Optional[str] = None, add: bool = False) -> str:
     """The test phase of `ctx.run` (or of the policy in `policy_dir`; with `add`, only
     `test.methods`, added to the earlier report); returns the markdown report."""
-    if add:  # no report to add to, or other test queries: refused before Ray starts
-        earlier_report(report_dir_of(ctx.cfg, ctx.run), ctx.splits.test)
+    # No report to add to, or other test queries: refused before Ray starts.
+    earlier = earlier_report(report_dir_of(ctx.cfg, ctx.run), ctx.splits.test) if add else None
     init_ray(ctx.cfg)  # the ablations train on Ray before anything is scored
     return evaluate_run(ctx.cfg, ctx.task, ctx.splits,
                         lambda pairs: ctx.score(pairs, label="test: scoring"),
                         run_dir=str(ctx.run.path) if ctx.run else None, policy_dir=policy_dir,
-                        add=add)
+                        earlier=earlier)
 
 
 def run(ctx: RunContext, stage: Stage) -> ReportOutputs:
