@@ -28,12 +28,15 @@ It prints:
    engine-second x FLOP/token over one actor's probe; the two paths must agree.
 
 Reading the share: the transformers backend forwards padded batches, and padding is
-computed but not counted. It batches each prompt's queries by length (a dynamic
-programme over cut points, backends/hf_backend.length_batches): on 35 x 64 Step-0 pairs
-padding is 8% of the tokens read with 16 rows per batch (9% with 32), where fixed-size
-batches in text order read 40% (49%). Measured at 35 x 64 with 256 test queries, idle:
-transformers Step-0 job 70% of the bound with shared heads (x1.97 over no reuse), 79%
-without; the test-shaped job 68% / 80% (x1.65).
+computed but not counted. It batches rows by the length of what they read (a dynamic
+programme over cut points, backends/hf_backend.length_batches), rows of different
+prompts together, each from its own head's KV: on 35 x 16 Step-0 pairs in Ray-sized
+calls of 128 that reads 6% padding in 36 passes, where one prompt per batch read 27% in
+70 (fixed-size batches in text order: 40-49%). Measured at 35 x 64 with 256 test
+queries, idle, `--backend transformers --queries 64 --test-queries 256`: Step-0 job 79%
+of the bound with shared heads, x2.08 over no reuse end to end (83% without reuse); the
+test-shaped job 66% / 84%, x1.55 (one head per prompt batch: 70% and x1.97, 68% and
+x1.65, an earlier day's run).
 
 With `--reference-pairs N` it also first runs the first N Step-0 pairs the reference
 code's way (a Python loop, one full forward per pair per label) and through

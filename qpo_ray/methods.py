@@ -37,6 +37,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -53,6 +54,8 @@ from qpo_ray.tasks.base import Example, Splits, Task
 
 PromptTuple = tuple[str, str, str]
 DECODINGS = ("greedy", "rank")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -234,6 +237,9 @@ def _label_router(name: str, ctx: MethodContext, queries: list[Example],
             if labelled is None else
             fit_label_router(step0, [e.text for e in labelled], [int(e.label) for e in labelled],
                              num_labels, model, seed=ctx.cfg.seed))
+        fitted = ctx._cache[key]
+        log.info("%s: label probe at %.0f%% of %s's layers, ridge %g (cross-validated)",
+                 name, 100 * fitted.depth, model, fitted.alpha)
     by_id = {r.id: r for r in ctx.collection}
     picks = ctx._cache[key].choose([q.text for q in queries])
     return {name: [(by_id[p].id, by_id[p].text, by_id[p].source) for p in picks]}

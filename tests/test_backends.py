@@ -211,7 +211,8 @@ def test_length_batches_cut_sorted_rows_where_padding_costs_more_than_a_pass():
 
 @pytest.fixture(scope="module")
 def rt_prefixes():
-    """Real Rotten Tomatoes pairs: 3 collection prompts x 4 queries, as the target sees them."""
+    """Real Rotten Tomatoes pairs, as the target sees them: 3 collection prompts x 4
+    queries, and a fourth prompt on one query."""
     from qpo_ray.config import load_config
     from qpo_ray.prompts import load_collection
     from qpo_ray.tasks import get_task
@@ -219,17 +220,20 @@ def rt_prefixes():
     cfg = load_config(None, {"task": {"name": "rotten_tomatoes"}})
     task = get_task(cfg.task)
     queries = task.splits(0.05, seed=0).collection[:4]
-    prompts = load_collection(cfg.prompts, task.name)[:3]
-    return [task.format(p.text, q) for q in queries for p in prompts]
+    prompts = load_collection(cfg.prompts, task.name)[:4]
+    # the fourth prompt on one query only: a row under no shared head, read whole
+    return ([task.format(p.text, q) for q in queries for p in prompts[:3]]
+            + [task.format(prompts[3].text, queries[0])])
 
 
 @pytest.mark.parametrize("batch_size", [8, 2], ids=["one-batch-per-prompt", "head-reused"])
 @pytest.mark.parametrize("candidates", [SINGLE, MULTI], ids=["single-token", "multi-token"])
 def test_hf_shared_prefix_scoring_equals_per_pair_scoring(tiny_model_dir, rt_prefixes,
                                                           candidates, batch_size):
-    """Computing each prompt's head once (and repeating its KV cache) changes no number:
-    same log-probs to 1e-4 as reading every pair whole, and fewer tokens computed; also
-    when a prompt's 4 queries need several batches that start from one head cache."""
+    """Computing each prompt's head once (and reading each row from its head's KV)
+    changes no number: same log-probs to 1e-4 as reading every pair whole, and fewer
+    tokens computed; with rows of prompts whose heads differ in length in one batch, a
+    prompt's queries spread over several batches, and a row under no head."""
     config = TargetConfig(backend="transformers", model=str(tiny_model_dir), dtype="float32",
                           batch_size=batch_size)
     shared = create_backend(config)
@@ -242,7 +246,7 @@ def test_hf_shared_prefix_scoring_equals_per_pair_scoring(tiny_model_dir, rt_pre
         assert [s.num_prompt_tokens for s in g_row] == [s.num_prompt_tokens for s in w_row]
     assert whole.usage.cached_prompt_tokens == 0
     # every prompt's run computes its head once: template + prompt, > 20 tokens each
-    assert shared.usage.cached_prompt_tokens > 20 * (len(rt_prefixes) - 3)
+    assert shared.usage.cached_prompt_tokens > 20 * (len(rt_prefixes) - 4)
     assert shared.usage.prompt_tokens == whole.usage.prompt_tokens
 
 

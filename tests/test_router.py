@@ -9,7 +9,7 @@ import pytest
 from qpo_ray.config import ConfigError, load_config
 from qpo_ray.methods import MethodContext, check_method_inputs, method_prompts
 from qpo_ray.prompts import PromptRecord
-from qpo_ray.router import embed_texts, fit_label_router, fit_router
+from qpo_ray.router import PROBE_DEPTHS, embed_texts, fit_label_router, fit_router
 from qpo_ray.tasks import get_task
 from qpo_ray.tasks.base import Example, Splits
 
@@ -22,10 +22,16 @@ BAD = ["The striker scored twice in the second half.", "The goalkeeper saved a l
 
 
 def test_query_embeddings_are_normalised_and_deterministic(tiny_model_dir, one_torch_thread):
-    a = embed_texts(str(tiny_model_dir), GOOD[:3])
-    b = embed_texts(str(tiny_model_dir), GOOD[:3], batch_size=1)  # padding changes nothing
+    a = embed_texts(str(tiny_model_dir), GOOD[:3])[0]
+    b = embed_texts(str(tiny_model_dir), GOOD[:3], batch_size=1)[0]  # padding changes nothing
     assert a.shape[0] == 3 and np.allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(a, b, atol=1e-4)
+    # one read at several depths: the last is the default, a middle one another view
+    deep = embed_texts(str(tiny_model_dir), GOOD[:3], (0.5, 1.0), batch_size=1)
+    assert deep.shape == (2,) + a.shape
+    np.testing.assert_allclose(deep[1], a, atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(deep[0], axis=1), 1.0, atol=1e-5)
+    assert not np.allclose(deep[0], a, atol=1e-2)
 
 
 def test_router_learns_which_prompt_pays_for_which_query(tiny_model_dir, one_torch_thread):
@@ -37,7 +43,7 @@ def test_router_learns_which_prompt_pays_for_which_query(tiny_model_dir, one_tor
         rows += [{"query": query, "prompt_id": "P", "reward": 90.0 if good else 10.0},
                  {"query": query, "prompt_id": "N", "reward": 10.0 if good else 90.0}]
     fitted = fit_router(pd.DataFrame(rows), str(tiny_model_dir), folds=4)
-    assert fitted.alpha in (0.01, 0.1, 1.0, 10.0, 100.0)
+    assert fitted.alpha in (0.01, 0.1, 1.0, 10.0, 100.0) and fitted.depth in PROBE_DEPTHS
     assert fitted.choose(GOOD[4:] + BAD[4:]) == ["P", "P", "N", "N"]
     with pytest.raises(ValueError, match="at least 2 queries"):
         fit_router(pd.DataFrame(rows[:2]), str(tiny_model_dir))
@@ -55,7 +61,7 @@ def test_label_router_sends_each_label_to_the_prompt_that_answers_it(tiny_model_
             for label in labels for pid in ("P", "N")]
     fitted = fit_label_router(pd.DataFrame(rows), texts, labels, 2, str(tiny_model_dir),
                               folds=4)
-    assert fitted.prompt_ids == ["N", "P"]
+    assert fitted.prompt_ids == ["N", "P"] and fitted.depth in PROBE_DEPTHS
     np.testing.assert_allclose(fitted.per_label, [[5 / 6, 1 / 6], [1 / 6, 5 / 6]])
     assert fitted.choose(GOOD[4:] + BAD[4:]) == ["P", "P", "N", "N"]
     expected = fitted.expected_correct(GOOD[4:])

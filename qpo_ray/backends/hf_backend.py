@@ -2,10 +2,12 @@
 
 Label scoring computes every shared token once. Prefixes are sorted so that those with
 a common head (chat template + prompt, shared by every query the prompt is scored on)
-sit together; each run of them computes that head once, repeats its KV cache over the
-run and reads only the rest (the query), in batches of similar length so that little
-of what is read is padding: the same numbers as reading each prefix whole, for a
-fraction of the compute (`Usage.cached_prompt_tokens` counts the saving).
+sit together; every such head is computed once per call, all heads together in as few
+passes as fit a batch, and each row then reads only its rest (the query) from its own
+head's KV. Rows of different heads share a batch, cut by the length of what they read,
+so that neither padding nor a prompt scored on few queries costs a pass of its own:
+the same numbers as reading each prefix whole, for a fraction of the compute
+(`Usage.cached_prompt_tokens` counts the saving).
 When every candidate is one distinct token, the logits at the prefix's last position
 score all of them; otherwise the prefix's KV cache is repeated for the candidates, so
 only candidate tokens are re-read.
@@ -13,7 +15,6 @@ only candidate tokens are re-read.
 
 from __future__ import annotations
 
-import copy
 from typing import Sequence
 
 import torch
@@ -37,10 +38,10 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
 
 
 # What one more forward pass costs, in tokens' worth of compute (fixed per-call work:
-# 30 layers' kernel launches, the head cache's copy). Fitted on SmolLM2-135M, one CPU
-# thread: a forward of B rows x L tokens takes ~0.06 s + B x L / 390 tokens/s, i.e.
-# ~24 tokens; 64 also pays for the lower matmul efficiency of small passes (24 and 64
-# scored 8 prompts x 64 queries equally fast, 160 5% slower).
+# 30 layers' kernel launches, the heads' KV gathered for the batch). Fitted on
+# SmolLM2-135M, one CPU thread: a forward of B rows x L tokens takes ~0.06 s + B x L /
+# 390 tokens/s, i.e. ~24 tokens; 64 also pays for the lower matmul efficiency of small
+# passes (24 and 64 scored 8 prompts x 64 queries equally fast, 160 5% slower).
 _FORWARD_OVERHEAD_TOKENS = 64
 
 
@@ -91,44 +92,76 @@ class HFBackend(TargetBackend):
         cand_ids = self.encoder.encode_candidates(candidates)
         out: list[list[ContinuationScore] | None] = [None] * len(prefix_ids)
         with self._timed(), torch.inference_mode():
-            # A group is every prefix sharing a head (all of a prompt's queries): its head
-            # is computed once, however many batches the group needs. Within a group,
-            # rows of similar length share a batch, so little of a batch is padding.
+            # Every run of prefixes sharing a head (all of a prompt's queries) has that
+            # head computed once, all heads of the call in as few passes as fit a batch.
+            head_of, head_row, heads = [0] * len(prefix_ids), [0] * len(prefix_ids), []
             for head, group in shared_prefix_runs(prefix_ids,
                                                   self.config.min_shared_prefix_tokens):
-                head_cache = self._head_cache(prefix_ids[group[0]][:head]) if head else None
-                group = sorted(group, key=lambda i: len(prefix_ids[i]))
-                for lo, hi in length_batches([len(prefix_ids[i]) - head for i in group],
+                if head:
+                    for i in group:
+                        head_of[i], head_row[i] = head, len(heads)
+                    heads.append(prefix_ids[group[0]][:head])
+                    self.usage.cached_prompt_tokens += head * (len(group) - 1)
+            head_kv = self._head_kv(heads) if heads else []
+            # Rows of different runs share a batch (each row's own head is selected from
+            # the heads' KV), so a prompt scored on few queries does not cost a pass of
+            # its own; rows of similar length to read share a batch, so little of it is
+            # padding. Rows without a head go apart: a head-less row next to headed ones
+            # would see nothing but masked keys at its padding.
+            for part in ([i for i in range(len(prefix_ids)) if head_of[i]],
+                         [i for i in range(len(prefix_ids)) if not head_of[i]]):
+                part.sort(key=lambda i: len(prefix_ids[i]) - head_of[i])
+                for lo, hi in length_batches([len(prefix_ids[i]) - head_of[i] for i in part],
                                              self.batch_size, _FORWARD_OVERHEAD_TOKENS):
-                    rows = group[lo:hi]
+                    rows = part[lo:hi]
                     scores = self._score_chunk([prefix_ids[i] for i in rows], cand_ids,
-                                               head, head_cache)
+                                               [head_of[i] for i in rows],
+                                               [head_row[i] for i in rows], head_kv)
                     for i, score in zip(rows, scores):
                         out[i] = score
-                self.usage.cached_prompt_tokens += head * (len(group) - 1)
         return self._counted_scores(out)  # type: ignore[arg-type]
 
-    def _head_cache(self, head_ids: list[int]):
-        """The KV cache of `head_ids` (one row), computed once per group."""
-        ids = devices.move(torch.tensor([head_ids], dtype=torch.long), self.device)
-        return self.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+    def _head_kv(self, heads: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the keys and values of every head, [heads, kv heads, longest head,
+        head dim]. Heads are right-padded: causal attention keeps the padding out of
+        every real token's KV, and the padding's own KV is masked wherever it is read."""
+        width = max(len(h) for h in heads)
+        parts = []
+        for start in range(0, len(heads), self.batch_size):
+            chunk = heads[start:start + self.batch_size]
+            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            for row, h in enumerate(chunk):
+                ids[row, :len(h)] = torch.tensor(h, dtype=torch.long)
+            cache = self.model(input_ids=devices.move(ids, self.device), use_cache=True,
+                               logits_to_keep=1).past_key_values
+            parts.append([(layer.keys, layer.values) for layer in cache.layers])
+        return [(torch.cat([p[n][0] for p in parts]), torch.cat([p[n][1] for p in parts]))
+                for n in range(len(parts[0]))]
 
     def _score_chunk(
-        self, prefix_ids: list[list[int]], cand_ids: list[list[int]], head: int = 0,
-        head_cache=None,
+        self, prefix_ids: list[list[int]], cand_ids: list[list[int]], heads: list[int],
+        head_rows: list[int], head_kv: list[tuple[torch.Tensor, torch.Tensor]],
     ) -> list[list[ContinuationScore]]:
-        """Score one batch of prefixes whose first `head` tokens are the same, starting
-        from a copy of their head's cache (the forward pass extends the cache it is
-        given)."""
+        """Score one batch of prefixes, each from its own head's KV (`heads[b]` tokens,
+        row `head_rows[b]` of `head_kv`; 0 tokens: read whole), reading only the rest."""
+        from transformers import DynamicCache
+
+        width = max(heads)
         cache = None
-        if head:
-            cache = copy.deepcopy(head_cache)
-            cache.batch_repeat_interleave(len(prefix_ids))
-        # Left-padding the rest keeps every prefix's last token in the last column; the
-        # padding sits between the head and the rest, masked out, and positions skip it.
-        ids, rest_mask = _left_pad([p[head:] for p in prefix_ids], self.pad_id)
-        positions = head + (rest_mask.cumsum(-1) - 1).clamp(min=0)
-        mask = torch.cat([torch.ones((len(prefix_ids), head), dtype=torch.long), rest_mask], 1)
+        if width:
+            # Indexing copies: the forward pass extends this cache, not the heads' KV.
+            idx = devices.move(torch.tensor(head_rows), self.device)
+            cache = DynamicCache(ddp_cache_data=[(k[idx, :, :width], v[idx, :, :width])
+                                                 for k, v in head_kv],
+                                 config=self.model.config)
+        # Left-padding the rest keeps every prefix's last token in the last column; a
+        # shorter head's padding and the rest's padding sit before that row's tokens,
+        # masked out, and positions skip them.
+        ids, rest_mask = _left_pad([p[h:] for p, h in zip(prefix_ids, heads)], self.pad_id)
+        head_len = torch.tensor(heads, dtype=torch.long).unsqueeze(1)
+        positions = head_len + (rest_mask.cumsum(-1) - 1).clamp(min=0)
+        head_mask = (torch.arange(width).unsqueeze(0) < head_len).long()
+        mask = torch.cat([head_mask, rest_mask], 1)
         ids, mask, positions = devices.move((ids, mask, positions), self.device)
         single = single_token_ids(cand_ids)
         # Only the last position's logits are needed for the first candidate token: the
