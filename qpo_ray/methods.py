@@ -37,7 +37,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -54,8 +53,6 @@ from qpo_ray.tasks.base import Example, Splits, Task
 
 PromptTuple = tuple[str, str, str]
 DECODINGS = ("greedy", "rank")
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -205,10 +202,16 @@ def router(ctx: MethodContext, queries: list[Example]) -> dict[str, list[PromptT
     if key not in ctx._cache:
         ctx._cache[key] = fit_router(ctx.step0[ctx.step0["loop"] == 0], model,
                                      seed=ctx.cfg.seed)
+        _say_depth("router", ctx._cache[key])
     fitted = ctx._cache[key]
     by_id = {r.id: r for r in ctx.collection}
     picks = fitted.choose([q.text for q in queries])
     return {"router": [(by_id[p].id, by_id[p].text, by_id[p].source) for p in picks]}
+
+
+def _say_depth(name: str, fitted) -> None:
+    print(f"[qpo] test: {name} reads the query at {fitted.depth:.0%} of the model's layers, "
+          f"ridge {fitted.alpha:g} (both cross-validated)", flush=True)
 
 
 def _needs_labels(task, name: str) -> None:
@@ -237,9 +240,7 @@ def _label_router(name: str, ctx: MethodContext, queries: list[Example],
             if labelled is None else
             fit_label_router(step0, [e.text for e in labelled], [int(e.label) for e in labelled],
                              num_labels, model, seed=ctx.cfg.seed))
-        fitted = ctx._cache[key]
-        log.info("%s: label probe at %.0f%% of %s's layers, ridge %g (cross-validated)",
-                 name, 100 * fitted.depth, model, fitted.alpha)
+        _say_depth(name, ctx._cache[key])
     by_id = {r.id: r for r in ctx.collection}
     picks = ctx._cache[key].choose([q.text for q in queries])
     return {name: [(by_id[p].id, by_id[p].text, by_id[p].source) for p in picks]}
