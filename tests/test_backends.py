@@ -226,7 +226,8 @@ def rt_prefixes():
             + [task.format(prompts[3].text, queries[0])])
 
 
-@pytest.mark.parametrize("batch_size", [8, 2], ids=["one-batch-per-prompt", "head-reused"])
+@pytest.mark.parametrize("batch_size", [8, 2],
+                         ids=["prompts-share-a-batch", "a-prompt-over-batches"])
 @pytest.mark.parametrize("candidates", [SINGLE, MULTI], ids=["single-token", "multi-token"])
 def test_hf_shared_prefix_scoring_equals_per_pair_scoring(tiny_model_dir, rt_prefixes,
                                                           candidates, batch_size):
