@@ -22,7 +22,7 @@ prompt, and needs far fewer queries (README: where the per-query headroom is).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -35,8 +35,8 @@ LABEL_ALPHAS = (1.0, 10.0, 100.0, 1000.0)
 # Where in the model the routers read the query, as fractions of its layers. On
 # SmolLM2-135M a review's sentiment reads best from the middle: a probe on 256 labelled
 # reviews scores 1,000 other train reviews at 68% from layer 6, 77% from layer 16, 73%
-# from the last (README: where the per-query headroom is). Chosen with the ridge strength by
-# cross-validation on the queries the router is fitted on.
+# from the last (README: where the per-query headroom is). Chosen with the ridge
+# strength by cross-validation on the queries the router is fitted on.
 PROBE_DEPTHS = (1 / 3, 1 / 2, 2 / 3, 5 / 6, 1.0)
 
 
@@ -107,6 +107,14 @@ def predict(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return np.hstack([x, np.ones((len(x), 1))]) @ weights
 
 
+def _best_depth_and_alpha(cv_score: Callable[[int, float], float],
+                          alphas: Sequence[float]) -> tuple[int, float]:
+    """(index into PROBE_DEPTHS, ridge strength) with the best cross-validated score; ties
+    go to the first: the shallower depth, then the weaker shrinkage."""
+    return max(((d, a) for d in range(len(PROBE_DEPTHS)) for a in alphas),
+               key=lambda da: cv_score(*da))
+
+
 @dataclass
 class FittedRouter:
     model: str
@@ -144,9 +152,7 @@ def fit_router(step0: pd.DataFrame, model: str, seed: int = 0, folds: int = 5) -
             gained.extend(got[~np.isnan(got)])
         return float(np.mean(gained)) if gained else -np.inf
 
-    # ties go to the first: the shallower depth, then the weaker shrinkage
-    d, alpha = max(((d, a) for d in range(len(PROBE_DEPTHS)) for a in ALPHAS),
-                   key=lambda da: cv_reward(*da))
+    d, alpha = _best_depth_and_alpha(cv_reward, ALPHAS)
     return FittedRouter(model, matrix.columns.tolist(), _fit_all(xs[d], rewards, alpha), alpha,
                         PROBE_DEPTHS[d])
 
@@ -197,9 +203,7 @@ def fit_label_router(step0: pd.DataFrame, texts: Sequence[str], labels: Sequence
                 .argmax(axis=1) == y[held].argmax(axis=1) for held in parts]
         return float(np.concatenate(hits).mean())
 
-    # ties go to the first: the shallower depth, then the weaker shrinkage
-    d, alpha = max(((d, a) for d in range(len(PROBE_DEPTHS)) for a in LABEL_ALPHAS),
-                   key=lambda da: cv_accuracy(*da))
+    d, alpha = _best_depth_and_alpha(cv_accuracy, LABEL_ALPHAS)
     label = step0["label"].astype(int)
     hits = step0["correct"].astype(float).groupby([step0["prompt_id"], label]).sum()
     seen = step0["correct"].groupby([step0["prompt_id"], label]).size()
