@@ -33,10 +33,16 @@ programme over cut points, backends/hf_backend.length_batches), rows of differen
 prompts together, each from its own head's KV: on 35 x 16 Step-0 pairs in Ray-sized
 calls of 128 that reads 6% padding in 36 passes, where one prompt per batch read 27% in
 70 (fixed-size batches in text order: 40-49%). Measured at 35 x 64 with 256 test
-queries, idle, `--backend transformers --queries 64 --test-queries 256`: Step-0 job 79%
-of the bound with shared heads, x2.08 over no reuse end to end (83% without reuse); the
-test-shaped job 66% / 84%, x1.55 (one head per prompt batch: 70% and x1.97, 68% and
-x1.65, an earlier day's run).
+queries, idle, `--backend transformers --queries 64 --test-queries 256`: Step-0 job 76%
+of the bound with shared heads, x1.93 over no reuse end to end (89% without reuse); the
+test-shaped job 83% / 95%, x1.75. The same command a day earlier gave x2.08 and x1.55:
+this machine's speed drifts by ~10% between runs of the same path (the current path's
+Step-0 job alone, before and after a change that does not touch its engines: 146 / 122 s
+and 138 / 131 s), so a ratio moves by about as much. A call's pairs go out in equal
+batches, as many as a multiple of the actors, one batch in flight per actor
+(qpo_ray.evaluation.batch_pairs). The test-shaped job's current path took 66.8 s with
+Ray Data's defaults, 57.9 s with one batch in flight, 56.7 s with equal batches too (one
+run each, within that drift).
 
 With `--reference-pairs N` it also first runs the first N Step-0 pairs the reference
 code's way (a Python loop, one full forward per pair per label) and through

@@ -132,7 +132,8 @@ class EvaluationConfig:
     # Memory Ray reserves per actor (its engine: weights, KV cache, runtime); 0 =
     # estimated from the target (qpo_ray.evaluation.actor_memory_bytes).
     memory_per_actor_gib: float = 0.0
-    # Pairs per map_batches call: large enough to keep an engine busy.
+    # Most pairs per map_batches call (large enough to keep an engine busy); a call's
+    # pairs are cut into equal batches, as many as a multiple of the actors.
     batch_size_pairs: int = 64
     # Times a failed batch (dead actor) is retried on a replacement actor.
     max_task_retries: int = 3

@@ -87,6 +87,20 @@ class _ScoringActor:
         return scored
 
 
+def batch_pairs(num_pairs: int, max_pairs: int, num_actors: int) -> int:
+    """Pairs per batch: at most `max_pairs`, in a number of batches that is a multiple
+    of the pool's size, all equal but the last (short by less than a pair per batch), so
+    every engine gets the same share of a call. With
+    batches of exactly `max_pairs`, 96 pairs went to one actor of two and 319 to three
+    batches on two (one actor scored two while the other waited)."""
+    if num_pairs <= 0:
+        return max(1, max_pairs)
+    per_round = max(1, num_actors)
+    batches = -(-num_pairs // max_pairs)
+    batches = min(num_pairs, -(-batches // per_round) * per_round)
+    return -(-num_pairs // batches)
+
+
 def default_num_actors(cfg: Config) -> int:
     """evaluation.num_actors, or as many as the cluster's GPUs hold (1 on CPU-only)."""
     import ray
@@ -156,7 +170,8 @@ class RayDataScorer(PairScorer):
         # Pairs of one prompt in the same batches: the engines compute the prompt (and
         # the chat template before it) once per batch, not once per pair.
         frame = frame.sort_values("prompt", kind="stable")
-        n_batches = -(-len(frame) // ev.batch_size_pairs)
+        size = batch_pairs(len(frame), ev.batch_size_pairs, self.num_actors)
+        n_batches = -(-len(frame) // size)
         with warnings.catch_warnings():
             # Ray 2.60 deprecates **ray_remote_args but has no named parameter for the
             # retry limits yet; without them a batch that kills every actor it meets
@@ -164,9 +179,8 @@ class RayDataScorer(PairScorer):
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
             # one block per batch: blocks are what the pool spreads over its actors and
             # what a dead actor's replacement retries
-            size = ev.batch_size_pairs
             blocks = [frame.iloc[i:i + size] for i in range(0, len(frame), size)]
-            ds = self._pipeline(ray.data.from_pandas(blocks), n_batches)
+            ds = self._pipeline(ray.data.from_pandas(blocks), n_batches, size)
         out = self._collect(ds, len(frame)).sort_values(_ROW)
         rows = out[_ROW].to_numpy()
         if len(rows) != len(frame) or not (rows == np.arange(len(frame))).all():
@@ -203,7 +217,7 @@ class RayDataScorer(PairScorer):
         progress.close()
         return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
-    def _pipeline(self, ds, n_batches: int):
+    def _pipeline(self, ds, n_batches: int, batch_size: int):
         import ray.data
 
         ev = self.cfg.evaluation
@@ -215,8 +229,12 @@ class RayDataScorer(PairScorer):
                 "crash_once": os.environ.get(FAULT_ENV),
                 "kill_driver": faults.armed_pid("score"),
             },
-            compute=ray.data.ActorPoolStrategy(size=min(self.num_actors, n_batches)),
-            batch_size=ev.batch_size_pairs,
+            # One batch in flight per actor: a batch is seconds of work, and one queued
+            # behind another on a busy actor waits there while a free actor idles (Ray
+            # Data's default of 2 left the last batches of a call on one actor).
+            compute=ray.data.ActorPoolStrategy(size=min(self.num_actors, n_batches),
+                                               max_tasks_in_flight_per_actor=1),
+            batch_size=batch_size,
             batch_format="pandas",
             num_cpus=ev.num_cpus_per_actor,
             num_gpus=ev.num_gpus_per_actor or None,

@@ -10,7 +10,7 @@ import torch
 from qpo_ray.backends import create_backend
 from qpo_ray.config import Config, ConfigError, EvaluationConfig, TargetConfig
 from qpo_ray.data.schema import SCORE_COLUMNS
-from qpo_ray.evaluation import FAULT_ENV, RayDataScorer, make_scorer
+from qpo_ray.evaluation import FAULT_ENV, RayDataScorer, batch_pairs, make_scorer
 from qpo_ray.scoring import LocalScorer
 
 COMPARED = ["pair_id", "prediction", "correct", "answer_num_tokens", "prompt_tokens",
@@ -99,3 +99,20 @@ def test_in_process_scorer_is_local(tweet_emotion_task, tiny_model_dir):
                          distributed=False)
     assert isinstance(scorer, LocalScorer)
     scorer.close()
+
+
+@pytest.mark.parametrize("num_pairs,max_pairs,actors", [
+    (96, 128, 2), (319, 128, 2), (914, 128, 2), (2240, 128, 2), (3, 128, 2), (1, 128, 2),
+    (7, 128, 4), (12, 12, 1), (10, 5, 2)])
+def test_batches_are_equal_and_a_multiple_of_the_pool(num_pairs, max_pairs, actors):
+    """Every engine of the pool gets the same share of a call: the batches never exceed
+    the configured size, all but the last are equal and the last is short by less than
+    a pair per batch, and (while there are pairs enough) they come in a multiple of the
+    number of actors."""
+    size = batch_pairs(num_pairs, max_pairs, actors)
+    sizes = [min(size, num_pairs - i) for i in range(0, num_pairs, size)]
+    assert sum(sizes) == num_pairs and max(sizes) <= max_pairs
+    assert set(sizes[:-1]) <= {size} and size - sizes[-1] < len(sizes)
+    if num_pairs >= actors:
+        assert len(sizes) % actors == 0
+    assert len(sizes) <= -(-num_pairs // max_pairs) + actors - 1  # no more than needed
