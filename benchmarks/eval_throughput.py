@@ -42,7 +42,11 @@ and 138 / 131 s), so a ratio moves by about as much. A call's pairs go out in eq
 batches, as many as a multiple of the actors, one batch in flight per actor
 (qpo_ray.evaluation.batch_pairs). The test-shaped job's current path took 66.8 s with
 Ray Data's defaults, 57.9 s with one batch in flight, 56.7 s with equal batches too (one
-run each, within that drift).
+run each; the matmul probe read 78, 70 and 77 GFLOP/s per engine in those runs).
+`--backend vllm` at the same size, the same evening: Step-0 job x1.65 at 91% of the bound
+(90% without reuse), test-shaped job x1.33 (81% / 86%): vLLM reuses whole 32-token KV
+blocks only, so its reuse is 1.70 and 1.62 where the transformers backend's is 2.34 and
+2.14; its engine starts in 14-16 s, the transformers one in 4-6 s.
 
 With `--reference-pairs N` it also first runs the first N Step-0 pairs the reference
 code's way (a Python loop, one full forward per pair per label) and through

@@ -24,7 +24,7 @@ from qpo_ray.policy.model import QPOPolicy
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Logits with everything outside the top-k (0: no cut), then outside the top-p mass
     of those, at -inf. Only the k survivors are sorted (top-k returns them best first):
-    sorting all ~50k logits of every row at every step was most of sampling's cost."""
+    sorting all ~50k logits of every row at every step took a quarter of sampling's time."""
     k = logits.shape[-1] if top_k <= 0 else min(top_k, logits.shape[-1])
     values, index = torch.topk(logits, k, dim=-1)
     if top_p < 1.0:
