@@ -171,7 +171,6 @@ class RayDataScorer(PairScorer):
         # the chat template before it) once per batch, not once per pair.
         frame = frame.sort_values("prompt", kind="stable")
         size = batch_pairs(len(frame), ev.batch_size_pairs, self.num_actors)
-        n_batches = -(-len(frame) // size)
         with warnings.catch_warnings():
             # Ray 2.60 deprecates **ray_remote_args but has no named parameter for the
             # retry limits yet; without them a batch that kills every actor it meets
@@ -180,7 +179,7 @@ class RayDataScorer(PairScorer):
             # one block per batch: blocks are what the pool spreads over its actors and
             # what a dead actor's replacement retries
             blocks = [frame.iloc[i:i + size] for i in range(0, len(frame), size)]
-            ds = self._pipeline(ray.data.from_pandas(blocks), n_batches, size)
+            ds = self._pipeline(ray.data.from_pandas(blocks), len(blocks), size)
         out = self._collect(ds, len(frame)).sort_values(_ROW)
         rows = out[_ROW].to_numpy()
         if len(rows) != len(frame) or not (rows == np.arange(len(frame))).all():
