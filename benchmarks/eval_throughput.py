@@ -69,15 +69,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def matmul_gflops(n: int = 2048, seconds: float = 3.0) -> float:
-    """fp32 GFLOP/s of an n x n matmul on this process's torch threads (the Ray task's
-    OMP_NUM_THREADS, as in a scoring actor)."""
+def matmul_gflops(dtype: str = "float32", n: int = 2048, seconds: float = 3.0) -> float:
+    """GFLOP/s of an n x n matmul in `dtype` on this process's torch threads (the Ray
+    task's OMP_NUM_THREADS, as in a scoring actor)."""
     import torch
 
     from qpo_ray import device as devices
 
     devices.configure_cpu_threads()
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    kind = devices.resolve_dtype(dtype, torch.device("cpu"))
+    a, b = torch.randn(n, n, dtype=kind), torch.randn(n, n, dtype=kind)
     a @ b  # first call pays allocation and thread start
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -86,13 +87,13 @@ def matmul_gflops(n: int = 2048, seconds: float = 3.0) -> float:
     return 2 * n ** 3 * done / (time.perf_counter() - start) / 1e9
 
 
-def probe(actors: int, cpus: float) -> list[float]:
+def probe(actors: int, cpus: float, dtype: str) -> list[float]:
     """One matmul probe per actor slot, all at once: the cores are shared by the actors
     as they are while scoring (one probe alone would get the whole machine's cache)."""
     import ray
 
     task = ray.remote(num_cpus=cpus)(matmul_gflops)
-    return ray.get([task.remote() for _ in range(actors)])
+    return ray.get([task.remote(dtype) for _ in range(actors)])
 
 
 def flop_per_token(model: str) -> tuple[float, int, int, int]:
@@ -158,9 +159,10 @@ def score(cfg, task, splits, pairs: pd.DataFrame, label: str) -> Result:
                   scorer.usage, scored)
 
 
-def path_config(base, backend: str, reuse: bool):
+def path_config(base, backend: str, reuse: bool, dtype: str | None = None):
     cfg = copy.deepcopy(base)
     cfg.target.backend = backend
+    cfg.target.dtype = dtype or cfg.target.dtype
     if not reuse:  # each knob only matters to its own backend
         cfg.target.min_shared_prefix_tokens = 10 ** 9
         cfg.target.enable_prefix_caching = False
@@ -174,6 +176,21 @@ def agreement(a: pd.DataFrame, b: pd.DataFrame) -> tuple[int, float]:
     diff = max(abs(x - y) for la, lb in zip(a["label_logprobs"], b["label_logprobs"])
                for x, y in zip(la, lb))
     return same, diff
+
+
+def compare_dtypes(what: str, base_dtype: str, base: Result, dtype: str, r: Result) -> str:
+    """The same pairs (current path) in two dtypes: how much faster, and how far the
+    target's answers move: predictions, accuracy, each prompt's accuracy, the best prompt."""
+    same, diff = agreement(base.scored, r.scored)
+    acc = [x.scored.groupby("prompt")["correct"].mean() for x in (base, r)]
+    moved = float((acc[1] - acc[0].loc[acc[1].index]).abs().max())
+    rate = [x.computed / x.usage.engine_seconds for x in (base, r)]
+    return (f"{what} {dtype} vs {base_dtype}: x{base.wall / r.wall:.2f} end to end, "
+            f"x{rate[1] / rate[0]:.2f} computed tokens per engine-second; same prediction "
+            f"{same}/{len(base.scored)} (max |d label log-prob| {diff:.2f}); accuracy "
+            f"{base.scored['correct'].mean():.1%} vs {r.scored['correct'].mean():.1%}; a "
+            f"prompt's accuracy moves by <= {moved:.1%}; best prompt "
+            f"{'the same' if acc[0].idxmax() == acc[1].idxmax() else 'differs'}")
 
 
 def per_pair_loop(task, backend, pairs) -> list[list[float]]:
@@ -203,7 +220,8 @@ def reference_check(cfg, task, pairs: pd.DataFrame) -> None:
     from qpo_ray.backends import create_backend
     from qpo_ray.scoring import LocalScorer
 
-    backend = create_backend(path_config(cfg, "transformers", True).target)
+    # float32: the check is that reuse changes nothing, which rounding in bf16 would blur
+    backend = create_backend(path_config(cfg, "transformers", True, "float32").target)
     t0 = time.perf_counter()
     loop = per_pair_loop(task, backend, pairs)
     t1 = time.perf_counter()
@@ -219,18 +237,18 @@ def reference_check(cfg, task, pairs: pd.DataFrame) -> None:
     backend.close()
 
 
-HEADER = (f"{'job':7s} {'backend':12s} {'path':7s} {'pairs':>5s} {'wall s':>7s} "
+HEADER = (f"{'job':7s} {'backend':12s} {'dtype':8s} {'path':7s} {'pairs':>5s} {'wall s':>7s} "
           f"{'pairs/s':>7s} {'start s':>7s} {'excl.st':>7s} {'eng s':>6s} {'submit':>7s} "
           f"{'cached':>7s} {'computed':>8s} {'reuse':>5s} {'tok/eng-s':>9s} {'GFLOP/s':>7s} "
           f"{'bound':>5s} {'speedup':>7s}")
 
 
-def row(job: str, backend: str, path: str, r: Result, gflop_token: float, bound: float,
-        base: Result | None) -> str:
+def row(job: str, backend: str, dtype: str, path: str, r: Result, gflop_token: float,
+        bound: float, base: Result | None) -> str:
     n, u = len(r.scored), r.usage
     rate = r.computed / u.engine_seconds
     speedup = f"x{base.wall / r.wall:.2f}" if base else ""
-    return (f"{job:7s} {backend:12s} {path:7s} {n:5d} {r.wall:7.1f} {n / r.wall:7.2f} "
+    return (f"{job:7s} {backend:12s} {dtype:8s} {path:7s} {n:5d} {r.wall:7.1f} {n / r.wall:7.2f} "
             f"{r.start:7.1f} {n / (r.wall - r.start):7.2f} {u.engine_seconds:6.1f} "
             f"{u.prompt_tokens:7d} {u.cached_prompt_tokens:7d} {r.computed:8d} "
             f"{u.prompt_tokens / r.computed:5.2f} {rate:9.0f} {rate * gflop_token:7.1f} "
@@ -253,12 +271,18 @@ def main() -> None:
     parser.add_argument("--reference-pairs", type=int, default=0,
                         help="also check the first N Step-0 pairs against the per-pair loop")
     parser.add_argument("--profile", default="cpu-demo")
+    parser.add_argument("--dtypes", nargs="+",
+                        help="target dtypes to compare, the first as the reference "
+                             "(default: the profile's target.dtype as it resolves here)")
     args = parser.parse_args()
     begun = time.perf_counter()
 
     import importlib.util
 
+    import torch
+
     from qpo_ray.config import load_config
+    from qpo_ray.device import dtype_name
     from qpo_ray.data.pairs import build_step0_pairs
     from qpo_ray.evaluation import init_ray
     from qpo_ray.prompts import load_collection
@@ -285,33 +309,43 @@ def main() -> None:
     # Ray Data logs its progress every few seconds when stdout is not a terminal; the
     # scorer's own progress line says the same.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    gflops = probe(args.actors, cfg.evaluation.num_cpus_per_actor)
-    bound = sum(gflops) / len(gflops)
     flop, params, hidden, layers = flop_per_token(cfg.target.model)
     gflop_token = flop / 1e9
-    print(f"\nmatmul probe (fp32 2048x2048, {args.actors} Ray tasks at once, "
-          f"{cfg.evaluation.num_cpus_per_actor:g} CPU each): "
-          + " + ".join(f"{g:.1f}" for g in gflops)
-          + f" = {sum(gflops):.1f} GFLOP/s; bound per engine {bound:.1f} GFLOP/s")
     print(f"{cfg.target.model}: {params / 1e6:.1f} M non-embedding parameters -> "
-          f"{gflop_token:.3f} GFLOP per computed token (2 x parameters) = "
-          f"{bound / gflop_token:.0f} tokens/s per engine at the bound")
+          f"{gflop_token:.3f} GFLOP per computed token (2 x parameters)")
+    dtypes = [dtype_name(d, torch.device("cpu")) for d in (args.dtypes or [cfg.target.dtype])]
+    bounds = {}
+    for dtype in dtypes:  # each dtype's own bound: bf16 matmuls run ~2.6x fp32's here
+        gflops = probe(args.actors, cfg.evaluation.num_cpus_per_actor, dtype)
+        bounds[dtype] = sum(gflops) / len(gflops)
+        print(f"matmul probe ({dtype} 2048x2048, {args.actors} Ray tasks at once, "
+              f"{cfg.evaluation.num_cpus_per_actor:g} CPU each): "
+              + " + ".join(f"{g:.1f}" for g in gflops)
+              + f" = {sum(gflops):.1f} GFLOP/s; bound per engine {bounds[dtype]:.1f} GFLOP/s"
+              f" = {bounds[dtype] / gflop_token:.0f} tokens/s")
 
     lines, checks = [], []
     for job, pairs in jobs.items():
         for backend in backends:
-            results = {}
-            for path, reuse in (("today", False), ("current", True)):
-                results[path] = score(path_config(cfg, backend, reuse), task, splits, pairs,
-                                      f"{job} {backend} {path}")
-                base = results["today"] if path == "current" else None
-                lines.append(row(job, backend, path, results[path], gflop_token, bound, base))
-                print(lines[-1], flush=True)
-            same, diff = agreement(results["today"].scored, results["current"].scored)
-            mean_len = results["today"].usage.prompt_tokens / len(pairs)
-            checks.append(f"{job} {backend}: same prediction {same}/{len(pairs)}, max |d label "
-                          f"log-prob| {diff:.2e} ({'ok' if diff <= 1e-4 else 'ABOVE'} 1e-4); "
-                          f"mean prefix {mean_len:.1f} tokens")
+            current = {}
+            for dtype in dtypes:
+                results = {}
+                for path, reuse in (("today", False), ("current", True)):
+                    results[path] = score(path_config(cfg, backend, reuse, dtype), task, splits,
+                                          pairs, f"{job} {backend} {dtype} {path}")
+                    base = results["today"] if path == "current" else None
+                    lines.append(row(job, backend, dtype, path, results[path], gflop_token,
+                                     bounds[dtype], base))
+                    print(lines[-1], flush=True)
+                same, diff = agreement(results["today"].scored, results["current"].scored)
+                mean_len = results["today"].usage.prompt_tokens / len(pairs)
+                checks.append(f"{job} {backend} {dtype}: same prediction {same}/{len(pairs)}, "
+                              f"max |d label log-prob| {diff:.2e} "
+                              f"({'ok' if diff <= 1e-4 else 'ABOVE'} 1e-4); "
+                              f"mean prefix {mean_len:.1f} tokens")
+                current[dtype] = results["current"]
+            checks += [compare_dtypes(f"{job} {backend}", dtypes[0], current[dtypes[0]], d,
+                                      current[d]) for d in dtypes[1:]]
     import ray
 
     ray.shutdown()

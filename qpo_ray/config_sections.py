@@ -74,7 +74,8 @@ class TargetConfig:
     backend: str = "vllm"
     # HF model id, local path, or an embedded alias (see qpo_ray/models.py).
     model: str = "smollm2-135m-instruct"
-    # float32 on CPU (vLLM CPU has no bf16 here); bfloat16/float16 on GPUs; auto = pick.
+    # auto = bfloat16 on GPUs that have it (else float16) and on CPUs that multiply bf16
+    # in hardware (AVX512-BF16/AMX), float32 on other CPUs; or name one.
     dtype: str = "auto"
     # Wrap the formatted input in the model's chat template (chat-tuned targets).
     use_chat_template: bool = True

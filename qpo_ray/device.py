@@ -32,14 +32,24 @@ def bf16_supported() -> bool:
     return has_cuda() and torch.cuda.is_bf16_supported()
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Measured on
+    such a machine here (AMD EPYC, 2 cores): a 2048^3 matmul at 401 vs 153 GFLOP/s in fp32,
+    SmolLM2-135M's forward pass 2.0x and a vLLM-CPU engine 1.65x faster. Without these
+    instructions oneDNN emulates bf16 and it is slower than fp32."""
+    probes = (getattr(torch.cpu, name, None) for name in
+              ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(bool(p()) for p in probes if p is not None)
+
+
 def resolve_dtype(name: str = "auto", device: torch.device | None = None) -> torch.dtype:
     """Map a config dtype name to a torch dtype; "auto" = bf16 on capable GPUs, fp16 on
-    older GPUs (V100), float32 on CPU (bf16 matmuls are slow or missing on CPUs here)."""
+    older GPUs (V100); on a CPU bf16 where it multiplies bf16 in hardware, else float32."""
     device = device or get_device()
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if bf16_supported() else torch.float16
-        return torch.float32
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     table = {
         "float32": torch.float32, "fp32": torch.float32,
         "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -53,6 +63,19 @@ def resolve_dtype(name: str = "auto", device: torch.device | None = None) -> tor
 def dtype_name(name: str = "auto", device: torch.device | None = None) -> str:
     """Like resolve_dtype but as the string engines such as vLLM take."""
     return str(resolve_dtype(name, device)).removeprefix("torch.")
+
+
+def dtype_note(name: str, on_gpu: bool) -> str:
+    """What a config dtype becomes where the engine runs (a GPU, or this CPU), and why
+    when "auto" chose it: for the run log, since results differ slightly between dtypes."""
+    device = torch.device("cuda") if on_gpu and has_cuda() else torch.device("cpu")
+    chosen = dtype_name(name, device)
+    if name != "auto":
+        return chosen
+    if device.type == "cuda":
+        return f"{chosen} (auto: this GPU)"
+    why = "multiplies bf16 in hardware" if cpu_has_native_bf16() else "has no bf16 matmuls"
+    return f"{chosen} (auto: this CPU {why})"
 
 
 def move(obj: Any, device: torch.device) -> Any:

@@ -31,6 +31,7 @@ from typing import Any, Optional
 
 from qpo_ray import faults
 from qpo_ray.config import Config
+from qpo_ray.device import dtype_note
 from qpo_ray.progress import send_library_logs_to
 from qpo_ray.rundir import RunDir
 from qpo_ray.stages import PIPELINE, Stage, augment, plan, step0, test
@@ -109,6 +110,10 @@ def run_qpo(cfg: Optional[Config], resume_dir: Optional[str] = None,
         cfg.workdir = str(run.path)
     log_file = send_library_logs_to(run.path)
     print(f"[qpo] run directory {run.path}; Ray's and MLflow's logs: {log_file}", flush=True)
+    if cfg.target.backend != "openai":
+        on_gpu = cfg.evaluation.num_gpus_per_actor > 0
+        print(f"[qpo] target {cfg.target.model} on {cfg.target.backend} in "
+              f"{dtype_note(cfg.target.dtype, on_gpu)}", flush=True)
     ctx.tracker = tracker = Tracker(cfg, run.path)
     parent = tracker.parent_run_id()
     if changes:
