@@ -10,8 +10,9 @@ defaults (12, 96) are scaled down from that to fit in about 11. The 35x64 shape 
 at a time (`--backend vllm`).
 
 It prints:
-1. a matmul probe: fp32 GFLOP/s of torch matmul in `--actors` Ray tasks at once, each
-   with the CPUs (hence torch threads) of one scoring actor: the engines' own bound;
+1. a matmul probe per target dtype: GFLOP/s of torch matmul in `--actors` Ray tasks at
+   once, each with the CPUs (hence torch threads) of one scoring actor: the engines' own
+   bound;
 2. the target's FLOP per computed token from its config (2 x non-embedding parameters);
 3. two job shapes on the embedded default (Rotten Tomatoes, SmolLM2-135M-Instruct, chat
    template, the cpu-demo profile's target and evaluation settings):
@@ -32,10 +33,11 @@ computed but not counted. It batches rows by the length of what they read (a dyn
 programme over cut points, backends/hf_backend.length_batches), rows of different
 prompts together, each from its own head's KV: on 35 x 16 Step-0 pairs in Ray-sized
 calls of 128 that reads 6% padding in 36 passes, where one prompt per batch read 27% in
-70 (fixed-size batches in text order: 40-49%). Measured at 35 x 64 with 256 test
-queries, idle, `--backend transformers --queries 64 --test-queries 256`: Step-0 job 76%
-of the bound with shared heads, x1.93 over no reuse end to end (89% without reuse); the
-test-shaped job 83% / 95%, x1.75. The same command a day earlier gave x2.08 and x1.55:
+70 (fixed-size batches in text order: 40-49%). Measured in float32 (before the
+cpu-demo target's `dtype: auto`) at 35 x 64 with 256 test queries, idle, `--backend
+transformers --queries 64 --test-queries 256`: Step-0 job 76% of the bound with shared
+heads, x1.93 over no reuse end to end (89% without reuse); the test-shaped job 83% /
+95%, x1.75. The same command a day earlier gave x2.08 and x1.55:
 this machine's speed drifts by ~10% between runs of the same path (the current path's
 Step-0 job alone, before and after a change that does not touch its engines: 146 / 122 s
 and 138 / 131 s), so a ratio moves by about as much. A call's pairs go out in equal
@@ -47,6 +49,18 @@ run each; the matmul probe read 78, 70 and 77 GFLOP/s per engine in those runs).
 (90% without reuse), test-shaped job x1.33 (81% / 86%): vLLM reuses whole 32-token KV
 blocks only, so its reuse is 1.70 and 1.62 where the transformers backend's is 2.34 and
 2.14; its engine starts in 14-16 s, the transformers one in 4-6 s.
+
+With `--dtypes float32 bfloat16` every job and path runs once per target dtype (the first
+is the reference), and each job ends with how much faster the other dtype scores and how
+far the target's answers move: predictions, accuracy over the job's pairs, each prompt's
+accuracy, the best prompt. Measured on an AMD EPYC with AVX512-BF16 (`--jobs step0
+--queries 16`, both backends, 461 s): probe 195 GFLOP/s per engine in bf16, 86 in fp32.
+vLLM in bf16: x1.49 end to end on the current path (x1.89 computed tokens per
+engine-second), same prediction on 526/560 pairs, accuracy 58.8% in both; transformers:
+x1.43 (x1.78), 538/560, 58.8 vs 58.0%; the best prompt the same. Against float32 without
+reuse (the path of the day issue #12 was filed): vLLM 84.2 -> 41.7 s (x2.02),
+transformers 76.5 -> 28.9 s (x2.65). In bf16 the engines reach 58-70% of the bf16 bound
+(74-85% of fp32's in fp32).
 
 With `--reference-pairs N` it also first runs the first N Step-0 pairs the reference
 code's way (a Python loop, one full forward per pair per label) and through

@@ -26,6 +26,7 @@ import yaml
 
 from qpo_ray.config import load_config
 from qpo_ray.data.io import read_dataset
+from qpo_ray.device import dtype_note
 from qpo_ray.faults import FAULT_ENV
 from qpo_ray.policy.model import POLICY_FILE
 from qpo_ray.prompts import load_collection
@@ -113,6 +114,9 @@ def test_console_shows_progress_per_stage_and_keeps_ray_logs_in_the_run_dir(fini
                          r"samples/s \d[\d.e+-]*, ", stdout, re.M), stdout
     assert re.search(r"^\[qpo\] augment_1: generating: 5/5 prompts", stdout, re.M)
     assert re.search(r"^\[qpo\] step0: scoring: 21/21 pairs", stdout, re.M)
+    # The target's dtype as `auto` resolved on this machine (results differ between dtypes).
+    assert (f"[qpo] target smollm2-135m-instruct on transformers in "
+            f"{dtype_note('auto', on_gpu=False)}\n") in stdout
     # Ray's own progress blocks and logs are in the run directory, not on the console.
     assert "logging_progress" not in stderr + stdout
     library_log = (workdir / "logs" / "libraries.log").read_text()
