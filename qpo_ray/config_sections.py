@@ -215,7 +215,8 @@ class TrainingConfig:
     num_cpus_per_worker: int = 1
     strategy: Literal["ddp", "deepspeed"] = "ddp"
     zero_stage: int = 2
-    # no | bf16 | fp16 (GPU only).
+    # Autocast of training steps (weights stay float32): no | bf16 | fp16 (GPU only) |
+    # auto (bf16 on bf16 GPUs and on CPUs with AVX512-BF16/AMX, fp16 on older GPUs, else no).
     mixed_precision: str = "no"
     # Global batch (paper: 128); each worker gets batch_size_global / num_workers.
     batch_size_global: int = 128
@@ -236,11 +237,15 @@ class TrainingConfig:
             (self.num_workers >= 1, "training.num_workers must be >= 1"),
             (self.num_cpus_per_worker >= 1, "training.num_cpus_per_worker must be >= 1"),
             (self.zero_stage in (0, 1, 2, 3), "training.zero_stage must be 0, 1, 2 or 3"),
-            (self.mixed_precision in ("no", "bf16", "fp16"),
-             "training.mixed_precision must be no, bf16 or fp16"),
-            (self.mixed_precision == "no" or self.use_gpu,
-             f"training.mixed_precision={self.mixed_precision!r} needs training.use_gpu=true "
-             "(CPU training runs in float32)"),
+            (self.mixed_precision in ("no", "auto", "bf16", "fp16"),
+             "training.mixed_precision must be no, auto, bf16 or fp16"),
+            (self.mixed_precision != "fp16" or self.use_gpu,
+             "training.mixed_precision=fp16 needs training.use_gpu=true (CPUs autocast to "
+             "bf16 only)"),
+            (self.mixed_precision in ("no", "auto") or self.strategy != "deepspeed"
+             or self.use_gpu,
+             f"training.mixed_precision={self.mixed_precision!r} under DeepSpeed needs "
+             "training.use_gpu=true (DeepSpeed trains in float32 on CPUs)"),
             (self.batch_size_global >= self.num_workers,
              "training.batch_size_global must be >= training.num_workers"),
             (self.strategy != "deepspeed" or self.batch_size_global % self.num_workers == 0,

@@ -65,6 +65,17 @@ def dtype_name(name: str = "auto", device: torch.device | None = None) -> str:
     return str(resolve_dtype(name, device)).removeprefix("torch.")
 
 
+def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    """What training autocasts to for `training.mixed_precision` on `device` (None: float32
+    throughout). "auto" takes the target's rule: bf16 on bf16 GPUs and on CPUs that
+    multiply bf16 in hardware (a policy training step measured 1.25-1.3x faster on such a
+    CPU here), fp16 on older GPUs, float32 elsewhere. Weights stay float32 either way."""
+    if mixed_precision == "no":
+        return None
+    chosen = resolve_dtype(mixed_precision, device)
+    return None if chosen == torch.float32 else chosen
+
+
 def dtype_note(name: str, on_gpu: bool) -> str:
     """What a config dtype becomes where the engine runs (a GPU, or this CPU), and why
     when "auto" chose it: for the run log, since results differ slightly between dtypes."""

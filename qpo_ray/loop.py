@@ -110,10 +110,14 @@ def run_qpo(cfg: Optional[Config], resume_dir: Optional[str] = None,
         cfg.workdir = str(run.path)
     log_file = send_library_logs_to(run.path)
     print(f"[qpo] run directory {run.path}; Ray's and MLflow's logs: {log_file}", flush=True)
+    # Results differ slightly between dtypes, and "auto" depends on the machine: say which.
     if cfg.target.backend != "openai":
         on_gpu = cfg.evaluation.num_gpus_per_actor > 0
         print(f"[qpo] target {cfg.target.model} on {cfg.target.backend} in "
               f"{dtype_note(cfg.target.dtype, on_gpu)}", flush=True)
+    precision = cfg.training.mixed_precision
+    print("[qpo] policy training in " + ("float32" if precision == "no" else
+                                         dtype_note(precision, cfg.training.use_gpu)), flush=True)
     ctx.tracker = tracker = Tracker(cfg, run.path)
     parent = tracker.parent_run_id()
     if changes:

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from qpo_ray import faults
 from qpo_ray.atomic import atomic_dir, write_text_atomic
 from qpo_ray.config import Config, TrainingConfig, config_from_dict
-from qpo_ray.device import configure_cpu_threads, get_device, move, resolve_dtype
+from qpo_ray.device import autocast_dtype, configure_cpu_threads, get_device, move
 from qpo_ray.optim import EngineBase
 from qpo_ray.policy import QPOPolicy, as_batch, encode_rows, training_rows
 
@@ -90,10 +90,10 @@ class TorchEngine(EngineBase):
         self.model = wrap(policy) if wrap else policy
         super().__init__(policy, tcfg, lr)
         self.clip = tcfg.grad_clip_norm
-        mp = tcfg.mixed_precision
-        self.amp_dtype = resolve_dtype(mp, self.device) if mp != "no" else None
+        self.amp_dtype = autocast_dtype(tcfg.mixed_precision, self.device)
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range.
-        self.scaler = torch.amp.GradScaler(self.device.type) if mp == "fp16" else None
+        self.scaler = (torch.amp.GradScaler(self.device.type)
+                       if self.amp_dtype == torch.float16 else None)
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,

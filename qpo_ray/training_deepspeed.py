@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from qpo_ray.config import TrainingConfig
+from qpo_ray.device import autocast_dtype, get_device
 from qpo_ray.optim import EngineBase
 from qpo_ray.policy import QPOPolicy
 
@@ -32,14 +33,17 @@ CHECKPOINT_TAG = "final"
 
 def deepspeed_config(tcfg: TrainingConfig, world_size: int) -> dict[str, Any]:
     per_worker = tcfg.batch_size_global // world_size
+    # On CPU workers DeepSpeed trains in float32 ("auto" included; bf16/fp16 are refused
+    # there when the config loads).
+    amp = autocast_dtype(tcfg.mixed_precision, get_device()) if tcfg.use_gpu else None
     return {
         "train_batch_size": per_worker * world_size,
         "train_micro_batch_size_per_gpu": per_worker,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": tcfg.grad_clip_norm,
         "zero_optimization": {"stage": tcfg.zero_stage},
-        "bf16": {"enabled": tcfg.mixed_precision == "bf16"},
-        "fp16": {"enabled": tcfg.mixed_precision == "fp16"},
+        "bf16": {"enabled": amp == torch.bfloat16},
+        "fp16": {"enabled": amp == torch.float16},
         # Progress is reported through Ray Train once per epoch, not DeepSpeed's log.
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,

@@ -71,7 +71,8 @@ def test_int_is_accepted_where_a_float_is_expected():
         ("loop.top_p=0", "loop.top_p"),
         ("test.shots=[0, x]", "test.shots[1]"),
         # checked by the section beside its fields, at load (not when training starts)
-        ("training.mixed_precision=bf16", "training.mixed_precision"),
+        ("training.mixed_precision=fp16", "training.mixed_precision"),
+        ("training.mixed_precision=fp32", "training.mixed_precision"),
         ("training.epochs_later_loops=0", "training.epochs_later_loops"),
         ("target.batch_size=0", "target.batch_size"),
         ("dataset.wide_prompts=8", "dataset.wide_queries go together"),

@@ -27,6 +27,10 @@ def test_auto_dtype_on_a_cpu_follows_its_bf16_instructions(monkeypatch, native):
     assert devices.resolve_dtype("float32", CPU) == torch.float32
     assert devices.resolve_dtype("bf16", CPU) == torch.bfloat16
     assert devices.dtype_note("float32", on_gpu=False) == "float32"
+    # training autocasts to the same dtype, and not at all where that is float32
+    assert devices.autocast_dtype("auto", CPU) == (torch.bfloat16 if native else None)
+    assert devices.autocast_dtype("no", CPU) is None
+    assert devices.autocast_dtype("bf16", CPU) == torch.bfloat16
 
 
 def test_the_cpu_probe_agrees_with_torch():

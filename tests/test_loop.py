@@ -117,6 +117,7 @@ def test_console_shows_progress_per_stage_and_keeps_ray_logs_in_the_run_dir(fini
     # The target's dtype as `auto` resolved on this machine (results differ between dtypes).
     assert (f"[qpo] target smollm2-135m-instruct on transformers in "
             f"{dtype_note('auto', on_gpu=False)}\n") in stdout
+    assert "[qpo] policy training in float32\n" in stdout  # the profile's default: no
     # Ray's own progress blocks and logs are in the run directory, not on the console.
     assert "logging_progress" not in stderr + stdout
     library_log = (workdir / "logs" / "libraries.log").read_text()

@@ -54,8 +54,11 @@ def test_table9_schedule_and_config_checks(tiny_model_dir):
                                                   cfg.training.epochs_later_loops)
     with pytest.raises(ValueError, match="loop_index"):
         schedule_for_loop(cfg.training, 0)
-    with pytest.raises(ValueError, match="training.mixed_precision"):
-        check_training_config(_cfg(tiny_model_dir, mixed_precision="bf16"))
+    with pytest.raises(ValueError, match="training.mixed_precision=fp16 needs training.use_gpu"):
+        check_training_config(_cfg(tiny_model_dir, mixed_precision="fp16"))
+    with pytest.raises(ValueError, match="mixed_precision='bf16' under DeepSpeed"):
+        check_training_config(_cfg(tiny_model_dir, mixed_precision="bf16", strategy="deepspeed"))
+    check_training_config(_cfg(tiny_model_dir, mixed_precision="auto", strategy="deepspeed"))
 
 
 def test_bad_dataset_fails_before_any_worker_starts(tiny_model_dir, tmp_path, paper_dataset):
@@ -84,6 +87,35 @@ def test_ddp_on_two_cpu_workers_lowers_the_loss(ray_cluster, tiny_model_dir, pap
     trained = QPOPolicy.load(result.checkpoint_dir)
     assert _mean_loss(trained, paper_dataset) < _mean_loss(initial, paper_dataset) - 0.5
     assert all(isinstance(p, str) for p in generate_prompts(trained, ["so happy today!"]))
+
+
+def test_bf16_autocast_on_cpu_trains_float32_weights(tiny_model_dir, paper_dataset,
+                                                     one_torch_thread):
+    """training.mixed_precision=bf16 on a CPU: the steps run autocast (their loss is not
+    float32's to the digit), the weights and optimizer stay float32, and the loss falls
+    as in float32."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from qpo_ray.data.io import read_dataset
+    from qpo_ray.training import TorchEngine
+
+    frame, _ = read_dataset(paper_dataset)
+    losses = {}
+    for precision in ("no", "bf16"):
+        cfg = _cfg(tiny_model_dir, mixed_precision=precision)
+        torch.manual_seed(0)
+        policy = QPOPolicy.from_backbone(cfg.policy)
+        enc = encode_rows(policy.tokenizer, frame["query"].tolist(), frame["prompt"].tolist(),
+                          frame["reward"].tolist(), 24, 32)
+        engine = TorchEngine(policy, cfg.training, lr=5e-4)
+        assert engine.amp_dtype == (None if precision == "no" else torch.bfloat16)
+        loader = DataLoader(TensorDataset(*enc.tensors()), batch_size=16)
+        losses[precision] = [float(engine.step(as_batch(b))["loss"]) for _ in range(3)
+                             for b in loader]
+        assert all(p.dtype == torch.float32 for p in policy.parameters())
+    fp32, bf16 = losses["no"], losses["bf16"]
+    assert fp32[0] != bf16[0] and abs(fp32[0] - bf16[0]) < 0.02 * fp32[0]
+    assert bf16[-1] < bf16[0] - 1.0 and abs(bf16[-1] - fp32[-1]) < 0.15 * fp32[-1]
 
 
 def test_deepspeed_zero2_checkpoint_restores_every_parameter(ray_cluster, tiny_model_dir,
