@@ -31,7 +31,6 @@ from typing import Any, Optional
 
 from qpo_ray import faults
 from qpo_ray.config import Config
-from qpo_ray.device import dtype_note
 from qpo_ray.progress import send_library_logs_to
 from qpo_ray.rundir import RunDir
 from qpo_ray.stages import PIPELINE, Stage, augment, plan, step0, test
@@ -84,6 +83,22 @@ def _check_before_work(ctx: RunContext) -> None:
             check(ctx)
 
 
+def _say_precisions(cfg: Config) -> None:
+    """The target's dtype and the policy training's precision, as "auto" resolved them on
+    this machine: results differ slightly between dtypes."""
+    from qpo_ray.device import dtype_note  # torch loads when a run starts, not with `qpo`
+
+    if cfg.target.backend != "openai":
+        on_gpu = cfg.evaluation.num_gpus_per_actor > 0
+        print(f"[qpo] target {cfg.target.model} on {cfg.target.backend} in "
+              f"{dtype_note(cfg.target.dtype, on_gpu)}", flush=True)
+    tcfg = cfg.training
+    float32 = tcfg.mixed_precision == "no" or (tcfg.strategy == "deepspeed" and not tcfg.use_gpu)
+    print("[qpo] policy training in " + ("float32" if float32 else
+                                         dtype_note(tcfg.mixed_precision, tcfg.use_gpu)),
+          flush=True)
+
+
 def run_qpo(cfg: Optional[Config], resume_dir: Optional[str] = None,
             overrides: Optional[list[str]] = None) -> Path:
     """Run (or continue) QPO end to end; returns the run directory. On resume,
@@ -110,14 +125,7 @@ def run_qpo(cfg: Optional[Config], resume_dir: Optional[str] = None,
         cfg.workdir = str(run.path)
     log_file = send_library_logs_to(run.path)
     print(f"[qpo] run directory {run.path}; Ray's and MLflow's logs: {log_file}", flush=True)
-    # Results differ slightly between dtypes, and "auto" depends on the machine: say which.
-    if cfg.target.backend != "openai":
-        on_gpu = cfg.evaluation.num_gpus_per_actor > 0
-        print(f"[qpo] target {cfg.target.model} on {cfg.target.backend} in "
-              f"{dtype_note(cfg.target.dtype, on_gpu)}", flush=True)
-    precision = cfg.training.mixed_precision
-    print("[qpo] policy training in " + ("float32" if precision == "no" else
-                                         dtype_note(precision, cfg.training.use_gpu)), flush=True)
+    _say_precisions(cfg)
     ctx.tracker = tracker = Tracker(cfg, run.path)
     parent = tracker.parent_run_id()
     if changes:
