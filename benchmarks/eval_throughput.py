@@ -192,14 +192,17 @@ def agreement(a: pd.DataFrame, b: pd.DataFrame) -> tuple[int, float]:
     return same, diff
 
 
-def compare_dtypes(what: str, base_dtype: str, base: Result, dtype: str, r: Result) -> str:
-    """The same pairs (current path) in two dtypes: how much faster, and how far the
-    target's answers move: predictions, accuracy, each prompt's accuracy, the best prompt."""
+def compare_dtypes(what: str, base_dtype: str, base: Result, base_today: Result, dtype: str,
+                   r: Result) -> str:
+    """The same pairs (current path) in two dtypes: how much faster (also against the
+    reference dtype without reuse), and how far the target's answers move: predictions,
+    accuracy, each prompt's accuracy, the best prompt."""
     same, diff = agreement(base.scored, r.scored)
     acc = [x.scored.groupby("prompt")["correct"].mean() for x in (base, r)]
     moved = float((acc[1] - acc[0].loc[acc[1].index]).abs().max())
     rate = [x.computed / x.usage.engine_seconds for x in (base, r)]
-    return (f"{what} {dtype} vs {base_dtype}: x{base.wall / r.wall:.2f} end to end, "
+    return (f"{what} {dtype} vs {base_dtype}: x{base.wall / r.wall:.2f} end to end "
+            f"(x{base_today.wall / r.wall:.2f} over {base_dtype} without reuse), "
             f"x{rate[1] / rate[0]:.2f} computed tokens per engine-second; same prediction "
             f"{same}/{len(base.scored)} (max |d label log-prob| {diff:.2f}); accuracy "
             f"{base.scored['correct'].mean():.1%} vs {r.scored['correct'].mean():.1%}; a "
@@ -262,7 +265,8 @@ def row(job: str, backend: str, dtype: str, path: str, r: Result, gflop_token: f
     n, u = len(r.scored), r.usage
     rate = r.computed / u.engine_seconds
     speedup = f"x{base.wall / r.wall:.2f}" if base else ""
-    return (f"{job:7s} {backend:12s} {dtype:8s} {path:7s} {n:5d} {r.wall:7.1f} {n / r.wall:7.2f} "
+    return (f"{job:7s} {backend:12s} {dtype:8s} {path:7s} {n:5d} {r.wall:7.1f} "
+            f"{n / r.wall:7.2f} "
             f"{r.start:7.1f} {n / (r.wall - r.start):7.2f} {u.engine_seconds:6.1f} "
             f"{u.prompt_tokens:7d} {u.cached_prompt_tokens:7d} {r.computed:8d} "
             f"{u.prompt_tokens / r.computed:5.2f} {rate:9.0f} {rate * gflop_token:7.1f} "
@@ -329,7 +333,7 @@ def main() -> None:
           f"{gflop_token:.3f} GFLOP per computed token (2 x parameters)")
     dtypes = [dtype_name(d, torch.device("cpu")) for d in (args.dtypes or [cfg.target.dtype])]
     bounds = {}
-    for dtype in dtypes:  # each dtype's own bound: bf16 matmuls run ~2.6x fp32's here
+    for dtype in dtypes:  # each dtype's own bound: bf16 matmuls ran ~2.3x fp32's per engine here
         gflops = probe(args.actors, cfg.evaluation.num_cpus_per_actor, dtype)
         bounds[dtype] = sum(gflops) / len(gflops)
         print(f"matmul probe ({dtype} 2048x2048, {args.actors} Ray tasks at once, "
@@ -341,7 +345,7 @@ def main() -> None:
     lines, checks = [], []
     for job, pairs in jobs.items():
         for backend in backends:
-            current = {}
+            current, today = {}, {}
             for dtype in dtypes:
                 results = {}
                 for path, reuse in (("today", False), ("current", True)):
@@ -357,8 +361,9 @@ def main() -> None:
                               f"max |d label log-prob| {diff:.2e} "
                               f"({'ok' if diff <= 1e-4 else 'ABOVE'} 1e-4); "
                               f"mean prefix {mean_len:.1f} tokens")
-                current[dtype] = results["current"]
-            checks += [compare_dtypes(f"{job} {backend}", dtypes[0], current[dtypes[0]], d,
+                current[dtype], today[dtype] = results["current"], results["today"]
+            first = dtypes[0]
+            checks += [compare_dtypes(f"{job} {backend}", first, current[first], today[first], d,
                                       current[d]) for d in dtypes[1:]]
     import ray
 
