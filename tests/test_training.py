@@ -113,6 +113,8 @@ def test_bf16_autocast_on_cpu_trains_float32_weights(tiny_model_dir, paper_datas
         losses[precision] = [float(engine.step(as_batch(b))["loss"]) for _ in range(3)
                              for b in loader]
         assert all(p.dtype == torch.float32 for p in policy.parameters())
+        assert all(v.dtype == torch.float32 for state in engine.optimizer.state.values()
+                   for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
     fp32, bf16 = losses["no"], losses["bf16"]
     assert fp32[0] != bf16[0] and abs(fp32[0] - bf16[0]) < 0.02 * fp32[0]
     assert bf16[-1] < bf16[0] - 1.0 and abs(bf16[-1] - fp32[-1]) < 0.15 * fp32[-1]
