@@ -358,9 +358,9 @@ def main() -> None:
     lines, checks = [], []
     for job, pairs in jobs.items():
         for backend in backends:
-            current, today = {}, {}
+            by_dtype = {}  # dtype -> {"today": Result, "current": Result}
             for dtype in dtypes:
-                results = {}
+                results = by_dtype[dtype] = {}
                 for path, reuse in (("today", False), ("current", True)):
                     results[path] = score(path_config(cfg, backend, reuse, dtype), task, splits,
                                           pairs, f"{job} {backend} {dtype} {path}")
@@ -374,10 +374,10 @@ def main() -> None:
                               f"max |d label log-prob| {diff:.2e} "
                               f"({'ok' if diff <= 1e-4 else 'ABOVE'} 1e-4); "
                               f"mean prefix {mean_len:.1f} tokens")
-                current[dtype], today[dtype] = results["current"], results["today"]
-            first = dtypes[0]
-            checks += [compare_dtypes(f"{job} {backend}", first, current[first], today[first], d,
-                                      current[d]) for d in dtypes[1:]]
+            first = by_dtype[dtypes[0]]
+            checks += [compare_dtypes(f"{job} {backend}", dtypes[0], first["current"],
+                                      first["today"], d, by_dtype[d]["current"])
+                       for d in dtypes[1:]]
     import ray
 
     ray.shutdown()
