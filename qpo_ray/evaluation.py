@@ -208,11 +208,16 @@ class RayDataScorer(PairScorer):
         from qpo_ray.progress import Progress
 
         progress = Progress(self.label, total, "pairs")
-        parts, done = [], 0
+        parts, done, starts = [], 0, []
         for part in ds.iter_batches(batch_size=None, batch_format="pandas"):
             parts.append(part)
             done += len(part)
-            progress.update(done)
+            # Each engine reports its start once, on its first batch. The run log says
+            # what every pass paid for it: Ray Data's actor pool lives for one pass, so
+            # a stage's engines stop when its pass ends (training, next, needs the CPUs).
+            starts += [s for s in part[_START_COLUMN] if s > 0]
+            progress.update(done, **({"engines": f"{len(starts)} started in <= "
+                                                  f"{max(starts):.0f} s"} if starts else {}))
         progress.close()
         return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 

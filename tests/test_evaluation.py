@@ -4,6 +4,8 @@ in-process scoring; a killed actor loses and duplicates nothing; bad settings fa
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -44,7 +46,7 @@ def assert_same_scores(got, want):
 
 
 def test_pipeline_with_transformers_actors_matches_local(
-        ray_cluster, tweet_emotion_task, tweet_pairs, tiny_model_dir, local_scores):
+        ray_cluster, tweet_emotion_task, tweet_pairs, tiny_model_dir, local_scores, capsys):
     scorer = make_scorer(make_cfg(tiny_model_dir), tweet_emotion_task, demo_pool=[])
     assert isinstance(scorer, RayDataScorer) and scorer.num_actors == 2
     shuffled = tweet_pairs.sample(frac=1.0, random_state=0)
@@ -58,6 +60,13 @@ def test_pipeline_with_transformers_actors_matches_local(
     assert usage.prompt_tokens == out["prompt_tokens"].sum() > 0
     assert usage.completion_tokens == out["completion_tokens"].sum()
     assert usage.engine_seconds > 0
+    # The console's last line for the pass names the engines it started, and how long
+    # the slowest took: the cost every pass pays again.
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    starts = re.fullmatch(r"\[qpo\] scoring: (\d+)/\1 pairs, engines 2 started in "
+                          r"<= (\d+) s, .*", last)
+    assert starts, last
+    assert abs(int(starts.group(2)) - scorer.last_slowest_start_seconds) <= 0.5
 
 
 def test_pipeline_with_vllm_cpu_actor_matches_transformers(

@@ -117,7 +117,9 @@ def test_console_shows_progress_per_stage_and_keeps_ray_logs_in_the_run_dir(fini
         assert re.search(rf"^\[qpo\] train_{loop}: \d+/3 steps, loss \d[\d.e+-]*, "
                          r"samples/s \d[\d.e+-]*, ", stdout, re.M), stdout
     assert re.search(r"^\[qpo\] augment_1: generating: 5/5 prompts", stdout, re.M)
-    assert re.search(r"^\[qpo\] step0: scoring: 21/21 pairs", stdout, re.M)
+    # ... and what the pass paid to start its engines (they stop when it ends).
+    assert re.search(r"^\[qpo\] step0: scoring: 21/21 pairs, engines [12] started in "
+                     r"<= \d+ s, ", stdout, re.M), stdout
     # The target's dtype and the training precision (results differ between dtypes).
     assert "[qpo] target smollm2-135m-instruct on transformers in float32\n" in stdout
     assert "[qpo] policy training in float32\n" in stdout  # the profile's default: no
