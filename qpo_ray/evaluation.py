@@ -214,7 +214,7 @@ class RayDataScorer(PairScorer):
             done += len(part)
             # Each engine reports its start once, on its first batch. The run log says
             # what every pass paid for it: Ray Data's actor pool lives for one pass, so
-            # a stage's engines stop when its pass ends (training, next, needs the CPUs).
+            # the engines stop when the pass ends, and the next pass starts its own.
             starts += [s for s in part[_START_COLUMN] if s > 0]
             progress.update(done, **({"engines": f"{len(starts)} started in <= "
                                                   f"{max(starts):.0f} s"} if starts else {}))
