@@ -1,10 +1,23 @@
-"""Sharded pair scoring on Ray Data: pairs -> map_batches over an actor pool, one target
-engine per actor -> scored rows, back in input order.
+"""Sharded pair scoring on Ray Data over a pool of engine actors: pairs -> equal blocks
+-> map_batches tasks, each handing its block to the engine actor it was dealt to ->
+scored rows, back in input order.
 
-Fault tolerance comes from Ray Data's actor pool: its actors are created with
-max_restarts=-1, and a batch whose actor died is resubmitted (max_task_retries, from
-`evaluation.max_task_retries`) to a live or restarted actor. The output is checked to
-hold every input pair exactly once.
+The engines are Ray actors the scorer owns, not Ray Data's own per-execution pool, so
+they start once per scorer: every call a stage makes (the test phase scores its dev
+pairs, then its test pairs; a wide Step 0 scores twice) reuses them, and the run loop
+releases them when the stage ends, since training comes next and needs the CPUs/GPUs.
+A vLLM-CPU engine takes 14-21 s to start, and each call used to pay it again.
+
+Ray Data 2.60 launches none of its tasks, not even 0-CPU ones, while actors outside it
+hold every CPU of the cluster (ray-project/ray#44687: the pipeline hangs). Its tasks
+here only hand a block to an engine and wait, so where the engines would reserve every
+CPU, each reserves a share that leaves one CPU free and still runs the threads it was
+configured with (`engine_cpus`).
+
+Fault tolerance: the engine actors are created with max_restarts=-1, and a call on one
+that died is retried on its restarted self (max_task_retries, from
+`evaluation.max_task_retries`). The output is checked to hold every input pair exactly
+once.
 """
 
 from __future__ import annotations
@@ -13,7 +26,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -37,20 +50,24 @@ _USAGE_COLUMNS = {"_usage_calls": "calls", "_usage_engine_seconds": "engine_seco
                   "_usage_cached_prompt_tokens": "cached_prompt_tokens"}
 _START_COLUMN = "_usage_engine_start_seconds"
 _ROW = "_row"
+_ENGINE = "_engine"  # which engine actor a block is dealt to
 
 
 class _ScoringActor:
-    """One engine per Ray actor; Ray Data calls it on each batch of pairs."""
+    """One engine per Ray actor; `score` is called on each block of pairs dealt to it."""
 
     def __init__(self, target_config, shared: dict[str, Any], max_new_tokens: int,
-                 crash_once: str | None, kill_driver: int | None = None) -> None:
+                 crash_once: str | None, kill_driver: int | None = None,
+                 cpu_threads: int = 1) -> None:
         import ray
 
         from qpo_ray import device as devices
 
         started = time.perf_counter()
         if not devices.has_cuda():
-            devices.configure_cpu_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+            # the configured CPUs per actor, not what Ray derives from the (possibly
+            # smaller) reservation: see engine_cpus
+            devices.configure_cpu_threads(cpu_threads)
         # refs inside a dict are not resolved by Ray: the task and demo pool are fetched
         # once per actor from the object store
         self.task = ray.get(shared["task"])
@@ -85,6 +102,30 @@ class _ScoringActor:
             scored[column] = ([value] + [0.0] * (len(scored) - 1)) if len(scored) else []
         faults.kill(self.kill_driver)  # scored, never received
         return scored
+
+    def score(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return self(batch)
+
+
+def _forward(batch: pd.DataFrame, engines: list) -> pd.DataFrame:
+    """A Ray Data task: its block to the engine actor the block was dealt to, and back.
+    It holds no CPU; the engine does the work."""
+    import ray
+
+    engine = engines[int(batch[_ENGINE].iloc[0])]
+    return ray.get(engine.score.remote(batch.drop(columns=[_ENGINE])))
+
+
+def engine_cpus(per_engine: float, num_engines: int, cluster_cpus: float) -> float:
+    """The CPUs each engine actor reserves: `per_engine` (evaluation.num_cpus_per_actor),
+    or, where the engines would then hold every CPU of the cluster, an equal share of
+    all but one. Ray Data schedules nothing while outside actors hold every CPU
+    (ray-project/ray#44687), and its tasks here only wait on the engines, so the CPU
+    left free costs no compute: on 2 cores two 1-CPU engines reserve 0.5 each and run one
+    thread each, as before."""
+    if per_engine * num_engines <= cluster_cpus - 1:
+        return per_engine
+    return max(0.0, cluster_cpus - 1) / max(1, num_engines)
 
 
 def batch_pairs(num_pairs: int, max_pairs: int, num_actors: int) -> int:
@@ -156,6 +197,7 @@ class RayDataScorer(PairScorer):
         self.last_slowest_start_seconds = 0.0
         self._shared = {"task": ray.put(task), "demos": ray.put({d.id: d for d in demo_pool})}
         self.usage = Usage()
+        self._engines: list = []  # started on the first call that needs them, then kept
 
     def score(self, pairs_df: pd.DataFrame) -> pd.DataFrame:
         import ray.data
@@ -172,13 +214,15 @@ class RayDataScorer(PairScorer):
         frame = frame.sort_values("prompt", kind="stable")
         size = batch_pairs(len(frame), ev.batch_size_pairs, self.num_actors)
         with warnings.catch_warnings():
-            # Ray 2.60 deprecates **ray_remote_args but has no named parameter for the
-            # retry limits yet; without them a batch that kills every actor it meets
-            # would be retried forever (Ray Data's default is -1).
+            # Ray 2.60 deprecates **ray_remote_args but has no named parameter for a
+            # task's retry limit yet; without it a block whose engine keeps dying would
+            # be retried forever (Ray Data's default is -1).
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-            # one block per batch: blocks are what the pool spreads over its actors and
-            # what a dead actor's replacement retries
+            # one block per batch, dealt to the engines in turn: equal blocks, a multiple
+            # of the engines, so each engine gets the same share of the call
             blocks = [frame.iloc[i:i + size] for i in range(0, len(frame), size)]
+            self._start_engines(min(self.num_actors, len(blocks)))
+            blocks = [b.assign(**{_ENGINE: k % len(self._engines)}) for k, b in enumerate(blocks)]
             ds = self._pipeline(ray.data.from_pandas(blocks), len(blocks), size)
         out = self._collect(ds, len(frame)).sort_values(_ROW)
         rows = out[_ROW].to_numpy()
@@ -212,41 +256,57 @@ class RayDataScorer(PairScorer):
         for part in ds.iter_batches(batch_size=None, batch_format="pandas"):
             parts.append(part)
             done += len(part)
-            # Each engine reports its start once, on its first batch. The run log says
-            # what every pass paid for it: Ray Data's actor pool lives for one pass, so
-            # the engines stop when the pass ends, and the next pass starts its own.
+            # Each engine reports its start once, on its first batch: the run log says
+            # which pass paid for it and which reused engines a pass before started.
             starts += [s for s in part[_START_COLUMN] if s > 0]
-            progress.update(done, **({"engines": f"{len(starts)} started in <= "
-                                                  f"{max(starts):.0f} s"} if starts else {}))
+            note = self._engine_note(starts)
+            progress.update(done, **({"engines": note} if note else {}))
         progress.close()
         return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
-    def _pipeline(self, ds, n_batches: int, batch_size: int):
-        import ray.data
+    def _engine_note(self, starts: list[float]) -> str:
+        reused = len(self._engines) - len(starts)
+        parts = [f"{len(starts)} started in <= {max(starts):.0f} s"] if starts else []
+        parts += [f"{reused} reused"] if reused > 0 else []
+        return ", ".join(parts)
+
+    def _start_engines(self, wanted: int) -> None:
+        """Up to `wanted` engine actors (never fewer than already running). A call with
+        fewer blocks than `evaluation.num_actors` starts no engine it would leave idle."""
+        import ray
 
         ev = self.cfg.evaluation
-        return ds.map_batches(
-            _ScoringActor,
-            fn_constructor_kwargs={
-                "target_config": self.cfg.target, "shared": self._shared,
-                "max_new_tokens": self.cfg.target.max_new_tokens,
-                "crash_once": os.environ.get(FAULT_ENV),
-                "kill_driver": faults.armed_pid("score"),
-            },
-            # One batch in flight per actor: a batch is seconds of work, and one queued
-            # behind another on a busy actor waits there while a free actor idles (Ray
-            # Data's default is 2; benchmarks/eval_throughput.py's test-shaped job took
-            # 66.8 s with it, 57.9 s with 1).
-            compute=ray.data.ActorPoolStrategy(size=min(self.num_actors, n_batches),
-                                               max_tasks_in_flight_per_actor=1),
-            batch_size=batch_size,
-            batch_format="pandas",
-            num_cpus=ev.num_cpus_per_actor,
+        engine = ray.remote(_ScoringActor).options(
+            num_cpus=engine_cpus(ev.num_cpus_per_actor, self.num_actors,
+                                 ray.cluster_resources().get("CPU", 0.0)),
             num_gpus=ev.num_gpus_per_actor or None,
             memory=actor_memory_bytes(self.cfg, self.num_actors),
-            max_restarts=-1,
-            max_task_retries=ev.max_task_retries,
-        )
+            max_restarts=-1, max_task_retries=ev.max_task_retries)
+        while len(self._engines) < wanted:
+            self._engines.append(engine.remote(
+                target_config=self.cfg.target, shared=self._shared,
+                max_new_tokens=self.cfg.target.max_new_tokens,
+                crash_once=os.environ.get(FAULT_ENV), kill_driver=faults.armed_pid("score"),
+                cpu_threads=max(1, int(ev.num_cpus_per_actor))))
+
+    def _pipeline(self, ds, n_batches: int, batch_size: int):
+        # Every block's task at once: each engine runs the equal blocks dealt to it one
+        # after another. (Under Ray Data's own actor pool a block could queue behind
+        # another on a busy actor while a free one idled: with its default of 2 tasks in
+        # flight per actor the test-shaped job of benchmarks/eval_throughput.py took
+        # 66.8 s, with 1 57.9 s.)
+        return ds.map_batches(_forward, fn_kwargs={"engines": self._engines},
+                              batch_size=batch_size, batch_format="pandas", num_cpus=0,
+                              concurrency=n_batches,
+                              max_retries=self.cfg.evaluation.max_task_retries)
+
+    def close(self) -> None:
+        """Stop the engines (the run loop does at the end of each stage)."""
+        import ray
+
+        for engine in self._engines:
+            ray.kill(engine)
+        self._engines = []
 
 
 def init_ray(cfg: Config) -> None:
@@ -260,20 +320,17 @@ def init_ray(cfg: Config) -> None:
 
 
 def score_pairs(cfg: Config, task: Task, splits, pairs: pd.DataFrame,
-                make: Optional[Callable[..., PairScorer]] = None,
                 label: str = "scoring") -> tuple[pd.DataFrame, dict]:
-    """Score pairs on the target with a fresh scorer from `make` (default: the Ray Data
-    pipeline of `make_scorer`); returns (scored, usage). `label` names the phase on the
-    console's progress line."""
+    """One scoring call on engines started for it and stopped after it (scripts that
+    score once); returns (scored, usage). A run's stages share engines through their
+    RunContext instead."""
     init_ray(cfg)
-    scorer = (make(cfg, task, splits.demo_pool) if make is not None
-              else make_scorer(cfg, task, splits.demo_pool, label=label))
+    scorer = make_scorer(cfg, task, splits.demo_pool, label=label)
     try:
         scored = scorer.score(pairs)
-        usage = scorer.usage.as_dict()
+        return scored, scorer.usage.as_dict()
     finally:
         scorer.close()
-    return scored, usage
 
 
 def make_scorer(cfg: Config, task: Task, demo_pool: Sequence[Example],

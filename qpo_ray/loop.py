@@ -23,11 +23,12 @@ the jobs/ scripts.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from qpo_ray import faults
 from qpo_ray.config import Config
@@ -142,7 +143,14 @@ def run_qpo(cfg: Optional[Config], resume_dir: Optional[str] = None,
             if not run.is_done(name):
                 print(f"[qpo] stage {name} ...", flush=True)
                 start = time.perf_counter()
-                outputs = module.run(ctx, stage).to_dict()
+                try:
+                    outputs = module.run(ctx, stage).to_dict()
+                finally:
+                    # Training comes next (or the run ends): it needs the CPUs/GPUs the
+                    # target engines hold. A stage's own calls shared them.
+                    if calls := ctx.release_engines():
+                        print(f"[qpo] {name}: target engines stopped (started once, "
+                              f"{calls} scoring call{'s' if calls > 1 else ''})", flush=True)
                 outputs["wall_s"] = round(time.perf_counter() - start, 1)
                 run.mark_done(name, outputs)
                 print(f"[qpo] stage {name} done in {outputs['wall_s']:.0f} s", flush=True)
@@ -169,9 +177,20 @@ def run_qpo(cfg: Optional[Config], resume_dir: Optional[str] = None,
 
 # -- one stage's work alone (qpo dataset build / augment / evaluate, jobs/) ---------------
 
+@contextlib.contextmanager
+def _one_stage(cfg: Config, run: Optional[RunDir] = None) -> Iterator[RunContext]:
+    """A context for one stage's work whose target engines stop when it is done."""
+    ctx = RunContext(cfg, run)
+    try:
+        yield ctx
+    finally:
+        ctx.release_engines()
+
+
 def build_initial_dataset(cfg: Config, out_path: Optional[str | Path] = None) -> Path:
     """Step 0 into `out_path` (default <workdir>/dataset_loop0.parquet)."""
-    return step0.build_initial_dataset(RunContext(cfg), out_path)
+    with _one_stage(cfg) as ctx:
+        return step0.build_initial_dataset(ctx, out_path)
 
 
 def filter_initial(cfg: Config, step0_path: Path, out_path: Path) -> dict[str, Any]:
@@ -183,15 +202,16 @@ def augment_round(cfg: Config, policy_dir: str | Path, dataset_path: str | Path,
                   round_index: int, out_path: str | Path,
                   seed: Optional[int] = None) -> Path:
     """One augmentation round (qpo_ray.stages.augment.augment_round)."""
-    return augment.augment_round(RunContext(cfg), policy_dir, dataset_path, round_index,
-                                 out_path, seed=seed)
+    with _one_stage(cfg) as ctx:
+        return augment.augment_round(ctx, policy_dir, dataset_path, round_index, out_path,
+                                     seed=seed)
 
 
 def evaluate(cfg: Config, run_dir: Optional[str] = None,
              policy_dir: Optional[str] = None) -> str:
     """The test phase of a run directory, or of the policy in `policy_dir`."""
-    return test.evaluate(RunContext(cfg, RunDir(run_dir) if run_dir else None),
-                         policy_dir=policy_dir)
+    with _one_stage(cfg, RunDir(run_dir) if run_dir else None) as ctx:
+        return test.evaluate(ctx, policy_dir=policy_dir)
 
 
 def evaluate_tracked(cfg: Config, run_dir: Optional[str] = None,
@@ -204,5 +224,6 @@ def evaluate_tracked(cfg: Config, run_dir: Optional[str] = None,
     base = Path(run_dir) if run_dir else Path(cfg.workdir)
     send_library_logs_to(base)
     run = RunDir(run_dir) if run_dir else None
-    report = test.evaluate(RunContext(cfg, run), policy_dir=policy_dir, add=add)
+    with _one_stage(cfg, run) as ctx:
+        report = test.evaluate(ctx, policy_dir=policy_dir, add=add)
     return report, test.log_evaluation(Tracker(cfg, base), report_dir(cfg, run))

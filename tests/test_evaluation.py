@@ -1,6 +1,7 @@
 """The Ray Data scoring pipeline on a real local Ray cluster with real engines: the
-transformers backend and the vLLM CPU backend (both inside Ray Data actors) agree with
-in-process scoring; a killed actor loses and duplicates nothing; bad settings fail first."""
+transformers backend and the vLLM CPU backend (both in engine actors) agree with
+in-process scoring; engines start once per scorer; a killed actor loses and duplicates
+nothing; bad settings fail first."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 from qpo_ray.backends import create_backend
 from qpo_ray.config import Config, ConfigError, EvaluationConfig, TargetConfig
 from qpo_ray.data.schema import SCORE_COLUMNS
-from qpo_ray.evaluation import FAULT_ENV, RayDataScorer, batch_pairs, make_scorer
+from qpo_ray.evaluation import (FAULT_ENV, RayDataScorer, batch_pairs, engine_cpus,
+                                 make_scorer)
 from qpo_ray.scoring import LocalScorer
 
 COMPARED = ["pair_id", "prediction", "correct", "answer_num_tokens", "prompt_tokens",
@@ -78,6 +80,34 @@ def test_pipeline_with_vllm_cpu_actor_matches_transformers(
     assert scorer.usage.calls == len(tweet_pairs)
 
 
+def test_engines_start_once_and_serve_every_call_until_closed(
+        ray_cluster, tweet_emotion_task, tweet_pairs, tiny_model_dir, local_scores, capsys):
+    """A stage's calls share the scorer's engines (the test phase: dev pairs, then test
+    pairs): the second call starts none and pays no engine start, and says so; close
+    stops them. Two 1-CPU engines on this 2-CPU cluster would hold every CPU, where Ray
+    Data hangs (ray-project/ray#44687): that both calls finish is part of the test."""
+    import pandas as pd
+    import ray
+
+    from qpo_ray.backends.base import Usage
+
+    scorer = RayDataScorer(make_cfg(tiny_model_dir), tweet_emotion_task, demo_pool=[])
+    first = scorer.score(tweet_pairs.iloc[:10])
+    engines, after_first = list(scorer._engines), Usage().add(scorer.usage)
+    assert len(engines) == 2 and after_first.engine_start_seconds > 0
+    capsys.readouterr()
+    second = scorer.score(tweet_pairs.iloc[10:])
+    assert scorer._engines == engines
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"\[qpo\] scoring: (\d+)/\1 pairs, engines 2 reused, .*", last), last
+    second_call = scorer.usage.minus(after_first)
+    assert second_call.engine_start_seconds == 0 and second_call.calls == len(tweet_pairs) - 10
+    assert_same_scores(pd.concat([first, second]), local_scores)
+    scorer.close()
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(engines[0].score.remote(tweet_pairs.iloc[:1]), timeout=60)
+
+
 def test_killed_actor_is_replaced_and_its_batch_retried(
         ray_cluster, tweet_emotion_task, tweet_pairs, tiny_model_dir, local_scores,
         tmp_path, monkeypatch):
@@ -108,6 +138,17 @@ def test_in_process_scorer_is_local(tweet_emotion_task, tiny_model_dir):
                          distributed=False)
     assert isinstance(scorer, LocalScorer)
     scorer.close()
+
+
+@pytest.mark.parametrize("per_engine,engines,cluster,reserved", [
+    (1, 2, 2, 0.5),   # 2 cores, 2 engines: one CPU left free for Ray Data's tasks
+    (1, 1, 2, 1.0),   # a CPU is free anyway
+    (1, 4, 16, 1.0),  # a GPU node: plenty free
+    (2, 2, 4, 1.5),
+    (1, 1, 1, 0.0),   # a 1-CPU cluster: the engine holds none
+])
+def test_engines_leave_ray_data_a_cpu(per_engine, engines, cluster, reserved):
+    assert engine_cpus(per_engine, engines, cluster) == pytest.approx(reserved)
 
 
 @pytest.mark.parametrize("num_pairs,max_pairs,actors", [

@@ -123,6 +123,12 @@ def test_console_shows_progress_per_stage_and_keeps_ray_logs_in_the_run_dir(fini
     # The target's dtype and the training precision (results differ between dtypes).
     assert "[qpo] target smollm2-135m-instruct on transformers in float32\n" in stdout
     assert "[qpo] policy training in float32\n" in stdout  # the profile's default: no
+    # Target engines start once per scoring stage and stop when it ends (training or the
+    # end of the run comes next); the test phase's dev and test calls share them.
+    assert "[qpo] step0: target engines stopped (started once, 1 scoring call)\n" in stdout
+    assert "[qpo] augment_1: target engines stopped (started once, 1 scoring call)\n" in stdout
+    assert "[qpo] test: target engines stopped (started once, 2 scoring calls)\n" in stdout
+    assert not re.search(r"^\[qpo\] train_\d: target engines", stdout, re.M)
     # Ray's own progress blocks and logs are in the run directory, not on the console.
     assert "logging_progress" not in stderr + stdout
     library_log = (workdir / "logs" / "libraries.log").read_text()

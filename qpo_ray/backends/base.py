@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Iterator, Sequence
 
 
@@ -52,6 +52,10 @@ class Usage:
             self.engine_start_seconds + other.engine_start_seconds,
             self.cached_prompt_tokens + other.cached_prompt_tokens,
         )
+
+    def minus(self, earlier: "Usage") -> "Usage":
+        """What was spent since `earlier` (a copy taken then, e.g. `Usage().add(u)`)."""
+        return Usage(*(getattr(self, f.name) - getattr(earlier, f.name) for f in fields(self)))
 
     def as_dict(self) -> dict[str, float]:
         return {
