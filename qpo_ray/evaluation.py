@@ -221,10 +221,11 @@ class RayDataScorer(PairScorer):
             # one block per batch, dealt to the engines in turn: equal blocks, a multiple
             # of the engines, so each engine gets the same share of the call
             blocks = [frame.iloc[i:i + size] for i in range(0, len(frame), size)]
+            reused = min(len(self._engines), len(blocks))
             self._start_engines(min(self.num_actors, len(blocks)))
             blocks = [b.assign(**{_ENGINE: k % len(self._engines)}) for k, b in enumerate(blocks)]
             ds = self._pipeline(ray.data.from_pandas(blocks), len(blocks), size)
-        out = self._collect(ds, len(frame)).sort_values(_ROW)
+        out = self._collect(ds, len(frame), reused).sort_values(_ROW)
         rows = out[_ROW].to_numpy()
         if len(rows) != len(frame) or not (rows == np.arange(len(frame))).all():
             raise RuntimeError(f"evaluation returned {len(out)} rows for {len(frame)} pairs "
@@ -247,8 +248,9 @@ class RayDataScorer(PairScorer):
         scored["label_logprobs"] = [[float(v) for v in cell] for cell in scored["label_logprobs"]]
         return scored
 
-    def _collect(self, ds, total: int) -> pd.DataFrame:
-        """The pipeline's output, block by block as actors finish them (progress)."""
+    def _collect(self, ds, total: int, reused: int) -> pd.DataFrame:
+        """The pipeline's output, block by block as engines finish them (progress;
+        `reused`: engines an earlier call started)."""
         from qpo_ray.progress import Progress
 
         progress = Progress(self.label, total, "pairs")
@@ -259,16 +261,11 @@ class RayDataScorer(PairScorer):
             # Each engine reports its start once, on its first batch: the run log says
             # which pass paid for it and which reused engines a pass before started.
             starts += [s for s in part[_START_COLUMN] if s > 0]
-            note = self._engine_note(starts)
-            progress.update(done, **({"engines": note} if note else {}))
+            notes = [f"{len(starts)} started in <= {max(starts):.0f} s"] if starts else []
+            notes += [f"{reused} reused"] if reused else []
+            progress.update(done, **({"engines": ", ".join(notes)} if notes else {}))
         progress.close()
         return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-
-    def _engine_note(self, starts: list[float]) -> str:
-        reused = len(self._engines) - len(starts)
-        parts = [f"{len(starts)} started in <= {max(starts):.0f} s"] if starts else []
-        parts += [f"{reused} reused"] if reused > 0 else []
-        return ", ".join(parts)
 
     def _start_engines(self, wanted: int) -> None:
         """Up to `wanted` engine actors (never fewer than already running). A call with
@@ -290,14 +287,16 @@ class RayDataScorer(PairScorer):
                 cpu_threads=max(1, int(ev.num_cpus_per_actor))))
 
     def _pipeline(self, ds, n_batches: int, batch_size: int):
-        # Every block's task at once: each engine runs the equal blocks dealt to it one
-        # after another. (Under Ray Data's own actor pool a block could queue behind
-        # another on a busy actor while a free one idled: with its default of 2 tasks in
-        # flight per actor the test-shaped job of benchmarks/eval_throughput.py took
-        # 66.8 s, with 1 57.9 s.)
+        # One block in flight per engine: the blocks are equal and dealt in turn, so the
+        # next block in line is usually the just-freed engine's. (A second block queued
+        # behind a busy engine while a free one idled: under Ray Data's own actor pool,
+        # with 2 in flight per actor, the test-shaped job of benchmarks/eval_throughput.py
+        # took 66.8 s, with 1 57.9 s.) Every task at once cost more: each is a Ray worker
+        # process to start on the engines' cores (vLLM Step-0 job, 35 x 64: 190 s against
+        # 159 s).
         return ds.map_batches(_forward, fn_kwargs={"engines": self._engines},
                               batch_size=batch_size, batch_format="pandas", num_cpus=0,
-                              concurrency=n_batches,
+                              concurrency=min(n_batches, len(self._engines)),
                               max_retries=self.cfg.evaluation.max_task_retries)
 
     def close(self) -> None:
