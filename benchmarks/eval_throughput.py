@@ -61,18 +61,21 @@ x1.43 (x1.78), 538/560, 58.8 vs 58.0%; the best prompt the same. Against float32
 reuse (the path of the day issue #12 was filed): vLLM 84.2 -> 41.7 s (x2.02),
 transformers 76.5 -> 28.9 s (x2.65). In bf16 the engines reach 58-70% of the bf16 bound
 (74-85% of fp32's in fp32). At the issue's size, `--backend vllm --queries 64
---test-queries 256 --dtypes float32 bfloat16` (1,006 s; probe 81.7 / 182.3 GFLOP/s per
-engine in fp32 / bf16):
+--test-queries 256 --dtypes float32 bfloat16`, with the engines the scorer owns (998 s;
+probe 63.3 / 188.7 GFLOP/s per engine in fp32 / bf16: that fp32 reading was low, the
+same probe gave 81.7-85.6 on other runs, so the fp32 shares read over 100%):
 
 | job | float32, no reuse | float32 | bfloat16, no reuse | bfloat16 |
 |---|---|---|---|---|
-| step0 35x64 | 263.6 s, 92% | 158.6 s, 96%, x1.66 | 157.4 s, 76% | 99.7 s, 79%, x2.64 |
-| test 256x3 | 109.0 s, 95% | 72.4 s, 94%, x1.51 | 72.6 s, 74% | 51.1 s, 77%, x2.13 |
+| step0 35x64 | 267.8 s | 176.9 s, x1.51 | 150.2 s, 76% | 98.8 s, 81%, x2.71 |
+| test 256x3 | 102.5 s | 67.7 s, x1.51 | 57.4 s, 79% | 44.5 s, 74%, x2.30 |
 
 (wall time with the engine start, share of the dtype's own bound, speed-up over float32
-without reuse). Within each dtype reuse is exact (2,240/2,240 and 752/752 same
-predictions, 0.0 difference); bf16 against float32: same prediction on 2,138/2,240 and
-715/752 pairs, Step-0 accuracy 57.5% in float32 and 56.7% in bf16, its best prompt
+without reuse; the float32 current Step-0 job drew a 32 s engine start, the others 11-18
+s). Under Ray Data's own actor pool the day before: 263.6 / 158.6 / 157.4 / 99.7 s and
+109.0 / 72.4 / 72.6 / 51.1 s. Within each dtype reuse is exact (2,240/2,240 and 752/752
+same predictions, 0.0 difference); bf16 against float32: same prediction on 2,138/2,240
+and 715/752 pairs, Step-0 accuracy 57.5% in float32 and 56.7% in bf16, its best prompt
 the same.
 
 With `--reference-pairs N` it also first runs the first N Step-0 pairs the reference
