@@ -292,8 +292,8 @@ class RayDataScorer(PairScorer):
         # behind a busy engine while a free one idled: under Ray Data's own actor pool,
         # with 2 in flight per actor, the test-shaped job of benchmarks/eval_throughput.py
         # took 66.8 s, with 1 57.9 s.) Every task at once cost more: each is a Ray worker
-        # process to start on the engines' cores (vLLM Step-0 job, 35 x 64: 190 s against
-        # 159 s).
+        # process to start on the engines' cores (the float32 vLLM Step-0 job at 35 x 64
+        # took 190 s that way, 159-177 s otherwise).
         import ray.data
 
         return ds.map_batches(_forward, fn_kwargs={"engines": self._engines},
