@@ -71,9 +71,9 @@ same probe gave 81.7-85.6 on other runs, so the fp32 shares read over 100%):
 | test 256x3 | 102.5 s | 67.7 s, x1.51 | 57.4 s, 79% | 44.5 s, 74%, x2.30 |
 
 (wall time with the engine start, share of the dtype's own bound, speed-up over float32
-without reuse; the float32 current Step-0 job drew a 32 s engine start, the others 11-18
-s). Under Ray Data's own actor pool the day before: 263.6 / 158.6 / 157.4 / 99.7 s and
-109.0 / 72.4 / 72.6 / 51.1 s. Within each dtype reuse is exact (2,240/2,240 and 752/752
+without reuse; engine starts 11-23 s, 32 s for the float32 current Step-0 job). Under
+Ray Data's own actor pool the day before: 263.6 / 158.6 / 157.4 / 99.7 s and 109.0 /
+72.4 / 72.6 / 51.1 s. Within each dtype reuse is exact (2,240/2,240 and 752/752
 same predictions, 0.0 difference); bf16 against float32: same prediction on 2,138/2,240
 and 715/752 pairs, Step-0 accuracy 57.5% in float32 and 56.7% in bf16, its best prompt
 the same.
