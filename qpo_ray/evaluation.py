@@ -6,7 +6,7 @@ The engines are Ray actors the scorer owns, not Ray Data's own per-execution poo
 they start once per scorer: every call a stage makes (the test phase scores its dev
 pairs, then its test pairs; a wide Step 0 scores twice) reuses them, and the run loop
 releases them when the stage ends, since training comes next and needs the CPUs/GPUs.
-A vLLM-CPU engine takes 14-21 s to start, and each call used to pay it again.
+A vLLM-CPU engine takes 11-23 s to start here, and each call used to pay it again.
 
 Ray Data 2.60 launches none of its tasks, not even 0-CPU ones, while actors outside it
 hold every CPU of the cluster (ray-project/ray#44687: the pipeline hangs). Its tasks
@@ -87,7 +87,7 @@ class _ScoringActor:
                 fh.write(str(os.getpid()))
             os._exit(1)
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+    def score(self, batch: pd.DataFrame) -> pd.DataFrame:
         self._maybe_crash(batch)
         before = Usage().add(self.backend.usage)
         scored = score_batch(self.task, self.backend, batch, self.demo_lookup,
@@ -102,9 +102,6 @@ class _ScoringActor:
             scored[column] = ([value] + [0.0] * (len(scored) - 1)) if len(scored) else []
         faults.kill(self.kill_driver)  # scored, never received
         return scored
-
-    def score(self, batch: pd.DataFrame) -> pd.DataFrame:
-        return self(batch)
 
 
 def _forward(batch: pd.DataFrame, engines: list) -> pd.DataFrame:
@@ -272,6 +269,8 @@ class RayDataScorer(PairScorer):
         fewer blocks than `evaluation.num_actors` starts no engine it would leave idle."""
         import ray
 
+        if len(self._engines) >= wanted:  # a later call of the stage: nothing to start
+            return
         ev = self.cfg.evaluation
         engine = ray.remote(_ScoringActor).options(
             num_cpus=engine_cpus(ev.num_cpus_per_actor, self.num_actors,

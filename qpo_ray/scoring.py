@@ -115,6 +115,8 @@ class PairScorer(ABC):
     """Scores pairs: every input row exactly once, in the input order."""
 
     usage: Usage
+    # names the scoring pass on the console's progress line (scorers that show one)
+    label: str = "scoring"
 
     @abstractmethod
     def score(self, pairs_df: pd.DataFrame) -> pd.DataFrame:
