@@ -61,6 +61,9 @@ class Config:
              "test.rank_low_reward must be in [0, loop.target_reward)"),
             (self.test.decoding != "dev" or self.task.dev_queries > 0,
              "test.decoding: 'dev' needs a dev split (task.dev_queries > 0)"),
+            (self.training.summary_epochs == 0 or self.policy.query_summary_layers > 0,
+             "training.summary_epochs > 0 needs a query summary "
+             "(policy.query_summary_layers > 0)"),
         ])
 
     def tracking_uri(self) -> str:

@@ -201,10 +201,22 @@ class PolicyConfig:
     reward_loss_weight: float = 0.1
     # "qpo" = reward-conditioned; "sft" = ablation: best prompt per query, no reward.
     mode: Literal["qpo", "sft"] = "qpo"
+    # Query summary (qpo_ray/policy/summary.py): the query read by the backbone's first N
+    # pretrained layers (frozen; N may exceed backbone_num_layers), mean-pooled, reduced
+    # to `query_summary_dims` whitened principal components, and mapped by a small
+    # trained linear adapter into the [R | q] inputs. 0 = off (the paper's policy).
+    query_summary_layers: int = 0
+    query_summary_dims: int = 16
 
     def validate(self) -> None:
-        require_all([(self.max_query_tokens >= 1 and self.max_prompt_tokens >= 2,
-                   "policy.max_query_tokens / policy.max_prompt_tokens too small")])
+        require_all([
+            (self.max_query_tokens >= 1 and self.max_prompt_tokens >= 2,
+             "policy.max_query_tokens / policy.max_prompt_tokens too small"),
+            (self.query_summary_layers >= 0,
+             f"policy.query_summary_layers must be >= 0, got {self.query_summary_layers}"),
+            (self.query_summary_dims >= 1,
+             f"policy.query_summary_dims must be >= 1, got {self.query_summary_dims}"),
+        ])
 
 
 @dataclass
@@ -231,6 +243,12 @@ class TrainingConfig:
     lr_step_gamma: float = 0.65
     # Cap on optimizer steps per loop (None = no cap): sizes the CPU demo.
     max_steps_per_loop: Optional[int] = None
+    # After each loop's training, train only the query summary's adapter (and the reward
+    # and segment embeddings; the backbone frozen) for this many epochs on each query's
+    # `summary_top_k` best-reward rows (0 = off; needs policy.query_summary_layers).
+    summary_epochs: int = 0
+    summary_lr: float = 1e-3
+    summary_top_k: int = 1
 
     def validate(self) -> None:
         require_all([
@@ -255,6 +273,11 @@ class TrainingConfig:
              f"training.epochs_first_loop must be >= 1, got {self.epochs_first_loop}"),
             (self.epochs_later_loops >= 1,
              f"training.epochs_later_loops must be >= 1, got {self.epochs_later_loops}"),
+            (self.summary_epochs >= 0,
+             f"training.summary_epochs must be >= 0, got {self.summary_epochs}"),
+            (self.summary_lr > 0, f"training.summary_lr must be > 0, got {self.summary_lr}"),
+            (self.summary_top_k >= 1,
+             f"training.summary_top_k must be >= 1, got {self.summary_top_k}"),
         ])
 
 

@@ -25,12 +25,18 @@ How the shipped profiles run:
   (32 per worker); `workdir` must be on storage every node sees (the init checkpoint and
   Ray Train's `storage_path` live there).
 
+With a query summary (`policy.query_summary_layers`), `train_policy(part="summary")`
+then trains only its adapter (the backbone frozen; DDP whatever the strategy, for a few
+thousand weights ZeRO buys nothing) on each query's best-reward rows; in the main part
+the adapter stays as it is (qpo_ray.policy.summary says why).
+
 Outputs under `out_dir`: ``policy/`` (the checkpoint `QPOPolicy.load` reads),
 ``metrics.json`` (per-epoch metrics) and ``ray_train/`` (Ray Train's run storage).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -44,10 +50,11 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from qpo_ray import faults
 from qpo_ray.atomic import atomic_dir, write_text_atomic
-from qpo_ray.config import Config, TrainingConfig, config_from_dict
+from qpo_ray.config import Config, ConfigError, TrainingConfig, config_from_dict
 from qpo_ray.device import autocast_dtype, configure_cpu_threads, get_device, move
 from qpo_ray.optim import EngineBase
 from qpo_ray.policy import QPOPolicy, as_batch, encode_rows, training_rows
+from qpo_ray.policy.batching import best_rows, encode_queries
 
 METRIC_KEYS = ("loss", "prompt_loss", "reward_loss", "reward_mae")
 METRICS_FILE = "metrics.json"
@@ -193,8 +200,10 @@ def _train_worker(config: dict[str, Any]) -> None:
         configure_cpu_threads(tcfg.num_cpus_per_worker)
     device = get_device(prefer_gpu=tcfg.use_gpu)
     policy = initial_policy(cfg, config["init_checkpoint"], device)
-    per_worker = max(1, tcfg.batch_size_global // world)
     rows = ray.get(config["rows"])
+    if config["part"] == "summary" or policy.query_summary is not None:
+        _prepare_summary(policy, rows, config["part"])
+    per_worker = max(1, tcfg.batch_size_global // world)
     loader, sampler = build_loader(policy, rows, per_worker, rank, world, cfg.seed)
 
     if tcfg.strategy == "deepspeed":
@@ -243,6 +252,22 @@ def _train_worker(config: dict[str, Any]) -> None:
         break
 
 
+def _prepare_summary(policy: QPOPolicy, rows: dict[str, list], part: str) -> None:
+    """Main part: the adapter is left as it is. Summary part: the projection is fitted
+    on the rows' distinct queries the first time (the same on every rank), then all
+    but the adapter and the input/reward parts are frozen."""
+    if part != "summary":
+        policy.query_summary.adapter.requires_grad_(False)
+        return
+    if policy.query_summary is None:
+        policy.train_only_summary()  # raises: nothing to train
+    if not bool(policy.query_summary.fitted):
+        queries = list(dict.fromkeys(rows["query"]))
+        ids, mask = encode_queries(policy.tokenizer, queries, policy.config.max_query_tokens)
+        policy.query_summary.fit(ids.to(policy.device), mask.to(policy.device))
+    policy.train_only_summary()
+
+
 def _progress_reporter(path: str | None, steps_per_run: int, max_steps: int | None,
                        world: int) -> Callable[[int, int, torch.Tensor], None] | None:
     """Rank 0's step callback: the run's steps, loss and samples/s (this rank's samples
@@ -273,25 +298,49 @@ def _progress_reporter(path: str | None, steps_per_run: int, max_steps: int | No
 
 
 # ----- the driver ------------------------------------------------------------------------
-def read_training_rows(cfg: Config, dataset_path: str) -> dict[str, list]:
+def _check_summary_policy(cfg: Config, init_checkpoint: str | None) -> None:
+    """The summary part needs a policy with a query summary: the checkpoint's own
+    config says (it, not `cfg.policy`, is what the workers load)."""
+    layers = cfg.policy.query_summary_layers
+    if init_checkpoint is not None:
+        meta = Path(init_checkpoint) / "qpo_policy.json"
+        if meta.exists():
+            layers = json.loads(meta.read_text())["policy"].get("query_summary_layers", 0)
+    if not layers:
+        where = f" at {init_checkpoint}" if init_checkpoint else ""
+        raise ConfigError(f"training.summary_epochs: the policy{where} has no query summary "
+                          "(policy.query_summary_layers: 0)")
+
+
+def read_training_rows(cfg: Config, dataset_path: str, part: str = "policy") -> dict[str, list]:
     from qpo_ray.data.io import read_dataset
 
     frame, _scale = read_dataset(dataset_path, required=("query", "prompt", "reward"))
     rows = training_rows(frame, cfg.policy.mode, source=str(dataset_path))
+    if part == "summary":
+        rows = best_rows(rows, cfg.training.summary_top_k)
     return {"query": rows["query"].tolist(), "prompt": rows["prompt"].tolist(),
             "reward": rows["reward"].tolist()}
 
 
 def train_policy(cfg: Config, dataset_path: str, out_dir: str, loop_index: int,
-                 init_checkpoint: str | None = None) -> TrainResult:
-    """Train the policy on `dataset_path` (continuing from `init_checkpoint` if given)."""
+                 init_checkpoint: str | None = None, part: str = "policy") -> TrainResult:
+    """Train the policy on `dataset_path` (continuing from `init_checkpoint` if given);
+    `part="summary"`: only its query summary's adapter (module docstring)."""
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     check_training_config(cfg)
+    if part not in ("policy", "summary"):
+        raise ValueError(f"train_policy: part must be 'policy' or 'summary', got {part!r}")
     lr, epochs = schedule_for_loop(cfg.training, loop_index)
-    rows = read_training_rows(cfg, dataset_path)
+    if part == "summary":
+        _check_summary_policy(cfg, init_checkpoint)
+        lr, epochs = cfg.training.summary_lr, cfg.training.summary_epochs
+        cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training,
+                                                                      strategy="ddp"))
+    rows = read_training_rows(cfg, dataset_path, part)
     if init_checkpoint is not None and not (Path(init_checkpoint) / "qpo_policy.json").exists():
         raise FileNotFoundError(f"init_checkpoint {init_checkpoint}: not a policy directory")
     out = Path(out_dir).resolve()
@@ -301,7 +350,7 @@ def train_policy(cfg: Config, dataset_path: str, out_dir: str, loop_index: int,
     connect_ray(cfg.ray_address)  # loopback only when it starts a single-machine Ray
 
     tcfg = cfg.training
-    run_name = f"train_loop{loop_index}"
+    run_name = f"train_loop{loop_index}" + ("_summary" if part == "summary" else "")
     storage = out / "ray_train"
     # A stale run of the same name would be picked up as if resuming it.
     shutil.rmtree(storage / run_name, ignore_errors=True)
@@ -313,7 +362,7 @@ def train_policy(cfg: Config, dataset_path: str, out_dir: str, loop_index: int,
             "cfg": cfg.to_dict(), "rows": ray.put(rows), "lr": lr, "epochs": epochs,
             "init_checkpoint": str(Path(init_checkpoint).resolve()) if init_checkpoint else None,
             "kill_driver": faults.armed_pid("train"),
-            "progress_file": str(progress_file),
+            "progress_file": str(progress_file), "part": part,
         },
         scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
                                      resources_per_worker=resources),
@@ -327,7 +376,8 @@ def train_policy(cfg: Config, dataset_path: str, out_dir: str, loop_index: int,
 
     # The worker writes its steps to progress_file (a file every node of a cluster sees,
     # like the rest of workdir); the driver shows them while fit() blocks.
-    with follow_progress_file(progress_file, f"train_{loop_index}", "steps"):
+    label = f"train_{loop_index}" + (" summary" if part == "summary" else "")
+    with follow_progress_file(progress_file, label, "steps"):
         result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {storage / run_name} reported no checkpoint")

@@ -77,6 +77,9 @@ def test_int_is_accepted_where_a_float_is_expected():
         ("target.batch_size=0", "target.batch_size"),
         ("dataset.wide_prompts=8", "dataset.wide_queries go together"),
         ("dataset.wide_queries=-1", "dataset.wide_prompts / dataset.wide_queries"),
+        ("policy.query_summary_dims=0", "policy.query_summary_dims"),
+        ("training.summary_top_k=0", "training.summary_top_k"),
+        ("training.summary_epochs=2", "training.summary_epochs > 0 needs a query summary"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(override, fragment):

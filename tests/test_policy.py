@@ -13,7 +13,7 @@ import torch
 
 from qpo_ray.config import PolicyConfig, TrainingConfig
 from qpo_ray.policy import QPOPolicy, as_batch, embed_queries, encode_rows, generate_prompts
-from qpo_ray.policy.batching import training_rows
+from qpo_ray.policy.batching import best_rows, encode_queries, training_rows
 from qpo_ray.policy.generation import generate_token_ids
 from qpo_ray.training import TorchEngine, build_loader, run_epoch
 
@@ -344,3 +344,57 @@ def test_ranking_prefers_the_prompt_the_policy_ties_to_high_reward(toy_policy):
     with pytest.raises(ValueError, match="same, non-zero number"):
         candidate_logprobs(toy_policy, TOY_QUERIES[:2], [[PROMPT_LOW], [PROMPT_LOW, PROMPT_HIGH]],
                            100.0)
+
+
+def test_best_rows_keep_each_querys_top_k_in_the_datasets_order():
+    rows = pd.DataFrame({"query": ["a", "b", "a", "a", "b"], "prompt": list("pqrst"),
+                         "reward": [50.0, 90.0, 80.0, 80.0, 10.0]})
+    assert best_rows(rows, 1)["prompt"].tolist() == ["q", "r"]  # tie at 80: r comes first
+    assert best_rows(rows, 2)["prompt"].tolist() == ["q", "r", "s", "t"]
+
+
+def test_query_summary_adds_nothing_until_fitted_and_survives_a_reload(policy_cfg, tmp_path):
+    import dataclasses
+
+    from qpo_ray.policy.ranking import candidate_logprobs
+
+    cfg = dataclasses.replace(policy_cfg, query_summary_layers=2, query_summary_dims=3)
+    torch.manual_seed(0)
+    plain = QPOPolicy.from_backbone(policy_cfg).eval()
+    summed = QPOPolicy.from_backbone(cfg).eval()
+    summed.load_state_dict(plain.state_dict(), strict=False)  # the same policy + a summary
+    queries = ["a gorgeous, witty film", "dull and lifeless", "the best movie of the year",
+               "a waste of two hours", "I loved every minute", "boring plot, bad acting"]
+    cands = [["Is it positive or negative?", "Label: positive | negative."]] * len(queries)
+    before = candidate_logprobs(plain, queries, cands, 100.0)
+    np.testing.assert_allclose(candidate_logprobs(summed, queries, cands, 100.0), before)
+
+    ids, mask = encode_queries(summed.tokenizer, queries, Q_TOKENS)
+    summed.query_summary.fit(ids, mask)
+    # Fitted but with the adapter still zero: nothing moves; a trained adapter steers.
+    np.testing.assert_allclose(candidate_logprobs(summed, queries, cands, 100.0), before,
+                               atol=1e-5)
+    z = (summed.query_summary.read(ids, mask) - summed.query_summary.mean) @ \
+        summed.query_summary.proj
+    # Whitened components: zero mean, unit variance over the queries it was fitted on.
+    np.testing.assert_allclose(z.mean(0).numpy(), 0.0, atol=1e-4)
+    np.testing.assert_allclose(z.std(0).numpy(), 1.0, atol=1e-3)
+    with torch.no_grad():
+        summed.query_summary.adapter.weight.normal_(std=0.5)
+    steered = candidate_logprobs(summed, queries, cands, 100.0)
+    assert np.abs(steered - before).max() > 0.1
+
+    summed.train_only_summary()
+    trainable = {n for n, p in summed.named_parameters() if p.requires_grad}
+    assert "query_summary.adapter.weight" in trainable and "reward_embed.weight" in trainable
+    assert not any(n.startswith("backbone.") for n in trainable)
+    with pytest.raises(ValueError, match="query_summary_layers"):
+        plain.train_only_summary()
+
+    back = QPOPolicy.load(summed.save(tmp_path / "p"))
+    assert back.config.query_summary_layers == 2 and bool(back.query_summary.fitted)
+    np.testing.assert_allclose(candidate_logprobs(back, queries, cands, 100.0), steered,
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="more than policy.query_summary_dims=3"):
+        QPOPolicy.from_backbone(cfg).query_summary.fit(ids[:3], mask[:3])
+

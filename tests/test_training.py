@@ -3,6 +3,8 @@ on rows of the QPO paper's published Tweet Emotion dataset."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import pytest
 
@@ -25,11 +27,11 @@ def paper_dataset(shared_data, tmp_path_factory):
     return write_dataset(sample, tmp_path_factory.mktemp("data") / "tweet_emotion.parquet", scale)
 
 
-def _cfg(tiny_model_dir, **training):
+def _cfg(tiny_model_dir, policy=None, **training):
     return load_config(None, {
         "seed": 0,
         "policy": {"backbone": str(tiny_model_dir), "backbone_num_layers": 1,
-                   "max_query_tokens": 24, "max_prompt_tokens": 32},
+                   "max_query_tokens": 24, "max_prompt_tokens": 32, **(policy or {})},
         "training": {"num_workers": 2, "batch_size_global": 16, "lr_first_loop": 5e-4,
                      **training},
     })
@@ -87,6 +89,37 @@ def test_ddp_on_two_cpu_workers_lowers_the_loss(ray_cluster, tiny_model_dir, pap
     trained = QPOPolicy.load(result.checkpoint_dir)
     assert _mean_loss(trained, paper_dataset) < _mean_loss(initial, paper_dataset) - 0.5
     assert all(isinstance(p, str) for p in generate_prompts(trained, ["so happy today!"]))
+
+
+def test_summary_part_trains_only_the_adapter_on_each_querys_best_row(
+        ray_cluster, tiny_model_dir, paper_dataset, tmp_path):
+    from qpo_ray.data.io import read_dataset
+    from qpo_ray.errors import ConfigError
+
+    cfg = _cfg(tiny_model_dir, policy={"query_summary_layers": 2, "query_summary_dims": 4},
+               strategy="ddp", epochs_first_loop=1, summary_epochs=2, summary_lr=1e-2,
+               batch_size_global=4)
+    main = train_policy(cfg, str(paper_dataset), str(tmp_path / "main"), loop_index=1)
+    summary = train_policy(cfg, str(paper_dataset), str(tmp_path / "summary"), loop_index=1,
+                           init_checkpoint=main.checkpoint_dir, part="summary")
+    before, after = QPOPolicy.load(main.checkpoint_dir), QPOPolicy.load(summary.checkpoint_dir)
+
+    # The main part leaves the summary unfitted and its adapter at zero.
+    assert not bool(before.query_summary.fitted)
+    assert float(before.query_summary.adapter.weight.abs().max()) == 0.0
+    # The summary part fits the projection, trains the adapter, and nothing of the backbone.
+    assert bool(after.query_summary.fitted)
+    assert float(after.query_summary.adapter.weight.abs().max()) > 0.0
+    b, a = before.state_dict(), after.state_dict()
+    assert all(torch.equal(b[k], a[k]) for k in b if k.startswith("backbone."))
+    # One row per query (the best); each of the 2 workers takes half, 2 rows a step.
+    queries = read_dataset(paper_dataset)[0]["query"].nunique()
+    assert [m["steps"] for m in summary.metrics] == [math.ceil(math.ceil(queries / 2) / 2)] * 2
+
+    plain = _cfg(tiny_model_dir)
+    with pytest.raises(ConfigError, match="no query summary"):
+        train_policy(plain, str(paper_dataset), str(tmp_path / "x"), loop_index=1,
+                     part="summary")
 
 
 def test_bf16_autocast_on_cpu_trains_float32_weights(tiny_model_dir, paper_dataset,

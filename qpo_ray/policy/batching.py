@@ -161,3 +161,11 @@ def training_rows(frame: pd.DataFrame, mode: str, source: str = "dataset") -> pd
     elif mode != "qpo":
         raise ConfigError(f"policy.mode: unknown mode {mode!r} (known: qpo, sft)")
     return rows.reset_index(drop=True)
+
+
+def best_rows(rows: pd.DataFrame, top_k: int) -> pd.DataFrame:
+    """Each query's `top_k` highest-reward rows (ties: the dataset's order)."""
+    ranked = rows.assign(_order=range(len(rows))).sort_values(
+        ["reward", "_order"], ascending=[False, True])
+    best = ranked.groupby("query", sort=False).head(top_k)
+    return best.sort_values("_order").drop(columns="_order").reset_index(drop=True)

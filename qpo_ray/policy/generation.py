@@ -41,7 +41,7 @@ def prefix_inputs(policy: QPOPolicy, queries: list[str], target_reward: float):
                                                  policy.config.max_query_tokens), "left")
     q_ids, q_mask = q_ids.to(policy.device), q_mask.to(policy.device)
     reward = torch.full((len(queries),), float(target_reward), device=policy.device)
-    embeds = policy.embed_prefix(reward, q_ids)
+    embeds = policy.embed_prefix(reward, q_ids, q_mask)
     mask = torch.cat([torch.ones_like(q_mask[:, :1]), q_mask], dim=1)
     return embeds, mask, q_mask
 

@@ -9,7 +9,10 @@ Input ``[R | q tokens | p tokens]`` in fixed slots (see `batching`):
   (as in the reference code);
 - `reward_head` reads the hidden state at position 0 and predicts the input reward
   (MSE, training only);
-- loss = NLL(prompt tokens | R, q) + lambda * MSE, lambda = `reward_loss_weight`.
+- loss = NLL(prompt tokens | R, q) + lambda * MSE, lambda = `reward_loss_weight`;
+- optionally a query summary (`policy.query_summary_layers`, qpo_ray.policy.summary)
+  adds one vector, read from the query by frozen pretrained layers, to every `[R | q]`
+  input; `train_only_summary` freezes all but it for the summary phase of training.
 
 The backbone is any Hugging Face causal LM (GPT-2, Llama-style, ...), optionally cut
 to its first `backbone_num_layers` layers. Language-model logits are computed only at
@@ -37,7 +40,8 @@ from qpo_ray.config import PolicyConfig
 from qpo_ray.device import get_device
 from qpo_ray.errors import ConfigError
 from qpo_ray.models import resolve_model
-from qpo_ray.policy.batching import REWARD_SCALE, position_ids_from_mask, trim_padding
+from qpo_ray.policy.batching import REWARD_SCALE, pad_id, position_ids_from_mask, trim_padding
+from qpo_ray.policy.summary import QuerySummary
 
 FORMAT_VERSION = 1
 POLICY_FILE = "qpo_policy.json"
@@ -81,6 +85,9 @@ class QPOPolicy(nn.Module):
         self.segment_embed = nn.Embedding(3, hidden)
         self.embed_ln = nn.LayerNorm(hidden)
         self.reward_head = nn.Linear(hidden, 1)
+        self.query_summary = (QuerySummary(config.backbone, config.query_summary_layers,
+                                           config.query_summary_dims, hidden)
+                              if config.query_summary_layers else None)
 
     # ----- construction, save, load -------------------------------------------------
     @classmethod
@@ -178,12 +185,30 @@ class QPOPolicy(nn.Module):
     def _segment(self, index: int) -> torch.Tensor:
         return self.segment_embed.weight[index]
 
-    def embed_prefix(self, reward: torch.Tensor, query_ids: torch.Tensor) -> torch.Tensor:
-        """(B,) rewards on the 0-100 scale + (B, Q) query ids -> (B, 1+Q, H) input vectors."""
+    def embed_prefix(self, reward: torch.Tensor, query_ids: torch.Tensor,
+                     query_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) rewards on the 0-100 scale + (B, Q) left-padded query ids (and their mask;
+        default: every non-pad token) -> (B, 1+Q, H) input vectors."""
         r = self.reward_embed(self.reward_input(reward).unsqueeze(-1).to(self.reward_embed.weight.dtype))
         r = r.unsqueeze(1) + self._segment(SEG_REWARD)
         q = self.backbone.get_input_embeddings()(query_ids) + self._segment(SEG_QUERY)
-        return self.embed_ln(torch.cat([r, q], dim=1))
+        prefix = self.embed_ln(torch.cat([r, q], dim=1))
+        if self.query_summary is None:
+            return prefix
+        if query_mask is None:
+            query_mask = (query_ids != pad_id(self.tokenizer)).long()
+        return prefix + self.query_summary(query_ids, query_mask).unsqueeze(1).to(prefix.dtype)
+
+    def train_only_summary(self) -> None:
+        """Freeze all but the query summary's adapter and the small input/reward parts
+        the paper's policy adds to its backbone (the summary phase of training)."""
+        if self.query_summary is None:
+            raise ConfigError("training.summary_epochs: the policy has no query summary "
+                              "(policy.query_summary_layers: 0)")
+        self.requires_grad_(False)
+        for part in (self.query_summary.adapter, self.reward_embed, self.segment_embed,
+                     self.embed_ln, self.reward_head):
+            part.requires_grad_(True)
 
     def embed_prompt_tokens(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         p = self.backbone.get_input_embeddings()(prompt_ids) + self._segment(SEG_PROMPT)
@@ -211,7 +236,7 @@ class QPOPolicy(nn.Module):
         q_ids, q_mask = trim_padding(batch["query_ids"], batch["query_mask"], "left")
         p_ids, p_mask = trim_padding(batch["prompt_ids"], batch["prompt_mask"], "right")
         num_q, num_p = q_ids.shape[1], p_ids.shape[1]
-        embeds = torch.cat([self.embed_prefix(batch["reward"], q_ids),
+        embeds = torch.cat([self.embed_prefix(batch["reward"], q_ids, q_mask),
                             self.embed_prompt_tokens(p_ids)], dim=1)
         ones = torch.ones_like(q_mask[:, :1])
         mask = torch.cat([ones, q_mask, p_mask], dim=1)

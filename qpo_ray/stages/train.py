@@ -6,10 +6,12 @@ end of loop t's run."""
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from qpo_ray.atomic import atomic_dir
 from qpo_ray.config import Config
 from qpo_ray.evaluation import init_ray
 from qpo_ray.rundir import read_json
@@ -31,15 +33,29 @@ def train_loop(cfg: Config, loop: int, dataset: str | Path, out_dir: str | Path,
     from qpo_ray.training import METRICS_FILE, train_policy
 
     init_ray(cfg)
+    label = label or f"train_{loop}"
     result = train_policy(cfg, dataset_path=str(dataset), out_dir=str(out_dir),
                           loop_index=loop, init_checkpoint=init_checkpoint)
-    if result.metrics:
-        # How well the policy reproduces its expert prompts (per-token NLL), per epoch.
-        curve = " -> ".join(f"{m['prompt_loss']:.2f}" for m in result.metrics)
-        print(f"[qpo] {label or f'train_{loop}'}: prompt NLL per epoch {curve}; "
-              f"{result.metrics[-1].get('samples_per_s', 0):.1f} samples/s", flush=True)
+    _print_curve(label, result.metrics)
+    if cfg.training.summary_epochs:
+        # The query summary's own phase (qpo_ray.policy.summary), from the policy just
+        # trained; its policy then takes the loop's place, swapped in whole.
+        summary = train_policy(cfg, dataset_path=str(dataset),
+                               out_dir=str(Path(out_dir) / "summary"), loop_index=loop,
+                               init_checkpoint=result.checkpoint_dir, part="summary")
+        _print_curve(f"{label} summary", summary.metrics)
+        with atomic_dir(Path(result.checkpoint_dir)) as tmp:
+            shutil.copytree(summary.checkpoint_dir, tmp, dirs_exist_ok=True)
     return TrainOutputs(checkpoint_dir=str(result.checkpoint_dir),
                         metrics=str(Path(out_dir) / METRICS_FILE))
+
+
+def _print_curve(label: str, metrics: list[dict[str, float]]) -> None:
+    if metrics:
+        # How well the policy reproduces its training prompts (per-token NLL), per epoch.
+        curve = " -> ".join(f"{m['prompt_loss']:.2f}" for m in metrics)
+        print(f"[qpo] {label}: prompt NLL per epoch {curve}; "
+              f"{metrics[-1].get('samples_per_s', 0):.1f} samples/s", flush=True)
 
 
 def run(ctx: RunContext, stage: Stage) -> TrainOutputs:
