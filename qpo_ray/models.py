@@ -124,3 +124,28 @@ def resolve_model(name_or_path: str) -> str:
     if name_or_path.startswith(("/", "./", "../", "~")):
         raise FileNotFoundError(f"model path {name_or_path!r} does not exist")
     return name_or_path
+
+
+def cut_config(path: str, num_layers: int | None, key: str):
+    """The model's config, cut to `num_layers` layers (None = unchanged); `key` names the
+    setting in the error when the model has fewer.
+
+    Changing the config (not the loaded module list) works for every architecture: the
+    model is built with N layers, the checkpoint's extra layers are simply not loaded,
+    and save_pretrained writes the cut config so a cut model reloads as is.
+    """
+    from transformers import AutoConfig
+
+    from qpo_ray.errors import ConfigError
+
+    config = AutoConfig.from_pretrained(path)
+    if num_layers is None:
+        return config
+    total = config.num_hidden_layers
+    if not 1 <= num_layers <= total:
+        raise ConfigError(f"{key}={num_layers}: {path} has {total} layers")
+    config.num_hidden_layers = num_layers
+    # Per-layer lists (sliding/full attention patterns) must shrink with the layers.
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:num_layers]
+    return config

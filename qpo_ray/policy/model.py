@@ -39,7 +39,7 @@ from qpo_ray.atomic import atomic_dir
 from qpo_ray.config import PolicyConfig
 from qpo_ray.device import get_device
 from qpo_ray.errors import ConfigError
-from qpo_ray.models import resolve_model
+from qpo_ray.models import cut_config, resolve_model
 from qpo_ray.policy.batching import REWARD_SCALE, pad_id, position_ids_from_mask, trim_padding
 from qpo_ray.policy.summary import QuerySummary
 
@@ -48,28 +48,6 @@ POLICY_FILE = "qpo_policy.json"
 HEADS_FILE = "qpo_heads.safetensors"
 # Segment indices of the three input parts.
 SEG_REWARD, SEG_QUERY, SEG_PROMPT = 0, 1, 2
-
-
-def _truncated_config(path: str, num_layers: int | None):
-    """The backbone's config, cut to `num_layers` layers (None = unchanged).
-
-    Changing the config (not the loaded module list) works for every architecture:
-    the model is built with N layers, the checkpoint's extra layers are simply not
-    loaded, and save_pretrained writes the cut config so the policy reloads as is.
-    """
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path)
-    if num_layers is None:
-        return config
-    total = config.num_hidden_layers
-    if not 1 <= num_layers <= total:
-        raise ConfigError(f"policy.backbone_num_layers={num_layers}: {path} has {total} layers")
-    config.num_hidden_layers = num_layers
-    # Per-layer lists (sliding/full attention patterns) must shrink with the layers.
-    if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = config.layer_types[:num_layers]
-    return config
 
 
 class QPOPolicy(nn.Module):
@@ -96,7 +74,7 @@ class QPOPolicy(nn.Module):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = resolve_model(cfg.backbone)
-        config = _truncated_config(path, cfg.backbone_num_layers)
+        config = cut_config(path, cfg.backbone_num_layers, "policy.backbone_num_layers")
         # Cutting layers makes transformers warn with a table of the checkpoint's unused
         # layers on every build; those are expected, so only missing weights are reported.
         report = logging.getLogger("transformers.modeling_utils")

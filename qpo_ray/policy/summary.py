@@ -22,7 +22,7 @@ import logging
 import torch
 from torch import nn
 
-from qpo_ray.models import resolve_model
+from qpo_ray.models import cut_config, resolve_model
 
 
 class QuerySummary(nn.Module):
@@ -42,16 +42,10 @@ class QuerySummary(nn.Module):
 
     def _read_model(self, device: torch.device) -> nn.Module:
         if not self._reader:
-            from transformers import AutoConfig, AutoModel
+            from transformers import AutoModel
 
             path = resolve_model(self.backbone)
-            config = AutoConfig.from_pretrained(path)
-            if not 1 <= self.num_layers <= config.num_hidden_layers:
-                raise ValueError(f"policy.query_summary_layers={self.num_layers}: {path} has "
-                                 f"{config.num_hidden_layers} layers")
-            config.num_hidden_layers = self.num_layers
-            if isinstance(getattr(config, "layer_types", None), list):
-                config.layer_types = config.layer_types[:self.num_layers]
+            config = cut_config(path, self.num_layers, "policy.query_summary_layers")
             # The checkpoint's deeper layers are expected to go unused: no warning table.
             report = logging.getLogger("transformers.modeling_utils")
             level = report.level
