@@ -63,17 +63,21 @@ def check_before_work(cfg: Config) -> None:
 
 def _check_before_work(ctx: RunContext) -> None:
     """Each error names its setting: the task's files and splits, the target (model,
-    backend) and the policy backbone, the label words as the target tokenizes them; then
-    what each stage's `check_before_work` asks (the test stage: its methods' inputs, the
-    manual prompt)."""
+    backend) and the policy backbone (and its layer counts), the label words as the
+    target tokenizes them; then what each stage's `check_before_work` asks (the test
+    stage: its methods' inputs, the manual prompt)."""
     from qpo_ray.backends import check_continuations, check_model, validate_backend_config
     from qpo_ray.methods import check_methods
+    from qpo_ray.models import cut_config
 
     cfg = ctx.cfg
     check_methods(cfg.test.methods)  # a typo fails before any file is read
     task = ctx.task
     validate_backend_config(cfg.target)
-    check_model(cfg.policy.backbone, "policy.backbone")
+    backbone = check_model(cfg.policy.backbone, "policy.backbone")
+    # The policy's layer cut and its query summary's depth, against the backbone's layers.
+    cut_config(backbone, cfg.policy.backbone_num_layers, "policy.backbone_num_layers")
+    cut_config(backbone, cfg.policy.query_summary_layers or None, "policy.query_summary_layers")
     if task.mode == "labels":
         where = (f"label_words of {cfg.task.spec_path}" if cfg.task.name == "byo" else
                  f"the label words of task {task.name!r}")

@@ -148,6 +148,7 @@ def test_ray_address_comes_from_the_environment(monkeypatch):
     (["task.dev_queries=100000"], "task.dev_queries"),
     (["target.model=/nonexistent/model"], "target.model"),
     (["task.name=byo", "task.spec_path=/nonexistent/task.yaml"], "task.spec_path"),
+    (["policy.query_summary_layers=31"], "policy.query_summary_layers=31: "),
 ])
 def test_run_fails_before_any_work_naming_the_setting(tmp_path, overrides, named):
     """What the test stage needs is checked before Step 0 spends anything."""
