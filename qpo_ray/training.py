@@ -201,8 +201,10 @@ def _train_worker(config: dict[str, Any]) -> None:
     device = get_device(prefer_gpu=tcfg.use_gpu)
     policy = initial_policy(cfg, config["init_checkpoint"], device)
     rows = ray.get(config["rows"])
-    if config["part"] == "summary" or policy.query_summary is not None:
-        _prepare_summary(policy, rows, config["part"])
+    if config["part"] == "summary":
+        _prepare_summary(policy, rows)
+    elif policy.query_summary is not None:
+        policy.query_summary.adapter.requires_grad_(False)  # trained in its own part only
     per_worker = max(1, tcfg.batch_size_global // world)
     loader, sampler = build_loader(policy, rows, per_worker, rank, world, cfg.seed)
 
@@ -252,19 +254,15 @@ def _train_worker(config: dict[str, Any]) -> None:
         break
 
 
-def _prepare_summary(policy: QPOPolicy, rows: dict[str, list], part: str) -> None:
-    """Main part: the adapter is left as it is. Summary part: the projection is fitted
-    on the rows' distinct queries the first time (the same on every rank), then all
-    but the adapter and the input/reward parts are frozen."""
-    if part != "summary":
-        policy.query_summary.adapter.requires_grad_(False)
-        return
-    if policy.query_summary is None:
-        policy.train_only_summary()  # raises: nothing to train
-    if not bool(policy.query_summary.fitted):
+def _prepare_summary(policy: QPOPolicy, rows: dict[str, list]) -> None:
+    """The summary part: the projection is fitted on the rows' distinct queries the
+    first time (the same on every rank), then all but the adapter and the input/reward
+    parts are frozen (`train_only_summary` raises for a policy without a summary)."""
+    summary = policy.query_summary
+    if summary is not None and not bool(summary.fitted):
         queries = list(dict.fromkeys(rows["query"]))
         ids, mask = encode_queries(policy.tokenizer, queries, policy.config.max_query_tokens)
-        policy.query_summary.fit(ids.to(policy.device), mask.to(policy.device))
+        summary.fit(ids.to(policy.device), mask.to(policy.device))
     policy.train_only_summary()
 
 

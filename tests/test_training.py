@@ -3,6 +3,7 @@ on rows of the QPO paper's published Tweet Emotion dataset."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
@@ -120,6 +121,21 @@ def test_summary_part_trains_only_the_adapter_on_each_querys_best_row(
     with pytest.raises(ConfigError, match="no query summary"):
         train_policy(plain, str(paper_dataset), str(tmp_path / "x"), loop_index=1,
                      part="summary")
+
+
+def test_train_stage_moves_the_summary_parts_policy_into_the_loops_place(
+        ray_cluster, tiny_model_dir, paper_dataset, tmp_path):
+    from qpo_ray.stages.train import train_loop
+
+    cfg = _cfg(tiny_model_dir, policy={"query_summary_layers": 2, "query_summary_dims": 4},
+               epochs_first_loop=1, summary_epochs=1, batch_size_global=4)
+    out = train_loop(cfg, 1, paper_dataset, tmp_path / "loop1")
+    assert out.checkpoint_dir == str(tmp_path / "loop1" / "policy")
+    assert bool(QPOPolicy.load(out.checkpoint_dir).query_summary.fitted)
+    assert not (tmp_path / "loop1" / "summary" / "policy").exists()  # moved, not copied
+    # The loop's metrics stay the main part's (one epoch), the summary part's beside them.
+    assert [m["epoch"] for m in json.loads((tmp_path / "loop1" / "metrics.json").read_text())] == [1]
+    assert (tmp_path / "loop1" / "summary" / "metrics.json").exists()
 
 
 def test_bf16_autocast_on_cpu_trains_float32_weights(tiny_model_dir, paper_dataset,

@@ -40,7 +40,7 @@ from qpo_ray.config import PolicyConfig
 from qpo_ray.device import get_device
 from qpo_ray.errors import ConfigError
 from qpo_ray.models import cut_config, resolve_model
-from qpo_ray.policy.batching import REWARD_SCALE, pad_id, position_ids_from_mask, trim_padding
+from qpo_ray.policy.batching import REWARD_SCALE, position_ids_from_mask, trim_padding
 from qpo_ray.policy.summary import QuerySummary
 
 FORMAT_VERSION = 1
@@ -164,17 +164,15 @@ class QPOPolicy(nn.Module):
         return self.segment_embed.weight[index]
 
     def embed_prefix(self, reward: torch.Tensor, query_ids: torch.Tensor,
-                     query_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B,) rewards on the 0-100 scale + (B, Q) left-padded query ids (and their mask;
-        default: every non-pad token) -> (B, 1+Q, H) input vectors."""
+                     query_mask: torch.Tensor) -> torch.Tensor:
+        """(B,) rewards on the 0-100 scale + (B, Q) left-padded query ids and their mask
+        -> (B, 1+Q, H) input vectors."""
         r = self.reward_embed(self.reward_input(reward).unsqueeze(-1).to(self.reward_embed.weight.dtype))
         r = r.unsqueeze(1) + self._segment(SEG_REWARD)
         q = self.backbone.get_input_embeddings()(query_ids) + self._segment(SEG_QUERY)
         prefix = self.embed_ln(torch.cat([r, q], dim=1))
         if self.query_summary is None:
             return prefix
-        if query_mask is None:
-            query_mask = (query_ids != pad_id(self.tokenizer)).long()
         return prefix + self.query_summary(query_ids, query_mask).unsqueeze(1).to(prefix.dtype)
 
     def train_only_summary(self) -> None:

@@ -6,12 +6,11 @@ end of loop t's run."""
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from qpo_ray.atomic import atomic_dir
+from qpo_ray.atomic import replace_dir
 from qpo_ray.config import Config
 from qpo_ray.evaluation import init_ray
 from qpo_ray.rundir import read_json
@@ -39,13 +38,12 @@ def train_loop(cfg: Config, loop: int, dataset: str | Path, out_dir: str | Path,
     _print_curve(label, result.metrics)
     if cfg.training.summary_epochs:
         # The query summary's own phase (qpo_ray.policy.summary), from the policy just
-        # trained; its policy then takes the loop's place, swapped in whole.
+        # trained; its policy is then moved into the loop's place, swapped in whole.
         summary = train_policy(cfg, dataset_path=str(dataset),
                                out_dir=str(Path(out_dir) / "summary"), loop_index=loop,
                                init_checkpoint=result.checkpoint_dir, part="summary")
         _print_curve(f"{label} summary", summary.metrics)
-        with atomic_dir(Path(result.checkpoint_dir)) as tmp:
-            shutil.copytree(summary.checkpoint_dir, tmp, dirs_exist_ok=True)
+        replace_dir(summary.checkpoint_dir, result.checkpoint_dir)
     return TrainOutputs(checkpoint_dir=str(result.checkpoint_dir),
                         metrics=str(Path(out_dir) / METRICS_FILE))
 
