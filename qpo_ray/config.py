@@ -1,11 +1,12 @@
-"""Typed configuration: the dataclasses (here and in config_sections) are the source
-of truth.
+"""Typed configuration: the dataclasses (here, in config_sections and config_serve) are
+the source of truth.
 
 A YAML profile (``qpo_ray/profiles/<name>.yaml`` or any path) only overrides the
 defaults written here, and ``--set section.key=value`` overrides the profile. Unknown
 keys and values of the wrong type fail with the dotted key in the message, before any
 work starts. The sections and the checks of their fields live in
-``qpo_ray.config_sections``; this module assembles them and reads profiles.
+``qpo_ray.config_sections`` (``serve`` in ``qpo_ray.config_serve``); this module
+assembles them and reads profiles.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from typing import Any, Literal, Optional
 import yaml
 
 from qpo_ray.config_sections import (DatasetConfig, EvaluationConfig, LoopConfig, PolicyConfig,
-                                     PromptsConfig, ServeConfig, TargetConfig, TaskConfig,
-                                     TestConfig, TrackingConfig, TrainingConfig, require_all)
+                                     PromptsConfig, TargetConfig, TaskConfig, TestConfig,
+                                     TrackingConfig, TrainingConfig, require_all)
+from qpo_ray.config_serve import ServeConfig
 from qpo_ray.errors import ConfigError
 
 PROFILES_DIR = Path(__file__).parent / "profiles"

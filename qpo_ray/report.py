@@ -1,8 +1,9 @@
 """The test phase: the trained policy against the baselines, on queries it never chose on.
 
-1. Choose (when `test.decoding` is "dev"): every loop's policy, greedy and ranked, on the
-   dev split (collection queries held out of Step 0 and augmentation); the most
-   accurate (loop, decoding) is what `qpo` uses. The test split is never looked at here.
+1. Choose (when `test.decoding` is "dev"): every loop's policy, with each decoding of
+   `test.dev_decodings` (greedy and ranked by default), on the dev split (collection
+   queries held out of Step 0 and augmentation); the most accurate (loop, decoding) is
+   what `qpo` uses. The test split is never looked at here.
 2. Every method of `test.methods` (qpo_ray.methods) gives a prompt per test query; the
    distinct (query, prompt) pairs go through ONE scorer pass on the target.
 3. Per (shots, method): accuracy with a 95% Wilson interval, and the PAIRED difference
@@ -30,8 +31,8 @@ import pandas as pd
 from qpo_ray.config import Config
 from qpo_ray.data.pairs import make_pairs
 from qpo_ray.data.rewards import pair_accuracy
-from qpo_ray.methods import (DECODINGS, Choice, MethodContext, PromptTuple, check_methods,
-                             method_prompts, policy_prompts)
+from qpo_ray.methods import (Choice, MethodContext, PromptTuple, check_methods, method_prompts,
+                             policy_prompts)
 from qpo_ray.rundir import RunDir, read_json, sidecar, write_json_atomic
 from qpo_ray.stats import paired_difference, wilson_interval
 from qpo_ray.tasks.base import Example, Splits, Task
@@ -99,7 +100,7 @@ def choose_on_dev(ctx: MethodContext, splits: Splits, score: ScoreFn,
     """The (loop, decoding) with the best dev accuracy; ties go to the later loop, then
     to greedy (the paper's protocol)."""
     candidates = {f"qpo_loop{loop}/{decoding}": policy_prompts(ctx, loop, decoding, splits.dev)
-                  for loop in ctx.policy_dirs for decoding in DECODINGS}
+                  for loop in ctx.policy_dirs for decoding in ctx.cfg.test.dev_decodings}
     scored, usage = score_prompts(ctx.cfg, ctx.task, splits, splits.dev, candidates, score,
                                   "dev", [shots])
     accuracy = scored.groupby("method")["accuracy"].mean()

@@ -80,6 +80,8 @@ def test_int_is_accepted_where_a_float_is_expected():
         ("policy.query_summary_dims=0", "policy.query_summary_dims"),
         ("training.summary_top_k=0", "training.summary_top_k"),
         ("training.summary_epochs=2", "training.summary_epochs > 0 needs a query summary"),
+        ("test.dev_decodings=[beam]", "test.dev_decodings"),
+        ("test.dev_decodings=[]", "test.dev_decodings"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(override, fragment):

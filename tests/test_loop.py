@@ -438,3 +438,18 @@ def test_evaluate_adds_methods_to_the_finished_report(finished_run, profile):
     assert "test queries are not this config's test split" in proc.stderr
     assert "scoring" not in proc.stdout
     pd.testing.assert_frame_equal(pd.read_parquet(report / "predictions.parquet"), after)
+
+
+def test_dev_choice_tries_only_the_listed_decodings(finished_run, profile, ray_cluster,
+                                                    tmp_path):
+    """`test.dev_decodings: [greedy]`: the dev split picks among the loops' greedy prompts
+    only (a small run skips ranking's cost), and `qpo` is the chosen one."""
+    from qpo_ray.loop import evaluate_tracked
+
+    workdir = finished_run[0]
+    cfg = load_config(str(profile), [f"workdir={tmp_path}", "test.methods=[qpo]",
+                                     "test.dev_decodings=[greedy]"])
+    evaluate_tracked(cfg, policy_dir=str(RunDir(workdir).policy_dir(2)))
+    selection = json.loads((tmp_path / "report" / "selection.json").read_text())
+    assert set(selection["dev_accuracy"]) == {"qpo_loop1/greedy"}
+    assert selection["chosen_decoding"] == "greedy" and selection["dev_queries"] == 4
