@@ -159,6 +159,12 @@ class DatasetConfig:
     # compares prompts on shared ones and stays computed there. 0 = off.
     wide_prompts: int = 0
     wide_queries: int = 0
+    # Which prompts go wide: "task" = the best R_task; "complementary" = the best R_task
+    # first, then each next the one right on the most shared queries that no chosen
+    # prompt gets right (ties: R_task). Prompts that are right on different queries
+    # are what a query-dependent choice can exploit; the top R_task ones tend to be
+    # right on the same easy queries.
+    wide_selection: Literal["task", "complementary"] = "task"
     # Zero-shot query reward: "ppl" = correct - PPL/10 (paper eq. 3), "nll" = correct -
     # mean NLL/10 (the reference code).
     zero_shot_penalty: Literal["ppl", "nll"] = "ppl"
@@ -249,6 +255,12 @@ class TrainingConfig:
     summary_epochs: int = 0
     summary_lr: float = 1e-3
     summary_top_k: int = 1
+    # The column that ranks a query's rows for the summary part: "reward" (the QPO
+    # reward: query-level + the prompt's task-level R_task) or "r_query" (the
+    # query-level reward alone). R_task is the same for a prompt on every query, so
+    # with "reward" the prompt best on average wins most queries' rows, and the
+    # summary learns little about which prompt suits which query.
+    summary_rank_by: Literal["reward", "r_query"] = "reward"
 
     def validate(self) -> None:
         require_all([

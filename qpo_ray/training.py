@@ -313,10 +313,11 @@ def _check_summary_policy(cfg: Config, init_checkpoint: str | None) -> None:
 def read_training_rows(cfg: Config, dataset_path: str, part: str = "policy") -> dict[str, list]:
     from qpo_ray.data.io import read_dataset
 
-    frame, _scale = read_dataset(dataset_path, required=("query", "prompt", "reward"))
-    rows = training_rows(frame, cfg.policy.mode, source=str(dataset_path))
+    rank_by = cfg.training.summary_rank_by if part == "summary" else "reward"
+    frame, _scale = read_dataset(dataset_path, required=("query", "prompt", "reward", rank_by))
+    rows = training_rows(frame, cfg.policy.mode, source=str(dataset_path), keep=(rank_by,))
     if part == "summary":
-        rows = best_rows(rows, cfg.training.summary_top_k)
+        rows = best_rows(rows, cfg.training.summary_top_k, by=rank_by)
     return {"query": rows["query"].tolist(), "prompt": rows["prompt"].tolist(),
             "reward": rows["reward"].tolist()}
 

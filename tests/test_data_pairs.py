@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 
 from qpo_ray.config import ConfigError, load_config
@@ -149,3 +150,24 @@ def test_step0_with_one_group_gives_every_prompt_the_same_queries(emotion):
     assert len(df) == len(prompts) * 7 and (df["group"] == 0).all()
     per_prompt = df.groupby("prompt_id")["query_id"].apply(frozenset)
     assert per_prompt.nunique() == 1 and len(per_prompt.iloc[0]) == 7
+
+
+def test_complementary_wide_prompts_cover_the_queries_the_best_ones_miss():
+    """Hand-made shared table: A and B (best R_task) are right on the same queries, C on
+    the ones they miss. `task` takes A, B; `complementary` takes A, then C; ties in what
+    a prompt adds go to R_task, then to the collection's order."""
+    from qpo_ray.stages.step0 import choose_wide_prompts
+
+    right = {"A": [1, 1, 1, 0, 0], "B": [1, 1, 1, 0, 0], "C": [0, 0, 0, 1, 1],
+             "D": [0, 1, 0, 1, 0], "E": [0, 1, 0, 1, 0]}
+    shared = pd.DataFrame([{"query_id": f"q{i}", "prompt_id": p, "correct": bool(c),
+                            "r_task": sum(cs) / 5 + (0.01 if p == "B" else 0.0)}
+                           for p, cs in right.items() for i, c in enumerate(cs)])
+    order = ["E", "D", "C", "A", "B"]
+    assert choose_wide_prompts(shared, order, 2, "task") == ["B", "A"]
+    assert choose_wide_prompts(shared, order, 2, "complementary") == ["B", "C"]
+    # Nothing left to cover: R_task (A 0.6 > D = E 0.4), then the order (E before D).
+    assert choose_wide_prompts(shared, order, 5, "complementary") == ["B", "C", "A", "E", "D"]
+    assert choose_wide_prompts(shared, order, 9, "complementary") == ["B", "C", "A", "E", "D"]
+    with pytest.raises(ConfigError, match="dataset.wide_selection"):
+        choose_wide_prompts(shared, order, 2, "random")

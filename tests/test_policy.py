@@ -351,6 +351,9 @@ def test_best_rows_keep_each_querys_top_k_in_the_datasets_order():
                          "reward": [50.0, 90.0, 80.0, 80.0, 10.0]})
     assert best_rows(rows, 1)["prompt"].tolist() == ["q", "r"]  # tie at 80: r comes first
     assert best_rows(rows, 2)["prompt"].tolist() == ["q", "r", "s", "t"]
+    # Ranked by another column (training.summary_rank_by: r_query): its order, not reward's.
+    rows["r_query"] = [0.9, 0.1, 0.2, 0.3, 0.5]
+    assert best_rows(rows, 1, by="r_query")["prompt"].tolist() == ["p", "t"]
 
 
 def test_query_summary_adds_nothing_until_fitted_and_survives_a_reload(policy_cfg, tmp_path):

@@ -123,6 +123,30 @@ def test_summary_part_trains_only_the_adapter_on_each_querys_best_row(
                      part="summary")
 
 
+def test_summary_rows_are_each_querys_best_by_training_summary_rank_by(
+        tiny_model_dir, paper_dataset, tmp_path):
+    from qpo_ray.data.io import DatasetFileError, read_dataset
+    from qpo_ray.training import read_training_rows
+
+    frame, scale = read_dataset(paper_dataset)
+    policy = {"query_summary_layers": 2, "query_summary_dims": 4}
+    for rank_by in ("reward", "r_query"):
+        cfg = _cfg(tiny_model_dir, policy=policy, summary_epochs=1, summary_rank_by=rank_by)
+        rows = read_training_rows(cfg, str(paper_dataset), part="summary")
+        assert len(rows["query"]) == frame["query"].nunique() == len(set(rows["query"]))
+        top = frame[frame.groupby("query")[rank_by].transform("max") == frame[rank_by]]
+        assert set(zip(rows["query"], rows["prompt"])) <= set(zip(top["query"], top["prompt"]))
+    # The two rankings disagree on this data (R_task tips the reward), so the test can fail.
+    by_reward = read_training_rows(_cfg(tiny_model_dir, policy=policy, summary_epochs=1),
+                                   str(paper_dataset), part="summary")
+    assert by_reward["prompt"] != rows["prompt"]
+    # A dataset without the column fails on the driver naming it; the main part needs none.
+    bare = write_dataset(frame.drop(columns=["r_query"]), tmp_path / "bare.parquet", scale)
+    with pytest.raises(DatasetFileError, match=r"bare\.parquet: missing column 'r_query'"):
+        read_training_rows(cfg, str(bare), part="summary")
+    assert len(read_training_rows(cfg, str(bare))["query"]) == len(frame)
+
+
 def test_train_stage_moves_the_summary_parts_policy_into_the_loops_place(
         ray_cluster, tiny_model_dir, paper_dataset, tmp_path):
     from qpo_ray.stages.train import train_loop

@@ -131,14 +131,16 @@ def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def training_rows(frame: pd.DataFrame, mode: str, source: str = "dataset") -> pd.DataFrame:
+def training_rows(frame: pd.DataFrame, mode: str, source: str = "dataset",
+                  keep: tuple[str, ...] = ()) -> pd.DataFrame:
     """The rows one ORL stage trains on, validated.
 
     mode "qpo": every (query, prompt, reward) row. mode "sft" (the paper's Table 4
     ablation): only the best-reward prompt of each query; the reward is then ignored by
     the model. Bad rows fail here with the row number and `source` (the file) named.
+    `keep`: further numeric columns carried along (e.g. the summary part's ranking).
     """
-    missing = [c for c in ("query", "prompt", "reward") if c not in frame.columns]
+    missing = [c for c in ("query", "prompt", "reward", *keep) if c not in frame.columns]
     if missing:
         raise ValueError(f"{source}: missing column(s) {missing} (have {list(frame.columns)})")
     if frame.empty:
@@ -155,6 +157,9 @@ def training_rows(frame: pd.DataFrame, mode: str, source: str = "dataset") -> pd
             f"got {frame['reward'].loc[bad[0]]!r}"
         )
     rows = frame[["query", "prompt"]].assign(reward=rewards.astype(float))
+    for column in keep:
+        if column != "reward":
+            rows[column] = pd.to_numeric(frame[column], errors="raise").astype(float)
     if mode == "sft":
         best = rows.groupby("query", sort=False)["reward"].idxmax()
         rows = rows.loc[best.values]
@@ -163,9 +168,9 @@ def training_rows(frame: pd.DataFrame, mode: str, source: str = "dataset") -> pd
     return rows.reset_index(drop=True)
 
 
-def best_rows(rows: pd.DataFrame, top_k: int) -> pd.DataFrame:
-    """Each query's `top_k` highest-reward rows (ties: the dataset's order)."""
+def best_rows(rows: pd.DataFrame, top_k: int, by: str = "reward") -> pd.DataFrame:
+    """Each query's `top_k` rows highest in column `by` (ties: the dataset's order)."""
     ranked = rows.assign(_order=range(len(rows))).sort_values(
-        ["reward", "_order"], ascending=[False, True])
+        [by, "_order"], ascending=[False, True])
     best = ranked.groupby("query", sort=False).head(top_k)
     return best.sort_values("_order").drop(columns="_order").reset_index(drop=True)

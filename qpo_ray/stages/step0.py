@@ -66,14 +66,18 @@ def build_initial_dataset(ctx: RunContext, out_path: Optional[str | Path] = None
 def _widen(ctx: RunContext, prompts: list[PromptRecord], shared: pd.DataFrame,
            queries: list[Example], usage: dict[str, Any],
            ) -> tuple[pd.DataFrame, RewardScale, dict[str, Any]]:
-    """Wide Step 0: the best prompts on the shared queries, scored on `queries` too.
+    """Wide Step 0: the prompts `choose_wide_prompts` picks on the shared queries,
+    scored on `queries` too.
     R_task stays each prompt's accuracy on the shared queries, so it still compares
     every prompt on the same ones; the reward scale is fitted on all pairs."""
     cfg = ctx.cfg
     r_task = shared.groupby("prompt_id")["r_task"].first().to_dict()
-    best = sorted(prompts, key=lambda p: -r_task[p.id])[:cfg.dataset.wide_prompts]
-    pairs = build_wide_pairs(queries, best, cfg)
-    scored, wide_usage = ctx.score(pairs, label=f"step0: {len(best)} best prompts, "
+    chosen = choose_wide_prompts(shared, [p.id for p in prompts], cfg.dataset.wide_prompts,
+                                 cfg.dataset.wide_selection)
+    by_id = {p.id: p for p in prompts}
+    pairs = build_wide_pairs(queries, [by_id[i] for i in chosen], cfg)
+    scored, wide_usage = ctx.score(pairs, label=f"step0: {len(chosen)} prompts "
+                                                f"({cfg.dataset.wide_selection}), "
                                                 f"{len(queries)} more queries")
     columns = [c for c in shared.columns if c not in REWARD_COLUMNS]
     both = pd.concat([shared[columns], scored[columns]], ignore_index=True)
@@ -81,6 +85,30 @@ def _widen(ctx: RunContext, prompts: list[PromptRecord], shared: pd.DataFrame,
                                    answer=cfg.dataset.query_reward)
     total = {k: usage.get(k, 0) + wide_usage.get(k, 0) for k in usage.keys() | wide_usage.keys()}
     return frame, scale, total
+
+
+def choose_wide_prompts(shared: pd.DataFrame, order: list[str], k: int,
+                        rule: str) -> list[str]:
+    """The ids of the `k` prompts that go wide, picked on the shared queries' scored
+    pairs (`dataset.wide_selection`): by R_task, or greedily by the shared queries each
+    adds that no chosen prompt gets right. Ties (and the first pick): R_task, then the
+    collection's `order`."""
+    r_task = shared.groupby("prompt_id")["r_task"].first()
+    by_task = sorted(order, key=lambda p: -r_task[p])
+    if rule == "task":
+        return by_task[:k]
+    if rule != "complementary":
+        raise ConfigError(f"dataset.wide_selection: unknown rule {rule!r} (known: task, "
+                          "complementary)")
+    right = shared.pivot_table(index="query_id", columns="prompt_id", values="correct",
+                               aggfunc="max").fillna(0).astype(bool)
+    chosen = [by_task[0]]
+    while len(chosen) < min(k, len(by_task)):
+        missed = ~right[chosen].any(axis=1)
+        gain = right[missed].sum()
+        rest = [p for p in by_task if p not in chosen]
+        chosen.append(max(rest, key=lambda p: (gain[p], r_task[p], -rest.index(p))))
+    return chosen
 
 
 def run(ctx: RunContext, stage: Stage) -> Step0Outputs:
