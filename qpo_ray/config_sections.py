@@ -153,17 +153,17 @@ class DatasetConfig:
     # R_task compares prompts on equal terms (no group is luckier in its queries).
     prompts_per_group: int = 40
     queries_per_group: int = 100
-    # Wide Step 0 (needs prompts_per_group: 0): the `wide_prompts` prompts with the best
-    # R_task on the shared queries are also scored on `wide_queries` more collection
-    # queries. Which prompt suits which query is learnt from many queries; R_task
-    # compares prompts on shared ones and stays computed there. 0 = off.
+    # Wide Step 0 (needs prompts_per_group: 0): `wide_prompts` prompts, picked on the
+    # shared queries by `wide_selection`, are also scored on `wide_queries` more
+    # collection queries. Which prompt suits which query is learnt from many queries;
+    # R_task compares prompts on shared ones and stays computed there. 0 = off.
     wide_prompts: int = 0
     wide_queries: int = 0
     # Which prompts go wide: "task" = the best R_task; "complementary" = the best R_task
     # first, then each next the one right on the most shared queries that no chosen
-    # prompt gets right (ties: R_task). Prompts that are right on different queries
-    # are what a query-dependent choice can exploit; the top R_task ones tend to be
-    # right on the same easy queries.
+    # prompt gets right (ties: R_task). Prompts right on different queries are what a
+    # query-dependent choice can use; the top R_task ones tend to be right on the same
+    # easy queries (measured: README, "A variant that did not help").
     wide_selection: Literal["task", "complementary"] = "task"
     # Zero-shot query reward: "ppl" = correct - PPL/10 (paper eq. 3), "nll" = correct -
     # mean NLL/10 (the reference code).

@@ -1,6 +1,6 @@
 """The `serve` section of the typed configuration (qpo_ray.config): Ray Serve's policy
-endpoint, its limits, auth and A/B settings. Apart from qpo_ray.config_sections because it
-is the one section the serving package reads on its own (qpo_ray.serving.guard).
+endpoint, its limits, auth and A/B settings. Its own file only to keep
+qpo_ray.config_sections short; it checks its fields the same way.
 """
 
 from __future__ import annotations
