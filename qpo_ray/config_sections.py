@@ -261,6 +261,11 @@ class TrainingConfig:
     # with "reward" the prompt best on average wins most queries' rows, and the
     # summary learns little about which prompt suits which query.
     summary_rank_by: Literal["reward", "r_query"] = "reward"
+    # The reward the summary part conditions each best row on: "row" (its own reward) or
+    # "target" (loop.target_reward, the reward the test asks for). With "row", a prompt
+    # best on a query but low in R_task is learnt at a low reward, so greedy decoding at
+    # the target reward still writes the prompt best on average.
+    summary_reward: Literal["row", "target"] = "row"
 
     def validate(self) -> None:
         require_all([

@@ -318,6 +318,8 @@ def read_training_rows(cfg: Config, dataset_path: str, part: str = "policy") -> 
     rows = training_rows(frame, cfg.policy.mode, source=str(dataset_path), keep=(rank_by,))
     if part == "summary":
         rows = best_rows(rows, cfg.training.summary_top_k, by=rank_by)
+        if cfg.training.summary_reward == "target":
+            rows["reward"] = float(cfg.loop.target_reward)
     return {"query": rows["query"].tolist(), "prompt": rows["prompt"].tolist(),
             "reward": rows["reward"].tolist()}
 

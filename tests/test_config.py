@@ -82,6 +82,7 @@ def test_int_is_accepted_where_a_float_is_expected():
         ("training.summary_epochs=2", "training.summary_epochs > 0 needs a query summary"),
         ("test.dev_decodings=[beam]", "test.dev_decodings"),
         ("test.dev_decodings=[]", "test.dev_decodings"),
+        ("training.summary_reward=best", "training.summary_reward"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(override, fragment):

@@ -134,7 +134,8 @@ def _fake_run(root: Path, tiny_model_dir: Path) -> RunDir:
     from qpo_ray.policy import QPOPolicy
 
     cfg = load_config("cpu-demo", [f"workdir={root}", f"policy.backbone={tiny_model_dir}",
-                                   "policy.backbone_num_layers=1"])
+                                   "policy.backbone_num_layers=1", "policy.query_summary_layers=0",
+                                   "training.summary_epochs=0"])
     run = RunDir.create(cfg)
     QPOPolicy.from_backbone(cfg.policy).save(run.train_dir(1) / "policy")
     (run.train_dir(1) / "metrics.json").write_text("[]")

@@ -61,6 +61,7 @@ def cfg(tmp_path_factory, tiny_model_dir, free_port):
         f"workdir={workdir}",
         f"tracking.registered_model_name={MODEL_NAME}",
         f"policy.backbone={tiny_model_dir}", "policy.backbone_num_layers=1",
+        "policy.query_summary_layers=0", "training.summary_epochs=0",
         "policy.max_query_tokens=16", "policy.max_prompt_tokens=12",
         "target.backend=transformers", f"target.model={tiny_model_dir}",
         "target.dtype=float32", "target.max_new_tokens=4",

@@ -16,6 +16,7 @@ def saved(tmp_path_factory, tiny_model_dir):
     cfg = load_config("cpu-demo", [
         f"workdir={tmp_path_factory.mktemp('run')}", "tracking.registered_model_name=ps-test",
         f"policy.backbone={tiny_model_dir}", "policy.backbone_num_layers=1",
+        "policy.query_summary_layers=0", "training.summary_epochs=0",
     ])
     policy_dir = tmp_path_factory.mktemp("policy")
     policy = QPOPolicy.from_backbone(cfg.policy)

@@ -147,6 +147,25 @@ def test_summary_rows_are_each_querys_best_by_training_summary_rank_by(
     assert len(read_training_rows(cfg, str(bare))["query"]) == len(frame)
 
 
+def test_summary_rows_are_conditioned_on_the_target_reward_with_summary_reward_target(
+        tiny_model_dir, paper_dataset):
+    from qpo_ray.training import read_training_rows
+
+    policy = {"query_summary_layers": 2, "query_summary_dims": 4}
+    own = read_training_rows(_cfg(tiny_model_dir, policy=policy, summary_epochs=1),
+                             str(paper_dataset), part="summary")
+    target = read_training_rows(_cfg(tiny_model_dir, policy=policy, summary_epochs=1,
+                                     summary_reward="target"), str(paper_dataset),
+                                part="summary")
+    # The same best rows; only the reward they are learnt at changes.
+    assert (target["query"], target["prompt"]) == (own["query"], own["prompt"])
+    assert len(set(own["reward"])) > 1 and max(own["reward"]) < 100.0
+    assert target["reward"] == [100.0] * len(own["reward"])
+    # The main part keeps every row's own reward.
+    cfg = _cfg(tiny_model_dir, policy=policy, summary_epochs=1, summary_reward="target")
+    assert len(set(read_training_rows(cfg, str(paper_dataset))["reward"])) > 1
+
+
 def test_train_stage_moves_the_summary_parts_policy_into_the_loops_place(
         ray_cluster, tiny_model_dir, paper_dataset, tmp_path):
     from qpo_ray.stages.train import train_loop
