@@ -62,6 +62,15 @@ def tiny_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_policy(tiny_model_dir) -> list[str]:
+    """Overrides for a 1-layer policy on the embedded model with no query summary: the
+    cpu-demo profile's summary reads 16 more layers, which tests of serving and run
+    directories do not need."""
+    return [f"policy.backbone={tiny_model_dir}", "policy.backbone_num_layers=1",
+            "policy.query_summary_layers=0", "training.summary_epochs=0"]
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the whole session."""
     import ray

@@ -129,13 +129,11 @@ def test_second_run_on_a_locked_workdir_fails_at_once_naming_the_holder(tmp_path
 
 # -- stages.json paths relative to the run directory -----------------------------------
 
-def _fake_run(root: Path, tiny_model_dir: Path) -> RunDir:
+def _fake_run(root: Path, tiny_policy: list[str]) -> RunDir:
     from qpo_ray.config import load_config
     from qpo_ray.policy import QPOPolicy
 
-    cfg = load_config("cpu-demo", [f"workdir={root}", f"policy.backbone={tiny_model_dir}",
-                                   "policy.backbone_num_layers=1", "policy.query_summary_layers=0",
-                                   "training.summary_epochs=0"])
+    cfg = load_config("cpu-demo", [f"workdir={root}", *tiny_policy])
     run = RunDir.create(cfg)
     QPOPolicy.from_backbone(cfg.policy).save(run.train_dir(1) / "policy")
     (run.train_dir(1) / "metrics.json").write_text("[]")
@@ -145,10 +143,10 @@ def _fake_run(root: Path, tiny_model_dir: Path) -> RunDir:
     return run
 
 
-def test_a_copied_run_directory_finds_its_own_outputs(tmp_path, tiny_model_dir):
+def test_a_copied_run_directory_finds_its_own_outputs(tmp_path, tiny_policy):
     from qpo_ray.policy import QPOPolicy
 
-    run = _fake_run(tmp_path / "here", tiny_model_dir)
+    run = _fake_run(tmp_path / "here", tiny_policy)
     saved = json.loads((run.path / "stages.json").read_text())["train_1"]
     assert saved["checkpoint_dir"] == "loop1/policy" and saved["metrics"] == "loop1/metrics.json"
     assert saved["outside"] == "/etc/hostname" and saved["wall_s"] == 1.5
@@ -163,8 +161,8 @@ def test_a_copied_run_directory_finds_its_own_outputs(tmp_path, tiny_model_dir):
     QPOPolicy.load(copy.policy_dir())
 
 
-def test_old_absolute_stages_json_is_still_read_and_rebased(tmp_path, tiny_model_dir):
-    run = _fake_run(tmp_path / "old", tiny_model_dir)
+def test_old_absolute_stages_json_is_still_read_and_rebased(tmp_path, tiny_policy):
+    run = _fake_run(tmp_path / "old", tiny_policy)
     # What earlier versions wrote: absolute paths.
     (run.path / "stages.json").write_text(json.dumps({"train_1": {
         "checkpoint_dir": str(run.path / "loop1" / "policy"),

@@ -55,13 +55,12 @@ def fit_policy(cfg, targets: dict[float, str], out_dir: Path, max_steps: int = 4
 
 
 @pytest.fixture(scope="module")
-def cfg(tmp_path_factory, tiny_model_dir, free_port):
+def cfg(tmp_path_factory, tiny_model_dir, tiny_policy, free_port):
     workdir = tmp_path_factory.mktemp("serve-run")
     return load_config("cpu-demo", [
         f"workdir={workdir}",
         f"tracking.registered_model_name={MODEL_NAME}",
-        f"policy.backbone={tiny_model_dir}", "policy.backbone_num_layers=1",
-        "policy.query_summary_layers=0", "training.summary_epochs=0",
+        *tiny_policy,
         "policy.max_query_tokens=16", "policy.max_prompt_tokens=12",
         "target.backend=transformers", f"target.model={tiny_model_dir}",
         "target.dtype=float32", "target.max_new_tokens=4",

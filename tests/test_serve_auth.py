@@ -30,7 +30,7 @@ def token_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def deployed(ray_cluster, tmp_path_factory, tiny_model_dir, free_port, token_file):
+def deployed(ray_cluster, tmp_path_factory, tiny_policy, free_port, token_file):
     from ray import serve
 
     from qpo_ray.policy import QPOPolicy
@@ -38,8 +38,7 @@ def deployed(ray_cluster, tmp_path_factory, tiny_model_dir, free_port, token_fil
 
     cfg = load_config("cpu-demo", [
         f"workdir={tmp_path_factory.mktemp('serve-auth')}",
-        f"policy.backbone={tiny_model_dir}", "policy.backbone_num_layers=1",
-        "policy.query_summary_layers=0", "training.summary_epochs=0",
+        *tiny_policy,
         "policy.max_query_tokens=16", "policy.max_prompt_tokens=8",
         f"serve.port={free_port}", f"serve.auth_token_env={TOKEN_ENV}",
         f"serve.auth_token_file={token_file}", f"serve.max_request_bytes={MAX_REQUEST_BYTES}",

@@ -31,7 +31,8 @@ def registry(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, registry, tmp_path_factory, tiny_model_dir, free_port):
+def server(ray_cluster, registry, tmp_path_factory, tiny_model_dir, tiny_policy,
+           free_port):
     from ray import serve
 
     from qpo_ray.policy import QPOPolicy
@@ -44,8 +45,7 @@ def server(ray_cluster, registry, tmp_path_factory, tiny_model_dir, free_port):
     cfg = load_config("cpu-demo", [
         f"workdir={workdir}", f"tracking.uri={url}",
         f"tracking.registered_model_name={MODEL_NAME}",
-        f"policy.backbone={tiny_model_dir}", "policy.backbone_num_layers=1",
-        "policy.query_summary_layers=0", "training.summary_epochs=0",
+        *tiny_policy,
         "policy.max_query_tokens=16", "policy.max_prompt_tokens=8",
         "target.backend=openai", f"target.base_url=http://127.0.0.1:{dead_port}/v1",
         f"target.model={tiny_model_dir}", "target.max_retries=0",

@@ -23,12 +23,11 @@ MAX_QUERY_CHARS = 200
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_model_dir, free_port):
+def setup(tmp_path_factory, tiny_policy, free_port):
     root = tmp_path_factory.mktemp("serve-learning")
     cfg = load_config("cpu-demo", [
         f"workdir={root / 'run'}",
-        f"policy.backbone={tiny_model_dir}", "policy.backbone_num_layers=1",
-        "policy.query_summary_layers=0", "training.summary_epochs=0",
+        *tiny_policy,
         "policy.max_query_tokens=16", "policy.max_prompt_tokens=12",
         f"serve.port={free_port}", f"serve.max_query_chars={MAX_QUERY_CHARS}",
         "serve.num_cpus_per_replica=0.25", "serve.prompt_cache_entries=64",

@@ -10,13 +10,12 @@ from qpo_ray.serving import policy_source
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory, tiny_model_dir):
+def saved(tmp_path_factory, tiny_policy):
     from qpo_ray.policy import QPOPolicy
 
     cfg = load_config("cpu-demo", [
         f"workdir={tmp_path_factory.mktemp('run')}", "tracking.registered_model_name=ps-test",
-        f"policy.backbone={tiny_model_dir}", "policy.backbone_num_layers=1",
-        "policy.query_summary_layers=0", "training.summary_epochs=0",
+        *tiny_policy,
     ])
     policy_dir = tmp_path_factory.mktemp("policy")
     policy = QPOPolicy.from_backbone(cfg.policy)
