@@ -20,7 +20,12 @@ looks at the test set to choose anything):
   resamples queries within each seed;
 - the checks of the effectiveness issue: QPO above best_single and manual with the CI
   above 0, QPO >= router and label_router, multi-loop QPO >= loop 1;
-- the share of well-formed prompts of each policy row (readable, naming the labels).
+- the same two differences with seeds as the unit (a t-interval over the per-seed
+  differences): the pooled CI above carries only query-to-query noise, so a win carried
+  by one seed passes it; this one says whether QPO wins reliably;
+- the share of well-formed prompts of each policy row (readable, naming the labels);
+- each seed's dev accuracy of every (loop, decoding) the dev split chose among: the
+  figures `qpo` was chosen by, so a profile can be compared with another on dev alone.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from qpo_ray.report import well_formed  # noqa: E402
-from qpo_ray.stats import paired_difference  # noqa: E402
+from qpo_ray.stats import across_seeds, paired_difference  # noqa: E402
 
 PROFILE = REPO / "benchmarks" / "profiles" / "effectiveness.yaml"
 REFERENCES = ("manual", "best_single")
@@ -102,6 +107,19 @@ def load_predictions(workdir: Path, seeds: list[int]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def print_dev_choice(workdir: Path, seeds: list[int]) -> None:
+    """Dev accuracy (%) per seed of each candidate the run chose `qpo` among."""
+    rows = []
+    for seed in seeds:
+        pred = pd.read_parquet(workdir / f"seed{seed}" / "report" / "predictions.parquet",
+                               columns=["split", "method", "accuracy"])
+        dev = pred[pred["split"] == "dev"].groupby("method")["accuracy"].mean()
+        rows.append((100 * dev).round(1).rename(f"seed {seed}"))
+    if any(len(r) for r in rows):
+        print("\ndev accuracy of the candidates qpo was chosen among (the dev split only):")
+        print(pd.concat(rows, axis=1).to_string())
+
+
 def label_words(run_dir: Path) -> tuple:
     """The run's task's label words (what a well-formed prompt must name)."""
     from qpo_ray.rundir import RunDir
@@ -158,6 +176,12 @@ def checks(pred: pd.DataFrame, summary: dict, seeds: list[int], label_words) -> 
         return f"{'PASS' if d.ci_low > 0 else 'FAIL'} ({d.in_points()})"
     print(f"  qpo > best_single, CI > 0:    {above('qpo', 'best_single')}")
     print(f"  qpo > manual, CI > 0:         {above('qpo', 'manual')}")
+    for ref in REFERENCES:
+        pairs = [_aligned(pred[pred["seed"] == s], "qpo", ref) for s in seeds]
+        per_seed = [a.mean() - b.mean() for a, b in filter(None, pairs)]
+        if per_seed:
+            print(f"  qpo - {ref}, seeds as the unit (t-interval): "
+                  f"{across_seeds(per_seed).in_points()}")
     for other in ("router", "label_router", "label_router_collection", "qpo_loop1",
                   "qpo_greedy"):
         groups = [g for s in seeds
@@ -193,6 +217,7 @@ def main() -> int:
     print(f"test queries per seed: {pred.groupby('seed')['query_id'].nunique().to_dict()}")
     summary = summarise(pred, args.seeds)
     checks(pred, summary, args.seeds, label_words(args.workdir / f"seed{args.seeds[0]}"))
+    print_dev_choice(args.workdir, args.seeds)
     return 0
 
 

@@ -7,7 +7,10 @@ gets a paired interval (bootstrap over queries) and a paired test (McNemar's exa
 test on the discordant queries), never two overlapping Wilson intervals.
 Several seeds: the difference is the mean of the per-seed differences, the bootstrap
 resamples queries within each seed (stratified), and McNemar pools the discordant
-counts (queries of different seeds counted as separate observations).
+counts (queries of different seeds counted as separate observations). That interval
+carries the query-to-query noise only; `across_seeds` gives the one that carries the
+seed-to-seed spread too (a t-interval over the per-seed differences), which is the one
+that says whether a method wins *reliably* when only a few seeds ran.
 """
 
 from __future__ import annotations
@@ -19,6 +22,11 @@ from typing import Sequence
 import numpy as np
 
 Z95 = 1.959964
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (no scipy needed);
+# more seeds than that use 2.0 (the quantile at 60 df; 1.96 at infinity).
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+       2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+       2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
 def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
@@ -91,6 +99,37 @@ def paired_difference(groups: Sequence[tuple[Sequence[float], Sequence[float]]],
         diff=float(np.mean([d.mean() for d in diffs])), ci_low=float(low), ci_high=float(high),
         p_value=mcnemar_exact(only_a, only_b), only_a=only_a, only_b=only_b,
         n=int(sum(d.size for d in diffs)), seeds=len(diffs))
+
+
+@dataclass(frozen=True)
+class SeedDifference:
+    """The mean of per-seed differences, with a t-interval over seeds."""
+
+    diff: float
+    ci_low: float   # nan with one seed: a single seed says nothing of the spread
+    ci_high: float
+    std_error: float
+    seeds: int
+
+    def in_points(self) -> str:
+        if self.seeds == 1:
+            return f"{100 * self.diff:+5.1f} (one seed: no interval)"
+        return (f"{100 * self.diff:+5.1f} [{100 * self.ci_low:+5.1f}, "
+                f"{100 * self.ci_high:+5.1f}] over {self.seeds} seeds")
+
+
+def across_seeds(per_seed: Sequence[float]) -> SeedDifference:
+    """t-interval of the mean of per-seed differences (each seed's accuracy difference,
+    as a fraction), treating seeds as the unit of replication."""
+    d = np.asarray(per_seed, dtype=float)
+    if d.ndim != 1 or d.size == 0:
+        raise ValueError(f"across_seeds: need a non-empty list of differences, got {per_seed!r}")
+    mean = float(d.mean())
+    if d.size == 1:
+        return SeedDifference(mean, float("nan"), float("nan"), float("nan"), 1)
+    se = float(d.std(ddof=1) / math.sqrt(d.size))
+    t = T95[d.size - 2] if d.size - 1 <= len(T95) else 2.0
+    return SeedDifference(mean, mean - t * se, mean + t * se, se, int(d.size))
 
 
 def newcombe_difference(successes_a: float, n_a: int, successes_b: float, n_b: int,

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from qpo_ray.stats import mcnemar_exact, paired_difference
+from qpo_ray.stats import across_seeds, mcnemar_exact, paired_difference
 
 
 def test_mcnemar_exact_on_a_hand_computed_table():
@@ -43,6 +43,29 @@ def test_paired_difference_over_seeds_is_the_mean_of_the_seeds():
     assert d.ci_low == pytest.approx(0.5) and d.ci_high == pytest.approx(0.5)
     with pytest.raises(ValueError, match="equal"):
         paired_difference([(np.ones(3), np.ones(4))])
+
+
+def test_across_seeds_is_a_t_interval_that_the_pooled_interval_is_not():
+    # The benchmark's three seeds of qpo - manual: +8.3, +0.6, +0.2 points. By hand:
+    # mean 3.033, sd sqrt(((5.267)^2 + (2.433)^2 + (2.833)^2) / 2) = 4.566,
+    # se 4.566 / sqrt(3) = 2.636, t(2 df) = 4.303 -> [-8.31, +14.38].
+    d = across_seeds([0.083, 0.006, 0.002])
+    assert d.diff == pytest.approx(0.030333, abs=1e-5)
+    assert d.std_error == pytest.approx(0.02636, abs=1e-4)
+    assert d.ci_low == pytest.approx(-0.0831, abs=5e-4)
+    assert d.ci_high == pytest.approx(0.1438, abs=5e-4)
+    assert d.seeds == 3 and "over 3 seeds" in d.in_points()
+    # one seed: the mean, no interval
+    one = across_seeds([0.05])
+    assert one.diff == 0.05 and math.isnan(one.ci_low) and math.isnan(one.ci_high)
+    assert "no interval" in one.in_points()
+    # 20 seeds: t(19 df) = 2.093; beyond the table (> 31 seeds) 2.0
+    twenty = across_seeds([0.01, 0.03] * 10)
+    assert twenty.ci_high - twenty.diff == pytest.approx(2.093 * twenty.std_error)
+    many = across_seeds([0.01, 0.03] * 20)
+    assert many.ci_high - many.diff == pytest.approx(2.0 * many.std_error)
+    with pytest.raises(ValueError, match="non-empty"):
+        across_seeds([])
 
 
 def test_newcombe_difference_matches_the_published_example():
