@@ -45,7 +45,7 @@ def test_paired_difference_over_seeds_is_the_mean_of_the_seeds():
         paired_difference([(np.ones(3), np.ones(4))])
 
 
-def test_across_seeds_is_a_t_interval_that_the_pooled_interval_is_not():
+def test_across_seeds_is_a_t_interval_over_the_seeds():
     # The benchmark's three seeds of qpo - manual: +8.3, +0.6, +0.2 points. By hand:
     # mean 3.033, sd sqrt(((5.267)^2 + (2.433)^2 + (2.833)^2) / 2) = 4.566,
     # se 4.566 / sqrt(3) = 2.636, t(2 df) = 4.303 -> [-8.31, +14.38].
