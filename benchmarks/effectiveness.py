@@ -97,27 +97,24 @@ def run_seed(seed: int, workdir: Path, profile: Path, overrides: list[str]) -> f
 
 
 def load_predictions(workdir: Path, seeds: list[int]) -> pd.DataFrame:
+    """Every seed's prediction rows (test and dev splits), with a `seed` column."""
     frames = []
     for seed in seeds:
         path = workdir / f"seed{seed}" / "report" / "predictions.parquet"
         if not path.exists():
             raise SystemExit(f"seed {seed}: no {path}; run it first (without --report-only)")
-        frame = pd.read_parquet(path)
-        frames.append(frame[(frame["split"] == "test") & (frame["shots"] == 0)].assign(seed=seed))
+        frames.append(pd.read_parquet(path).assign(seed=seed))
     return pd.concat(frames, ignore_index=True)
 
 
-def print_dev_choice(workdir: Path, seeds: list[int]) -> None:
+def print_dev_choice(dev: pd.DataFrame) -> None:
     """Dev accuracy (%) per seed of each candidate the run chose `qpo` among."""
-    rows = []
-    for seed in seeds:
-        pred = pd.read_parquet(workdir / f"seed{seed}" / "report" / "predictions.parquet",
-                               columns=["split", "method", "accuracy"])
-        dev = pred[pred["split"] == "dev"].groupby("method")["accuracy"].mean()
-        rows.append((100 * dev).round(1).rename(f"seed {seed}"))
-    if any(len(r) for r in rows):
-        print("\ndev accuracy of the candidates qpo was chosen among (the dev split only):")
-        print(pd.concat(rows, axis=1).to_string())
+    if dev.empty:
+        return
+    table = 100 * dev.pivot_table(index="method", columns="seed", values="accuracy")
+    print("\ndev accuracy of the candidates qpo was chosen among (the dev split only):")
+    print(table.round(1).rename(columns=lambda seed: f"seed {seed}")
+          .rename_axis(columns=None).to_string())
 
 
 def label_words(run_dir: Path) -> tuple:
@@ -136,6 +133,12 @@ def _aligned(pred: pd.DataFrame, method: str, ref: str) -> tuple | None:
         return None
     common = a.index.intersection(b.index)
     return a.loc[common].to_numpy(), b.loc[common].to_numpy()
+
+
+def per_seed_pairs(pred: pd.DataFrame, seeds: list[int], method: str, ref: str) -> list:
+    """(method, ref) accuracy arrays aligned on query ids, one pair per seed that has both."""
+    pairs = [_aligned(pred[pred["seed"] == s], method, ref) for s in seeds]
+    return [pair for pair in pairs if pair is not None]
 
 
 def summarise(pred: pd.DataFrame, seeds: list[int]) -> dict[str, dict]:
@@ -177,15 +180,13 @@ def checks(pred: pd.DataFrame, summary: dict, seeds: list[int], label_words) -> 
     print(f"  qpo > best_single, CI > 0:    {above('qpo', 'best_single')}")
     print(f"  qpo > manual, CI > 0:         {above('qpo', 'manual')}")
     for ref in REFERENCES:
-        pairs = [_aligned(pred[pred["seed"] == s], "qpo", ref) for s in seeds]
-        per_seed = [a.mean() - b.mean() for a, b in filter(None, pairs)]
+        per_seed = [a.mean() - b.mean() for a, b in per_seed_pairs(pred, seeds, "qpo", ref)]
         if per_seed:
             print(f"  qpo - {ref}, seeds as the unit (t-interval): "
                   f"{across_seeds(per_seed).in_points()}")
     for other in ("router", "label_router", "label_router_collection", "qpo_loop1",
                   "qpo_greedy"):
-        groups = [g for s in seeds
-                  if (g := _aligned(pred[pred["seed"] == s], "qpo", other)) is not None]
+        groups = per_seed_pairs(pred, seeds, "qpo", other)
         if groups:
             d = paired_difference(groups)
             verdict = "PASS" if d.diff >= 0 else "FAIL"
@@ -213,11 +214,12 @@ def main() -> int:
     if not args.report_only:
         for seed in args.seeds:
             run_seed(seed, args.workdir, args.profile, args.overrides)
-    pred = load_predictions(args.workdir, args.seeds)
+    every = load_predictions(args.workdir, args.seeds)
+    pred = every[(every["split"] == "test") & (every["shots"] == 0)]
     print(f"test queries per seed: {pred.groupby('seed')['query_id'].nunique().to_dict()}")
     summary = summarise(pred, args.seeds)
     checks(pred, summary, args.seeds, label_words(args.workdir / f"seed{args.seeds[0]}"))
-    print_dev_choice(args.workdir, args.seeds)
+    print_dev_choice(every[every["split"] == "dev"])
     return 0
 
 
