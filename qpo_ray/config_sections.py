@@ -266,6 +266,13 @@ class TrainingConfig:
     # best on a query but low in R_task is learnt at a low reward, so greedy decoding at
     # the target reward still writes the prompt best on average.
     summary_reward: Literal["row", "target"] = "row"
+    # Which queries each part trains on: "all" (both parts, every query) or "unseen"
+    # (the summary part on wide Step 0's queries only, the main part on every other
+    # query). Trained on the same queries, the main part has already memorised each
+    # summary query's prompts from its tokens, so the adapter learns only what that
+    # memory misses and steers new queries badly; on queries the backbone never saw,
+    # it must read them the way it will read test queries. Needs a wide Step 0.
+    summary_queries: Literal["all", "unseen"] = "all"
 
     def validate(self) -> None:
         require_all([

@@ -28,7 +28,9 @@ How the shipped profiles run:
 With a query summary (`policy.query_summary_layers`), `train_policy(part="summary")`
 then trains only its adapter (the backbone frozen; DDP whatever the strategy, for a few
 thousand weights ZeRO buys nothing) on each query's best-reward rows; in the main part
-the adapter stays as it is (qpo_ray.policy.summary says why).
+the adapter stays as it is (qpo_ray.policy.summary says why). With
+`training.summary_queries: unseen` the two parts train on different queries: the
+summary part on wide Step 0's, the main part on all others.
 
 Outputs under `out_dir`: ``policy/`` (the checkpoint `QPOPolicy.load` reads),
 ``metrics.json`` (per-epoch metrics) and ``ray_train/`` (Ray Train's run storage).
@@ -311,10 +313,21 @@ def _check_summary_policy(cfg: Config, init_checkpoint: str | None) -> None:
 
 
 def read_training_rows(cfg: Config, dataset_path: str, part: str = "policy") -> dict[str, list]:
-    from qpo_ray.data.io import read_dataset
+    from qpo_ray.data.io import DatasetFileError, read_dataset
+    from qpo_ray.data.pairs import WIDE_GROUP, on_wide_queries
 
     rank_by = cfg.training.summary_rank_by if part == "summary" else "reward"
-    frame, _scale = read_dataset(dataset_path, required=("query", "prompt", "reward", rank_by))
+    unseen = cfg.training.summary_queries == "unseen"
+    frame, _scale = read_dataset(dataset_path, required=("query", "prompt", "reward", rank_by)
+                                 + (("loop", "group") if unseen else ()))
+    if unseen:
+        # training.summary_queries: each part on its own queries.
+        wide = on_wide_queries(frame)
+        if not wide.any():
+            raise DatasetFileError(f"{dataset_path}: training.summary_queries: 'unseen' needs "
+                                   "wide Step-0 rows (loop 0, group "
+                                   f"{WIDE_GROUP}); the dataset has none")
+        frame = frame[wide if part == "summary" else ~wide]
     rows = training_rows(frame, cfg.policy.mode, source=str(dataset_path), keep=(rank_by,))
     if part == "summary":
         rows = best_rows(rows, cfg.training.summary_top_k, by=rank_by)

@@ -83,11 +83,20 @@ def test_int_is_accepted_where_a_float_is_expected():
         ("test.dev_decodings=[beam]", "test.dev_decodings"),
         ("test.dev_decodings=[]", "test.dev_decodings"),
         ("training.summary_reward=best", "training.summary_reward"),
+        ("training.summary_queries=some", "training.summary_queries"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
         load_config("cpu-demo", [override])
+
+
+def test_summary_queries_unseen_needs_a_summary_part_and_wide_step0():
+    assert load_config("cpu-demo", ["training.summary_queries=unseen"])
+    for other in ("training.summary_epochs=0", "dataset.wide_queries=0"):
+        extra = ["dataset.wide_prompts=0"] if other.startswith("dataset") else []
+        with pytest.raises(ConfigError, match="training.summary_queries: 'unseen' needs"):
+            load_config("cpu-demo", ["training.summary_queries=unseen", other, *extra])
 
 
 def test_section_given_a_scalar_is_rejected():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import pandas as pd
 import torch
 import pytest
 
@@ -28,9 +29,10 @@ def paper_dataset(shared_data, tmp_path_factory):
     return write_dataset(sample, tmp_path_factory.mktemp("data") / "tweet_emotion.parquet", scale)
 
 
-def _cfg(tiny_model_dir, policy=None, **training):
+def _cfg(tiny_model_dir, policy=None, dataset=None, **training):
     return load_config(None, {
         "seed": 0,
+        "dataset": dataset or {},
         "policy": {"backbone": str(tiny_model_dir), "backbone_num_layers": 1,
                    "max_query_tokens": 24, "max_prompt_tokens": 32, **(policy or {})},
         "training": {"num_workers": 2, "batch_size_global": 16, "lr_first_loop": 5e-4,
@@ -164,6 +166,43 @@ def test_summary_rows_are_conditioned_on_the_target_reward_with_summary_reward_t
     # The main part keeps every row's own reward.
     cfg = _cfg(tiny_model_dir, policy=policy, summary_epochs=1, summary_reward="target")
     assert len(set(read_training_rows(cfg, str(paper_dataset))["reward"])) > 1
+
+
+def test_summary_queries_unseen_trains_each_part_on_its_own_queries(
+        tiny_model_dir, paper_dataset, tmp_path):
+    from qpo_ray.data.io import DatasetFileError, read_dataset
+    from qpo_ray.data.pairs import NO_GROUP, WIDE_GROUP
+    from qpo_ray.training import read_training_rows
+
+    frame, scale = read_dataset(paper_dataset)
+    queries = sorted(frame["query"].unique())
+    wide = set(queries[::2])  # every other query: a wide Step-0 one
+    frame = frame.assign(loop=0, group=[WIDE_GROUP if q in wide else 0
+                                        for q in frame["query"]])
+    # Augmentation rows (loop 1, no group) land on a wide and on a shared query.
+    extra = frame.drop_duplicates("query").head(4).assign(loop=1, group=NO_GROUP,
+                                                          prompt="A sampled prompt.")
+    assert set(extra["query"]) & wide and set(extra["query"]) - wide
+    path = write_dataset(pd.concat([frame, extra], ignore_index=True),
+                         tmp_path / "wide.parquet", scale)
+    policy = {"query_summary_layers": 2, "query_summary_dims": 4}
+    cfg = _cfg(tiny_model_dir, policy=policy, summary_epochs=1, summary_queries="unseen",
+               dataset={"prompts_per_group": 0, "wide_prompts": 2, "wide_queries": 8})
+    main = read_training_rows(cfg, str(path))
+    summary = read_training_rows(cfg, str(path), part="summary")
+    assert set(main["query"]) == set(queries) - wide
+    assert set(summary["query"]) == wide and len(summary["query"]) == len(wide)
+    # Every row of a wide query (its augmentation rows too) stays out of the main part.
+    on_shared = extra[~extra["query"].isin(wide)]
+    assert len(main["query"]) == (~frame["query"].isin(wide)).sum() + len(on_shared)
+    # "all": both parts see every query.
+    both = _cfg(tiny_model_dir, policy=policy, summary_epochs=1)
+    assert set(read_training_rows(both, str(path))["query"]) == set(queries)
+    assert set(read_training_rows(both, str(path), part="summary")["query"]) == set(queries)
+    # A dataset without wide Step-0 rows fails naming the file and the setting.
+    plain = write_dataset(frame.assign(group=0), tmp_path / "plain.parquet", scale)
+    with pytest.raises(DatasetFileError, match=r"plain\.parquet: training.summary_queries"):
+        read_training_rows(cfg, str(plain))
 
 
 def test_train_stage_moves_the_summary_parts_policy_into_the_loops_place(

@@ -25,6 +25,8 @@ from qpo_ray.tasks.base import Example, Splits, Task
 
 #: The `group` of augmentation pairs (groups exist only in Step 0).
 NO_GROUP = -1
+#: The `group` of wide Step-0 pairs (wide Step 0 needs one shared group, numbered 0).
+WIDE_GROUP = 1
 
 
 def derive_seed(*parts: object) -> int:
@@ -122,7 +124,7 @@ def build_wide_pairs(queries: Sequence[Example], prompts: Sequence[PromptRecord]
             rows.append({
                 "pair_id": f"l0w-{len(rows)}", "query_id": query.id, "query": query.text,
                 "prompt_id": prompt.id, "prompt": prompt.text, "source": prompt.source,
-                "label": str(query.label), "group": 1, "loop": 0, "seed": seed,
+                "label": str(query.label), "group": WIDE_GROUP, "loop": 0, "seed": seed,
                 "demo_ids": [],
             })
     return _frame(rows)
@@ -151,3 +153,9 @@ def make_pairs(queries: list[Example], prompts: list[tuple[str, str, str]], task
             "group": NO_GROUP, "loop": loop, "seed": pair_seed, "demo_ids": demo_ids,
         })
     return _frame(rows)
+
+
+def on_wide_queries(frame: pd.DataFrame) -> pd.Series:
+    """Which rows (of any loop) are on one of wide Step 0's queries."""
+    wide = frame.loc[(frame["loop"] == 0) & (frame["group"] == WIDE_GROUP), "query"]
+    return frame["query"].isin(set(wide))
