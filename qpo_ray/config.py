@@ -66,12 +66,13 @@ class Config:
             (self.training.summary_epochs == 0 or self.policy.query_summary_layers > 0,
              "training.summary_epochs > 0 needs a query summary "
              "(policy.query_summary_layers > 0)"),
+            # An imported dataset's groups are its own (the paper's number several).
             (self.training.summary_queries == "all" or (
-                self.training.summary_epochs > 0
-                and (self.dataset.wide_queries > 0 or bool(self.dataset.import_path))),
+                self.training.summary_epochs > 0 and self.dataset.wide_queries > 0
+                and not self.dataset.import_path),
              "training.summary_queries: 'unseen' needs a summary part "
-             "(training.summary_epochs > 0) and wide Step-0 queries to train it on "
-             "(dataset.wide_queries > 0)"),
+             "(training.summary_epochs > 0) and a wide Step 0 built by this run to train "
+             "it on (dataset.wide_queries > 0, no dataset.import_path)"),
         ])
 
     def tracking_uri(self) -> str:

@@ -93,8 +93,9 @@ def test_bad_keys_and_values_name_the_key(override, fragment):
 
 def test_summary_queries_unseen_needs_a_summary_part_and_wide_step0():
     assert load_config("cpu-demo", ["training.summary_queries=unseen"])
-    for other in ("training.summary_epochs=0", "dataset.wide_queries=0"):
-        extra = ["dataset.wide_prompts=0"] if other.startswith("dataset") else []
+    for other in ("training.summary_epochs=0", "dataset.wide_queries=0",
+                  "dataset.import_path=paper.json"):
+        extra = ["dataset.wide_prompts=0"] if other == "dataset.wide_queries=0" else []
         with pytest.raises(ConfigError, match="training.summary_queries: 'unseen' needs"):
             load_config("cpu-demo", ["training.summary_queries=unseen", other, *extra])
 
