@@ -7,9 +7,9 @@
 comes from `cfg.training`:
 
 - ``ddp``: `ray.train.torch.prepare_model` (DistributedDataParallel when there is more
-  than one worker) over gloo on CPUs or NCCL on GPUs; optional bf16/fp16 autocast on
-  GPUs (fp16 with a gradient scaler). Rank 0 reports the policy directory as the
-  checkpoint.
+  than one worker) over gloo on CPUs or NCCL on GPUs; optional autocast (bf16 on CPUs
+  that multiply it in hardware, bf16/fp16 on GPUs, fp16 with a gradient scaler). Rank 0
+  reports the policy directory as the checkpoint.
 - ``deepspeed``: ZeRO at `zero_stage` (see `training_deepspeed`); every rank reports
   its own shard directory so no optimizer partition is lost, and the driver merges the
   fp32 partitions back into the normal policy directory, so loading a policy never
@@ -17,8 +17,9 @@ comes from `cfg.training`:
 
 How the shipped profiles run:
 
-- ``cpu-demo``: 1 CPU worker, DDP (no wrapping with one worker), fp32, a 6-layer
-  SmolLM2 backbone, `max_steps_per_loop` capping each stage.
+- ``cpu-demo``: 1 CPU worker, DDP (no wrapping with one worker), bf16 autocast where
+  the CPU multiplies bf16 in hardware (float32 elsewhere), a 6-layer SmolLM2 backbone,
+  `max_steps_per_loop` capping each stage.
 - ``v100``: GPT-2 on 1 GPU worker, DDP over NCCL, fp16 autocast with a gradient scaler
   and fp32 master weights (V100s have no bf16), 100 epochs at lr 1e-3 then 20 at 1e-4.
 - ``cluster``: 4 GPU workers, DeepSpeed ZeRO-2 over NCCL in bf16, global batch 128
