@@ -6,8 +6,8 @@ shorter than `every_s`: only the last line). Each line carries the phase, done/t
 phase's own numbers (loss, samples/s).
 
 Training reports from a Ray Train worker, another process: rank 0 writes its progress
-to a small JSON file (`write_progress_file`) and the driver follows that file
-(`follow_progress_file`) while `trainer.fit()` blocks.
+to a small JSON file (`training_step_reporter`, through `write_progress_file`) and the driver follows that
+file (`follow_progress_file`) while `trainer.fit()` blocks.
 
 The libraries' own records (Ray's, Ray Data's progress blocks, MLflow's, Python
 warnings) go to ``<run>/logs/libraries.log`` instead of the console and their progress
@@ -145,6 +145,33 @@ class follow_progress_file:
         done = int(state.pop("done", 0))
         state.pop("total", None)
         self.progress.update(done, **state)
+
+
+def training_step_reporter(path: str | None, steps_per_run: int, max_steps: int | None,
+                           world: int) -> Optional[Callable[[int, int, Any], None]]:
+    """Rank 0's step callback: the run's steps, loss and samples/s (this rank's samples
+    times the world size) into `path` for the driver's progress line, at most twice a
+    second (reading the loss, a torch scalar, synchronises a GPU)."""
+    if path is None:
+        return None
+    total = min(steps_per_run, max_steps) if max_steps is not None else steps_per_run
+    state = {"steps": 0, "samples": 0, "epoch_samples": 0, "written": 0.0,
+             "start": time.perf_counter()}
+
+    def report(epoch_steps: int, epoch_samples: int, loss: Any) -> None:
+        # run_epoch counts within its epoch; a new epoch starts again at step 1.
+        before = 0 if epoch_steps == 1 else state["epoch_samples"]
+        state["samples"] += epoch_samples - before
+        state["epoch_samples"] = epoch_samples
+        state["steps"] += 1
+        now = time.perf_counter()
+        if now - state["written"] < 0.5 and state["steps"] < total:
+            return
+        state["written"] = now
+        write_progress_file(path, {
+            "done": state["steps"], "total": total, "loss": float(loss.detach()),
+            "samples/s": world * state["samples"] / max(now - state["start"], 1e-9)})
+    return report
 
 
 # -- the libraries' logs ----------------------------------------------------------------

@@ -56,6 +56,7 @@ from qpo_ray.atomic import atomic_dir, write_text_atomic
 from qpo_ray.config import Config, ConfigError, TrainingConfig, config_from_dict
 from qpo_ray.device import autocast_dtype, configure_cpu_threads, get_device, move
 from qpo_ray.optim import EngineBase
+from qpo_ray.progress import training_step_reporter
 from qpo_ray.policy import QPOPolicy, as_batch, encode_rows, training_rows
 from qpo_ray.policy.batching import best_rows, encode_queries
 
@@ -223,7 +224,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     history: list[dict[str, float]] = []
     steps_left = tcfg.max_steps_per_loop
     epochs = config["epochs"]
-    report = _progress_reporter(config.get("progress_file") if rank == 0 else None,
+    report = training_step_reporter(config.get("progress_file") if rank == 0 else None,
                                 epochs * len(loader), steps_left, world)
 
     def after_step(steps: int, samples: int, loss: torch.Tensor) -> None:
@@ -267,35 +268,6 @@ def _prepare_summary(policy: QPOPolicy, rows: dict[str, list]) -> None:
         ids, mask = encode_queries(policy.tokenizer, queries, policy.config.max_query_tokens)
         summary.fit(ids.to(policy.device), mask.to(policy.device))
     policy.train_only_summary()
-
-
-def _progress_reporter(path: str | None, steps_per_run: int, max_steps: int | None,
-                       world: int) -> Callable[[int, int, torch.Tensor], None] | None:
-    """Rank 0's step callback: the run's steps, loss and samples/s (this rank's samples
-    times the world size) into `path` for the driver (qpo_ray.progress), at most twice a
-    second (reading the loss synchronises a GPU)."""
-    if path is None:
-        return None
-    from qpo_ray.progress import write_progress_file
-
-    total = min(steps_per_run, max_steps) if max_steps is not None else steps_per_run
-    state = {"steps": 0, "samples": 0, "epoch_samples": 0, "written": 0.0,
-             "start": time.perf_counter()}
-
-    def report(epoch_steps: int, epoch_samples: int, loss: torch.Tensor) -> None:
-        # run_epoch counts within its epoch; a new epoch starts again at step 1.
-        before = 0 if epoch_steps == 1 else state["epoch_samples"]
-        state["samples"] += epoch_samples - before
-        state["epoch_samples"] = epoch_samples
-        state["steps"] += 1
-        now = time.perf_counter()
-        if now - state["written"] < 0.5 and state["steps"] < total:
-            return
-        state["written"] = now
-        write_progress_file(path, {
-            "done": state["steps"], "total": total, "loss": float(loss.detach()),
-            "samples/s": world * state["samples"] / max(now - state["start"], 1e-9)})
-    return report
 
 
 # ----- the driver ------------------------------------------------------------------------
