@@ -66,7 +66,8 @@ class Config:
             (self.training.summary_epochs == 0 or self.policy.query_summary_layers > 0,
              "training.summary_epochs > 0 needs a query summary "
              "(policy.query_summary_layers > 0)"),
-            # An imported dataset's groups are its own (the paper's number several).
+            # An imported dataset's groups are its own (the paper's has several), so
+            # group 1 there is no wide Step 0.
             (self.training.summary_queries == "all" or (
                 self.training.summary_epochs > 0 and self.dataset.wide_queries > 0
                 and not self.dataset.import_path),

@@ -6,8 +6,8 @@ shorter than `every_s`: only the last line). Each line carries the phase, done/t
 phase's own numbers (loss, samples/s).
 
 Training reports from a Ray Train worker, another process: rank 0 writes its progress
-to a small JSON file (`training_step_reporter`, through `write_progress_file`) and the driver follows that
-file (`follow_progress_file`) while `trainer.fit()` blocks.
+to a small JSON file (`training_step_reporter`, through `write_progress_file`) and the
+driver follows that file (`follow_progress_file`) while `trainer.fit()` blocks.
 
 The libraries' own records (Ray's, Ray Data's progress blocks, MLflow's, Python
 warnings) go to ``<run>/logs/libraries.log`` instead of the console and their progress

@@ -56,9 +56,9 @@ from qpo_ray.atomic import atomic_dir, write_text_atomic
 from qpo_ray.config import Config, ConfigError, TrainingConfig, config_from_dict
 from qpo_ray.device import autocast_dtype, configure_cpu_threads, get_device, move
 from qpo_ray.optim import EngineBase
-from qpo_ray.progress import training_step_reporter
 from qpo_ray.policy import QPOPolicy, as_batch, encode_rows, training_rows
 from qpo_ray.policy.batching import best_rows, encode_queries
+from qpo_ray.progress import training_step_reporter
 
 METRIC_KEYS = ("loss", "prompt_loss", "reward_loss", "reward_mae")
 METRICS_FILE = "metrics.json"
@@ -225,7 +225,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     steps_left = tcfg.max_steps_per_loop
     epochs = config["epochs"]
     report = training_step_reporter(config.get("progress_file") if rank == 0 else None,
-                                epochs * len(loader), steps_left, world)
+                                    epochs * len(loader), steps_left, world)
 
     def after_step(steps: int, samples: int, loss: torch.Tensor) -> None:
         if report is not None:

@@ -8,6 +8,7 @@ import pytest
 from qpo_ray.config import ConfigError, load_config
 from qpo_ray.data.pairs import (
     NO_GROUP,
+    WIDE_GROUP,
     build_step0_pairs,
     build_wide_pairs,
     make_pairs,
@@ -128,7 +129,7 @@ def test_wide_step0_adds_other_collection_queries_for_the_given_prompts(emotion)
     assert len(ids) == 9 and ids <= collection and not ids & set(shared["query_id"])
     wide = build_wide_pairs(queries, prompts[:2], cfg)
     assert list(wide.columns) == list(PAIR_COLUMNS)
-    assert len(wide) == 18 and (wide["group"] == 1).all() and (wide["loop"] == 0).all()
+    assert len(wide) == 18 and (wide["group"] == WIDE_GROUP).all() and (wide["loop"] == 0).all()
     per_prompt = wide.groupby("prompt_id")["query_id"].apply(frozenset)
     assert set(per_prompt.index) == {p.id for p in prompts[:2]}
     assert (per_prompt == frozenset(ids)).all()

@@ -202,6 +202,7 @@ def test_wide_step0_on_the_real_target_keeps_r_task_from_the_shared_queries(
     from qpo_ray.backends import create_backend
     from qpo_ray.config import TargetConfig, load_config
     from qpo_ray.data.io import read_dataset
+    from qpo_ray.data.pairs import on_wide_queries
     from qpo_ray.scoring import LocalScorer
     from qpo_ray.stages.context import RunContext
     from qpo_ray.stages.step0 import build_initial_dataset
@@ -216,7 +217,8 @@ def test_wide_step0_on_the_real_target_keeps_r_task_from_the_shared_queries(
     ctx = RunContext(cfg, scorer_factory=lambda c, task, demos: LocalScorer(
         task, create_backend(target), demos))
     df, scale = read_dataset(build_initial_dataset(ctx, tmp_path / "step0.parquet"))
-    shared, wide = df[df["group"] == 0], df[df["group"] == 1]
+    # wide Step 0's rows are what the summary part trains on (on_wide_queries)
+    shared, wide = df[df["group"] == 0], df[on_wide_queries(df)]
     n_prompts = shared["prompt_id"].nunique()
     assert n_prompts >= 2 and len(shared) == 4 * n_prompts and len(wide) == 5
     on_shared = shared.groupby("prompt_id")["correct"].mean()
