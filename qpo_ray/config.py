@@ -63,6 +63,10 @@ class Config:
              "test.rank_low_reward must be in [0, loop.target_reward)"),
             (self.test.decoding != "dev" or self.task.dev_queries > 0,
              "test.decoding: 'dev' needs a dev split (task.dev_queries > 0)"),
+            (self.test.split == "test" or (self.task.dev_queries > 0
+                                           and self.test.decoding != "dev"),
+             "test.split: 'dev' needs a dev split (task.dev_queries > 0) and a fixed "
+             "test.decoding (greedy or rank): a choice made on dev is not measured on dev"),
             (self.training.summary_epochs == 0 or self.policy.query_summary_layers > 0,
              "training.summary_epochs > 0 needs a query summary "
              "(policy.query_summary_layers > 0)"),

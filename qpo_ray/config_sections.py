@@ -335,6 +335,11 @@ class TestConfig:
     # `dev_decodings`, with whichever loop's policy, is most accurate on the dev split
     # (task.dev_queries).
     decoding: Literal["greedy", "rank", "dev"] = "greedy"
+    # The queries the methods are compared on: "test" (the test split), or "dev" (the
+    # dev split, task.dev_queries, written to report-dev/): settings, baselines and the
+    # policy compared on queries that may be chosen on, the test split left untouched.
+    # "dev" needs a fixed decoding (a choice made on dev is not measured on dev).
+    split: Literal["test", "dev"] = "test"
     # The decodings "dev" chooses among (with every loop): ranking costs the policy
     # ~10x greedy's passes per dev query, which a small run may not afford.
     dev_decodings: list[str] = field(default_factory=lambda: ["greedy", "rank"])

@@ -33,6 +33,7 @@ from typing import Any, Iterator, Optional
 from qpo_ray import faults
 from qpo_ray.config import Config
 from qpo_ray.progress import send_library_logs_to
+from qpo_ray.report import report_dir
 from qpo_ray.rundir import RunDir
 from qpo_ray.stages import PIPELINE, Stage, augment, plan, step0, test
 from qpo_ray.stages import filter as filter_stage
@@ -171,11 +172,11 @@ def run_qpo(cfg: Optional[Config], resume_dir: Optional[str] = None,
         tracker.finish("FAILED")
         raise
     tracker.finish()
-    report = (run.report_dir() / "report.md").read_text()
-    print(report)
+    out = report_dir(cfg, run)
+    print((out / "report.md").read_text())
     print(f"run directory: {run.path}\nMLflow: {tracker.uri} (experiment "
           f"{cfg.tracking.experiment!r}, parent run {tracker.state['parent_run_id']})\n"
-          f"report: {run.report_dir() / 'report.md'}, {run.report_dir() / 'results.csv'}")
+          f"report: {out / 'report.md'}, {out / 'results.csv'}")
     return run.path
 
 
@@ -223,11 +224,9 @@ def evaluate_tracked(cfg: Config, run_dir: Optional[str] = None,
     """`qpo evaluate`: the test phase (with `add`, only `test.methods`, added to the
     earlier report), logged to MLflow as a run nested under the evaluated run's parent
     run (a new run when there is none). (report, where logged)."""
-    from qpo_ray.report import report_dir
-
     base = Path(run_dir) if run_dir else Path(cfg.workdir)
     send_library_logs_to(base)
     run = RunDir(run_dir) if run_dir else None
     with _one_stage(cfg, run) as ctx:
         report = test.evaluate(ctx, policy_dir=policy_dir, add=add)
-    return report, test.log_evaluation(Tracker(cfg, base), report_dir(cfg, run))
+    return report, test.log_evaluation(Tracker(cfg, base), report_dir(cfg, run), cfg.test.split)

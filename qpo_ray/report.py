@@ -12,7 +12,8 @@
    upper bound, printed apart, never a baseline.
 
 Outputs, in ``<run>/report/`` (``report-<target>/`` when testing another target than
-the run's, paper Table 8): ``report.md``, ``results.csv``, ``predictions.parquet`` (one
+the run's, paper Table 8; ``report-dev/`` when comparing on the dev split,
+`test.split: dev`): ``report.md``, ``results.csv``, ``predictions.parquet`` (one
 row per split, shots, method and query: prompt, prediction, correct), ``selection.json``,
 ``examples.csv`` and ``plots/accuracy_per_loop.png``.
 """
@@ -59,13 +60,21 @@ def well_formed(prompt: str, label_words) -> bool:
 
 
 def report_dir(cfg: Config, run: Optional[RunDir]) -> Path:
-    """Where the test phase of `run` (or of a lone policy: cfg.workdir) writes."""
+    """Where the test phase of `run` (or of a lone policy: cfg.workdir) writes; on the
+    dev split (test.split), the same name ending in "-dev"."""
     base = run.path if run is not None else Path(cfg.workdir)
+    suffix = "" if cfg.test.split == "test" else f"-{cfg.test.split}"
     if run is not None and (run.path / "config.yaml").exists():
         _, saved = RunDir.load(run.path)
         if saved.target.model != cfg.target.model:
-            return base / ("report-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.target.model))
-    return base / "report"
+            return base / ("report-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.target.model)
+                           + suffix)
+    return base / ("report" + suffix)
+
+
+def compared_queries(cfg: Config, splits: Splits) -> list[Example]:
+    """The queries the methods are compared on: the test split, or the dev split."""
+    return splits.dev if cfg.test.split == "dev" else splits.test
 
 
 def score_prompts(cfg: Config, task: Task, splits: Splits, queries: list[Example],
@@ -162,15 +171,16 @@ def _paired(row, ref: str) -> str:
             f"{100 * row[f'diff_high_vs_{ref}']:+.1f}] p={row[f'p_value_vs_{ref}']:.3g}")
 
 
-def _markdown(table: pd.DataFrame, examples: pd.DataFrame, header: list[str]) -> str:
+def _markdown(table: pd.DataFrame, examples: pd.DataFrame, header: list[str],
+              split: str = "test") -> str:
     lines = header + [""]
     for shots, part in table.groupby("shots"):
-        lines += [f"### {shots}-shot test accuracy (paired differences on the same queries: "
+        lines += [f"### {shots}-shot {split} accuracy (paired differences on the same queries: "
                   "bootstrap 95% CI, McNemar exact p)", "",
                   "| method | accuracy | 95% CI (Wilson) | n | vs manual | vs best_single "
                   "| well-formed prompts | prompt |", "|---|---|---|---|---|---|---|---|"]
         for _, row in part[~part["method"].str.startswith("single:")].iterrows():
-            name = row["method"] + (" (upper bound, picked on test)"
+            name = row["method"] + (f" (upper bound, picked on {split})"
                                     if row["method"] == "best_single_oracle" else "")
             wf = row.get("well_formed")
             lines.append(f"| {name} | {100 * row['accuracy']:.1f} | [{100 * row['ci_low']:.1f}, "
@@ -180,7 +190,7 @@ def _markdown(table: pd.DataFrame, examples: pd.DataFrame, header: list[str]) ->
                          f"{_prompt_cell(row)} |")
         lines.append("")
     if len(examples):
-        lines += ["### QPO's prompts (sample of test queries)", "",
+        lines += [f"### QPO's prompts (sample of {split} queries)", "",
                   "| query | gold | QPO prompt | QPO correct | manual correct |", "|---|---|---|---|---|"]
         for row in examples.itertuples():
             lines.append(f"| {_cell(row.query, 120)} | {row.label} | {_cell(row.prompt, 200)} | "
@@ -224,17 +234,18 @@ def rewards_per_loop(run: Optional[RunDir]) -> dict[str, list[float]]:
     return out
 
 
-def earlier_report(out_dir: Path, test: list[Example]) -> tuple[pd.DataFrame, dict]:
+def earlier_report(out_dir: Path, test: list[Example],
+                   split: str = "test") -> tuple[pd.DataFrame, dict]:
     """The predictions and dev choice of the report in `out_dir` (what `evaluate_run`'s
-    `earlier` adds methods to), checked to be on the same test queries."""
+    `earlier` adds methods to), checked to be on the same queries of `split`."""
     path = out_dir / "predictions.parquet"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no earlier test report to add methods to; run the "
                                 "whole test phase first (qpo evaluate without --add)")
     earlier = pd.read_parquet(path)
-    had, wanted = set(earlier.loc[earlier["split"] == "test", "query_id"]), {q.id for q in test}
+    had, wanted = set(earlier.loc[earlier["split"] == split, "query_id"]), {q.id for q in test}
     if had != wanted:
-        raise ValueError(f"{path}: its test queries are not this config's test split "
+        raise ValueError(f"{path}: its {split} queries are not this config's {split} split "
                          f"({len(had)} vs {len(test)} queries, {len(had - wanted)} not in it): "
                          "add methods with the run's own profile and seed")
     selection = out_dir / "selection.json"
@@ -245,10 +256,11 @@ def evaluate_run(cfg: Config, task: Task, splits: Splits, score: ScoreFn,
                  run_dir: Optional[str] = None, policy_dir: Optional[str] = None,
                  earlier: Optional[tuple[pd.DataFrame, dict]] = None) -> str:
     """Test the policy (a run's loops, or `policy_dir`) and the configured baselines on
-    the test split, `score` scoring pairs on the target; writes the report files and
-    returns the markdown report. Given `earlier` (`earlier_report` of the same directory),
-    only `test.methods` are scored and their rows join (or replace) that report's: a
-    baseline added to a finished run costs its own pairs, not the whole test phase again."""
+    the test split (or the dev split: test.split), `score` scoring pairs on the target;
+    writes the report files and returns the markdown report. Given `earlier`
+    (`earlier_report` of the same directory), only `test.methods` are scored and their
+    rows join (or replace) that report's: a baseline added to a finished run costs its
+    own pairs, not the whole test phase again."""
     from qpo_ray.data.io import read_dataset
     from qpo_ray.plots import accuracy_per_loop
     from qpo_ray.prompts import load_collection, manual_prompt
@@ -278,8 +290,9 @@ def evaluate_run(cfg: Config, task: Task, splits: Splits, score: ScoreFn,
         frames.append(dev_scored)
         selection.update(info, loop=ctx.choice.loop, chosen_decoding=ctx.choice.decoding,
                          dev_queries=len(splits.dev))
-    prompts = method_prompts(ctx, list(cfg.test.methods), splits.test)
-    test_scored, usage = score_prompts(cfg, task, splits, splits.test, prompts, score, "test",
+    split, queries = cfg.test.split, compared_queries(cfg, splits)
+    prompts = method_prompts(ctx, list(cfg.test.methods), queries)
+    test_scored, usage = score_prompts(cfg, task, splits, queries, prompts, score, split,
                                        settings)
     frames.append(test_scored)
     write_json_atomic(out_dir / "selection.json", selection)
@@ -292,7 +305,7 @@ def evaluate_run(cfg: Config, task: Task, splits: Splits, score: ScoreFn,
         redone = kept.set_index(rows).index.isin(predictions.set_index(rows).index)
         predictions = pd.concat([kept[~redone][columns], predictions], ignore_index=True)
     predictions.to_parquet(out_dir / "predictions.parquet", index=False)
-    test = predictions[predictions["split"] == "test"]
+    test = predictions[predictions["split"] == split]
     table = results_table(test, getattr(task, "label_words", ()))
     table.to_csv(out_dir / "results.csv", index=False)
     examples = _examples(test, settings[0], cfg.test.num_example_prompts)
@@ -304,13 +317,13 @@ def evaluate_run(cfg: Config, task: Task, splits: Splits, score: ScoreFn,
               f"qpo = loop {max(policy_dirs)}, "
               f"{selection.get('decoding', cfg.test.decoding)} decoding")
     cost_of = (f"the methods added last ({', '.join(cfg.test.methods)})" if add
-               else "the test phase")
-    header = [f"## QPO test report: {task.name}",
+               else f"the {split} phase")
+    header = [f"## QPO {split} report: {task.name}",
               f"target: {cfg.target.model} ({cfg.target.backend}); policy: "
               f"{policy_dirs[max(policy_dirs)]}", chosen,
-              f"test queries: {len(splits.test)}; target cost of {cost_of}: "
+              f"{split} queries: {len(queries)}; target cost of {cost_of}: "
               f"{usage.get('calls', 0)} calls ({usage['pairs_scored']} distinct pairs), "
               f"{usage.get('engine_seconds', 0.0):.1f} engine-s"]
-    report = _markdown(table, examples, header)
+    report = _markdown(table, examples, header, split)
     (out_dir / "report.md").write_text(report)
     return report

@@ -84,6 +84,7 @@ def test_int_is_accepted_where_a_float_is_expected():
         ("test.dev_decodings=[]", "test.dev_decodings"),
         ("training.summary_reward=best", "training.summary_reward"),
         ("training.summary_queries=some", "training.summary_queries"),
+        ("test.split=holdout", "test.split"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(override, fragment):
@@ -98,6 +99,13 @@ def test_summary_queries_unseen_needs_a_summary_part_and_wide_step0():
         extra = ["dataset.wide_prompts=0"] if other == "dataset.wide_queries=0" else []
         with pytest.raises(ConfigError, match="training.summary_queries: 'unseen' needs"):
             load_config("cpu-demo", ["training.summary_queries=unseen", other, *extra])
+
+
+def test_split_dev_needs_a_dev_split_and_a_fixed_decoding():
+    assert load_config("cpu-demo", ["test.split=dev", "test.decoding=greedy"]).test.split == "dev"
+    for others in (["test.decoding=dev"], ["test.decoding=greedy", "task.dev_queries=0"]):
+        with pytest.raises(ConfigError, match="test.split: 'dev' needs a dev split"):
+            load_config("cpu-demo", ["test.split=dev", *others])
 
 
 def test_section_given_a_scalar_is_rejected():

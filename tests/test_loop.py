@@ -440,6 +440,44 @@ def test_evaluate_adds_methods_to_the_finished_report(finished_run, profile):
     pd.testing.assert_frame_equal(pd.read_parquet(report / "predictions.parquet"), after)
 
 
+def test_split_dev_compares_the_methods_on_dev_and_leaves_the_test_report(finished_run, profile,
+                                                                          ray_cluster):
+    """`test.split: dev`: the methods are compared on the run's dev queries (none of them a
+    test query) into report-dev/, logged under dev/ in MLflow; each loop's greedy prompts
+    answer there exactly as in the run's own dev choice; the test report is untouched."""
+    from mlflow.tracking import MlflowClient
+
+    from qpo_ray.loop import evaluate_tracked
+    from qpo_ray.tasks import task_and_splits
+
+    workdir = finished_run[0]
+    before = pd.read_parquet(workdir / "report" / "predictions.parquet")
+    cfg = load_config(str(profile), [f"workdir={workdir}", "test.split=dev",
+                                     "test.decoding=greedy", "test.methods=[qpo, manual, router]"])
+    report, logged = evaluate_tracked(cfg, run_dir=str(workdir))
+
+    pd.testing.assert_frame_equal(pd.read_parquet(workdir / "report" / "predictions.parquet"),
+                                  before)
+    dev = pd.read_parquet(workdir / "report-dev" / "predictions.parquet")
+    _, splits = task_and_splits(cfg)
+    dev_ids, test_ids = {q.id for q in splits.dev}, {q.id for q in splits.test}
+    assert set(dev["split"]) == {"dev"} and set(dev["query_id"]) == dev_ids
+    assert not dev_ids & test_ids
+    assert set(dev["method"]) == {"qpo", "qpo_loop1", "qpo_loop2", "manual", "router"}
+    assert "dev queries: 4;" in report and "0-shot dev accuracy" in report
+    for loop in (1, 2):
+        ours = dev[dev["method"] == f"qpo_loop{loop}"].set_index("query_id").sort_index()
+        chosen = before[before["method"] == f"qpo_loop{loop}/greedy"].set_index("query_id")
+        chosen = chosen.sort_index()
+        assert (ours["prompt"] == chosen["prompt"]).all()
+        assert (ours["prediction"] == chosen["prediction"]).all()
+
+    run_id = re.search(r"nested run (\w+) \(evaluate-report-dev\)", logged).group(1)
+    metrics = set(MlflowClient(cfg.tracking_uri()).get_run(run_id).data.metrics)
+    assert "dev/0shot/qpo/accuracy" in metrics
+    assert not any(key.startswith("test/") for key in metrics)
+
+
 def test_dev_choice_tries_only_the_listed_decodings(finished_run, profile, ray_cluster,
                                                     tmp_path):
     """`test.dev_decodings: [greedy]`: the dev split picks among the loops' greedy prompts

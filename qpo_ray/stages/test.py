@@ -16,7 +16,7 @@ from qpo_ray.config import Config
 from qpo_ray.evaluation import init_ray
 from qpo_ray.methods import check_method_inputs
 from qpo_ray.prompts import load_collection, manual_prompt_note
-from qpo_ray.report import earlier_report, evaluate_run
+from qpo_ray.report import compared_queries, earlier_report, evaluate_run
 from qpo_ray.report import report_dir as report_dir_of
 from qpo_ray.stages import Stage, StageOutputs
 from qpo_ray.stages.context import RunContext
@@ -48,40 +48,43 @@ def evaluate(ctx: RunContext, policy_dir: Optional[str] = None, add: bool = Fals
     """The test phase of `ctx.run` (or of the policy in `policy_dir`; with `add`, only
     `test.methods`, added to the earlier report); returns the markdown report."""
     # No report to add to, or other test queries: refused before Ray starts.
-    earlier = earlier_report(report_dir_of(ctx.cfg, ctx.run), ctx.splits.test) if add else None
+    split = ctx.cfg.test.split
+    earlier = (earlier_report(report_dir_of(ctx.cfg, ctx.run),
+                              compared_queries(ctx.cfg, ctx.splits), split) if add else None)
     init_ray(ctx.cfg)  # the ablations train on Ray before anything is scored
     return evaluate_run(ctx.cfg, ctx.task, ctx.splits,
-                        lambda pairs: ctx.score(pairs, label="test: scoring"),
+                        lambda pairs: ctx.score(pairs, label=f"{split}: scoring"),
                         run_dir=str(ctx.run.path) if ctx.run else None, policy_dir=policy_dir,
                         earlier=earlier)
 
 
 def run(ctx: RunContext, stage: Stage) -> ReportOutputs:
     evaluate(ctx)
-    return ReportOutputs(report=str(ctx.run.report_dir() / "report.md"))
+    return ReportOutputs(report=str(report_dir_of(ctx.cfg, ctx.run) / "report.md"))
 
 
 def log(ctx: RunContext, stage: Stage, outputs: dict[str, Any]) -> None:
-    log_report(ctx.tracker, ctx.tracker.parent_run_id(), ctx.run.report_dir())
+    log_report(ctx.tracker, ctx.tracker.parent_run_id(), report_dir_of(ctx.cfg, ctx.run),
+               ctx.cfg.test.split)
 
 
-def log_report(tracker: "Tracker", run_id: str, report_dir: Path) -> None:
-    """A test report's accuracies (per shots and method) and its files."""
+def log_report(tracker: "Tracker", run_id: str, report_dir: Path, split: str = "test") -> None:
+    """A report's accuracies (per shots and method, under `split`/) and its files."""
     results = pd.read_csv(report_dir / "results.csv")
     for row in results.itertuples():
-        key = f"test/{row.shots}shot/{row.method}/"
+        key = f"{split}/{row.shots}shot/{row.method}/"
         tracker.log_metrics(run_id, {key + "accuracy": row.accuracy, key + "ci_low": row.ci_low,
                                      key + "ci_high": row.ci_high, key + "n": row.n})
     tracker.client.log_artifacts(run_id, str(report_dir), "report")
 
 
-def log_evaluation(tracker: "Tracker", report_dir: Path) -> str:
+def log_evaluation(tracker: "Tracker", report_dir: Path, split: str = "test") -> str:
     """A standalone `qpo evaluate` in MLflow: a run nested under the evaluated run's
     parent run (or a new run when the directory has none); says which."""
     name = f"evaluate-{report_dir.name}"
     run_id, parent = tracker.evaluation_run_id(name)
     try:
-        log_report(tracker, run_id, report_dir)
+        log_report(tracker, run_id, report_dir, split)
     except BaseException:
         tracker.client.set_terminated(run_id, "FAILED")
         raise
