@@ -211,6 +211,10 @@ def main() -> int:
                         "dataset.query_reward=predicted); use another --workdir per variant")
     p.add_argument("--report-only", action="store_true", help="summarise finished seeds only")
     args = p.parse_args()
+    if any(o.replace(" ", "").startswith("test.split=") for o in args.overrides):
+        p.error("--set test.split: this benchmark measures on the test split; compare on the "
+                "dev split with `qpo evaluate --run-dir <seed dir> --set test.split=dev "
+                "--set test.decoding=greedy` (README: the router on the dev split)")
     if not args.report_only:
         for seed in args.seeds:
             run_seed(seed, args.workdir, args.profile, args.overrides)

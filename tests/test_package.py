@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -54,6 +55,22 @@ def test_cli_reports_a_bad_override_with_its_key():
     )
     assert proc.returncode == 2
     assert "loop.num_loopz" in proc.stderr
+
+
+def test_effectiveness_benchmark_refuses_to_measure_on_another_split(tmp_path):
+    """Its verdicts are test-split verdicts: `--set test.split=dev` is refused before any
+    seed runs (the runs would write report-dev/, which it never reads)."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, str(repo / "benchmarks" / "effectiveness.py"), "--workdir",
+         str(tmp_path), "--set", "test.split=dev", "--set", "test.decoding=greedy"],
+        capture_output=True, text=True, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)},
+    )
+    assert proc.returncode == 2
+    assert "--set test.split" in proc.stderr and "qpo evaluate" in proc.stderr
+    assert not any(tmp_path.iterdir())
 
 
 def test_embedded_model_is_a_loadable_hf_checkpoint_that_generates(tiny_model_dir):
