@@ -49,7 +49,9 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     if n == 0:
         return 1.0
     tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1))
-    return min(1.0, 2.0 * tail / 2 ** n)
+    # Integer over integer: exact, where a float of either side overflows past n ~ 1,020
+    # discordant queries (five seeds of 1,000 test queries reach that).
+    return min(1.0, 2 * tail / 2 ** n)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,17 @@ def test_mcnemar_exact_on_a_hand_computed_table():
         mcnemar_exact(-1, 3)
 
 
+def test_mcnemar_exact_past_the_float_range():
+    # Pooled over seeds the discordant count passes 1,024, where 2**n is no float. The
+    # normal approximation (continuity-corrected) is within a few percent there.
+    p = mcnemar_exact(700, 600)
+    z = (abs(700 - 600) - 1) / math.sqrt(1300)
+    assert p == pytest.approx(math.erfc(z / math.sqrt(2)), rel=0.05)
+    assert 0.005 < p < 0.01
+    assert mcnemar_exact(650, 650) == 1.0
+    assert 0.0 <= mcnemar_exact(3000, 0) < 1e-300
+
+
 def test_paired_difference_on_the_same_table():
     a = np.array([1] * 50 + [1] * 8 + [0] * 2 + [0] * 40)
     b = np.array([1] * 50 + [0] * 8 + [1] * 2 + [0] * 40)
