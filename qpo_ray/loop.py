@@ -229,4 +229,4 @@ def evaluate_tracked(cfg: Config, run_dir: Optional[str] = None,
     run = RunDir(run_dir) if run_dir else None
     with _one_stage(cfg, run) as ctx:
         report = test.evaluate(ctx, policy_dir=policy_dir, add=add)
-    return report, test.log_evaluation(Tracker(cfg, base), report_dir(cfg, run), cfg.test.split)
+    return report, test.log_evaluation(Tracker(cfg, base), report_dir(cfg, run))

@@ -212,9 +212,6 @@ class RunDir:
     def train_dir(self, loop: int) -> Path:
         return self.path / f"loop{loop}"
 
-    def report_dir(self) -> Path:
-        return self.path / "report"
-
     def final_dataset_path(self, cfg: Config) -> Path:
         return self.dataset_path(cfg.loop.num_loops)
 

@@ -29,6 +29,7 @@ from qpo_ray.data.io import read_dataset
 from qpo_ray.faults import FAULT_ENV
 from qpo_ray.policy.model import POLICY_FILE
 from qpo_ray.prompts import load_collection
+from qpo_ray.report import report_dir
 from qpo_ray.rundir import RunDir, stage_names
 from qpo_ray.tracking import TRACKING_FILE
 
@@ -172,7 +173,7 @@ def test_run_goes_through_every_stage_and_prints_the_report(finished_run, profil
     assert (run.policy_dir(1) / POLICY_FILE).exists()
     assert (run.policy_dir(2) / POLICY_FILE).exists()
 
-    results = pd.read_csv(run.report_dir() / "results.csv")
+    results = pd.read_csv(report_dir(cfg, run) / "results.csv")
     methods = set(results["method"])
     assert {"qpo", "qpo_loop1", "qpo_loop2", "qpo_greedy", "manual", "best_single", "router",
             "best_single_oracle", "nearest_neighbour"} <= methods
@@ -191,17 +192,17 @@ def test_run_goes_through_every_stage_and_prints_the_report(finished_run, profil
     assert "vs best_single" in stdout and "p=" in stdout and "upper bound" in stdout
 
     # The loop and decoding were chosen on the dev split, never on test queries.
-    selection = json.loads((run.report_dir() / "selection.json").read_text())
+    selection = json.loads((report_dir(cfg, run) / "selection.json").read_text())
     assert selection["loop"] in (1, 2) and selection["chosen_decoding"] in ("greedy", "rank")
     assert set(selection["dev_accuracy"]) == {f"qpo_loop{t}/{d}" for t in (1, 2)
                                               for d in ("greedy", "rank")}
-    pred = pd.read_parquet(run.report_dir() / "predictions.parquet")
+    pred = pd.read_parquet(report_dir(cfg, run) / "predictions.parquet")
     assert {"split", "method", "query_id", "prompt", "prediction", "correct"} <= set(pred.columns)
     dev_ids, test_ids = (set(pred[pred["split"] == s]["query_id"]) for s in ("dev", "test"))
     assert len(dev_ids) == 4 and len(test_ids) == 6 and not dev_ids & test_ids
     assert not dev_ids & set(step0["query_id"]) and not dev_ids & set(rows["query_id"])
     assert len(pred[(pred["split"] == "test") & (pred["method"] == "qpo")]) == 6
-    assert (run.report_dir() / "plots" / "accuracy_per_loop.png").stat().st_size > 0
+    assert (report_dir(cfg, run) / "plots" / "accuracy_per_loop.png").stat().st_size > 0
     # Fixed prompts are shown with their text beside their id.
     manual = table.loc["manual"]
     assert f"| {manual['prompt'][:60]}" in stdout and f"({manual['prompt_id']}) |" in stdout

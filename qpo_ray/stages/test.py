@@ -64,27 +64,27 @@ def run(ctx: RunContext, stage: Stage) -> ReportOutputs:
 
 
 def log(ctx: RunContext, stage: Stage, outputs: dict[str, Any]) -> None:
-    log_report(ctx.tracker, ctx.tracker.parent_run_id(), report_dir_of(ctx.cfg, ctx.run),
-               ctx.cfg.test.split)
+    log_report(ctx.tracker, ctx.tracker.parent_run_id(), report_dir_of(ctx.cfg, ctx.run))
 
 
-def log_report(tracker: "Tracker", run_id: str, report_dir: Path, split: str = "test") -> None:
-    """A report's accuracies (per shots and method, under `split`/) and its files."""
+def log_report(tracker: "Tracker", run_id: str, report_dir: Path) -> None:
+    """A report's accuracies (per shots and method, under the split it compared on:
+    test/ or dev/) and its files."""
     results = pd.read_csv(report_dir / "results.csv")
     for row in results.itertuples():
-        key = f"{split}/{row.shots}shot/{row.method}/"
+        key = f"{tracker.cfg.test.split}/{row.shots}shot/{row.method}/"
         tracker.log_metrics(run_id, {key + "accuracy": row.accuracy, key + "ci_low": row.ci_low,
                                      key + "ci_high": row.ci_high, key + "n": row.n})
     tracker.client.log_artifacts(run_id, str(report_dir), "report")
 
 
-def log_evaluation(tracker: "Tracker", report_dir: Path, split: str = "test") -> str:
+def log_evaluation(tracker: "Tracker", report_dir: Path) -> str:
     """A standalone `qpo evaluate` in MLflow: a run nested under the evaluated run's
     parent run (or a new run when the directory has none); says which."""
     name = f"evaluate-{report_dir.name}"
     run_id, parent = tracker.evaluation_run_id(name)
     try:
-        log_report(tracker, run_id, report_dir, split)
+        log_report(tracker, run_id, report_dir)
     except BaseException:
         tracker.client.set_terminated(run_id, "FAILED")
         raise
