@@ -31,6 +31,7 @@ looks at the test set to choose anything):
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -50,14 +51,24 @@ REFERENCES = ("manual", "best_single")
 
 def missing_methods(run_dir: Path, profile: Path, overrides: list[str]) -> list[str]:
     """The profile's test methods a finished seed's report has no rows for (methods
-    added to the profile after the seed ran)."""
+    added to the profile after the seed ran), and qpo if its dev choice weighed other
+    decodings than the profile's."""
     from qpo_ray.config import load_config
 
-    methods = load_config(profile, overrides).test.methods
+    config = load_config(profile, overrides)
+    methods = config.test.methods
     have = set(pd.read_parquet(run_dir / "report" / "predictions.parquet",
                                columns=["method"])["method"])
     # best_single_oracle's rows are the collection's prompts, one row each (single:<id>).
     have |= {"best_single_oracle"} if any(m.startswith("single:") for m in have) else set()
+    # qpo is chosen on dev among test.dev_decodings: a seed whose dev choice weighed
+    # other decodings is chosen again (the same policies; only the test stage reruns).
+    selection = run_dir / "report" / "selection.json"
+    if selection.exists():
+        weighed = {k.split("/")[1] for k in json.loads(selection.read_text()).get(
+            "dev_accuracy", {})}
+        if weighed and weighed != set(config.test.dev_decodings):
+            have.discard("qpo")
     return [m for m in methods if m not in have]
 
 

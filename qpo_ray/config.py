@@ -66,7 +66,7 @@ class Config:
             (self.test.split == "test" or (self.task.dev_queries > 0
                                            and self.test.decoding != "dev"),
              "test.split: 'dev' needs a dev split (task.dev_queries > 0) and a fixed "
-             "test.decoding (greedy or rank): a choice made on dev is not measured on dev"),
+             "test.decoding (greedy, rank or mbr): a choice made on dev is not measured on dev"),
             (self.training.summary_epochs == 0 or self.policy.query_summary_layers > 0,
              "training.summary_epochs > 0 needs a query summary "
              "(policy.query_summary_layers > 0)"),

@@ -331,17 +331,20 @@ class TestConfig:
     )
     # How `qpo` turns the policy into a prompt per query: "greedy" at the target reward
     # (the paper), "rank" (the best of candidate prompts by log p(c | R high, q) -
-    # log p(c | R low, q), see qpo_ray/policy/ranking.py), or "dev": whichever of
+    # log p(c | R low, q), see qpo_ray/policy/ranking.py), "mbr" (the Step-0 prompt with
+    # the highest expected correctness under the policy's belief about which prompt is
+    # best, see qpo_ray/policy/mbr.py), or "dev": whichever of
     # `dev_decodings`, with whichever loop's policy, is most accurate on the dev split
     # (task.dev_queries).
-    decoding: Literal["greedy", "rank", "dev"] = "greedy"
+    decoding: Literal["greedy", "rank", "mbr", "dev"] = "greedy"
     # The queries the methods are compared on: "test" (the test split), or "dev" (the
     # dev split, task.dev_queries, written to report-dev/): settings, baselines and the
     # policy compared on queries that may be chosen on, the test split left untouched.
     # "dev" needs a fixed decoding (a choice made on dev is not measured on dev).
     split: Literal["test", "dev"] = "test"
     # The decodings "dev" chooses among (with every loop): ranking costs the policy
-    # ~10x greedy's passes per dev query, which a small run may not afford.
+    # ~10x greedy's passes per dev query, which a small run may not afford; mbr reads
+    # each Step-0 prompt once per query (8 candidates: ~0.15 s a query on 2 cores).
     dev_decodings: list[str] = field(default_factory=lambda: ["greedy", "rank"])
     # Ranking's candidates: the best N collection prompts by Step-0 R_task, the greedy
     # prompt, and K prompts sampled at the target reward (top-k/top-p of `loop`).
@@ -364,8 +367,9 @@ class TestConfig:
         require_all([
             (self.rank_collection_prompts >= 0 and self.rank_samples >= 0,
              "test.rank_collection_prompts / test.rank_samples must be >= 0"),
-            (bool(self.dev_decodings) and set(self.dev_decodings) <= {"greedy", "rank"},
-             f"test.dev_decodings must list greedy and/or rank, got {self.dev_decodings}"),
+            (bool(self.dev_decodings) and set(self.dev_decodings) <= {"greedy", "rank", "mbr"},
+             f"test.dev_decodings must list greedy, rank and/or mbr, got "
+             f"{self.dev_decodings}"),
         ])
 
 

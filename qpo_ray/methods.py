@@ -6,7 +6,7 @@ A method returns {row name: one (id, text, source) per query}; most return one r
 `qpo` also returns `qpo_loop<t>` rows for the other loops' policies.
 
 - ``qpo``: the policy of the loop chosen on the dev split, with the decoding chosen
-  there (``Choice``); ``qpo_loop<t>``: every other loop's policy, same decoding, to show
+  there (``Choice``: greedy, rank or mbr, see `policy_prompts`); ``qpo_loop<t>``: every other loop's policy, same decoding, to show
   what each loop adds. Without a dev split: the last loop, `test.decoding`.
 - ``qpo_greedy``: the paper's test protocol as is: the last loop, greedy at reward 100.
 - ``manual``: the collection's manual (PromptSource-style) prompt.
@@ -52,7 +52,7 @@ from qpo_ray.stages.train import train_loop
 from qpo_ray.tasks.base import Example, Splits, Task
 
 PromptTuple = tuple[str, str, str]
-DECODINGS = ("greedy", "rank")
+DECODINGS = ("greedy", "rank", "mbr")
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,20 @@ class MethodContext:
     # (loop, decoding, query ids) -> prompts: qpo and qpo_loop<t> share generations.
     _cache: dict = field(default_factory=dict)
 
+    def mbr_table(self):
+        """mbr decoding's candidates and utilities, from Step 0 (qpo_ray/policy/mbr.py);
+        a query's best prompt is ranked as the summary part ranks it, if it trains."""
+        from qpo_ray.policy.mbr import utility_table
+
+        if self.step0 is None:
+            raise ConfigError("test.decoding: mbr needs the run's Step-0 data: evaluate a "
+                              "run directory")
+        if "mbr" not in self._cache:
+            t = self.cfg.training
+            self._cache["mbr"] = utility_table(
+                self.step0, t.summary_rank_by if t.summary_epochs else "reward")
+        return self._cache["mbr"]
+
     @property
     def last_loop(self) -> int:
         return max(self.policy_dirs)
@@ -96,35 +110,41 @@ class MethodContext:
 
 def policy_prompts(ctx: MethodContext, loop: int, decoding: str, queries: list[Example],
                    source: str = "qpo", policy_dir: Optional[str] = None) -> list[PromptTuple]:
-    """One prompt per query from a policy: greedy at the target reward, or ranked
+    """One prompt per query from a policy: greedy at the target reward; ranked
     (qpo_ray.policy.ranking) among the best collection prompts, the greedy prompt and
-    `test.rank_samples` sampled ones."""
+    `test.rank_samples` sampled ones; or by mbr (qpo_ray.policy.mbr) among Step 0's
+    prompts."""
     from qpo_ray.policy import QPOPolicy, generate_prompts
-    from qpo_ray.policy.ranking import rank_candidates
+    from qpo_ray.policy.mbr import mbr_choice
+    from qpo_ray.policy.ranking import candidate_logprobs, rank_candidates
 
     if decoding not in DECODINGS:
         raise ConfigError(f"test.decoding: unknown decoding {decoding!r} (known: "
                           f"{list(DECODINGS)} or 'dev')")
     key = (policy_dir or loop, decoding, tuple(q.id for q in queries))
     if key not in ctx._cache:
-        t = ctx.cfg.test
+        t, reward = ctx.cfg.test, ctx.cfg.loop.target_reward
         # Ranking's candidates include the greedy prompts (cached: qpo_greedy reuses them).
-        greedy = ([] if decoding == "greedy" else
+        greedy = ([] if decoding != "rank" else
                   [p[1] for p in policy_prompts(ctx, loop, "greedy", queries, source, policy_dir)])
         policy = QPOPolicy.load(policy_dir or ctx.policy_dirs[loop])
         texts = [q.text for q in queries]
-        passes = 1 if decoding == "greedy" else t.rank_samples
+        passes = t.rank_samples if decoding == "rank" else 1
         whose = source if policy_dir else f"loop {loop}"
         progress = Progress(f"test: {whose} {decoding} prompts", passes * len(texts), "prompts")
 
         def on_batch(k: int) -> Callable[[int], None]:
             return lambda done: progress.update(k * len(texts) + done)
         if decoding == "greedy":
-            chosen = generate_prompts(policy, texts, target_reward=ctx.cfg.loop.target_reward,
-                                      on_batch=on_batch(0))
+            chosen = generate_prompts(policy, texts, target_reward=reward, on_batch=on_batch(0))
+        elif decoding == "mbr":
+            table = ctx.mbr_table()
+            logprobs = candidate_logprobs(policy, texts, [table.prompts] * len(texts), reward,
+                                          on_batch=on_batch(0))
+            chosen = [table.prompts[i] for i in mbr_choice(logprobs, table.utility)]
         else:
             fixed = [r.text for r in ctx.ranked_collection()[:t.rank_collection_prompts]]
-            sampled = [generate_prompts(policy, texts, target_reward=ctx.cfg.loop.target_reward,
+            sampled = [generate_prompts(policy, texts, target_reward=reward,
                                         do_sample=True, top_k=ctx.cfg.loop.top_k,
                                         top_p=ctx.cfg.loop.top_p, seed=ctx.cfg.seed + k,
                                         on_batch=on_batch(k))
@@ -137,7 +157,7 @@ def policy_prompts(ctx: MethodContext, loop: int, decoding: str, queries: list[E
             # as the sampling above, so it gets its own progress line.
             progress = Progress(f"test: {whose} ranking {len(candidates[0])} candidates",
                                 2 * len(texts), "query passes")
-            scores = rank_candidates(policy, texts, candidates, ctx.cfg.loop.target_reward,
+            scores = rank_candidates(policy, texts, candidates, reward,
                                      t.rank_low_reward, on_batch=progress.update)
             chosen = [row[int(np.argmax(s))] for row, s in zip(candidates, scores)]
         progress.close()

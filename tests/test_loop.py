@@ -492,3 +492,37 @@ def test_dev_choice_tries_only_the_listed_decodings(finished_run, profile, ray_c
     selection = json.loads((tmp_path / "report" / "selection.json").read_text())
     assert set(selection["dev_accuracy"]) == {"qpo_loop1/greedy"}
     assert selection["chosen_decoding"] == "greedy" and selection["dev_queries"] == 4
+
+
+def test_mbr_decoding_picks_the_step0_prompt_the_policy_expects_to_be_right(
+        finished_run, profile, ray_cluster, tmp_path):
+    """`test.decoding: mbr` on a copy of the finished run: every qpo prompt is one of Step
+    0's candidates, and each is the expected-correctness choice recomputed here from the
+    loop's policy and the run's Step-0 table, query by query."""
+    import shutil
+
+    from qpo_ray.loop import evaluate_tracked
+    from qpo_ray.policy import QPOPolicy
+    from qpo_ray.policy.mbr import mbr_choice, utility_table
+    from qpo_ray.policy.ranking import candidate_logprobs
+
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run[0], workdir, ignore=shutil.ignore_patterns("mlartifacts"))
+    cfg = load_config(str(profile), [f"workdir={workdir}", "test.decoding=mbr",
+                                     "test.methods=[qpo]"])
+    evaluate_tracked(cfg, run_dir=str(workdir))
+    run = RunDir(workdir)
+    assert json.loads((report_dir(cfg, run) / "selection.json").read_text()) == {
+        "decoding": "mbr"}
+    pred = pd.read_parquet(report_dir(cfg, run) / "predictions.parquet")
+    qpo = pred[pred["method"] == "qpo_loop2"].sort_values("query_id")
+    step0, _ = read_dataset(run.step0_path())
+    table = utility_table(step0, "reward")  # the tiny profile trains no summary part
+    assert len(table.prompts) == 7 and set(qpo["prompt"]) <= set(table.prompts)
+    policy = QPOPolicy.load(str(run.policy_dir(2)))
+    logprobs = candidate_logprobs(policy, qpo["query"].tolist(),
+                                  [table.prompts] * len(qpo), cfg.loop.target_reward)
+    expected = [table.prompts[i] for i in mbr_choice(logprobs, table.utility)]
+    assert qpo["prompt"].tolist() == expected
+    assert (pred.loc[pred["method"] == "qpo", "prompt"].sort_values().tolist()
+            == sorted(expected))

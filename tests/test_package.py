@@ -73,6 +73,32 @@ def test_effectiveness_benchmark_refuses_to_measure_on_another_split(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_effectiveness_benchmark_rechooses_qpo_when_the_dev_decodings_change(tmp_path):
+    """A finished seed is reused; its qpo is chosen again (`qpo evaluate --add qpo`) when
+    its dev choice weighed other decodings than the profile lists, and only then."""
+    import importlib.util
+    from pathlib import Path
+
+    import pandas as pd
+
+    repo = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("effectiveness",
+                                                  repo / "benchmarks" / "effectiveness.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = tmp_path / "seed0" / "report"
+    report.mkdir(parents=True)
+    methods = ["qpo", "qpo_loop1", "manual", "best_single", "router", "label_router",
+               "label_router_collection"]
+    pd.DataFrame({"method": methods}).to_parquet(report / "predictions.parquet")
+    profile = repo / "benchmarks" / "profiles" / "effectiveness.yaml"
+    for weighed, missing in ((["greedy"], ["qpo"]), (["greedy", "mbr"], [])):
+        accuracy = {f"qpo_loop{t}/{d}": 0.7 for t in (1, 2) for d in weighed}
+        (report / "selection.json").write_text(json.dumps({"dev_accuracy": accuracy}))
+        assert bench.missing_methods(tmp_path / "seed0", profile,
+                                     ["seed=0", "test.dev_decodings=[greedy, mbr]"]) == missing
+
+
 def test_embedded_model_is_a_loadable_hf_checkpoint_that_generates(tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

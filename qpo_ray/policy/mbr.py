@@ -1,0 +1,77 @@
+"""Minimum-Bayes-risk choice among scored prompts: a decoding for the test phase.
+
+Why: trained on each query's best prompt, the policy learns which prompt *was* best on a
+query, and on a label task that is nearly always a prompt that pushes the query's gold
+label. Greedy decoding then bets on one label per query, so its accuracy is the
+accuracy of that bet. Where the policy is unsure (0.55 / 0.45 between a prompt that
+pushes "positive" and one that pushes "negative"), a prompt that lets the target read
+the review is right more often than either bet. MBR decoding (Kumar & Byrne, NAACL
+2004) takes the prompt with the highest expected correctness under the policy's own
+belief about which prompt is best:
+
+    choose argmax_c  sum_c' p(c' | R = target, q) * U[c, c']
+
+- p: the policy's likelihood of each candidate c' at the target reward (teacher-forced,
+  EOS included, as `ranking.candidate_logprobs`), normalised over the candidates;
+- U[c, c']: how often the target answered correctly with c on the offline queries whose
+  best prompt (by `rank_by`) was c'.
+
+Both come from what QPO already holds, its policy and its Step-0 data. Candidates: the
+prompts Step 0 scored on the most queries (a wide Step 0's prompts, else every prompt;
+within 10% of the most, so a few pairs lost to failed calls drop no prompt), read on the
+queries where all of them were scored, so every entry of U compares prompts on the same
+queries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass(frozen=True)
+class UtilityTable:
+    prompts: list[str]
+    # (C, C): [c, c'] = accuracy of prompt c on the queries whose best prompt was c'.
+    utility: np.ndarray
+    num_queries: int
+
+
+def utility_table(step0: pd.DataFrame, rank_by: str, score: str = "correct") -> UtilityTable:
+    """U from Step 0's scored pairs (loop 0 rows; columns query_id, prompt, `rank_by`,
+    `score`). A prompt that is never a query's best gets its mean accuracy as its column
+    (the belief that it is best carries no extra information then)."""
+    missing = {"loop", "query_id", "prompt", rank_by, score} - set(step0.columns)
+    if missing:
+        raise ValueError(f"mbr decoding: Step-0 data lacks column(s) {sorted(missing)}")
+    rows = step0[step0["loop"] == 0]
+    counts = rows.groupby("prompt")["query_id"].nunique()
+    prompts = sorted(counts[counts >= 0.9 * counts.max()].index) if len(counts) else []
+    if len(prompts) < 2:
+        raise ValueError("mbr decoding needs at least two prompts scored on the same "
+                         f"Step-0 queries; found {len(prompts)}")
+    rows = rows[rows["prompt"].isin(prompts)]
+    complete = rows.groupby("query_id")["prompt"].nunique() == len(prompts)
+    rows = rows[rows["query_id"].isin(complete[complete].index)]
+
+    def table(column: str) -> np.ndarray:
+        return rows.pivot_table(index="query_id", columns="prompt", values=column,
+                                aggfunc="first")[prompts].to_numpy(dtype=float)
+    correct, best = table(score), table(rank_by).argmax(axis=1)
+    mean = correct.mean(axis=0)
+    utility = np.stack([correct[best == j].mean(axis=0) if (best == j).any() else mean
+                        for j in range(len(prompts))], axis=1)
+    return UtilityTable(prompts, utility, len(correct))
+
+
+def mbr_choice(logprobs: np.ndarray, utility: np.ndarray) -> np.ndarray:
+    """(N,) index of each query's candidate with the highest expected utility, given the
+    (N, C) log-likelihoods of the C candidates (in `utility`'s order)."""
+    if logprobs.ndim != 2 or logprobs.shape[1] != utility.shape[0]:
+        raise ValueError(f"mbr_choice: log-likelihoods of shape {logprobs.shape} for "
+                         f"{utility.shape[0]} candidates")
+    belief = np.exp(logprobs - logprobs.max(axis=1, keepdims=True))
+    belief /= belief.sum(axis=1, keepdims=True)
+    return (belief @ utility.T).argmax(axis=1)
