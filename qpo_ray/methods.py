@@ -6,8 +6,8 @@ A method returns {row name: one (id, text, source) per query}; most return one r
 `qpo` also returns `qpo_loop<t>` rows for the other loops' policies.
 
 - ``qpo``: the policy of the loop chosen on the dev split, with the decoding chosen
-  there (``Choice``: greedy, rank or mbr, see `policy_prompts`); ``qpo_loop<t>``: every other loop's policy, same decoding, to show
-  what each loop adds. Without a dev split: the last loop, `test.decoding`.
+  there (``Choice``: greedy, rank or mbr, see `policy_prompts`); ``qpo_loop<t>``: every
+  other loop's policy, same decoding, to show what each loop adds. Without a dev split: the last loop, `test.decoding`.
 - ``qpo_greedy``: the paper's test protocol as is: the last loop, greedy at reward 100.
 - ``manual``: the collection's manual (PromptSource-style) prompt.
 - ``best_single``: the prompt with the best Step-0 R_task (every prompt scored on the
@@ -39,7 +39,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -50,6 +50,9 @@ from qpo_ray.prompts import PromptRecord, prompt_id
 from qpo_ray.rundir import RunDir, read_json, write_json_atomic
 from qpo_ray.stages.train import train_loop
 from qpo_ray.tasks.base import Example, Splits, Task
+
+if TYPE_CHECKING:
+    from qpo_ray.policy.mbr import UtilityTable
 
 PromptTuple = tuple[str, str, str]
 DECODINGS = ("greedy", "rank", "mbr")
@@ -80,7 +83,7 @@ class MethodContext:
     # (loop, decoding, query ids) -> prompts: qpo and qpo_loop<t> share generations.
     _cache: dict = field(default_factory=dict)
 
-    def mbr_table(self):
+    def mbr_table(self) -> UtilityTable:
         """mbr decoding's candidates and utilities, from Step 0 (qpo_ray/policy/mbr.py);
         a query's best prompt is ranked as the summary part ranks it, if it trains."""
         from qpo_ray.policy.mbr import utility_table
