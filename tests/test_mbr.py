@@ -63,5 +63,9 @@ def test_bad_inputs_name_what_is_missing():
     one = step0_rows().query("prompt == @POS")
     with pytest.raises(ValueError, match="at least two prompts"):
         utility_table(one, "r_query")
+    # Each prompt on its own queries: no query compares the candidates.
+    apart = step0_rows().assign(query_id=lambda f: f["query_id"] + f["prompt"])
+    with pytest.raises(ValueError, match="no Step-0 query has all 3"):
+        utility_table(apart, "r_query")
     with pytest.raises(ValueError, match="3 candidates"):
         mbr_choice(np.zeros((2, 4)), np.eye(3))

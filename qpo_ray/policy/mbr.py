@@ -55,6 +55,9 @@ def utility_table(step0: pd.DataFrame, rank_by: str, score: str = "correct") -> 
     rows = rows[rows["prompt"].isin(prompts)]
     complete = rows.groupby("query_id")["prompt"].nunique() == len(prompts)
     rows = rows[rows["query_id"].isin(complete[complete].index)]
+    if rows.empty:
+        raise ValueError(f"mbr decoding: no Step-0 query has all {len(prompts)} candidate "
+                         "prompts scored")
 
     def table(column: str) -> np.ndarray:
         return rows.pivot_table(index="query_id", columns="prompt", values=column,
