@@ -274,6 +274,13 @@ class TrainingConfig:
     # it must read them the way it will read test queries. Needs a wide Step 0.
     summary_queries: Literal["all", "unseen"] = "all"
 
+    @property
+    def best_row_column(self) -> str:
+        """The column that names a query's best row for what the policy learns per query
+        (mbr decoding's utilities, qpo_ray/policy/mbr.py): the summary part's ranking
+        when it trains, else the QPO reward."""
+        return self.summary_rank_by if self.summary_epochs else "reward"
+
     def validate(self) -> None:
         require_all([
             (self.num_workers >= 1, "training.num_workers must be >= 1"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 from qpo_ray.config_sections import require_all
 
@@ -41,6 +41,10 @@ class ServeConfig:
     insecure: bool = False
     # "models:/<name>@latest" from the registry, or a policy directory.
     policy_uri: Optional[str] = None
+    # How a served policy writes its prompt: "greedy" at the requested reward, or "mbr"
+    # (the test phase's decoding, qpo_ray/policy/mbr.py) from the table the train stage
+    # saves beside each loop's policy; a policy without one is refused at load.
+    decoding: Literal["greedy", "mbr"] = "greedy"
     # How often replicas re-resolve a registry alias (models:/<name>@latest) and swap in
     # a newly registered version; 0 = only on redeploy (a new user_config).
     registry_poll_interval_s: float = 30.0

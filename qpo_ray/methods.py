@@ -84,17 +84,15 @@ class MethodContext:
     _cache: dict = field(default_factory=dict)
 
     def mbr_table(self) -> UtilityTable:
-        """mbr decoding's candidates and utilities, from Step 0 (qpo_ray/policy/mbr.py);
-        a query's best prompt is ranked as the summary part ranks it, if it trains."""
+        """mbr decoding's candidates and utilities, from Step 0 (qpo_ray/policy/mbr.py):
+        the same table the train stage saves beside each policy."""
         from qpo_ray.policy.mbr import utility_table
 
         if self.step0 is None:
             raise ConfigError("test.decoding: mbr needs the run's Step-0 data: evaluate a "
                               "run directory")
         if "mbr" not in self._cache:
-            t = self.cfg.training
-            self._cache["mbr"] = utility_table(
-                self.step0, t.summary_rank_by if t.summary_epochs else "reward")
+            self._cache["mbr"] = utility_table(self.step0, self.cfg.training.best_row_column)
         return self._cache["mbr"]
 
     @property
@@ -118,8 +116,7 @@ def policy_prompts(ctx: MethodContext, loop: int, decoding: str, queries: list[E
     `test.rank_samples` sampled ones; or by mbr (qpo_ray.policy.mbr) among Step 0's
     prompts."""
     from qpo_ray.policy import QPOPolicy, generate_prompts
-    from qpo_ray.policy.mbr import mbr_choice
-    from qpo_ray.policy.ranking import candidate_logprobs, rank_candidates
+    from qpo_ray.policy.ranking import mbr_prompts, rank_candidates
 
     if decoding not in DECODINGS:
         raise ConfigError(f"test.decoding: unknown decoding {decoding!r} (known: "
@@ -141,10 +138,7 @@ def policy_prompts(ctx: MethodContext, loop: int, decoding: str, queries: list[E
         if decoding == "greedy":
             chosen = generate_prompts(policy, texts, target_reward=reward, on_batch=on_batch(0))
         elif decoding == "mbr":
-            table = ctx.mbr_table()
-            logprobs = candidate_logprobs(policy, texts, [table.prompts] * len(texts), reward,
-                                          on_batch=on_batch(0))
-            chosen = [table.prompts[i] for i in mbr_choice(logprobs, table.utility)]
+            chosen = mbr_prompts(policy, texts, reward, ctx.mbr_table(), on_batch=on_batch(0))
         else:
             fixed = [r.text for r in ctx.ranked_collection()[:t.rank_collection_prompts]]
             sampled = [generate_prompts(policy, texts, target_reward=reward,

@@ -498,12 +498,13 @@ def test_mbr_decoding_picks_the_step0_prompt_the_policy_expects_to_be_right(
         finished_run, profile, ray_cluster, tmp_path):
     """`test.decoding: mbr` on a copy of the finished run: every qpo prompt is one of Step
     0's candidates, and each is the expected-correctness choice recomputed here from the
-    loop's policy and the run's Step-0 table, query by query."""
+    loop's policy and the run's Step-0 table, query by query; the run saved that table
+    beside each loop's policy."""
     import shutil
 
     from qpo_ray.loop import evaluate_tracked
     from qpo_ray.policy import QPOPolicy
-    from qpo_ray.policy.mbr import mbr_choice, utility_table
+    from qpo_ray.policy.mbr import load_table, mbr_choice, utility_table
     from qpo_ray.policy.ranking import candidate_logprobs
 
     workdir = tmp_path / "run"
@@ -519,6 +520,11 @@ def test_mbr_decoding_picks_the_step0_prompt_the_policy_expects_to_be_right(
     step0, _ = read_dataset(run.step0_path())
     table = utility_table(step0, "reward")  # the tiny profile trains no summary part
     assert len(table.prompts) == 7 and set(qpo["prompt"]) <= set(table.prompts)
+    # The train stage saved the same table beside each loop's policy (Serve reads it).
+    for loop in (1, 2):
+        saved = load_table(run.policy_dir(loop))
+        assert saved.prompts == table.prompts and saved.num_queries == table.num_queries
+        np.testing.assert_allclose(saved.utility, table.utility)
     policy = QPOPolicy.load(str(run.policy_dir(2)))
     logprobs = candidate_logprobs(policy, qpo["query"].tolist(),
                                   [table.prompts] * len(qpo), cfg.loop.target_reward)

@@ -230,6 +230,31 @@ def test_save_load_round_trip_generates_identical_prompts(toy_policy, tmp_path):
                 == generate_prompts(toy_policy, queries, target_reward=reward))
 
 
+def test_an_mbr_table_travels_with_the_policy_and_steers_its_choice(toy_policy, tmp_path):
+    """The table saved with a policy loads with it (Serve decodes by it), and mbr picks
+    what the table says pays, not the policy's most likely prompt."""
+    from qpo_ray.policy.mbr import TABLE_FILE, UtilityTable
+    from qpo_ray.policy.ranking import mbr_prompts
+
+    assert QPOPolicy.load(toy_policy.save(tmp_path / "plain")).mbr_table is None
+    # The policy believes PROMPT_HIGH is best at reward 100; the table says PROMPT_LOW is
+    # right 90% of the time wherever PROMPT_HIGH is best.
+    table = UtilityTable([PROMPT_HIGH, PROMPT_LOW], np.array([[0.5, 0.5], [0.9, 0.1]]), 12)
+    toy_policy.mbr_table = table
+    try:
+        out = toy_policy.save(tmp_path / "with-table")
+    finally:
+        toy_policy.mbr_table = None
+    assert (out / TABLE_FILE).exists()
+    loaded = QPOPolicy.load(out)
+    assert loaded.mbr_table.prompts == table.prompts and loaded.mbr_table.num_queries == 12
+    np.testing.assert_array_equal(loaded.mbr_table.utility, table.utility)
+    assert mbr_prompts(loaded, TOY_QUERIES, 100.0, loaded.mbr_table) == [PROMPT_LOW] * 6
+    (out / TABLE_FILE).write_text('{"prompts": ["a"]}')
+    with pytest.raises(ValueError, match=TABLE_FILE):
+        QPOPolicy.load(out)
+
+
 def test_finished_rows_leave_the_batch_without_changing_the_others(policy_cfg):
     """A batch mixing a 2-token and a 9-token prompt: the short row drops out of the
     batch (and the KV cache) after its EOS, and every row is what it is on its own."""

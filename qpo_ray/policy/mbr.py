@@ -16,7 +16,9 @@ belief about which prompt is best:
 - U[c, c']: how often the target answered correctly with c on the offline queries whose
   best prompt (by `rank_by`) was c'.
 
-Both come from what QPO already holds, its policy and its Step-0 data. Candidates: the
+Both come from what QPO already holds, its policy and its Step-0 data; the train stage
+writes the table beside each loop's policy (`TABLE_FILE`), so that Serve decodes as the
+test phase does (`serve.decoding: mbr`). Candidates: the
 prompts Step 0 scored on the most queries (a wide Step 0's prompts, else every prompt;
 within 10% of the most, so a few pairs lost to failed calls drop no prompt), read on the
 queries where all of them were scored, so every entry of U compares prompts on the same
@@ -25,10 +27,17 @@ queries.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
+
+from qpo_ray.atomic import write_text_atomic
+
+TABLE_FILE = "mbr_table.json"
 
 
 @dataclass(frozen=True)
@@ -78,3 +87,27 @@ def mbr_choice(logprobs: np.ndarray, utility: np.ndarray) -> np.ndarray:
     belief = np.exp(logprobs - logprobs.max(axis=1, keepdims=True))
     belief /= belief.sum(axis=1, keepdims=True)
     return (belief @ utility.T).argmax(axis=1)
+
+
+def save_table(table: UtilityTable, policy_dir: str | Path) -> Path:
+    path = Path(policy_dir) / TABLE_FILE
+    write_text_atomic(path, json.dumps({"prompts": table.prompts,
+                                        "utility": table.utility.tolist(),
+                                        "num_queries": table.num_queries}, indent=1))
+    return path
+
+
+def load_table(policy_dir: str | Path) -> Optional[UtilityTable]:
+    """The table saved beside a policy; None if it has none."""
+    path = Path(policy_dir) / TABLE_FILE
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        prompts, utility = list(data["prompts"]), np.asarray(data["utility"], dtype=float)
+        table = UtilityTable(prompts, utility, int(data["num_queries"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not an mbr table ({exc})") from exc
+    if utility.shape != (len(prompts), len(prompts)) or len(prompts) < 2:
+        raise ValueError(f"{path}: utility of shape {utility.shape} for {len(prompts)} prompts")
+    return table

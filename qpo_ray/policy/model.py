@@ -29,6 +29,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,7 @@ from qpo_ray.device import get_device
 from qpo_ray.errors import ConfigError
 from qpo_ray.models import cut_config, resolve_model
 from qpo_ray.policy.batching import REWARD_SCALE, position_ids_from_mask, trim_padding
+from qpo_ray.policy.mbr import UtilityTable, load_table, save_table
 from qpo_ray.policy.summary import QuerySummary
 
 FORMAT_VERSION = 1
@@ -66,6 +68,9 @@ class QPOPolicy(nn.Module):
         self.query_summary = (QuerySummary(config.backbone, config.query_summary_layers,
                                            config.query_summary_dims, hidden)
                               if config.query_summary_layers else None)
+        # mbr decoding's table, when the policy directory has one (the train stage writes
+        # it from Step 0): saved and loaded with the policy, so Serve can decode by it.
+        self.mbr_table: Optional[UtilityTable] = None
 
     # ----- construction, save, load -------------------------------------------------
     @classmethod
@@ -122,6 +127,8 @@ class QPOPolicy(nn.Module):
             save_file(heads, str(tmp / HEADS_FILE))
             meta = {"format_version": FORMAT_VERSION, "policy": dataclasses.asdict(self.config)}
             (tmp / POLICY_FILE).write_text(json.dumps(meta, indent=2))
+            if self.mbr_table is not None:
+                save_table(self.mbr_table, tmp)
         return out
 
     @classmethod
@@ -147,6 +154,7 @@ class QPOPolicy(nn.Module):
         if missing or result.unexpected_keys:
             raise ValueError(f"{src / HEADS_FILE}: missing {missing}, unexpected "
                              f"{result.unexpected_keys}")
+        policy.mbr_table = load_table(src)
         return policy.to(device or get_device())
 
     # ----- embeddings ----------------------------------------------------------------

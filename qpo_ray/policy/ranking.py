@@ -1,4 +1,5 @@
-"""Reward-conditioned ranking of candidate prompts: a decoding for the test phase.
+"""Reward-conditioned ranking of candidate prompts: decodings for the test phase (and
+`mbr_prompts`, the mbr decoding of qpo_ray/policy/mbr.py, for the test phase and Serve).
 
 Greedy decoding at reward 100 (the paper's test protocol) returns the single most
 likely prompt; with a small policy that is often the prompt the dataset holds most
@@ -28,6 +29,7 @@ import torch
 
 from qpo_ray.policy.batching import encode_prompts, position_ids_from_mask, trim_padding
 from qpo_ray.policy.generation import prefix_inputs
+from qpo_ray.policy.mbr import UtilityTable, mbr_choice
 from qpo_ray.policy.model import QPOPolicy
 
 
@@ -113,3 +115,13 @@ def rank_candidates(policy: QPOPolicy, queries: Sequence[str],
     high = candidate_logprobs(policy, queries, candidates, high_reward, batch_size, on_batch)
     low = candidate_logprobs(policy, queries, candidates, low_reward, batch_size, after_high)
     return high - low
+
+
+def mbr_prompts(policy: QPOPolicy, queries: Sequence[str], reward: float, table: UtilityTable,
+                batch_size: int = 8,
+                on_batch: Optional[Callable[[int], None]] = None) -> list[str]:
+    """Each query's mbr choice among `table`'s prompts (qpo_ray/policy/mbr.py), the
+    policy's belief read at `reward` (0-100)."""
+    logprobs = candidate_logprobs(policy, queries, [table.prompts] * len(queries), reward,
+                                  batch_size, on_batch)
+    return [table.prompts[i] for i in mbr_choice(logprobs, table.utility)]

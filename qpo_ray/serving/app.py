@@ -12,7 +12,7 @@ from typing import Any, Optional
 from ray import serve
 from ray.serve import Application
 
-from qpo_ray.config import Config, load_config
+from qpo_ray.config import Config, ConfigError, load_config
 from qpo_ray.serving.feedback import feedback_root
 from qpo_ray.serving.guard import check_auth_setup
 
@@ -132,7 +132,8 @@ def run_serve(cfg: Config, blocking: bool = True, policy_uri: Optional[str] = No
     Serve down. Calling it again (another policy_uri) replaces the replicas without
     downtime; a registry alias is followed by the replicas themselves."""
     from qpo_ray.local_ray import connect_ray
-    from qpo_ray.serving.policy_source import resolve
+    from qpo_ray.policy.mbr import TABLE_FILE
+    from qpo_ray.serving.policy_source import NO_MBR_TABLE, resolve
 
     # Before Ray starts: a refused host must not leave a proxy listening.
     if check_auth_setup(cfg.serve):
@@ -143,7 +144,11 @@ def run_serve(cfg: Config, blocking: bool = True, policy_uri: Optional[str] = No
     uc = user_config(cfg, policy_uri)
     for uri in (uc["policy_uri"], uc["ab_policy_uri"]):
         if uri:
-            resolve(uri, cfg.tracking_uri(), cfg.tracking.experiment)
+            ref = resolve(uri, cfg.tracking_uri(), cfg.tracking.experiment)
+            # A registry version's files are read by the replicas, which refuse it then.
+            if (cfg.serve.decoding == "mbr" and ref.local_dir is not None
+                    and not (Path(ref.local_dir) / TABLE_FILE).exists()):
+                raise ConfigError(NO_MBR_TABLE.format(version=ref.version))
     # A single-machine Ray listens on loopback only (qpo_ray.local_ray).
     connect_ray(cfg.ray_address)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})

@@ -61,8 +61,9 @@ class PolicyArms:
     drops the versions no longer served)."""
 
     def __init__(self, tracking_uri: str, experiment: str, stale_after_s: float,
-                 on_swap: Callable[[set[str]], None]) -> None:
+                 on_swap: Callable[[set[str]], None], needs_mbr_table: bool = False) -> None:
         self._tracking_uri = tracking_uri
+        self._needs_mbr_table = needs_mbr_table
         self._experiment = experiment
         self._stale_after_s = stale_after_s
         self._on_swap = on_swap
@@ -115,6 +116,8 @@ class PolicyArms:
                 arm.registry_ok_at, arm.registry_error = time.time(), None
                 return
             policy = await asyncio.to_thread(policy_source.load_policy, ref, self._tracking_uri)
+            if self._needs_mbr_table and policy.mbr_table is None:
+                raise FileNotFoundError(policy_source.NO_MBR_TABLE.format(version=ref.version))
             policy.eval()
             arm.loaded, arm.loaded_at = (policy, ref), time.time()
             arm.registry_ok_at, arm.registry_error = arm.loaded_at, None

@@ -152,7 +152,8 @@ class PolicyServer:
         self._cache = PromptCache(cfg.serve.prompt_cache_entries)
         self._policy_prompts = 0
         self._arms = PolicyArms(cfg.tracking_uri(), cfg.tracking.experiment,
-                                cfg.serve.registry_stale_after_s, self._cache.retain)
+                                cfg.serve.registry_stale_after_s, self._cache.retain,
+                                needs_mbr_table=cfg.serve.decoding == "mbr")
         self._store = (FeedbackStore(feedback_root(cfg), self._replica_id)
                        if cfg.serve.feedback else None)
         # Requests inside generate_batch, the size of the last batch and the configured
@@ -194,25 +195,31 @@ class PolicyServer:
         each from the arm's policy as loaded when the batch starts."""
         self._last_batch_size = len(items)
         loaded = {id(arm): arm.loaded for _q, _r, arm in items}
-        prompts = await asyncio.to_thread(self._generate_grouped, loaded, items)
+        prompts = await asyncio.to_thread(self._generate_grouped, loaded, items,
+                                          self._cfg.serve.decoding)
         self._policy_prompts += len(items)
         return [(p, loaded[id(arm)][1].version) for p, (_q, _r, arm) in zip(prompts, items)]
 
     @staticmethod
     def _generate_grouped(loaded: dict[int, tuple[Any, Any]],
-                          items: list[tuple[str, float, Arm]]) -> list[str]:
-        """One `generate_prompts` call per distinct (arm, target reward) in the batch, so
-        every request gets its own arm's policy conditioned on its own reward."""
+                          items: list[tuple[str, float, Arm]], decoding: str) -> list[str]:
+        """One decoding call per distinct (arm, target reward) in the batch, so every
+        request gets its own arm's policy conditioned on its own reward: greedy, or mbr
+        by the table loaded with the policy (serve.decoding)."""
         from qpo_ray.policy import generate_prompts
+        from qpo_ray.policy.ranking import mbr_prompts
 
         groups: dict[tuple[int, float], list[int]] = defaultdict(list)
         for i, (_query, reward, arm) in enumerate(items):
             groups[(id(arm), reward)].append(i)
         out: list[str] = [""] * len(items)
         for (arm_id, reward), indices in groups.items():
-            prompts = generate_prompts(loaded[arm_id][0], [items[i][0] for i in indices],
-                                       target_reward=reward, do_sample=False,
-                                       batch_size=max(len(indices), 1))
+            policy, queries = loaded[arm_id][0], [items[i][0] for i in indices]
+            size = max(len(indices), 1)
+            prompts = (mbr_prompts(policy, queries, reward, policy.mbr_table, batch_size=size)
+                       if decoding == "mbr" else
+                       generate_prompts(policy, queries, target_reward=reward,
+                                        do_sample=False, batch_size=size))
             for i, p in zip(indices, prompts):
                 out[i] = p
         return out

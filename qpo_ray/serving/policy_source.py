@@ -18,6 +18,9 @@ from typing import Optional
 
 from qpo_ray.errors import ConfigError
 
+NO_MBR_TABLE = ("serve.decoding: mbr needs the table the train stage saves beside a loop's "
+                "policy (mbr_table.json); {version} has none: serve it with "
+                "serve.decoding=greedy")
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
 

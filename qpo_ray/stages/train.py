@@ -59,7 +59,26 @@ def _print_curve(label: str, metrics: list[dict[str, float]]) -> None:
 def run(ctx: RunContext, stage: Stage) -> TrainOutputs:
     t = stage.loop
     init = str(ctx.run.policy_dir(t - 1)) if t > 1 else None
-    return train_loop(ctx.cfg, t, ctx.run.dataset_path(t), ctx.run.train_dir(t), init)
+    out = train_loop(ctx.cfg, t, ctx.run.dataset_path(t), ctx.run.train_dir(t), init)
+    _save_mbr_table(ctx, out.checkpoint_dir)
+    return out
+
+
+def _save_mbr_table(ctx: RunContext, policy_dir: str) -> None:
+    """mbr decoding's table (qpo_ray/policy/mbr.py) beside the loop's policy, before it
+    is registered, so that Serve can decode as the test phase does."""
+    from qpo_ray.data.io import read_dataset
+    from qpo_ray.policy.mbr import save_table, utility_table
+
+    if not ctx.run.step0_path().exists():
+        return
+    try:
+        table = utility_table(read_dataset(ctx.run.step0_path())[0],
+                              ctx.cfg.training.best_row_column)
+    except ValueError as exc:  # a Step 0 with no shared queries: greedy serving only
+        print(f"[qpo] no mbr table beside {policy_dir}: {exc}", flush=True)
+        return
+    save_table(table, policy_dir)
 
 
 def log(ctx: RunContext, stage: Stage, outputs: dict[str, Any]) -> None:
