@@ -1,4 +1,4 @@
-"""Minimum-Bayes-risk choice among scored prompts: a decoding for the test phase.
+"""Minimum-Bayes-risk choice among scored prompts: a decoding for the test phase and Serve.
 
 Why: trained on each query's best prompt, the policy learns which prompt *was* best on a
 query, and on a label task that is nearly always a prompt that pushes the query's gold
@@ -18,11 +18,10 @@ belief about which prompt is best:
 
 Both come from what QPO already holds, its policy and its Step-0 data; the train stage
 writes the table beside each loop's policy (`TABLE_FILE`), so that Serve decodes as the
-test phase does (`serve.decoding: mbr`). Candidates: the
-prompts Step 0 scored on the most queries (a wide Step 0's prompts, else every prompt;
-within 10% of the most, so a few pairs lost to failed calls drop no prompt), read on the
-queries where all of them were scored, so every entry of U compares prompts on the same
-queries.
+test phase does (`serve.decoding: mbr`). Candidates: the prompts Step 0 scored on the
+most queries (a wide Step 0's prompts, else every prompt; within 10% of the most, so a
+few pairs lost to failed calls drop no prompt), read on the queries where all of them
+were scored, so every entry of U compares prompts on the same queries.
 """
 
 from __future__ import annotations
