@@ -330,6 +330,10 @@ class LoopConfig:
         ])
 
 
+# How `qpo` can turn a policy into a prompt per query (qpo_ray/methods.py implements each).
+DECODINGS = ("greedy", "rank", "mbr")
+
+
 @dataclass
 class TestConfig:
     # Methods compared in the report (the registry in qpo_ray/methods.py).
@@ -374,7 +378,7 @@ class TestConfig:
         require_all([
             (self.rank_collection_prompts >= 0 and self.rank_samples >= 0,
              "test.rank_collection_prompts / test.rank_samples must be >= 0"),
-            (bool(self.dev_decodings) and set(self.dev_decodings) <= {"greedy", "rank", "mbr"},
+            (bool(self.dev_decodings) and set(self.dev_decodings) <= set(DECODINGS),
              f"test.dev_decodings must list greedy, rank and/or mbr, got "
              f"{self.dev_decodings}"),
         ])

@@ -7,7 +7,8 @@ A method returns {row name: one (id, text, source) per query}; most return one r
 
 - ``qpo``: the policy of the loop chosen on the dev split, with the decoding chosen
   there (``Choice``: greedy, rank or mbr, see `policy_prompts`); ``qpo_loop<t>``: every
-  other loop's policy, same decoding, to show what each loop adds. Without a dev split: the last loop, `test.decoding`.
+  other loop's policy, same decoding, to show what each loop adds. Without a dev split:
+  the last loop, `test.decoding`.
 - ``qpo_greedy``: the paper's test protocol as is: the last loop, greedy at reward 100.
 - ``manual``: the collection's manual (PromptSource-style) prompt.
 - ``best_single``: the prompt with the best Step-0 R_task (every prompt scored on the
@@ -45,6 +46,7 @@ import numpy as np
 import pandas as pd
 
 from qpo_ray.config import Config, ConfigError
+from qpo_ray.config_sections import DECODINGS
 from qpo_ray.progress import Progress
 from qpo_ray.prompts import PromptRecord, prompt_id
 from qpo_ray.rundir import RunDir, read_json, write_json_atomic
@@ -55,7 +57,6 @@ if TYPE_CHECKING:
     from qpo_ray.policy.mbr import UtilityTable
 
 PromptTuple = tuple[str, str, str]
-DECODINGS = ("greedy", "rank", "mbr")
 
 
 @dataclass(frozen=True)
