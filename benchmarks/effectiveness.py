@@ -62,12 +62,15 @@ def missing_methods(run_dir: Path, profile: Path, overrides: list[str]) -> list[
     # best_single_oracle's rows are the collection's prompts, one row each (single:<id>).
     have |= {"best_single_oracle"} if any(m.startswith("single:") for m in have) else set()
     # qpo is chosen on dev among test.dev_decodings: a seed whose dev choice weighed
-    # other decodings is chosen again (the same policies; only the test stage reruns).
+    # other decodings, or mbr at a temperature not fitted on dev where the profile fits
+    # it, is chosen again (the same policies; only the test stage reruns).
     selection = run_dir / "report" / "selection.json"
     if selection.exists():
-        weighed = {k.split("/")[1] for k in json.loads(selection.read_text()).get(
-            "dev_accuracy", {})}
-        if weighed and weighed != set(config.test.dev_decodings):
+        chosen = json.loads(selection.read_text())
+        weighed = {k.split("/")[1] for k in chosen.get("dev_accuracy", {})}
+        fits = "mbr" in weighed and config.test.mbr_calibration == "dev"
+        if weighed and (weighed != set(config.test.dev_decodings)
+                        or (fits and "mbr_temperatures" not in chosen)):
             have.discard("qpo")
     return [m for m in methods if m not in have]
 

@@ -6,6 +6,7 @@ adds the few checks that span two sections.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -357,6 +358,12 @@ class TestConfig:
     # ~10x greedy's passes per dev query, which a small run may not afford; mbr reads
     # each Step-0 prompt once per query (8 candidates: ~0.15 s a query on 2 cores).
     dev_decodings: list[str] = field(default_factory=lambda: ["greedy", "rank"])
+    # mbr's belief temperature (qpo_ray/policy/mbr.py). "dev": when the dev split chooses,
+    # each loop's is fitted there (maximum likelihood of each dev query's best Step-0
+    # prompt: every candidate scored on the dev queries, ~8 x task.dev_queries pairs);
+    # "none", or a fixed decoding: `mbr_temperature` (1 = the policy's own belief).
+    mbr_calibration: Literal["dev", "none"] = "dev"
+    mbr_temperature: float = 1.0
     # Ranking's candidates: the best N collection prompts by Step-0 R_task, the greedy
     # prompt, and K prompts sampled at the target reward (top-k/top-p of `loop`).
     rank_collection_prompts: int = 12
@@ -381,6 +388,8 @@ class TestConfig:
             (bool(self.dev_decodings) and set(self.dev_decodings) <= set(DECODINGS),
              f"test.dev_decodings must list greedy, rank and/or mbr, got "
              f"{self.dev_decodings}"),
+            (math.isfinite(self.mbr_temperature) and self.mbr_temperature > 0,
+             f"test.mbr_temperature must be > 0, got {self.mbr_temperature}"),
         ])
 
 

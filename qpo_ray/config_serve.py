@@ -45,6 +45,9 @@ class ServeConfig:
     # (the test phase's decoding, qpo_ray/policy/mbr.py) from the table the train stage
     # saves beside each loop's policy; a policy without one is refused at load.
     decoding: Literal["greedy", "mbr"] = "greedy"
+    # mbr's belief temperature: the one the test phase fitted for the served loop
+    # (report/selection.json: mbr_temperature); 1 = the policy's own belief.
+    mbr_temperature: float = 1.0
     # How often replicas re-resolve a registry alias (models:/<name>@latest) and swap in
     # a newly registered version; 0 = only on redeploy (a new user_config).
     registry_poll_interval_s: float = 30.0
@@ -103,6 +106,8 @@ class ServeConfig:
              "serve.registry_stale_after_s must be >= 0"),
             (finite(self.target_timeout_s) and self.target_timeout_s > 0,
              "serve.target_timeout_s must be > 0"),
+            (finite(self.mbr_temperature) and self.mbr_temperature > 0,
+             f"serve.mbr_temperature must be > 0, got {self.mbr_temperature}"),
             (self.prompt_cache_entries >= 0, "serve.prompt_cache_entries must be >= 0"),
             (self.ab_policy_uri is None or bool(self.ab_policy_uri.strip()),
              "serve.ab_policy_uri must be a models:/ URI, a directory or null"),

@@ -29,11 +29,12 @@ from typing import Callable, Optional
 import numpy as np
 import pandas as pd
 
+from qpo_ray.calibration import calibrate_mbr
 from qpo_ray.config import Config
 from qpo_ray.data.pairs import make_pairs
 from qpo_ray.data.rewards import pair_accuracy
-from qpo_ray.methods import (Choice, MethodContext, PromptTuple, check_methods, method_prompts,
-                             policy_prompts)
+from qpo_ray.decoding import Choice, MethodContext, PromptTuple, policy_prompts
+from qpo_ray.methods import check_methods, method_prompts
 from qpo_ray.rundir import RunDir, read_json, sidecar, write_json_atomic
 from qpo_ray.stats import paired_difference, wilson_interval
 from qpo_ray.tasks.base import Example, Splits, Task
@@ -107,7 +108,13 @@ def score_prompts(cfg: Config, task: Task, splits: Splits, queries: list[Example
 def choose_on_dev(ctx: MethodContext, splits: Splits, score: ScoreFn,
                   shots: int) -> tuple[Choice, pd.DataFrame, dict]:
     """The (loop, decoding) with the best dev accuracy; ties go to the later loop, then
-    to greedy (the paper's protocol)."""
+    to greedy (the paper's protocol). mbr reads each loop's belief at the temperature
+    fitted on the dev split first (qpo_ray.calibration; test.mbr_calibration)."""
+    calibration = {}
+    if "mbr" in ctx.cfg.test.dev_decodings and ctx.cfg.test.mbr_calibration == "dev":
+        ctx.mbr_temperatures, usage = calibrate_mbr(ctx, splits.dev, score, shots)
+        calibration = {"mbr_temperatures": {str(k): t for k, t in ctx.mbr_temperatures.items()},
+                       "mbr_calibration": usage}
     candidates = {f"qpo_loop{loop}/{decoding}": policy_prompts(ctx, loop, decoding, splits.dev)
                   for loop in ctx.policy_dirs for decoding in ctx.cfg.test.dev_decodings}
     scored, usage = score_prompts(ctx.cfg, ctx.task, splits, splits.dev, candidates, score,
@@ -119,7 +126,8 @@ def choose_on_dev(ctx: MethodContext, splits: Splits, score: ScoreFn,
         return (accuracy[name], int(loop), decoding == "greedy")
     best = max(accuracy.index, key=rank)
     loop, decoding = best.removeprefix("qpo_loop").split("/")
-    return Choice(int(loop), decoding), scored, {"dev_accuracy": accuracy.to_dict(), **usage}
+    return (Choice(int(loop), decoding), scored,
+            {"dev_accuracy": accuracy.to_dict(), **usage, **calibration})
 
 
 def results_table(predictions: pd.DataFrame, label_words=()) -> pd.DataFrame:
@@ -285,11 +293,19 @@ def evaluate_run(cfg: Config, task: Task, splits: Splits, score: ScoreFn,
     frames = []
     if "loop" in selection and "chosen_decoding" in selection:  # the earlier dev choice
         ctx.choice = Choice(int(selection["loop"]), selection["chosen_decoding"])
+        ctx.mbr_temperatures = {int(k): float(t)
+                                for k, t in selection.get("mbr_temperatures", {}).items()}
     if cfg.test.decoding == "dev" and "qpo" in cfg.test.methods:
         ctx.choice, dev_scored, info = choose_on_dev(ctx, splits, score, settings[0])
         frames.append(dev_scored)
         selection.update(info, loop=ctx.choice.loop, chosen_decoding=ctx.choice.decoding,
                          dev_queries=len(splits.dev))
+    if "qpo" in cfg.test.methods:
+        # What Serve needs to decode as `qpo` does (serve.mbr_temperature).
+        used = ctx.choice or Choice(ctx.last_loop, cfg.test.decoding)
+        selection.pop("mbr_temperature", None)
+        if used.decoding == "mbr":
+            selection["mbr_temperature"] = ctx.mbr_temperature(used.loop)
     split, queries = cfg.test.split, compared_queries(cfg, splits)
     prompts = method_prompts(ctx, list(cfg.test.methods), queries)
     test_scored, usage = score_prompts(cfg, task, splits, queries, prompts, score, split,
@@ -312,8 +328,10 @@ def evaluate_run(cfg: Config, task: Task, splits: Splits, score: ScoreFn,
     examples.to_csv(out_dir / "examples.csv", index=False)
     accuracy_per_loop(table, settings[0], rewards_per_loop(run)).savefig(
         out_dir / "plots" / "accuracy_per_loop.png", dpi=100, bbox_inches="tight")
-    chosen = (f"qpo = loop {ctx.choice.loop}, {ctx.choice.decoding} decoding (chosen on "
-              f"{len(splits.dev)} dev queries)" if ctx.choice else
+    temperature = (f", belief temperature {selection['mbr_temperature']:.2f}"
+                   if "mbr_temperature" in selection else "")
+    chosen = (f"qpo = loop {ctx.choice.loop}, {ctx.choice.decoding} decoding{temperature} "
+              f"(chosen on {len(splits.dev)} dev queries)" if ctx.choice else
               f"qpo = loop {max(policy_dirs)}, "
               f"{selection.get('decoding', cfg.test.decoding)} decoding")
     cost_of = (f"the methods added last ({', '.join(cfg.test.methods)})" if add

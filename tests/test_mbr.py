@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qpo_ray.policy.mbr import mbr_choice, utility_table
+from qpo_ray.policy.mbr import fit_temperature, mbr_choice, utility_table
 
 POS, NEG, READ, RARE = "Say positive.", "Say negative.", "Read it, then answer.", "Rare."
 
@@ -55,6 +55,33 @@ def test_an_unsure_policy_gets_the_prompt_that_reads_a_sure_one_its_bet():
                                  logprobs(0.1, 0.9)]), table.utility)
     # Expected correctness: 50/50 -> POS 0.5, NEG 0.5, READ 0.8; 95/5 -> POS 0.95.
     assert [table.prompts[i] for i in picks] == [READ, POS, NEG]
+
+
+def test_a_warmer_belief_hedges_a_sure_bet():
+    table = utility_table(step0_rows(), "r_query")
+    at = {p: i for i, p in enumerate(table.prompts)}
+    sure = np.full((1, 3), np.log(1e-6))
+    sure[0, at[POS]], sure[0, at[NEG]] = np.log(0.95), np.log(0.05)
+    # At T = 1: POS 0.95 vs READ 0.8. At T = 4 the belief is ~0.67 / 0.33 (the
+    # 1e-6 READ gets ~0.02): POS ~0.67, READ ~0.80 -> READ.
+    assert table.prompts[mbr_choice(sure, table.utility)[0]] == POS
+    assert table.prompts[mbr_choice(sure, table.utility, temperature=4.0)[0]] == READ
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        mbr_choice(sure, table.utility, temperature=0.0)
+
+
+def test_fit_temperature_recovers_how_over_sure_a_belief_is():
+    """Best candidates drawn from softmax(z); a policy that reports 3 z is over-sure by
+    a factor 3, one that reports z / 2 under-sure by 2: the likelihood of the draws
+    peaks at T ~ 3, resp. ~ 0.5; a policy that reports z gets T ~ 1."""
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(4000, 5))
+    p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    best = np.array([rng.choice(5, p=row) for row in p])
+    for scale, expected in ((3.0, 3.0), (1.0, 1.0), (0.5, 0.5)):
+        assert fit_temperature(scale * z, best) == pytest.approx(expected, rel=0.12)
+    with pytest.raises(ValueError, match="3 best candidates"):
+        fit_temperature(z, best[:3])
 
 
 def test_bad_inputs_name_what_is_missing():

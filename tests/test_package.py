@@ -73,9 +73,10 @@ def test_effectiveness_benchmark_refuses_to_measure_on_another_split(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_effectiveness_benchmark_rechooses_qpo_when_the_dev_decodings_change(tmp_path):
+def test_effectiveness_benchmark_rechooses_qpo_when_its_dev_choice_is_out_of_date(tmp_path):
     """A finished seed is reused; its qpo is chosen again (`qpo evaluate --add qpo`) when
-    its dev choice weighed other decodings than the profile lists, and only then."""
+    its dev choice weighed other decodings than the profile lists, or read mbr at a
+    temperature not fitted on dev where the profile fits one, and only then."""
     import importlib.util
     from pathlib import Path
 
@@ -92,11 +93,15 @@ def test_effectiveness_benchmark_rechooses_qpo_when_the_dev_decodings_change(tmp
                "label_router_collection"]
     pd.DataFrame({"method": methods}).to_parquet(report / "predictions.parquet")
     profile = repo / "benchmarks" / "profiles" / "effectiveness.yaml"
-    for weighed, missing in ((["greedy"], ["qpo"]), (["greedy", "mbr"], [])):
+    fitted = {"mbr_temperatures": {"1": 2.0, "2": 2.2}}
+    for weighed, extra, calibration, missing in (
+            (["greedy"], fitted, "dev", ["qpo"]), (["greedy", "mbr"], fitted, "dev", []),
+            (["greedy", "mbr"], {}, "dev", ["qpo"]), (["greedy", "mbr"], {}, "none", [])):
         accuracy = {f"qpo_loop{t}/{d}": 0.7 for t in (1, 2) for d in weighed}
-        (report / "selection.json").write_text(json.dumps({"dev_accuracy": accuracy}))
-        assert bench.missing_methods(tmp_path / "seed0", profile,
-                                     ["seed=0", "test.dev_decodings=[greedy, mbr]"]) == missing
+        (report / "selection.json").write_text(json.dumps({"dev_accuracy": accuracy, **extra}))
+        assert bench.missing_methods(tmp_path / "seed0", profile, [
+            "seed=0", "test.dev_decodings=[greedy, mbr]",
+            f"test.mbr_calibration={calibration}"]) == missing, (weighed, extra, calibration)
 
 
 def test_embedded_model_is_a_loadable_hf_checkpoint_that_generates(tiny_model_dir):

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from qpo_ray.config import ConfigError, load_config
-from qpo_ray.methods import MethodContext, check_method_inputs, method_prompts
+from qpo_ray.decoding import MethodContext
+from qpo_ray.methods import check_method_inputs, method_prompts
 from qpo_ray.prompts import PromptRecord
 from qpo_ray.router import PROBE_DEPTHS, embed_texts, fit_label_router, fit_router
 from qpo_ray.tasks import get_task

@@ -12,7 +12,8 @@ belief about which prompt is best:
     choose argmax_c  sum_c' p(c' | R = target, q) * U[c, c']
 
 - p: the policy's likelihood of each candidate c' at the target reward (teacher-forced,
-  EOS included, as `ranking.candidate_logprobs`), normalised over the candidates;
+  EOS included, as `ranking.candidate_logprobs`), normalised over the candidates at a
+  temperature T (1 = as the policy says; `fit_temperature` below);
 - U[c, c']: how often the target answered correctly with c on the offline queries whose
   best prompt (by `rank_by`) was c'.
 
@@ -22,6 +23,10 @@ test phase does (`serve.decoding: mbr`). Candidates: the prompts Step 0 scored o
 most queries (a wide Step 0's prompts, else every prompt; within 10% of the most, so a
 few pairs lost to failed calls drop no prompt), read on the queries where all of them
 were scored, so every entry of U compares prompts on the same queries.
+
+The belief's temperature T: 1 unless set; the test phase fits it on the dev split by
+maximum likelihood (`fit_temperature`, test.mbr_calibration), and Serve takes the
+fitted value from the report (serve.mbr_temperature).
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ import pandas as pd
 from qpo_ray.atomic import write_text_atomic
 
 TABLE_FILE = "mbr_table.json"
+# The belief temperatures `fit_temperature` tries: log-spaced, 1 (the policy's own belief)
+# among them, from sharper (0.25) to nearly uniform (16).
+TEMPERATURES = np.geomspace(0.25, 16.0, 49)
 
 
 @dataclass(frozen=True)
@@ -77,15 +85,37 @@ def utility_table(step0: pd.DataFrame, rank_by: str, score: str = "correct") -> 
     return UtilityTable(prompts, utility, len(correct))
 
 
-def mbr_choice(logprobs: np.ndarray, utility: np.ndarray) -> np.ndarray:
+def belief(logprobs: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """(N, C) softmax of each row of log-likelihoods at `temperature`."""
+    if not temperature > 0:
+        raise ValueError(f"mbr: the belief temperature must be > 0, got {temperature}")
+    scaled = (logprobs - logprobs.max(axis=1, keepdims=True)) / temperature
+    p = np.exp(scaled)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def mbr_choice(logprobs: np.ndarray, utility: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """(N,) index of each query's candidate with the highest expected utility, given the
     (N, C) log-likelihoods of the C candidates (in `utility`'s order)."""
     if logprobs.ndim != 2 or logprobs.shape[1] != utility.shape[0]:
         raise ValueError(f"mbr_choice: log-likelihoods of shape {logprobs.shape} for "
                          f"{utility.shape[0]} candidates")
-    belief = np.exp(logprobs - logprobs.max(axis=1, keepdims=True))
-    belief /= belief.sum(axis=1, keepdims=True)
-    return (belief @ utility.T).argmax(axis=1)
+    return (belief(logprobs, temperature) @ utility.T).argmax(axis=1)
+
+
+def fit_temperature(logprobs: np.ndarray, best: np.ndarray) -> float:
+    """Temperature scaling (Guo et al., ICML 2017) of the policy's belief: the T in
+    `TEMPERATURES` under which the (N, C) log-likelihoods give each held-out query's
+    best candidate (index in `best`) the highest likelihood. Why: trained on its
+    queries' best prompts, the policy is surer on new queries than it is right, and an
+    over-sure belief turns MBR back into a bet (README: "mbr decoding")."""
+    best = np.asarray(best, dtype=int)
+    if logprobs.ndim != 2 or len(best) != len(logprobs) or not len(best):
+        raise ValueError(f"fit_temperature: {len(best)} best candidates for log-likelihoods "
+                         f"of shape {logprobs.shape}")
+    rows = np.arange(len(best))
+    nll = [-np.log(belief(logprobs, t)[rows, best] + 1e-12).mean() for t in TEMPERATURES]
+    return float(TEMPERATURES[int(np.argmin(nll))])
 
 
 def save_table(table: UtilityTable, policy_dir: str | Path) -> Path:

@@ -118,10 +118,10 @@ def rank_candidates(policy: QPOPolicy, queries: Sequence[str],
 
 
 def mbr_prompts(policy: QPOPolicy, queries: Sequence[str], reward: float, table: UtilityTable,
-                batch_size: int = 8,
-                on_batch: Optional[Callable[[int], None]] = None) -> list[str]:
+                batch_size: int = 8, on_batch: Optional[Callable[[int], None]] = None,
+                temperature: float = 1.0) -> list[str]:
     """Each query's mbr choice among `table`'s prompts (qpo_ray/policy/mbr.py), the
-    policy's belief read at `reward` (0-100)."""
+    policy's belief read at `reward` (0-100) and normalised at `temperature`."""
     logprobs = candidate_logprobs(policy, queries, [table.prompts] * len(queries), reward,
                                   batch_size, on_batch)
-    return [table.prompts[i] for i in mbr_choice(logprobs, table.utility)]
+    return [table.prompts[i] for i in mbr_choice(logprobs, table.utility, temperature)]

@@ -196,16 +196,18 @@ class PolicyServer:
         self._last_batch_size = len(items)
         loaded = {id(arm): arm.loaded for _q, _r, arm in items}
         prompts = await asyncio.to_thread(self._generate_grouped, loaded, items,
-                                          self._cfg.serve.decoding)
+                                          self._cfg.serve.decoding,
+                                          self._cfg.serve.mbr_temperature)
         self._policy_prompts += len(items)
         return [(p, loaded[id(arm)][1].version) for p, (_q, _r, arm) in zip(prompts, items)]
 
     @staticmethod
     def _generate_grouped(loaded: dict[int, tuple[Any, Any]],
-                          items: list[tuple[str, float, Arm]], decoding: str) -> list[str]:
+                          items: list[tuple[str, float, Arm]], decoding: str,
+                          mbr_temperature: float = 1.0) -> list[str]:
         """One decoding call per distinct (arm, target reward) in the batch, so every
         request gets its own arm's policy conditioned on its own reward: greedy, or mbr
-        by the table loaded with the policy (serve.decoding)."""
+        by the table loaded with the policy (serve.decoding, serve.mbr_temperature)."""
         from qpo_ray.policy import generate_prompts
         from qpo_ray.policy.ranking import mbr_prompts
 
@@ -216,7 +218,8 @@ class PolicyServer:
         for (arm_id, reward), indices in groups.items():
             policy, queries = loaded[arm_id][0], [items[i][0] for i in indices]
             size = max(len(indices), 1)
-            prompts = (mbr_prompts(policy, queries, reward, policy.mbr_table, batch_size=size)
+            prompts = (mbr_prompts(policy, queries, reward, policy.mbr_table, batch_size=size,
+                                   temperature=mbr_temperature)
                        if decoding == "mbr" else
                        generate_prompts(policy, queries, target_reward=reward,
                                         do_sample=False, batch_size=size))
