@@ -51,7 +51,9 @@ class MethodContext:
     # loop -> mbr's belief temperature fitted on the dev split (test.mbr_calibration);
     # a loop without one decodes at test.mbr_temperature.
     mbr_temperatures: dict[int, float] = field(default_factory=dict)
-    # (loop, decoding, query ids) -> prompts: qpo and qpo_loop<t> share generations.
+    # Prompts per (policy, decoding, temperature, query ids), and mbr's candidate
+    # log-likelihoods per (policy, query ids): qpo, qpo_loop<t> and the dev calibration
+    # share them.
     _cache: dict = field(default_factory=dict)
 
     def mbr_table(self) -> UtilityTable:

@@ -494,6 +494,65 @@ def test_dev_choice_tries_only_the_listed_decodings(finished_run, profile, ray_c
     assert selection["chosen_decoding"] == "greedy" and selection["dev_queries"] == 4
 
 
+def test_dev_choice_reads_mbr_at_the_belief_temperature_it_fits_on_dev(
+        finished_run, profile, ray_cluster, tmp_path):
+    """`test.dev_decodings: [greedy, mbr]` on a copy of the finished run: every mbr
+    candidate is scored on the 4 dev queries; each loop's temperature is the one under
+    which its policy best predicts each dev query's best candidate (scored here again,
+    ranked by the reward as the utilities are); the dev rows of mbr are the choices at
+    that temperature; selection.json records it for Serve."""
+    import shutil
+
+    from qpo_ray.data.pairs import make_pairs
+    from qpo_ray.data.rewards import compute_rewards
+    from qpo_ray.evaluation import score_pairs
+    from qpo_ray.loop import evaluate_tracked
+    from qpo_ray.policy import QPOPolicy
+    from qpo_ray.policy.mbr import TEMPERATURES, belief, mbr_choice, utility_table
+    from qpo_ray.policy.ranking import candidate_logprobs
+    from qpo_ray.tasks import task_and_splits
+
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run[0], workdir, ignore=shutil.ignore_patterns("mlartifacts"))
+    cfg = load_config(str(profile), [f"workdir={workdir}", "test.methods=[qpo]",
+                                     "test.dev_decodings=[greedy, mbr]"])
+    evaluate_tracked(cfg, run_dir=str(workdir))
+    run = RunDir(workdir)
+    selection = json.loads((report_dir(cfg, run) / "selection.json").read_text())
+    step0, _ = read_dataset(run.step0_path())
+    table = utility_table(step0, "reward")
+    task, splits = task_and_splits(cfg)
+    assert selection["mbr_calibration"]["pairs"] == len(table.prompts) * 4
+    fitted = {int(k): t for k, t in selection["mbr_temperatures"].items()}
+    assert set(fitted) == {1, 2} and all(np.isclose(TEMPERATURES, t).any()
+                                         for t in fitted.values())
+
+    ids = step0.drop_duplicates("prompt").set_index("prompt")["prompt_id"]
+    pairs = make_pairs([q for _ in table.prompts for q in splits.dev],
+                       [(ids[p], p, "collection") for p in table.prompts for _ in splits.dev],
+                       task, splits, cfg, loop=1, seed=cfg.seed)
+    scored, _ = score_pairs(cfg, task, splits, pairs)
+    r_task = step0.groupby("prompt_id")["r_task"].first().to_dict()
+    rewards, _ = compute_rewards(scored, "nll", r_task=r_task, answer="gold")
+    by_query = rewards.pivot_table(index="query_id", columns="prompt", values="reward")
+    best = by_query.loc[[q.id for q in splits.dev], table.prompts].to_numpy().argmax(axis=1)
+    dev = pd.read_parquet(report_dir(cfg, run) / "predictions.parquet").query("split == 'dev'")
+    for loop, temperature in fitted.items():
+        policy = QPOPolicy.load(str(run.policy_dir(loop)))
+        logprobs = candidate_logprobs(policy, [q.text for q in splits.dev],
+                                      [table.prompts] * 4, cfg.loop.target_reward)
+        nll = [-np.log(belief(logprobs, t)[np.arange(4), best] + 1e-12).sum()
+               for t in TEMPERATURES]
+        assert np.isclose(temperature, TEMPERATURES[int(np.argmin(nll))])
+        rows = dev[dev["method"] == f"qpo_loop{loop}/mbr"].set_index("query_id")
+        expected = [table.prompts[i] for i in mbr_choice(logprobs, table.utility, temperature)]
+        assert rows.loc[[q.id for q in splits.dev], "prompt"].tolist() == expected
+    if selection["chosen_decoding"] == "mbr":
+        assert selection["mbr_temperature"] == fitted[selection["loop"]]
+    else:
+        assert "mbr_temperature" not in selection
+
+
 def test_mbr_decoding_picks_the_step0_prompt_the_policy_expects_to_be_right(
         finished_run, profile, ray_cluster, tmp_path):
     """`test.decoding: mbr` on a copy of the finished run: every qpo prompt is one of Step
@@ -513,8 +572,9 @@ def test_mbr_decoding_picks_the_step0_prompt_the_policy_expects_to_be_right(
                                      "test.methods=[qpo]"])
     evaluate_tracked(cfg, run_dir=str(workdir))
     run = RunDir(workdir)
+    # A fixed mbr decoding reads the belief at test.mbr_temperature (1: as it is).
     assert json.loads((report_dir(cfg, run) / "selection.json").read_text()) == {
-        "decoding": "mbr"}
+        "decoding": "mbr", "mbr_temperature": 1.0}
     pred = pd.read_parquet(report_dir(cfg, run) / "predictions.parquet")
     qpo = pred[pred["method"] == "qpo_loop2"].sort_values("query_id")
     step0, _ = read_dataset(run.step0_path())

@@ -1,13 +1,14 @@
 """The per-replica prompt cache: the same (normalised query, policy version, target
 reward) gets the same prompt without a policy call.
 
-Serving decodes greedily, so a policy maps one input to one prompt and a hit returns
-exactly what the policy would have written: the replica feeds the policy the same
-normalised query it caches under (`normalise_query`), so nothing that the key folds
-together could have produced a different prompt. A sampled decoding mode would not
-have that property (a cached draw would pin one sample per query and remove the
-diversity sampling is for): such a mode must bypass the cache, which is why the key
-has no decoding settings and the replica only ever caches greedy prompts.
+Serving decodes deterministically (greedy, or mbr at a fixed temperature), so a policy
+maps one input to one prompt and a hit returns exactly what the policy would have
+written: the replica feeds the policy the same normalised query it caches under
+(`normalise_query`), so nothing that the key folds together could have produced a
+different prompt. The decoding settings (serve.decoding, serve.mbr_temperature) are
+fixed for a deployment's replicas, hence not in the key. A sampled decoding mode would
+not have that property (a cached draw would pin one sample per query and remove the
+diversity sampling is for): such a mode must bypass the cache.
 
 The version is part of the key, and `retain` drops every entry of a version that is
 no longer served, so a policy swap never serves an old prompt. Free of Ray.
