@@ -358,10 +358,9 @@ class TestConfig:
     # ~10x greedy's passes per dev query, which a small run may not afford; mbr reads
     # each Step-0 prompt once per query (8 candidates: ~0.15 s a query on 2 cores).
     dev_decodings: list[str] = field(default_factory=lambda: ["greedy", "rank"])
-    # mbr's belief temperature (qpo_ray/policy/mbr.py). "dev": when the dev split chooses,
-    # each loop's is fitted there (maximum likelihood of each dev query's best Step-0
-    # prompt: every candidate scored on the dev queries, ~8 x task.dev_queries pairs);
-    # "none", or a fixed decoding: `mbr_temperature` (1 = the policy's own belief).
+    # mbr's belief temperature: "dev" fits each loop's where the dev split chooses
+    # (qpo_ray/calibration.py: every mbr candidate scored on the dev queries); "none", or
+    # a fixed decoding: `mbr_temperature` (1 = the policy's own belief).
     mbr_calibration: Literal["dev", "none"] = "dev"
     mbr_temperature: float = 1.0
     # Ranking's candidates: the best N collection prompts by Step-0 R_task, the greedy

@@ -494,6 +494,21 @@ def test_dev_choice_tries_only_the_listed_decodings(finished_run, profile, ray_c
     assert selection["chosen_decoding"] == "greedy" and selection["dev_queries"] == 4
 
 
+def _evaluate_a_copy(run_dir: Path, profile: Path, tmp_path: Path,
+                     overrides: list[str]) -> tuple:
+    """The test phase again, with `overrides`, on a copy of a finished run (the run's own
+    report stays as the other tests read it)."""
+    import shutil
+
+    from qpo_ray.loop import evaluate_tracked
+
+    workdir = tmp_path / "run"
+    shutil.copytree(run_dir, workdir, ignore=shutil.ignore_patterns("mlartifacts"))
+    cfg = load_config(str(profile), [f"workdir={workdir}", *overrides])
+    evaluate_tracked(cfg, run_dir=str(workdir))
+    return cfg, RunDir(workdir)
+
+
 def test_dev_choice_reads_mbr_at_the_belief_temperature_it_fits_on_dev(
         finished_run, profile, ray_cluster, tmp_path):
     """`test.dev_decodings: [greedy, mbr]` on a copy of the finished run: every mbr
@@ -501,23 +516,16 @@ def test_dev_choice_reads_mbr_at_the_belief_temperature_it_fits_on_dev(
     which its policy best predicts each dev query's best candidate (scored here again,
     ranked by the reward as the utilities are); the dev rows of mbr are the choices at
     that temperature; selection.json records it for Serve."""
-    import shutil
-
     from qpo_ray.data.pairs import make_pairs
     from qpo_ray.data.rewards import compute_rewards
     from qpo_ray.evaluation import score_pairs
-    from qpo_ray.loop import evaluate_tracked
     from qpo_ray.policy import QPOPolicy
     from qpo_ray.policy.mbr import TEMPERATURES, belief, mbr_choice, utility_table
     from qpo_ray.policy.ranking import candidate_logprobs
     from qpo_ray.tasks import task_and_splits
 
-    workdir = tmp_path / "run"
-    shutil.copytree(finished_run[0], workdir, ignore=shutil.ignore_patterns("mlartifacts"))
-    cfg = load_config(str(profile), [f"workdir={workdir}", "test.methods=[qpo]",
-                                     "test.dev_decodings=[greedy, mbr]"])
-    evaluate_tracked(cfg, run_dir=str(workdir))
-    run = RunDir(workdir)
+    cfg, run = _evaluate_a_copy(finished_run[0], profile, tmp_path,
+                                ["test.methods=[qpo]", "test.dev_decodings=[greedy, mbr]"])
     selection = json.loads((report_dir(cfg, run) / "selection.json").read_text())
     step0, _ = read_dataset(run.step0_path())
     table = utility_table(step0, "reward")
@@ -559,19 +567,12 @@ def test_mbr_decoding_picks_the_step0_prompt_the_policy_expects_to_be_right(
     0's candidates, and each is the expected-correctness choice recomputed here from the
     loop's policy and the run's Step-0 table, query by query; the run saved that table
     beside each loop's policy."""
-    import shutil
-
-    from qpo_ray.loop import evaluate_tracked
     from qpo_ray.policy import QPOPolicy
     from qpo_ray.policy.mbr import load_table, mbr_choice, utility_table
     from qpo_ray.policy.ranking import candidate_logprobs
 
-    workdir = tmp_path / "run"
-    shutil.copytree(finished_run[0], workdir, ignore=shutil.ignore_patterns("mlartifacts"))
-    cfg = load_config(str(profile), [f"workdir={workdir}", "test.decoding=mbr",
-                                     "test.methods=[qpo]"])
-    evaluate_tracked(cfg, run_dir=str(workdir))
-    run = RunDir(workdir)
+    cfg, run = _evaluate_a_copy(finished_run[0], profile, tmp_path,
+                                ["test.decoding=mbr", "test.methods=[qpo]"])
     # A fixed mbr decoding reads the belief at test.mbr_temperature (1: as it is).
     assert json.loads((report_dir(cfg, run) / "selection.json").read_text()) == {
         "decoding": "mbr", "mbr_temperature": 1.0}
