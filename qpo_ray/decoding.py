@@ -76,15 +76,14 @@ class MethodContext:
         """(N, C) log-likelihood of mbr's candidates under a loop's policy at the target
         reward: read once per (policy, queries), by the dev calibration and the decoding."""
         from qpo_ray.policy import QPOPolicy
-        from qpo_ray.policy.ranking import candidate_logprobs
+        from qpo_ray.policy.ranking import mbr_logprobs
 
         key = ("mbr-logprobs", policy_dir or loop, tuple(q.id for q in queries))
         if key not in self._cache:
             policy = QPOPolicy.load(policy_dir or self.policy_dirs[loop])
-            candidates = [self.mbr_table().prompts] * len(queries)
-            self._cache[key] = candidate_logprobs(policy, [q.text for q in queries],
-                                                  candidates, self.cfg.loop.target_reward,
-                                                  on_batch=on_batch)
+            self._cache[key] = mbr_logprobs(policy, [q.text for q in queries],
+                                            self.cfg.loop.target_reward, self.mbr_table(),
+                                            on_batch=on_batch)
         return self._cache[key]
 
     @property
@@ -108,7 +107,6 @@ def policy_prompts(ctx: MethodContext, loop: int, decoding: str, queries: list[E
     `test.rank_samples` sampled ones; or by mbr (qpo_ray.policy.mbr) among Step 0's
     prompts."""
     from qpo_ray.policy import QPOPolicy, generate_prompts
-    from qpo_ray.policy.mbr import mbr_choice
     from qpo_ray.policy.ranking import rank_candidates
 
     if decoding not in DECODINGS:
@@ -133,9 +131,8 @@ def policy_prompts(ctx: MethodContext, loop: int, decoding: str, queries: list[E
         if decoding == "greedy":
             chosen = generate_prompts(policy, texts, target_reward=reward, on_batch=on_batch(0))
         elif decoding == "mbr":
-            table = ctx.mbr_table()
             logprobs = ctx.mbr_logprobs(loop, queries, policy_dir, on_batch(0))
-            chosen = [table.prompts[i] for i in mbr_choice(logprobs, table.utility, temperature)]
+            chosen = ctx.mbr_table().choose(logprobs, temperature)
         else:
             fixed = [r.text for r in ctx.ranked_collection()[:t.rank_collection_prompts]]
             sampled = [generate_prompts(policy, texts, target_reward=reward,

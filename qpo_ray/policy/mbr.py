@@ -54,6 +54,10 @@ class UtilityTable:
     utility: np.ndarray
     num_queries: int
 
+    def choose(self, logprobs: np.ndarray, temperature: float = 1.0) -> list[str]:
+        """Each query's mbr choice (`mbr_choice`), as prompt text."""
+        return [self.prompts[i] for i in mbr_choice(logprobs, self.utility, temperature)]
+
 
 def utility_table(step0: pd.DataFrame, rank_by: str, score: str = "correct") -> UtilityTable:
     """U from Step 0's scored pairs (loop 0 rows; columns query_id, prompt, `rank_by`,

@@ -29,7 +29,7 @@ import torch
 
 from qpo_ray.policy.batching import encode_prompts, position_ids_from_mask, trim_padding
 from qpo_ray.policy.generation import prefix_inputs
-from qpo_ray.policy.mbr import UtilityTable, mbr_choice
+from qpo_ray.policy.mbr import UtilityTable
 from qpo_ray.policy.model import QPOPolicy
 
 
@@ -117,11 +117,19 @@ def rank_candidates(policy: QPOPolicy, queries: Sequence[str],
     return high - low
 
 
+def mbr_logprobs(policy: QPOPolicy, queries: Sequence[str], reward: float,
+                 table: UtilityTable, batch_size: int = 8,
+                 on_batch: Optional[Callable[[int], None]] = None) -> np.ndarray:
+    """(N, C) log-likelihood of `table`'s prompts for each query at `reward` (0-100):
+    the policy's belief that mbr decodes (qpo_ray/policy/mbr.py)."""
+    return candidate_logprobs(policy, queries, [table.prompts] * len(queries), reward,
+                              batch_size, on_batch)
+
+
 def mbr_prompts(policy: QPOPolicy, queries: Sequence[str], reward: float, table: UtilityTable,
                 batch_size: int = 8, on_batch: Optional[Callable[[int], None]] = None,
                 temperature: float = 1.0) -> list[str]:
-    """Each query's mbr choice among `table`'s prompts (qpo_ray/policy/mbr.py), the
-    policy's belief read at `reward` (0-100) and normalised at `temperature`."""
-    logprobs = candidate_logprobs(policy, queries, [table.prompts] * len(queries), reward,
-                                  batch_size, on_batch)
-    return [table.prompts[i] for i in mbr_choice(logprobs, table.utility, temperature)]
+    """Each query's mbr choice among `table`'s prompts, the policy's belief read at
+    `reward` (0-100) and normalised at `temperature`."""
+    return table.choose(mbr_logprobs(policy, queries, reward, table, batch_size, on_batch),
+                        temperature)
