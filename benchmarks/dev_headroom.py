@@ -8,7 +8,7 @@ collection set, never scored in Step 0 or augmentation), which is where choices 
 made. It prints dev accuracy and the paired difference against `best_single` (bootstrap
 95% CI over dev queries, McNemar exact p) for:
 - best_single: the prompt with the best Step-0 R_task (the run's baseline);
-- router: the Prompt-OIRL-style selection baseline, fitted on Step 0 (qpo_ray.router);
+- router: the Prompt-OIRL-style selection baseline, fitted on Step 0 (qpo_ray.testphase.selectors);
   label_router (label tasks): the label-aware one, its probe fitted on the Step-0
   queries' gold labels;
 - qpo_loop<k> rank top<n>: the policy of loop k choosing among the n best collection
@@ -18,7 +18,7 @@ made. It prints dev accuracy and the paired difference against `best_single` (bo
   the correlation of that contrast with correctness once each prompt's mean is removed
   (0 = the policy cannot tell which prompt suits which query);
 - label-aware, N labels (a diagnostic): the `label_router` baseline's chooser
-  (qpo_ray.router.fit_label_router) with its label probe fitted on N labelled train
+  (qpo_ray.testphase.selectors.fit_label_router) with its label probe fitted on N labelled train
   examples of the demonstration pool instead of the Step-0 queries (gold labels only,
   no target calls): how much per-query choice can pay on this target, and how many
   labelled queries it takes;
@@ -46,17 +46,17 @@ import pandas as pd
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from qpo_ray.atomic import atomic_file  # noqa: E402
-from qpo_ray.stats import paired_difference  # noqa: E402
+from qpo_ray.common.atomic import atomic_file  # noqa: E402
+from qpo_ray.testphase.stats import paired_difference  # noqa: E402
 
 if TYPE_CHECKING:
     from qpo_ray.config import Config
-    from qpo_ray.rundir import RunDir
+    from qpo_ray.run.rundir import RunDir
 
 
 def dev_matrix(run: "RunDir", cfg: "Config", out: Path) -> pd.DataFrame:
     """Scored pairs: every Step-0 prompt on every dev query of the run (cached)."""
-    from qpo_ray.evaluation import score_pairs
+    from qpo_ray.scoring.ray_data import score_pairs
     from qpo_ray.tasks import task_and_splits
 
     path = out / "dev_matrix.parquet"
@@ -133,8 +133,8 @@ def main() -> int:
                    help="sizes of the label-aware chooser's labelled sets (drawn from the "
                         "demonstration pool: train data that is neither collection nor dev)")
     args = p.parse_args()
-    from qpo_ray.errors import ConfigError
-    from qpo_ray.rundir import RunDir
+    from qpo_ray.common.errors import ConfigError
+    from qpo_ray.run.rundir import RunDir
 
     # Everything that can be wrong with the input is checked before any scoring.
     try:
@@ -147,9 +147,9 @@ def main() -> int:
         p.error(f"{args.run}: no Step-0 dataset ({run.step0_path().name}); finish the run first")
     out = args.out or args.run / "headroom"
     out.mkdir(parents=True, exist_ok=True)
-    from qpo_ray.progress import send_library_logs_to
+    from qpo_ray.common.progress import send_library_logs_to
     send_library_logs_to(out)  # Ray Data's and transformers' progress go to a log file
-    from qpo_ray.router import (fit_label_router, fit_label_router_on_step0, fit_router,
+    from qpo_ray.testphase.selectors import (fit_label_router, fit_label_router_on_step0, fit_router,
                                 router_embedding_model)
     from qpo_ray.tasks import task_and_splits
 

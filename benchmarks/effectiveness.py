@@ -42,8 +42,8 @@ import pandas as pd
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from qpo_ray.report import well_formed  # noqa: E402
-from qpo_ray.stats import across_seeds, paired_difference  # noqa: E402
+from qpo_ray.testphase.render import well_formed  # noqa: E402
+from qpo_ray.testphase.stats import across_seeds, paired_difference  # noqa: E402
 
 PROFILE = REPO / "benchmarks" / "profiles" / "effectiveness.yaml"
 REFERENCES = ("manual", "best_single")
@@ -133,7 +133,7 @@ def print_dev_choice(dev: pd.DataFrame) -> None:
 
 def label_words(run_dir: Path) -> tuple:
     """The run's task's label words (what a well-formed prompt must name)."""
-    from qpo_ray.rundir import RunDir
+    from qpo_ray.run.rundir import RunDir
     from qpo_ray.tasks import get_task
 
     _, cfg = RunDir.load(run_dir)

@@ -42,7 +42,7 @@ this machine's speed drifts by ~10% between runs of the same path (the current p
 Step-0 job alone, before and after a change that does not touch its engines: 146 / 122 s
 and 138 / 131 s), so a ratio moves by about as much. A call's pairs go out in equal
 batches, as many as a multiple of the actors, one batch in flight per actor
-(qpo_ray.evaluation.batch_pairs). The test-shaped job's current path took 66.8 s with
+(qpo_ray.scoring.ray_data.batch_pairs). The test-shaped job's current path took 66.8 s with
 Ray Data's defaults, 57.9 s with one batch in flight, 56.7 s with equal batches too (one
 run each; the matmul probe read 78, 70 and 77 GFLOP/s per engine in those runs).
 `--backend vllm` at the same size, the same evening: Step-0 job x1.65 at 91% of the bound
@@ -104,7 +104,7 @@ def matmul_gflops(dtype: str = "float32", n: int = 2048, seconds: float = 3.0) -
     task's OMP_NUM_THREADS, as in a scoring actor)."""
     import torch
 
-    from qpo_ray import device as devices
+    from qpo_ray.common import device as devices
 
     devices.configure_cpu_threads()
     kind = devices.resolve_dtype(dtype, torch.device("cpu"))
@@ -132,7 +132,7 @@ def flop_per_token(model: str) -> tuple[float, int, int, int]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qpo_ray.models import resolve_model
+    from qpo_ray.common.models import resolve_model
 
     config = AutoConfig.from_pretrained(resolve_model(model))
     with torch.device("meta"):
@@ -147,7 +147,7 @@ def flop_per_token(model: str) -> tuple[float, int, int, int]:
 
 def test_pairs(cfg, task, splits, collection, n: int) -> pd.DataFrame:
     """A test phase's pairs: manual, a fixed prompt, a random prompt per query; pairs
-    two methods share are scored once (as qpo_ray.report.score_prompts does)."""
+    two methods share are scored once (as qpo_ray.testphase.evaluate.score_prompts does)."""
     from qpo_ray.data.pairs import make_pairs
     from qpo_ray.prompts import manual_prompt
 
@@ -177,7 +177,7 @@ class Result:
 
 def score(cfg, task, splits, pairs: pd.DataFrame, label: str) -> Result:
     """The pairs through a fresh RayDataScorer (a new actor pool: engine start included)."""
-    from qpo_ray.evaluation import RayDataScorer
+    from qpo_ray.scoring.ray_data import RayDataScorer
 
     start = time.perf_counter()
     scorer = RayDataScorer(cfg, task, splits.demo_pool, label=label)
@@ -231,7 +231,7 @@ def per_pair_loop(task, backend, pairs) -> list[list[float]]:
     label, unbatched, as the reference code scores."""
     import torch
 
-    from qpo_ray.scoring import query_example
+    from qpo_ray.scoring.local import query_example
 
     out = []
     model, enc = backend.model, backend.encoder
@@ -251,7 +251,7 @@ def per_pair_loop(task, backend, pairs) -> list[list[float]]:
 def reference_check(cfg, task, pairs: pd.DataFrame) -> None:
     """The reference loop vs LocalScorer (shared heads) on the same pairs, this process."""
     from qpo_ray.backends import create_backend
-    from qpo_ray.scoring import LocalScorer
+    from qpo_ray.scoring.local import LocalScorer
 
     # float32: the check is that reuse changes nothing, which rounding in bf16 would blur
     backend = create_backend(path_config(cfg, "transformers", True, "float32").target)
@@ -316,9 +316,9 @@ def main() -> None:
     import torch
 
     from qpo_ray.config import load_config
-    from qpo_ray.device import dtype_name
+    from qpo_ray.common.device import dtype_name
     from qpo_ray.data.pairs import build_step0_pairs
-    from qpo_ray.evaluation import init_ray
+    from qpo_ray.common.local_ray import init_ray
     from qpo_ray.prompts import load_collection
     from qpo_ray.tasks import task_and_splits
 
@@ -339,7 +339,7 @@ def main() -> None:
         reference_check(cfg, task, jobs.get("step0", next(iter(jobs.values())))
                         .head(args.reference_pairs))
 
-    init_ray(cfg)
+    init_ray(cfg.ray_address)
     # Ray Data logs its progress every few seconds when stdout is not a terminal; the
     # scorer's own progress line says the same.
     logging.getLogger("ray.data").setLevel(logging.WARNING)

@@ -52,9 +52,9 @@ def fitted_policy(out_dir: Path, queries: list[str], num_layers: int, prompt: st
     import torch
 
     from qpo_ray.config import PolicyConfig, TrainingConfig
-    from qpo_ray.models import resolve_model
+    from qpo_ray.common.models import resolve_model
     from qpo_ray.policy import QPOPolicy
-    from qpo_ray.training import TorchEngine, build_loader, run_epoch
+    from qpo_ray.training.trainer import TorchEngine, build_loader, run_epoch
 
     torch.manual_seed(0)
     policy = QPOPolicy.from_backbone(PolicyConfig(

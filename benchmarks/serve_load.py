@@ -116,10 +116,10 @@ def main() -> int:
     from ray import serve
 
     from qpo_ray.config import load_config
-    from qpo_ray.local_ray import connect_ray
+    from qpo_ray.common.local_ray import connect_ray
     from qpo_ray.policy import generate_prompts
     from qpo_ray.serving import run_serve
-    from qpo_ray.tracking import Tracker
+    from qpo_ray.run.tracking import Tracker
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

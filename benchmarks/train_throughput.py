@@ -1,7 +1,7 @@
 """Ray Train overhead on policy training: samples/s of `train_policy` with one worker vs
 a bare single-process PyTorch loop running the same engine on the same rows and model.
 
-Both sides use `TorchEngine` + `run_epoch` from `qpo_ray.training` (Ray adds the worker
+Both sides use `TorchEngine` + `run_epoch` from `qpo_ray.training.trainer` (Ray adds the worker
 process, the object-store hand-off of the rows, per-epoch `ray.train.report` and the
 checkpoint), the same seed, batch, backbone cut and torch thread count. Steady state =
 the mean samples/s of every epoch after the first (which pays for warm-up).
@@ -52,8 +52,8 @@ def write_sample(rows: int, out: Path) -> Path:
 
 def bare_loop(cfg, dataset: Path) -> list[float]:
     """The same steps in this process: no Ray, no DDP wrapper, no reports."""
-    from qpo_ray.device import configure_cpu_threads, get_device
-    from qpo_ray.training import TorchEngine, read_training_rows, build_loader, initial_policy, run_epoch
+    from qpo_ray.common.device import configure_cpu_threads, get_device
+    from qpo_ray.training.trainer import TorchEngine, read_training_rows, build_loader, initial_policy, run_epoch
 
     configure_cpu_threads(cfg.training.num_cpus_per_worker)
     policy = initial_policy(cfg, None, get_device(prefer_gpu=False))
@@ -70,7 +70,7 @@ def bare_loop(cfg, dataset: Path) -> list[float]:
 
 
 def ray_loop(cfg, dataset: Path, out_dir: Path) -> list[float]:
-    from qpo_ray.training import train_policy
+    from qpo_ray.training.trainer import train_policy
 
     result = train_policy(cfg, str(dataset), str(out_dir), loop_index=1)
     return [m["samples_per_s"] for m in result.metrics]

@@ -1,4 +1,4 @@
-"""What every Ray job entry point shares with the `qpo` command: qpo_ray.entry (the
+"""What every Ray job entry point shares with the `qpo` command: qpo_ray.run.commands (the
 arguments of each command, the Config built from them, the work, the exit codes).
 
 Jobs are submitted from the repository root, e.g.
@@ -20,7 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from qpo_ray.entry import (EXIT_FAILURE, EXIT_INPUT, EXIT_OK, add_config_args,  # noqa: E402
+from qpo_ray.run.commands import (EXIT_FAILURE, EXIT_INPUT, EXIT_OK, add_config_args,  # noqa: E402
                            config_from_args, job_main)
 
 EXIT_CONFIG = EXIT_INPUT

@@ -1,6 +1,6 @@
 """The `qpo` command line. It parses arguments, builds a Config and calls the library;
 it has no logic of its own. `run`, `train`, `augment` and `evaluate` are the commands of
-qpo_ray.entry, shared with the jobs/ scripts (same arguments, same exit codes). Library
+qpo_ray.run.commands, shared with the jobs/ scripts (same arguments, same exit codes). Library
 modules are imported inside each command so that `qpo --help` stays fast."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import argparse
 import json
 import sys
 
-from qpo_ray.entry import COMMANDS, add_config_args, command_parser, config_from_args, run_command
+from qpo_ray.run.commands import COMMANDS, add_config_args, command_parser, config_from_args, run_command
 
 
 def cmd_setup(args: argparse.Namespace) -> str:
-    from qpo_ray.models import EMBEDDED_MODELS, provision_embedded
+    from qpo_ray.common.models import EMBEDDED_MODELS, provision_embedded
 
     return "\n".join(f"embedded model {alias}: {provision_embedded(alias)}"
                      for alias in EMBEDDED_MODELS)
@@ -34,7 +34,7 @@ def cmd_prompts(args: argparse.Namespace) -> str:
 
 
 def cmd_dataset_build(args: argparse.Namespace) -> str:
-    from qpo_ray.loop import build_initial_dataset
+    from qpo_ray.run.loop import build_initial_dataset
 
     return f"dataset: {build_initial_dataset(config_from_args(args), out_path=args.out)}"
 
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit codes as for the jobs/ scripts (qpo_ray.entry): 0, 2 wrong input, 1 failure."""
+    """Exit codes as for the jobs/ scripts (qpo_ray.run.commands): 0, 2 wrong input, 1 failure."""
     args = build_parser().parse_args(argv)
     return run_command(lambda: args.func(args), "qpo")
 

@@ -56,7 +56,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct converted to an HF checkpoint (cached)."""
-    from qpo_ray.models import provision_embedded
+    from qpo_ray.common.models import provision_embedded
 
     return provision_embedded("smollm2-135m-instruct")
 

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from qpo_ray.backends.base import ContinuationScore, Generation, TargetBackend, Usage
-from qpo_ray.errors import ConfigError
+from qpo_ray.common.errors import ConfigError
 
 # name -> "module:Class"; the module is imported lazily by create_backend.
 BACKENDS: dict[str, str] = {
@@ -50,7 +50,7 @@ def validate_backend_config(target_config) -> None:
 def check_model(model: str, key: str) -> str:
     """The resolved path or hub id of `model`; fails naming the config `key` when it is
     a missing path, or a hub id that is not cached while HF_HUB_OFFLINE=1."""
-    from qpo_ray.models import resolve_model
+    from qpo_ray.common.models import resolve_model
 
     try:
         path = resolve_model(model)

@@ -19,10 +19,10 @@ from typing import Sequence
 
 import torch
 
-from qpo_ray import device as devices
+from qpo_ray.common import device as devices
 from qpo_ray.backends.base import ContinuationScore, Generation, TargetBackend
 from qpo_ray.backends.text import PromptEncoder, shared_prefix_runs, single_token_ids
-from qpo_ray.models import resolve_model
+from qpo_ray.common.models import resolve_model
 
 
 def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

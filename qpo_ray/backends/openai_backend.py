@@ -20,8 +20,8 @@ import httpx
 
 from qpo_ray.backends.base import ContinuationScore, Generation, TargetBackend
 from qpo_ray.backends.text import PromptEncoder, candidate_text
-from qpo_ray.errors import ConfigError
-from qpo_ray.models import resolve_model
+from qpo_ray.common.errors import ConfigError
+from qpo_ray.common.models import resolve_model
 
 T = TypeVar("T")
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}

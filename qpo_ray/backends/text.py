@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from qpo_ray.errors import ConfigError
+from qpo_ray.common.errors import ConfigError
 
 
 class PromptEncoder:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from qpo_ray import device as devices
+from qpo_ray.common import device as devices
 from qpo_ray.backends.base import ContinuationScore, Generation, TargetBackend
 from qpo_ray.backends.text import PromptEncoder, candidate_trie, shared_prefix_runs
-from qpo_ray.models import resolve_model
+from qpo_ray.common.models import resolve_model
 
 
 def engine_environment(target_config) -> dict[str, str]:

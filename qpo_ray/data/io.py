@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qpo_ray.atomic import atomic_file
+from qpo_ray.common.atomic import atomic_file
 from qpo_ray.data.rewards import RewardScale
 from qpo_ray.data.schema import ALL_COLUMNS, PAIR_COLUMNS, REWARD_SCALE_KEY
 

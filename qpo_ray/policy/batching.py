@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from qpo_ray.errors import ConfigError
+from qpo_ray.common.errors import ConfigError
 
 # Rewards come min-max scaled to 0-100 (eq. 4); the model reads reward / REWARD_SCALE so
 # its input and its reward-head target are O(1).

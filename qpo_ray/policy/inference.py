@@ -16,7 +16,7 @@ import types
 import torch
 from torch import nn
 
-from qpo_ray import device as devices
+from qpo_ray.common import device as devices
 
 
 def _pretransposed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from qpo_ray.atomic import write_text_atomic
+from qpo_ray.common.atomic import write_text_atomic
 
 TABLE_FILE = "mbr_table.json"
 # The belief temperatures `fit_temperature` tries: log-spaced, 1 (the policy's own belief)

@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from qpo_ray.atomic import atomic_dir
+from qpo_ray.common.atomic import atomic_dir
 from qpo_ray.config import PolicyConfig
-from qpo_ray.device import get_device
-from qpo_ray.errors import ConfigError
-from qpo_ray.models import cut_config, resolve_model
+from qpo_ray.common.device import get_device
+from qpo_ray.common.errors import ConfigError
+from qpo_ray.common.models import cut_config, resolve_model
 from qpo_ray.policy.batching import REWARD_SCALE, position_ids_from_mask, trim_padding
 from qpo_ray.policy.mbr import UtilityTable, load_table, save_table
 from qpo_ray.policy.summary import QuerySummary
@@ -113,7 +113,7 @@ class QPOPolicy(nn.Module):
     def save(self, directory: str | Path) -> Path:
         """Backbone + tokenizer via save_pretrained, heads as safetensors, config as JSON.
 
-        Written into a temporary sibling and swapped in whole (qpo_ray.atomic): a reader
+        Written into a temporary sibling and swapped in whole (qpo_ray.common.atomic): a reader
         (Serve, a resumed run) or a crash mid-save sees the old policy or the new one,
         never a mixture. An existing directory is replaced, so it must be a policy."""
         out = Path(directory)

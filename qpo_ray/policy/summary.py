@@ -22,7 +22,7 @@ import logging
 import torch
 from torch import nn
 
-from qpo_ray.models import cut_config, resolve_model
+from qpo_ray.common.models import cut_config, resolve_model
 
 
 class QuerySummary(nn.Module):

@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from qpo_ray.config import PromptsConfig
-from qpo_ray.jsonl import read_jsonl
+from qpo_ray.common.jsonl import read_jsonl
 
 logger = logging.getLogger(__name__)
 _WARNED_EMPTY: set[str] = set()

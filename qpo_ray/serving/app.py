@@ -131,7 +131,7 @@ def run_serve(cfg: Config, blocking: bool = True, policy_uri: Optional[str] = No
     the app and return its base URL; with `blocking`, serve until Ctrl-C, then shut
     Serve down. Calling it again (another policy_uri) replaces the replicas without
     downtime; a registry alias is followed by the replicas themselves."""
-    from qpo_ray.local_ray import connect_ray
+    from qpo_ray.common.local_ray import connect_ray
     from qpo_ray.policy.mbr import TABLE_FILE
     from qpo_ray.serving.policy_source import NO_MBR_TABLE, resolve
 
@@ -149,7 +149,7 @@ def run_serve(cfg: Config, blocking: bool = True, policy_uri: Optional[str] = No
             if (cfg.serve.decoding == "mbr" and ref.local_dir is not None
                     and not (Path(ref.local_dir) / TABLE_FILE).exists()):
                 raise ConfigError(NO_MBR_TABLE.format(version=ref.version))
-    # A single-machine Ray listens on loopback only (qpo_ray.local_ray).
+    # A single-machine Ray listens on loopback only (qpo_ray.common.local_ray).
     connect_ray(cfg.ray_address)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)

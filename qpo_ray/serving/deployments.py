@@ -88,7 +88,7 @@ class TargetServer:
 
     def __init__(self, cfg: Config) -> None:
         from qpo_ray.backends import create_backend
-        from qpo_ray.device import configure_cpu_threads
+        from qpo_ray.common.device import configure_cpu_threads
         from qpo_ray.tasks import get_task
 
         configure_cpu_threads()
@@ -132,7 +132,7 @@ class PolicyServer:
     each served request for feedback, and forwards /v1/answer to the target."""
 
     def __init__(self, cfg: Config, target: Optional[DeploymentHandle] = None) -> None:
-        from qpo_ray.device import configure_cpu_threads
+        from qpo_ray.common.device import configure_cpu_threads
         from qpo_ray.serving.feedback import feedback_root
         from qpo_ray.tasks import get_task
 

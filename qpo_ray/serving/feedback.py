@@ -8,7 +8,7 @@ Layout under `serve.feedback_dir` (default `<workdir>/serving`):
                                before the response leaves (a replica that dies loses
                                none); each replica process writes its own file
     feedback/part-*.parquet    one Parquet part per accepted feedback, written to a
-                               temporary file, fsynced and renamed (qpo_ray.atomic):
+                               temporary file, fsynced and renamed (qpo_ray.common.atomic):
                                the request's record joined with the outcome
 
 Any replica answers feedback for any request: an id it did not serve is looked up in
@@ -30,7 +30,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qpo_ray.atomic import replace_file
+from qpo_ray.common.atomic import replace_file
 from qpo_ray.config import Config
 
 REQUESTS_DIR = "requests"

@@ -21,7 +21,7 @@ import pandas as pd
 
 from qpo_ray.config import Config
 from qpo_ray.serving.feedback import feedback_root, read_feedback, read_requests
-from qpo_ray.stats import PairedDifference, newcombe_difference, paired_difference, wilson_interval
+from qpo_ray.testphase.stats import PairedDifference, newcombe_difference, paired_difference, wilson_interval
 
 SERVE_RUN_TAG = "qpo.kind"
 SERVE_RUN_KIND = "serve-feedback"
@@ -139,7 +139,7 @@ def log_to_mlflow(cfg: Config, rows: list[VersionSummary],
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    from qpo_ray.tracking import metric_key
+    from qpo_ray.run.tracking import metric_key
 
     client = MlflowClient(tracking_uri=cfg.tracking_uri())
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from qpo_ray.errors import ConfigError
+from qpo_ray.common.errors import ConfigError
 
 NO_MBR_TABLE = ("serve.decoding: mbr needs the table the train stage saves beside a loop's "
                 "policy (mbr_table.json); {version} has none: serve it with "

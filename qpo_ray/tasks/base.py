@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence
 
-from qpo_ray.errors import ConfigError
+from qpo_ray.common.errors import ConfigError
 
 
 @dataclass(frozen=True)

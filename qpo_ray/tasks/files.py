@@ -13,7 +13,7 @@ import random
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
-from qpo_ray import jsonl
+from qpo_ray.common import jsonl
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,15 @@
+"""Typed configuration: one dataclass per section (`sections`, `serve`), assembled and read
+from YAML profiles (`loader`, profiles in `profiles/`). Validated once at load."""
+
+from qpo_ray.common.errors import ConfigError
+from qpo_ray.config.loader import (Config, config_from_dict, load_config, merge_overrides,
+                                   parse_override, profile_path)
+from qpo_ray.config.sections import (DatasetConfig, EvaluationConfig, LoopConfig, PolicyConfig,
+                                     PromptsConfig, TargetConfig, TaskConfig, TestConfig,
+                                     TrackingConfig, TrainingConfig)
+from qpo_ray.config.serve import ServeConfig
+
+__all__ = ["Config", "ConfigError", "config_from_dict", "load_config", "merge_overrides",
+           "parse_override", "profile_path", "DatasetConfig", "EvaluationConfig",
+           "LoopConfig", "PolicyConfig", "PromptsConfig", "TargetConfig", "TaskConfig",
+           "TestConfig", "TrackingConfig", "TrainingConfig", "ServeConfig"]

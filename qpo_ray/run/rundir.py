@@ -1,0 +1,215 @@
+"""The run directory of one QPO run: its saved config, its stage markers, its files.
+
+Layout (``cfg.workdir``)::
+
+    config.yaml                    resolved config, written once at the start
+    stages.json                    finished stages -> their outputs (atomic rewrite)
+    tracking.json                  MLflow run ids (see qpo_ray.run.tracking)
+    dataset_loop0.parquet          Step 0: every scored (query, prompt) pair + scale
+    dataset_loop0.usage.json       target-LLM cost of Step 0
+    dataset_1.parquet              D_0: Step 0 after the expert filter (trains loop 1)
+    loop<t>/                       training output of loop t (checkpoint, metrics.json)
+    dataset_<t+1>.parquet          D_t = D_{t-1} + D_A of round t (trains loop t+1)
+    dataset_<t+1>.rows.parquet     round t's scored rows before the filter
+    dataset_<t+1>.round.json       round t's R_task, cost, accept rate
+    report/                        test phase: report.md, results.csv, plots
+
+A stage counts as finished only once its name is in ``stages.json``; that file is
+rewritten with ``os.replace`` (fsynced) after the stage's outputs exist, so a crash or
+Ctrl-C at any moment leaves either the old or the new list, never a half-written one.
+Paths in it are relative to the run directory, so a copied or moved run directory can
+be resumed, evaluated and served; absolute paths written by older versions are still
+read (rebased onto the directory's new place when it moved).
+
+One process at a time runs a directory: ``qpo run`` holds ``.qpo.lock`` (an flock the
+kernel drops when the process dies, however it dies); a second one fails at once
+naming the holder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import yaml
+
+from qpo_ray.common.atomic import write_json_atomic, write_text_atomic
+from qpo_ray.common.layout import RunFiles, RunLayout, read_json
+from qpo_ray.config import Config, ConfigError, config_from_dict
+from qpo_ray.run.pipeline import Stage, plan
+
+CONFIG_FILE = "config.yaml"
+STAGES_FILE = "stages.json"
+LOCK_FILE = ".qpo.lock"
+# Per stage in stages.json: which of its outputs are paths relative to the run directory.
+_RELATIVE_KEY = "_relative_paths"
+
+
+class RunDirBusy(RuntimeError):
+    """Another process holds the run directory's lock."""
+
+
+@contextlib.contextmanager
+def lock_run_dir(path: str | Path) -> Iterator[Path]:
+    """Hold the run directory's lock for the block; fail at once (RunDirBusy, naming
+    the holder's pid, host and start time) if another process holds it. An flock: the
+    kernel releases it when the holder exits or is killed, so it never goes stale (on
+    NFS it needs a server with lock support, as NFSv4 has)."""
+    import fcntl
+
+    root = Path(path).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    lock_path = root / LOCK_FILE
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace")
+            try:
+                info = json.loads(holder)
+                who = (f"pid {info['pid']} on host {info['host']}, started "
+                       f"{info['started']}")
+            except (ValueError, KeyError, TypeError):
+                who = "another process (holder unknown)"
+            raise RunDirBusy(f"{root} is in use by {who} ({lock_path}); wait for that "
+                             "run to end or stop it, or pick another --workdir") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        os.fsync(fd)
+        yield root
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def stage_names(cfg: Config) -> list[str]:
+    """Every stage of a run, in order, by name (qpo_ray.run.stages.plan)."""
+    return [stage.name for stage in plan(cfg.loop.num_loops)]
+
+
+class RunDir(RunLayout):
+    """A run directory: its file names (RunLayout), saved config and stage markers."""
+
+    # -- creation and resume ----------------------------------------------------------
+
+    @classmethod
+    def create(cls, cfg: Config) -> "RunDir":
+        """Start a run in ``cfg.workdir``; an existing run there continues only if it
+        was started with the same config (else the user meant another directory)."""
+        run = cls(cfg.workdir)
+        run.path.mkdir(parents=True, exist_ok=True)
+        config_path = run.path / CONFIG_FILE
+        if config_path.exists():
+            saved = yaml.safe_load(config_path.read_text())
+            if saved != cfg.to_dict():
+                raise ConfigError(
+                    f"{config_path}: a run with a different config already lives in "
+                    f"{run.path}; pick another --workdir, or continue it with "
+                    f"`qpo run --resume {run.path}`")
+        else:
+            write_text_atomic(config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return run
+
+    @classmethod
+    def load(cls, path: str | Path) -> tuple["RunDir", Config]:
+        """Reopen a run directory and its saved config (for --resume)."""
+        run = cls(path)
+        config_path = run.path / CONFIG_FILE
+        if not config_path.exists():
+            raise FileNotFoundError(f"{config_path} not found: {run.path} is not a run directory")
+        data = yaml.safe_load(config_path.read_text())
+        try:
+            cfg = config_from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{config_path}: {exc}") from exc
+        # The saved workdir may be relative to where the run started.
+        cfg.workdir = str(run.path)
+        return run, cfg
+
+    # -- stage markers ----------------------------------------------------------------
+
+    def stages(self) -> dict[str, dict[str, Any]]:
+        """Finished stages -> their outputs, with paths absolute under this directory."""
+        path = self.path / STAGES_FILE
+        raw = read_json(path) if path.exists() else {}
+        return {name: self._absolute(outputs) for name, outputs in raw.items()}
+
+    def is_done(self, stage: str) -> bool:
+        return stage in self.stages()
+
+    def outputs(self, stage: str) -> dict[str, Any]:
+        return self.stages()[stage]
+
+    def mark_done(self, stage: str, outputs: Optional[dict[str, Any]] = None) -> None:
+        path = self.path / STAGES_FILE
+        stages = read_json(path) if path.exists() else {}
+        stages[stage] = self._relative(outputs or {})
+        write_json_atomic(path, stages)
+
+    def _relative(self, outputs: dict[str, Any]) -> dict[str, Any]:
+        """Paths inside the run directory as relative POSIX strings (listed under
+        _RELATIVE_KEY so that reading them back never guesses)."""
+        out: dict[str, Any] = {}
+        relative = []
+        for key, value in outputs.items():
+            if isinstance(value, (str, Path)) and Path(value).is_absolute():
+                try:
+                    value = Path(value).resolve().relative_to(self.path).as_posix()
+                    relative.append(key)
+                except ValueError:
+                    value = str(value)  # outside the run directory: kept as given
+            out[key] = str(value) if isinstance(value, Path) else value
+        if relative:
+            out[_RELATIVE_KEY] = relative
+        return out
+
+    def _absolute(self, outputs: dict[str, Any]) -> dict[str, Any]:
+        out = dict(outputs)
+        relative = out.pop(_RELATIVE_KEY, [])
+        for key in relative:
+            out[key] = str(self.path / out[key])
+        for key, value in out.items():
+            if key in relative:
+                continue
+            if isinstance(value, str) and os.path.isabs(value) and not os.path.exists(value):
+                out[key] = str(self._rebase(Path(value)))
+        return out
+
+    def _rebase(self, old: Path) -> Path:
+        """An absolute path from an older stages.json whose run directory has moved: the
+        longest tail of it that exists under this directory (else the path unchanged)."""
+        parts = old.parts[1:]
+        for start in range(len(parts)):
+            candidate = self.path.joinpath(*parts[start:])
+            if candidate.exists():
+                return candidate
+        return old
+
+    # -- file names (the rest in RunLayout) -----------------------------------------
+
+    def final_dataset_path(self, cfg: Config) -> Path:
+        return self.dataset_path(cfg.loop.num_loops)
+
+    def policy_dir(self, loop: Optional[int] = None) -> Path:
+        """The checkpoint of loop `loop` (default: the last finished one)."""
+        trained = self.trained_loops()
+        if not trained:
+            raise FileNotFoundError(f"{self.path}: no finished training stage (stages.json)")
+        loop = trained[-1] if loop is None else loop
+        return Path(self.outputs(Stage("train", loop).name)["checkpoint_dir"])
+
+    def trained_loops(self) -> list[int]:
+        stages = [Stage.parse(name) for name in self.stages()]
+        return sorted(s.loop for s in stages if s.kind == "train")
+
+    def files(self) -> RunFiles:
+        """What the parts below the plumbing read of this run (qpo_ray.common.layout)."""
+        return RunFiles(self.path, {t: self.policy_dir(t) for t in self.trained_loops()})
+

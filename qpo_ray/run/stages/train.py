@@ -1,0 +1,54 @@
+"""Train loop t: pi_t = ORL(pi_{t-1}, D_{t-1}) on Ray Train (qpo_ray.training.loop), from
+pi_{t-1}'s checkpoint for t > 1. MLflow: the training curves, the
+checkpoint as a registered model version (alias `final` for the last loop), and the
+end of loop t's run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from qpo_ray.common.layout import read_json
+from qpo_ray.run.pipeline import Stage, StageOutputs
+from qpo_ray.run.stages.context import RunContext
+from qpo_ray.training.loop import train_loop
+
+
+@dataclass(frozen=True)
+class TrainOutputs(StageOutputs):
+    checkpoint_dir: str
+    metrics: str
+
+
+def run(ctx: RunContext, stage: Stage) -> TrainOutputs:
+    t = stage.loop
+    init = str(ctx.run.policy_dir(t - 1)) if t > 1 else None
+    out = train_loop(ctx.cfg, t, ctx.run.dataset_path(t), ctx.run.train_dir(t), init)
+    _save_mbr_table(ctx, out.checkpoint_dir)
+    return TrainOutputs(checkpoint_dir=out.checkpoint_dir, metrics=out.metrics)
+
+
+def _save_mbr_table(ctx: RunContext, policy_dir: str) -> None:
+    """mbr decoding's table (qpo_ray/policy/mbr.py) beside the loop's policy, before it
+    is registered, so that Serve can decode as the test phase does."""
+    from qpo_ray.data.io import read_dataset
+    from qpo_ray.policy.mbr import save_table, utility_table
+
+    if not ctx.run.step0_path().exists():
+        return
+    try:
+        table = utility_table(read_dataset(ctx.run.step0_path())[0],
+                              ctx.cfg.training.best_row_column)
+    except ValueError as exc:  # a Step 0 with no shared queries: greedy serving only
+        print(f"[qpo] no mbr table beside {policy_dir}: {exc}", flush=True)
+        return
+    save_table(table, policy_dir)
+
+
+def log(ctx: RunContext, stage: Stage, outputs: dict[str, Any]) -> None:
+    out, t, tracker = TrainOutputs.from_dict(outputs), stage.loop, ctx.tracker
+    tracker.log_training_curves(t, read_json(out.metrics))
+    version = tracker.register_policy(t, out.checkpoint_dir,
+                                      final=t == ctx.cfg.loop.num_loops)
+    tracker.client.set_tag(tracker.loop_run_id(t), "qpo.model_version", version)
+    tracker.finish_loop(t)
