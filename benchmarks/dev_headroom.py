@@ -92,7 +92,7 @@ def policy_scores(run: "RunDir", cfg: "Config", out: Path, queries: list[str],
                   "queries", flush=True)
             policy = QPOPolicy.load(run.policy_dir(loop))
             grid = rank_candidates(policy, queries, [prompts] * len(queries),
-                                   cfg.loop.target_reward, cfg.test.rank_low_reward)
+                                   cfg.loop.target_reward, cfg.test.rank.low_reward)
             with atomic_file(path) as tmp:
                 with open(tmp, "wb") as fh:
                     np.save(fh, grid)

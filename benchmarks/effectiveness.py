@@ -68,7 +68,7 @@ def missing_methods(run_dir: Path, profile: Path, overrides: list[str]) -> list[
     if selection.exists():
         chosen = json.loads(selection.read_text())
         weighed = {k.split("/")[1] for k in chosen.get("dev_accuracy", {})}
-        fits = "mbr" in weighed and config.test.mbr_calibration == "dev"
+        fits = "mbr" in weighed and config.test.mbr.calibration == "dev"
         if weighed and (weighed != set(config.test.dev_decodings)
                         or (fits and "mbr_temperatures" not in chosen)):
             have.discard("qpo")

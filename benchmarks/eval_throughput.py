@@ -86,7 +86,6 @@ code's way (a Python loop, one full forward per pair per label) and through
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import os
 import random
@@ -157,7 +156,8 @@ def test_pairs(cfg, task, splits, collection, n: int) -> pd.DataFrame:
     rng = random.Random(cfg.seed)
     per_query = [rng.choice(collection) for _ in queries]
     frames = [make_pairs(queries, [(p.id, p.text, p.source) for p in prompts], task, splits,
-                         cfg, loop=1, seed=cfg.seed)
+                         num_shots=cfg.task.num_shots, num_demo_sets=cfg.task.num_demo_sets,
+                         loop=1, seed=cfg.seed)
               for prompts in ([manual] * len(queries), [fixed] * len(queries), per_query)]
     every = pd.concat(frames, ignore_index=True).drop_duplicates(["query_id", "prompt"])
     return every.assign(pair_id=[f"test-{i}" for i in range(len(every))]).reset_index(drop=True)
@@ -190,13 +190,10 @@ def score(cfg, task, splits, pairs: pd.DataFrame, label: str) -> Result:
 
 
 def path_config(base, backend: str, reuse: bool, dtype: str | None = None):
-    cfg = copy.deepcopy(base)
-    cfg.target.backend = backend
-    cfg.target.dtype = dtype or cfg.target.dtype
+    target = {"backend": backend, "dtype": dtype or base.target.dtype}
     if not reuse:  # each knob only matters to its own backend
-        cfg.target.min_shared_prefix_tokens = 10 ** 9
-        cfg.target.enable_prefix_caching = False
-    return cfg
+        target.update(min_shared_prefix_tokens=10 ** 9, enable_prefix_caching=False)
+    return base.with_changes({"target": target})
 
 
 def agreement(a: pd.DataFrame, b: pd.DataFrame) -> tuple[int, float]:
@@ -327,9 +324,8 @@ def main() -> None:
     cfg = load_config(args.profile, {
         "task": {"max_test_queries": args.test_queries},
         "dataset": {"prompts_per_group": 0, "queries_per_group": args.queries},
-        "evaluation": {"num_actors": args.actors, "num_cpus_per_actor": 1}})
-    if args.batch_size:
-        cfg.target.batch_size = args.batch_size
+        "evaluation": {"num_actors": args.actors, "num_cpus_per_actor": 1},
+        "target": {"batch_size": args.batch_size} if args.batch_size else {}})
     task, splits = task_and_splits(cfg)
     collection = load_collection(cfg.prompts, task.name)
     jobs = {"step0": build_step0_pairs(task, splits, collection, cfg),

@@ -60,11 +60,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from qpo_ray.serving import run_serve
 
     cfg = config_from_args(args)
-    if args.policy:
-        cfg.serve.policy_uri = args.policy
-    if args.insecure:
-        cfg.serve.insecure = True
-    run_serve(cfg, blocking=True)
+    serve = {**({"policy_uri": args.policy} if args.policy else {}),
+             **({"insecure": True} if args.insecure else {})}
+    run_serve(cfg.with_changes({"serve": serve}) if serve else cfg, blocking=True)
 
 
 def cmd_serve_report(args: argparse.Namespace) -> str:

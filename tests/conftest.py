@@ -67,7 +67,7 @@ def tiny_policy(tiny_model_dir) -> list[str]:
     cpu-demo profile's summary reads 16 more layers, which tests of serving and run
     directories do not need."""
     return [f"policy.backbone={tiny_model_dir}", "policy.backbone_num_layers=1",
-            "policy.query_summary_layers=0", "training.summary_epochs=0"]
+            "policy.query_summary.enable=false", "training.summary.epochs=0"]
 
 
 @pytest.fixture(scope="session")

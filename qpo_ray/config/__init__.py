@@ -3,13 +3,13 @@ from YAML profiles (`loader`, profiles in `profiles/`). Validated once at load."
 
 from qpo_ray.common.errors import ConfigError
 from qpo_ray.config.loader import (Config, config_from_dict, load_config, merge_overrides,
-                                   parse_override, profile_path)
+                                   parse_override, profile_path, section_from_dict)
 from qpo_ray.config.sections import (DatasetConfig, EvaluationConfig, LoopConfig, PolicyConfig,
                                      PromptsConfig, TargetConfig, TaskConfig, TestConfig,
                                      TrackingConfig, TrainingConfig)
 from qpo_ray.config.serve import ServeConfig
 
 __all__ = ["Config", "ConfigError", "config_from_dict", "load_config", "merge_overrides",
-           "parse_override", "profile_path", "DatasetConfig", "EvaluationConfig",
+           "parse_override", "profile_path", "section_from_dict", "DatasetConfig", "EvaluationConfig",
            "LoopConfig", "PolicyConfig", "PromptsConfig", "TargetConfig", "TaskConfig",
            "TestConfig", "TrackingConfig", "TrainingConfig", "ServeConfig"]

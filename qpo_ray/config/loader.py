@@ -11,6 +11,7 @@ assembles them and reads profiles.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import types
@@ -21,9 +22,11 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from qpo_ray.config.base import Section, freeze, require_all
+from qpo_ray.config.features import migrate_legacy
 from qpo_ray.config.sections import (DatasetConfig, EvaluationConfig, LoopConfig, PolicyConfig,
                                      PromptsConfig, TargetConfig, TaskConfig, TestConfig,
-                                     TrackingConfig, TrainingConfig, require_all)
+                                     TrackingConfig, TrainingConfig)
 from qpo_ray.config.serve import ServeConfig
 from qpo_ray.common.errors import ConfigError
 
@@ -31,7 +34,7 @@ PROFILES_DIR = Path(__file__).parent / "profiles"
 
 
 @dataclass
-class Config:
+class Config(Section):
     # Run directory: datasets, checkpoints, reports, the default MLflow store.
     workdir: str = "runs/qpo"
     seed: int = 0
@@ -52,6 +55,11 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def with_changes(self, changes: dict[str, Any]) -> "Config":
+        """A new config: this one with `changes` (nested mappings, e.g. {"task":
+        {"num_shots": 3}}) merged in, validated and frozen like any loaded config."""
+        return config_from_dict(_merge(self.to_dict(), copy.deepcopy(changes)))
+
     def validate(self) -> None:
         """Every section's own checks, then the ones that span two sections."""
         for f in dataclasses.fields(self):
@@ -59,25 +67,25 @@ class Config:
             if hasattr(section, "validate"):
                 section.validate()
         require_all([
-            (0 <= self.test.rank_low_reward < self.loop.target_reward,
-             "test.rank_low_reward must be in [0, loop.target_reward)"),
+            (0 <= self.test.rank.low_reward < self.loop.target_reward,
+             "test.rank.low_reward must be in [0, loop.target_reward)"),
             (self.test.decoding != "dev" or self.task.dev_queries > 0,
              "test.decoding: 'dev' needs a dev split (task.dev_queries > 0)"),
             (self.test.split == "test" or (self.task.dev_queries > 0
                                            and self.test.decoding != "dev"),
              "test.split: 'dev' needs a dev split (task.dev_queries > 0) and a fixed "
              "test.decoding (greedy, rank or mbr): a choice made on dev is not measured on dev"),
-            (self.training.summary_epochs == 0 or self.policy.query_summary_layers > 0,
-             "training.summary_epochs > 0 needs a query summary "
-             "(policy.query_summary_layers > 0)"),
+            (self.training.summary.epochs == 0 or self.policy.query_summary.enable,
+             "training.summary.epochs > 0 needs a query summary "
+             "(policy.query_summary.enable: true)"),
             # An imported dataset's groups are its own (the paper's has several), so
             # group 1 there is no wide Step 0.
-            (self.training.summary_queries == "all" or (
-                self.training.summary_epochs > 0 and self.dataset.wide_queries > 0
+            (self.training.summary.queries == "all" or (
+                self.training.summary.epochs > 0 and self.dataset.wide.enable
                 and not self.dataset.import_path),
-             "training.summary_queries: 'unseen' needs a summary part "
-             "(training.summary_epochs > 0) and a wide Step 0 built by this run to train "
-             "it on (dataset.wide_queries > 0, no dataset.import_path)"),
+             "training.summary.queries: 'unseen' needs a summary phase "
+             "(training.summary.epochs > 0) and a wide Step 0 built by this run to train "
+             "it on (dataset.wide.enable: true, no dataset.import_path)"),
         ])
 
     def tracking_uri(self) -> str:
@@ -214,23 +222,33 @@ def load_config(
         _merge(merged, overrides)
     else:
         merge_overrides(merged, overrides or [])
+    if merged.get("ray_address") is None and os.environ.get("RAY_ADDRESS"):
+        merged["ray_address"] = os.environ["RAY_ADDRESS"]
+    return config_from_dict(merged)
+
+
+def config_from_dict(data: dict[str, Any], warn_legacy: bool = True) -> Config:
+    """A validated, frozen Config from nested mappings (a profile with its overrides, or
+    a run directory's config.yaml); old flat keys are moved to their new place first."""
     cfg = Config()
-    _apply(cfg, merged)
-    if cfg.ray_address is None and os.environ.get("RAY_ADDRESS"):
-        cfg.ray_address = os.environ["RAY_ADDRESS"]
+    _apply(cfg, migrate_legacy(copy.deepcopy(data), warn=warn_legacy))
     cfg.validate()
+    freeze(cfg)
     return cfg
 
 
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a Config saved with `Config.to_dict()` (a run directory's config.yaml)."""
-    cfg = Config()
-    _apply(cfg, data)
-    cfg.validate()
-    return cfg
+def section_from_dict(cls: type, data: dict[str, Any], name: str) -> Any:
+    """One section (e.g. PolicyConfig saved beside a policy) from its mapping, old flat
+    keys migrated; validated and frozen."""
+    section = cls()
+    _apply(section, migrate_legacy(copy.deepcopy(data), prefix=f"{name}.", warn=False),
+           f"{name}.")
+    section.validate()
+    freeze(section)
+    return section
 
 
 __all__ = ["PROFILES_DIR", "Config", "ConfigError", "DatasetConfig", "EvaluationConfig",
            "LoopConfig", "PolicyConfig", "PromptsConfig", "ServeConfig", "TargetConfig",
            "TaskConfig", "TestConfig", "TrackingConfig", "TrainingConfig", "config_from_dict",
-           "load_config", "parse_override", "profile_path"]
+           "load_config", "parse_override", "profile_path", "section_from_dict"]

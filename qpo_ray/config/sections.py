@@ -6,26 +6,20 @@ adds the few checks that span two sections.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from qpo_ray.common.errors import ConfigError
+from qpo_ray.config.base import Section, require_all
+from qpo_ray.config.features import (MbrConfig, QuerySummaryConfig, RankConfig,
+                                     SummaryTrainingConfig, WideStep0Config)
 
 # The backends' names (their registry, qpo_ray.backends.BACKENDS, is checked against this
 # by tests/backends): config names them without importing the runtime registry.
 BACKEND_NAMES = ("vllm", "transformers", "openai")
 
 
-def require_all(checks: list[tuple[bool, str]]) -> None:
-    """Raise ConfigError with the message of the first failed check."""
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-
-
 @dataclass
-class TaskConfig:
+class TaskConfig(Section):
     # Registry name of a built-in task (rotten_tomatoes, ag_news, ...) or "byo".
     name: str = "rotten_tomatoes"
     # For name == "byo": path to the task's YAML description (see docs in tasks/byo.py).
@@ -59,7 +53,7 @@ class TaskConfig:
 
 
 @dataclass
-class PromptsConfig:
+class PromptsConfig(Section):
     # Where the initial prompt collection comes from: "builtin" (the project's own
     # collection for the task, shipped in qpo_ray/prompts/data), an InstructEval-layout
     # directory (<method>/<task>.yaml), or a .txt / .jsonl file.
@@ -73,7 +67,7 @@ class PromptsConfig:
 
 
 @dataclass
-class TargetConfig:
+class TargetConfig(Section):
     # One of BACKEND_NAMES: vllm (local engines), transformers, openai (any compatible server).
     backend: str = "vllm"
     # HF model id, local path, or an embedded alias (see qpo_ray/common/models.py).
@@ -128,7 +122,7 @@ class TargetConfig:
 
 
 @dataclass
-class EvaluationConfig:
+class EvaluationConfig(Section):
     # Actors in the Ray Data pool, each holding one engine; 0 = derive from the
     # cluster (GPUs / gpus_per_actor, or 1 on a CPU-only cluster).
     num_actors: int = 0
@@ -151,24 +145,14 @@ class EvaluationConfig:
 
 
 @dataclass
-class DatasetConfig:
+class DatasetConfig(Section):
     # Step 0 grouping (paper appendix B.2): each group of prompts is tested on its
     # own random queries. 0 = one group: every prompt on the same queries, so that
     # R_task compares prompts on equal terms (no group is luckier in its queries).
     prompts_per_group: int = 40
     queries_per_group: int = 100
-    # Wide Step 0 (needs prompts_per_group: 0): `wide_prompts` prompts, picked on the
-    # shared queries by `wide_selection`, are also scored on `wide_queries` more
-    # collection queries. Which prompt suits which query is learnt from many queries;
-    # R_task compares prompts on shared ones and stays computed there. 0 = off.
-    wide_prompts: int = 0
-    wide_queries: int = 0
-    # Which prompts go wide: "task" = the best R_task; "complementary" = the best R_task
-    # first, then each next the one right on the most shared queries that no chosen
-    # prompt gets right (ties: R_task). Prompts right on different queries are what a
-    # query-dependent choice can use; the top R_task ones tend to be right on the same
-    # easy queries (measured: README, "A variant that did not help").
-    wide_selection: Literal["task", "complementary"] = "task"
+    # Wide Step 0 (qpo_ray.config.features; off by default).
+    wide: WideStep0Config = field(default_factory=WideStep0Config)
     # Zero-shot query reward: "ppl" = correct - PPL/10 (paper eq. 3), "nll" = correct -
     # mean NLL/10 (the reference code).
     zero_shot_penalty: Literal["ppl", "nll"] = "ppl"
@@ -184,23 +168,20 @@ class DatasetConfig:
     import_path: Optional[str] = None
 
     def validate(self) -> None:
+        self.wide.validate()
         require_all([
             (0 <= self.expert_fraction < 1, "dataset.expert_fraction must be in [0, 1)"),
             (self.prompts_per_group >= 0,
              "dataset.prompts_per_group must be >= 0 (0 = every prompt on the same queries)"),
             (self.queries_per_group >= 1, "dataset.queries_per_group must be >= 1"),
-            (self.wide_prompts >= 0 and self.wide_queries >= 0,
-             "dataset.wide_prompts / dataset.wide_queries must be >= 0"),
-            ((self.wide_prompts > 0) == (self.wide_queries > 0),
-             "dataset.wide_prompts and dataset.wide_queries go together (both 0 = off)"),
-            (self.wide_prompts == 0 or self.prompts_per_group == 0,
-             "dataset.wide_prompts needs dataset.prompts_per_group: 0 (R_task on shared "
+            (not self.wide.enable or self.prompts_per_group == 0,
+             "dataset.wide.enable needs dataset.prompts_per_group: 0 (R_task on shared "
              "queries picks the wide prompts)"),
         ])
 
 
 @dataclass
-class PolicyConfig:
+class PolicyConfig(Section):
     # HF id, local path or embedded alias of the policy's backbone LM.
     backbone: str = "gpt2"
     # Keep only the first N transformer layers (None = all): the CPU demo's cost lever.
@@ -211,26 +192,19 @@ class PolicyConfig:
     reward_loss_weight: float = 0.1
     # "qpo" = reward-conditioned; "sft" = ablation: best prompt per query, no reward.
     mode: Literal["qpo", "sft"] = "qpo"
-    # Query summary (qpo_ray/policy/summary.py): the query read by the backbone's first N
-    # pretrained layers (frozen; N may exceed backbone_num_layers), mean-pooled, reduced
-    # to `query_summary_dims` whitened principal components, and mapped by a small
-    # trained linear adapter into the [R | q] inputs. 0 = off (the paper's policy).
-    query_summary_layers: int = 0
-    query_summary_dims: int = 16
+    # The query summary (qpo_ray/policy/summary.py; off by default: the paper's policy).
+    query_summary: QuerySummaryConfig = field(default_factory=QuerySummaryConfig)
 
     def validate(self) -> None:
         require_all([
             (self.max_query_tokens >= 1 and self.max_prompt_tokens >= 2,
              "policy.max_query_tokens / policy.max_prompt_tokens too small"),
-            (self.query_summary_layers >= 0,
-             f"policy.query_summary_layers must be >= 0, got {self.query_summary_layers}"),
-            (self.query_summary_dims >= 1,
-             f"policy.query_summary_dims must be >= 1, got {self.query_summary_dims}"),
         ])
+        self.query_summary.validate()
 
 
 @dataclass
-class TrainingConfig:
+class TrainingConfig(Section):
     num_workers: int = 1
     use_gpu: bool = False
     # Ray CPUs reserved per training worker; on CPU workers also torch's thread count.
@@ -253,37 +227,15 @@ class TrainingConfig:
     lr_step_gamma: float = 0.65
     # Cap on optimizer steps per loop (None = no cap): sizes the CPU demo.
     max_steps_per_loop: Optional[int] = None
-    # After each loop's training, train only the query summary's adapter (and the reward
-    # and segment embeddings; the backbone frozen) for this many epochs on each query's
-    # `summary_top_k` best-reward rows (0 = off; needs policy.query_summary_layers).
-    summary_epochs: int = 0
-    summary_lr: float = 1e-3
-    summary_top_k: int = 1
-    # The column that ranks a query's rows for the summary part: "reward" (the QPO
-    # reward: query-level + the prompt's task-level R_task) or "r_query" (the
-    # query-level reward alone). R_task is the same for a prompt on every query, so
-    # with "reward" the prompt best on average wins most queries' rows, and the
-    # summary learns little about which prompt suits which query.
-    summary_rank_by: Literal["reward", "r_query"] = "reward"
-    # The reward the summary part conditions each best row on: "row" (its own reward) or
-    # "target" (loop.target_reward, the reward the test asks for). With "row", a prompt
-    # best on a query but low in R_task is learnt at a low reward, so greedy decoding at
-    # the target reward still writes the prompt best on average.
-    summary_reward: Literal["row", "target"] = "row"
-    # Which queries each part trains on: "all" (both parts, every query) or "unseen"
-    # (the summary part on wide Step 0's queries only, the main part on every other
-    # query). Trained on the same queries, the main part has already memorised each
-    # summary query's prompts from its tokens, so the adapter learns only what that
-    # memory misses and steers new queries badly; on queries the backbone never saw,
-    # it must read them the way it will read test queries. Needs a wide Step 0.
-    summary_queries: Literal["all", "unseen"] = "all"
+    # The query summary's own training phase (qpo_ray.config.features; 0 epochs = none).
+    summary: SummaryTrainingConfig = field(default_factory=SummaryTrainingConfig)
 
     @property
     def best_row_column(self) -> str:
         """The column that names a query's best row for what the policy learns per query
         (mbr decoding's utilities, qpo_ray/policy/mbr.py): the summary part's ranking
         when it trains, else the QPO reward."""
-        return self.summary_rank_by if self.summary_epochs else "reward"
+        return self.summary.rank_by if self.summary.epochs else "reward"
 
     def validate(self) -> None:
         require_all([
@@ -308,16 +260,12 @@ class TrainingConfig:
              f"training.epochs_first_loop must be >= 1, got {self.epochs_first_loop}"),
             (self.epochs_later_loops >= 1,
              f"training.epochs_later_loops must be >= 1, got {self.epochs_later_loops}"),
-            (self.summary_epochs >= 0,
-             f"training.summary_epochs must be >= 0, got {self.summary_epochs}"),
-            (self.summary_lr > 0, f"training.summary_lr must be > 0, got {self.summary_lr}"),
-            (self.summary_top_k >= 1,
-             f"training.summary_top_k must be >= 1, got {self.summary_top_k}"),
         ])
+        self.summary.validate()
 
 
 @dataclass
-class LoopConfig:
+class LoopConfig(Section):
     # T in Algorithm 1: T loops = 1 initial training + (T-1) augmentation rounds.
     num_loops: int = 4
     # Queries sampled (with repeats) from the collection set per round (paper: 1,000).
@@ -339,7 +287,7 @@ DECODINGS = ("greedy", "rank", "mbr")
 
 
 @dataclass
-class TestConfig:
+class TestConfig(Section):
     # Methods compared in the report (the registry in qpo_ray/testphase/methods.py).
     methods: list[str] = field(
         default_factory=lambda: ["qpo", "manual", "best_single", "nearest_neighbour"]
@@ -361,17 +309,9 @@ class TestConfig:
     # ~10x greedy's passes per dev query, which a small run may not afford; mbr reads
     # each Step-0 prompt once per query (8 candidates: ~0.15 s a query on 2 cores).
     dev_decodings: list[str] = field(default_factory=lambda: ["greedy", "rank"])
-    # mbr's belief temperature: "dev" fits each loop's where the dev split chooses
-    # (qpo_ray/testphase/calibration.py: every mbr candidate scored on the dev queries); "none", or
-    # a fixed decoding: `mbr_temperature` (1 = the policy's own belief).
-    mbr_calibration: Literal["dev", "none"] = "dev"
-    mbr_temperature: float = 1.0
-    # Ranking's candidates: the best N collection prompts by Step-0 R_task, the greedy
-    # prompt, and K prompts sampled at the target reward (top-k/top-p of `loop`).
-    rank_collection_prompts: int = 12
-    rank_samples: int = 4
-    # The "low" reward of the contrast (0-100 scale).
-    rank_low_reward: float = 0.0
+    # The mbr and rank decodings' settings (qpo_ray.config.features).
+    mbr: MbrConfig = field(default_factory=MbrConfig)
+    rank: RankConfig = field(default_factory=RankConfig)
     # Model whose mean-pooled hidden states embed queries for the `router` baseline;
     # None = the target model (the policy backbone when the target is an HTTP API).
     router_embedding_model: Optional[str] = None
@@ -385,18 +325,16 @@ class TestConfig:
         `Config.validate`. Method names are checked against the registry in
         `qpo_ray.testphase.methods` before a run starts (`stages.test.check_before_work`)."""
         require_all([
-            (self.rank_collection_prompts >= 0 and self.rank_samples >= 0,
-             "test.rank_collection_prompts / test.rank_samples must be >= 0"),
             (bool(self.dev_decodings) and set(self.dev_decodings) <= set(DECODINGS),
              f"test.dev_decodings must list greedy, rank and/or mbr, got "
              f"{self.dev_decodings}"),
-            (math.isfinite(self.mbr_temperature) and self.mbr_temperature > 0,
-             f"test.mbr_temperature must be > 0, got {self.mbr_temperature}"),
         ])
+        self.mbr.validate()
+        self.rank.validate()
 
 
 @dataclass
-class TrackingConfig:
+class TrackingConfig(Section):
     # None = sqlite:///<workdir>/mlflow.db with artifacts under <workdir>/mlartifacts.
     uri: Optional[str] = None
     experiment: str = "qpo"

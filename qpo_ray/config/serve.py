@@ -10,11 +10,11 @@ import re
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from qpo_ray.config.sections import require_all
+from qpo_ray.config.base import Section, require_all
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(Section):
     # Where Serve's HTTP proxy listens. Anything but a loopback address needs a token
     # (auth_token_env / auth_token_file) or, in so many words, insecure: true.
     host: str = "127.0.0.1"

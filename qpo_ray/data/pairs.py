@@ -46,8 +46,8 @@ def draw_demo_sets(demo_pool: Sequence[Example], num_shots: int, num_sets: int,
     return [rng.sample(candidates, num_shots) for _ in range(num_sets)]
 
 
-def _check_few_shot(task: Task, splits: Splits, cfg: Config) -> bool:
-    few_shot = cfg.task.num_shots > 0
+def _check_few_shot(task: Task, splits: Splits, num_shots: int) -> bool:
+    few_shot = num_shots > 0
     if few_shot and not task.supports_few_shot:
         raise ConfigError(f"task.num_shots: task {task.name} does not support few-shot")
     if few_shot:
@@ -71,7 +71,7 @@ def build_step0_pairs(task: Task, splits: Splits, prompts: list[PromptRecord],
         raise ValueError("build_step0_pairs: the prompt collection is empty")
     if not splits.collection:
         raise ValueError("build_step0_pairs: the collection set is empty")
-    few_shot = _check_few_shot(task, splits, cfg)
+    few_shot = _check_few_shot(task, splits, cfg.task.num_shots)
     rng = random.Random(derive_seed("step0", cfg.seed))
     order = list(prompts)
     rng.shuffle(order)
@@ -96,20 +96,20 @@ def build_step0_pairs(task: Task, splits: Splits, prompts: list[PromptRecord],
 
 
 def wide_queries(splits: Splits, step0_pairs: pd.DataFrame, cfg: Config) -> list[Example]:
-    """Wide Step 0's queries: `dataset.wide_queries` collection queries that Step 0's
+    """Wide Step 0's queries: `dataset.wide.queries` collection queries that Step 0's
     shared pairs did not use (seeded), checked before anything is scored."""
-    wanted = cfg.dataset.wide_queries
+    wanted = cfg.dataset.wide.num_queries
     if wanted == 0:
         return []
     if cfg.task.num_shots > 0:
-        raise ConfigError("dataset.wide_prompts: wide Step 0 is zero-shot only "
+        raise ConfigError("dataset.wide.prompts: wide Step 0 is zero-shot only "
                           "(task.num_shots must be 0)")
     used = set(step0_pairs["query_id"])
     free = [q for q in splits.collection if q.id not in used]
     if len(free) < wanted:
-        raise ConfigError(f"dataset.wide_queries: {wanted} asked, but the collection set "
+        raise ConfigError(f"dataset.wide.queries: {wanted} asked, but the collection set "
                           f"has {len(free)} queries besides Step 0's shared ones (raise "
-                          "task.collection_fraction or lower dataset.wide_queries)")
+                          "task.collection_fraction or lower dataset.wide.queries)")
     return random.Random(derive_seed("wide", cfg.seed)).sample(free, wanted)
 
 
@@ -131,21 +131,22 @@ def build_wide_pairs(queries: Sequence[Example], prompts: Sequence[PromptRecord]
 
 
 def make_pairs(queries: list[Example], prompts: list[tuple[str, str, str]], task: Task,
-               splits: Splits, cfg: Config, loop: int, seed: int) -> pd.DataFrame:
-    """Augmentation round `loop`: one pair per (query, (id, text, source)), zipped.
-
-    Few-shot pairs get their own demonstration sets, seeded by (`seed`, position)."""
+               splits: Splits, *, num_shots: int, num_demo_sets: int, loop: int,
+               seed: int) -> pd.DataFrame:
+    """Augmentation round `loop` (or test pairs): one pair per (query, (id, text,
+    source)), zipped. With `num_shots` > 0 each pair gets its own demonstration sets
+    (`num_demo_sets` of them), seeded by (`seed`, position)."""
     if len(queries) != len(prompts):
         raise ValueError(f"make_pairs: {len(queries)} queries but {len(prompts)} prompts "
                          "(they are zipped)")
     if loop < 1:
         raise ValueError(f"make_pairs: augmentation rounds have loop >= 1, got {loop}")
-    few_shot = _check_few_shot(task, splits, cfg)
+    few_shot = _check_few_shot(task, splits, num_shots)
     rows = []
     for i, (query, (pid, text, source)) in enumerate(zip(queries, prompts)):
         pair_seed = derive_seed("augment", seed, loop, i)
-        demo_ids = (draw_demo_sets(splits.demo_pool, cfg.task.num_shots,
-                                   cfg.task.num_demo_sets, pair_seed, exclude=query.id)
+        demo_ids = (draw_demo_sets(splits.demo_pool, num_shots, num_demo_sets, pair_seed,
+                                   exclude=query.id)
                     if few_shot else [])
         rows.append({
             "pair_id": f"l{loop}-{i}", "query_id": query.id, "query": query.text,

@@ -25,7 +25,7 @@ few pairs lost to failed calls drop no prompt), read on the queries where all of
 were scored, so every entry of U compares prompts on the same queries.
 
 The belief's temperature T: 1 unless set; the test phase fits it on the dev split by
-maximum likelihood (`fit_temperature`, test.mbr_calibration), and Serve takes the
+maximum likelihood (`fit_temperature`, test.mbr.calibration), and Serve takes the
 fitted value from the report (serve.mbr_temperature).
 """
 

@@ -10,7 +10,7 @@ Input ``[R | q tokens | p tokens]`` in fixed slots (see `batching`):
 - `reward_head` reads the hidden state at position 0 and predicts the input reward
   (MSE, training only);
 - loss = NLL(prompt tokens | R, q) + lambda * MSE, lambda = `reward_loss_weight`;
-- optionally a query summary (`policy.query_summary_layers`, qpo_ray.policy.summary)
+- optionally a query summary (`policy.query_summary.layers`, qpo_ray.policy.summary)
   adds one vector, read from the query by frozen pretrained layers, to every `[R | q]`
   input; `train_only_summary` freezes all but it for the summary phase of training.
 
@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qpo_ray.common.atomic import atomic_dir
-from qpo_ray.config import PolicyConfig
+from qpo_ray.config import PolicyConfig, section_from_dict
 from qpo_ray.common.device import get_device
 from qpo_ray.common.errors import ConfigError
 from qpo_ray.common.models import cut_config, resolve_model
@@ -65,9 +65,9 @@ class QPOPolicy(nn.Module):
         self.segment_embed = nn.Embedding(3, hidden)
         self.embed_ln = nn.LayerNorm(hidden)
         self.reward_head = nn.Linear(hidden, 1)
-        self.query_summary = (QuerySummary(config.backbone, config.query_summary_layers,
-                                           config.query_summary_dims, hidden)
-                              if config.query_summary_layers else None)
+        self.query_summary = (QuerySummary(config.backbone, config.query_summary.num_layers,
+                                           config.query_summary.dims, hidden)
+                              if config.query_summary.num_layers else None)
         # mbr decoding's table, when the policy directory has one (the train stage writes
         # it from Step 0): saved and loaded with the policy, so Serve can decode by it.
         self.mbr_table: Optional[UtilityTable] = None
@@ -143,12 +143,12 @@ class QPOPolicy(nn.Module):
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{meta_path}: format_version {meta.get('format_version')!r} "
                              f"is not {FORMAT_VERSION}")
-        known = {f.name for f in dataclasses.fields(PolicyConfig)}
-        unknown = sorted(set(meta["policy"]) - known)
-        if unknown:
-            raise ValueError(f"{meta_path}: unknown policy field(s) {unknown}")
+        try:  # the policy section as it was saved (older flat keys migrated)
+            config = section_from_dict(PolicyConfig, meta["policy"], "policy")
+        except ConfigError as exc:
+            raise ValueError(f"{meta_path}: {exc}") from exc
         backbone = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-        policy = cls(backbone, AutoTokenizer.from_pretrained(src), PolicyConfig(**meta["policy"]))
+        policy = cls(backbone, AutoTokenizer.from_pretrained(src), config)
         result = policy.load_state_dict(load_file(str(src / HEADS_FILE)), strict=False)
         missing = [k for k in result.missing_keys if not k.startswith("backbone.")]
         if missing or result.unexpected_keys:
@@ -187,8 +187,8 @@ class QPOPolicy(nn.Module):
         """Freeze all but the query summary's adapter and the small input/reward parts
         the paper's policy adds to its backbone (the summary phase of training)."""
         if self.query_summary is None:
-            raise ConfigError("training.summary_epochs: the policy has no query summary "
-                              "(policy.query_summary_layers: 0)")
+            raise ConfigError("training.summary.epochs: the policy has no query summary "
+                              "(policy.query_summary.enable: false)")
         self.requires_grad_(False)
         for part in (self.query_summary.adapter, self.reward_embed, self.segment_embed,
                      self.embed_ln, self.reward_head):

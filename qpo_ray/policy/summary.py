@@ -5,11 +5,11 @@ each training query had and learns nothing that carries to new queries (README: 
 query-specific correlation stays at ~0 on dev, even when every training row is the
 query's best prompt). A review's sentiment does read linearly from the backbone's
 middle layers. So the summary reads the query with the backbone's first
-`query_summary_layers` *pretrained* layers (frozen, never saved: rebuilt from
+`policy.query_summary.layers` *pretrained* layers (frozen, never saved: rebuilt from
 `policy.backbone`), mean-pools them over the query's tokens, keeps the top
-`query_summary_dims` principal components of the training queries (whitened), and a
+`policy.query_summary.dims` principal components of the training queries (whitened), and a
 linear adapter maps those few numbers to one vector added to every `[R | q]` input.
-Trained alone (training.summary_epochs, the backbone frozen), the adapter can only
+Trained alone (training.summary.epochs, the backbone frozen), the adapter can only
 steer the policy by directions that are shared across queries, much as a ridge probe.
 
 State saved with the policy's heads: the centring vector, the projection, the adapter
@@ -45,7 +45,7 @@ class QuerySummary(nn.Module):
             from transformers import AutoModel
 
             path = resolve_model(self.backbone)
-            config = cut_config(path, self.num_layers, "policy.query_summary_layers")
+            config = cut_config(path, self.num_layers, "policy.query_summary.layers")
             # The checkpoint's deeper layers are expected to go unused: no warning table.
             report = logging.getLogger("transformers.modeling_utils")
             level = report.level
@@ -81,7 +81,7 @@ class QuerySummary(nn.Module):
         (distinct, training) queries."""
         feats = self.read(query_ids, query_mask)
         if len(feats) <= self.dims:
-            raise ValueError(f"query summary: needs more than policy.query_summary_dims="
+            raise ValueError(f"query summary: needs more than policy.query_summary.dims="
                              f"{self.dims} distinct training queries, got {len(feats)}")
         mean, scale = feats.mean(0), feats.std(0) + 1e-6
         _, singular, vt = torch.linalg.svd((feats - mean) / scale, full_matrices=False)

@@ -78,7 +78,8 @@ def _check_before_work(ctx: RunContext) -> None:
     backbone = check_model(cfg.policy.backbone, "policy.backbone")
     # The policy's layer cut and its query summary's depth, against the backbone's layers.
     cut_config(backbone, cfg.policy.backbone_num_layers, "policy.backbone_num_layers")
-    cut_config(backbone, cfg.policy.query_summary_layers or None, "policy.query_summary_layers")
+    cut_config(backbone, cfg.policy.query_summary.num_layers or None,
+               "policy.query_summary.layers")
     if task.mode == "labels":
         where = (f"label_words of {cfg.task.spec_path}" if cfg.task.name == "byo" else
                  f"the label words of task {task.name!r}")
@@ -128,7 +129,7 @@ def run_qpo(cfg: Optional[Config], resume_dir: Optional[str] = None,
         ctx = RunContext(cfg)
         _check_before_work(ctx)
         ctx.run = run = RunDir.create(cfg)
-        cfg.workdir = str(run.path)
+        ctx.cfg = cfg = cfg.with_changes({"workdir": str(run.path)})
     log_file = send_library_logs_to(run.path)
     print(f"[qpo] run directory {run.path}; Ray's and MLflow's logs: {log_file}", flush=True)
     _say_precisions(cfg)

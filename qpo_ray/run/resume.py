@@ -71,8 +71,7 @@ def apply_resume_overrides(run: RunDir, cfg: Config,
     config.yaml. ConfigError names the key and the finished stages it would invalidate."""
     if not overrides:
         return cfg, []
-    new = config_from_dict(merge_overrides(cfg.to_dict(), overrides))
-    new.workdir = cfg.workdir
+    new = config_from_dict({**merge_overrides(cfg.to_dict(), overrides), "workdir": cfg.workdir})
     before, after = _flat(cfg.to_dict()), _flat(new.to_dict())
     changes = [f"{k}: {before[k]!r} -> {after[k]!r}" for k in after if after[k] != before[k]]
     done = set(run.stages())

@@ -107,7 +107,7 @@ class RunDir(RunLayout):
         run.path.mkdir(parents=True, exist_ok=True)
         config_path = run.path / CONFIG_FILE
         if config_path.exists():
-            saved = yaml.safe_load(config_path.read_text())
+            saved = config_from_dict(yaml.safe_load(config_path.read_text())).to_dict()
             if saved != cfg.to_dict():
                 raise ConfigError(
                     f"{config_path}: a run with a different config already lives in "
@@ -126,11 +126,10 @@ class RunDir(RunLayout):
             raise FileNotFoundError(f"{config_path} not found: {run.path} is not a run directory")
         data = yaml.safe_load(config_path.read_text())
         try:
-            cfg = config_from_dict(data)
+            # The saved workdir may be relative to where the run started.
+            cfg = config_from_dict({**data, "workdir": str(run.path)})
         except ConfigError as exc:
             raise ConfigError(f"{config_path}: {exc}") from exc
-        # The saved workdir may be relative to where the run started.
-        cfg.workdir = str(run.path)
         return run, cfg
 
     # -- stage markers ----------------------------------------------------------------

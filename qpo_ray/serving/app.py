@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -50,14 +49,11 @@ def user_config(cfg: Config, policy_uri: Optional[str] = None) -> dict[str, Any]
 def _pinned(cfg: Config) -> Config:
     """A copy whose relative paths (workdir, the default sqlite tracking store) are made
     absolute here, so replicas resolve them the same way as the driver."""
-    tracking = replace(cfg.tracking, uri=cfg.tracking_uri())
-    serve_cfg = cfg.serve
-    if serve_cfg.auth_token_file:
-        serve_cfg = replace(serve_cfg, auth_token_file=str(
-            Path(serve_cfg.auth_token_file).expanduser().resolve()))
-    serve_cfg = replace(serve_cfg, feedback_dir=str(feedback_root(cfg)))
-    return replace(cfg, workdir=str(Path(cfg.workdir).resolve()), tracking=tracking,
-                   serve=serve_cfg)
+    serve = {"feedback_dir": str(feedback_root(cfg))}
+    if cfg.serve.auth_token_file:
+        serve["auth_token_file"] = str(Path(cfg.serve.auth_token_file).expanduser().resolve())
+    return cfg.with_changes({"workdir": str(Path(cfg.workdir).resolve()),
+                             "tracking": {"uri": cfg.tracking_uri()}, "serve": serve})
 
 
 def build_app(cfg: Config, policy_uri: Optional[str] = None,

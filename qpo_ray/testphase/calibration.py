@@ -1,4 +1,4 @@
-"""mbr decoding's belief temperature, fitted on the dev split (test.mbr_calibration: dev).
+"""mbr decoding's belief temperature, fitted on the dev split (test.mbr.calibration: dev).
 
 Why: trained on the best prompt of each of its queries, the policy is surer of new
 queries than it is right. On the benchmark's dev reviews (seeds 0-4, both loops) the
@@ -15,7 +15,6 @@ among decodings no more optimistic than it was.
 
 from __future__ import annotations
 
-import copy
 from typing import Callable
 
 import pandas as pd
@@ -35,13 +34,13 @@ def best_candidates(ctx: MethodContext, dev: list[Example], score: ScoreFn,
     """Each dev query's best mbr candidate (query id -> index into the table's prompts),
     from every candidate scored on it; queries missing a candidate's score are left
     out. Returns it with the scorer's usage."""
-    cfg = copy.deepcopy(ctx.cfg)
-    cfg.task.num_shots = shots
+    cfg = ctx.cfg
     table, step0 = ctx.mbr_table(), ctx.step0[ctx.step0["loop"] == 0]
     ids = step0.drop_duplicates("prompt").set_index("prompt")["prompt_id"]
     rows = [(str(ids[p]), p, "collection") for p in table.prompts for _ in dev]
     pairs = make_pairs([q for _ in table.prompts for q in dev], rows, ctx.task, ctx.splits,
-                       cfg, loop=1, seed=cfg.seed)
+                       num_shots=shots, num_demo_sets=cfg.task.num_demo_sets, loop=1,
+                       seed=cfg.seed)
     pairs["pair_id"] = [f"calibration-{i}" for i in range(len(pairs))]
     scored, usage = score(pairs)
     # R_task as Step 0 measured it: with rank_by "reward", a query's best row weighs it.
@@ -52,7 +51,7 @@ def best_candidates(ctx: MethodContext, dev: list[Example], score: ScoreFn,
                                  values=cfg.training.best_row_column, aggfunc="first")
     ranked = ranked.reindex(columns=table.prompts).dropna()
     if ranked.empty:
-        raise ValueError("test.mbr_calibration: no dev query has every mbr candidate scored")
+        raise ValueError("test.mbr.calibration: no dev query has every mbr candidate scored")
     best = pd.Series(ranked.to_numpy().argmax(axis=1), index=ranked.index)
     return best, {**usage, "pairs": len(pairs), "dev_queries_ranked": len(best)}
 

@@ -48,8 +48,8 @@ class MethodContext:
     choice: Optional[Choice] = None
     # The task's splits (label_router_collection reads the collection's gold labels).
     splits: Optional[Splits] = None
-    # loop -> mbr's belief temperature fitted on the dev split (test.mbr_calibration);
-    # a loop without one decodes at test.mbr_temperature.
+    # loop -> mbr's belief temperature fitted on the dev split (test.mbr.calibration);
+    # a loop without one decodes at test.mbr.temperature.
     mbr_temperatures: dict[int, float] = field(default_factory=dict)
     # Prompts per (policy, decoding, temperature, query ids), and mbr's candidate
     # log-likelihoods per (policy, query ids): qpo, qpo_loop<t> and the dev calibration
@@ -69,7 +69,7 @@ class MethodContext:
         return self._cache["mbr"]
 
     def mbr_temperature(self, loop: int) -> float:
-        return self.mbr_temperatures.get(loop, self.cfg.test.mbr_temperature)
+        return self.mbr_temperatures.get(loop, self.cfg.test.mbr.temperature)
 
     def mbr_logprobs(self, loop: int, queries: list[Example], policy_dir: Optional[str] = None,
                      on_batch: Optional[Callable[[int], None]] = None) -> np.ndarray:
@@ -104,7 +104,7 @@ def policy_prompts(ctx: MethodContext, loop: int, decoding: str, queries: list[E
                    source: str = "qpo", policy_dir: Optional[str] = None) -> list[PromptTuple]:
     """One prompt per query from a policy: greedy at the target reward; ranked
     (qpo_ray.policy.ranking) among the best collection prompts, the greedy prompt and
-    `test.rank_samples` sampled ones; or by mbr (qpo_ray.policy.mbr) among Step 0's
+    `test.rank.samples` sampled ones; or by mbr (qpo_ray.policy.mbr) among Step 0's
     prompts."""
     from qpo_ray.policy import QPOPolicy, generate_prompts
     from qpo_ray.policy.ranking import rank_candidates
@@ -115,14 +115,14 @@ def policy_prompts(ctx: MethodContext, loop: int, decoding: str, queries: list[E
     temperature = ctx.mbr_temperature(loop) if decoding == "mbr" else None
     key = (policy_dir or loop, decoding, temperature, tuple(q.id for q in queries))
     if key not in ctx._cache:
-        t, reward = ctx.cfg.test, ctx.cfg.loop.target_reward
+        rank, reward = ctx.cfg.test.rank, ctx.cfg.loop.target_reward
         # Ranking's candidates include the greedy prompts (cached: qpo_greedy reuses them).
         greedy = ([] if decoding != "rank" else
                   [p[1] for p in policy_prompts(ctx, loop, "greedy", queries, source, policy_dir)])
         policy = (QPOPolicy.load(policy_dir or ctx.policy_dirs[loop])
                   if decoding != "mbr" else None)
         texts = [q.text for q in queries]
-        passes = t.rank_samples if decoding == "rank" else 1
+        passes = rank.samples if decoding == "rank" else 1
         whose = source if policy_dir else f"loop {loop}"
         progress = Progress(f"test: {whose} {decoding} prompts", passes * len(texts), "prompts")
 
@@ -134,12 +134,12 @@ def policy_prompts(ctx: MethodContext, loop: int, decoding: str, queries: list[E
             logprobs = ctx.mbr_logprobs(loop, queries, policy_dir, on_batch(0))
             chosen = ctx.mbr_table().choose(logprobs, temperature)
         else:
-            fixed = [r.text for r in ctx.ranked_collection()[:t.rank_collection_prompts]]
+            fixed = [r.text for r in ctx.ranked_collection()[:rank.collection_prompts]]
             sampled = [generate_prompts(policy, texts, target_reward=reward,
                                         do_sample=True, top_k=ctx.cfg.loop.top_k,
                                         top_p=ctx.cfg.loop.top_p, seed=ctx.cfg.seed + k,
                                         on_batch=on_batch(k))
-                       for k in range(t.rank_samples)]
+                       for k in range(rank.samples)]
             candidates = [_uniform([c for c in fixed + [g] + [s[i] for s in sampled] if c.strip()],
                                    len(fixed) + 1 + len(sampled))
                           for i, g in enumerate(greedy)]
@@ -149,7 +149,7 @@ def policy_prompts(ctx: MethodContext, loop: int, decoding: str, queries: list[E
             progress = Progress(f"test: {whose} ranking {len(candidates[0])} candidates",
                                 2 * len(texts), "query passes")
             scores = rank_candidates(policy, texts, candidates, reward,
-                                     t.rank_low_reward, on_batch=progress.update)
+                                     rank.low_reward, on_batch=progress.update)
             chosen = [row[int(np.argmax(s))] for row, s in zip(candidates, scores)]
         progress.close()
         ctx._cache[key] = [(prompt_id(c), c, source) for c in chosen]

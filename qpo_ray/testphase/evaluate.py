@@ -20,7 +20,6 @@ row per split, shots, method and query: prompt, prediction, correct), ``selectio
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -53,12 +52,10 @@ def score_prompts(cfg: Config, task: Task, splits: Splits, queries: list[Example
     scored once. One row per (shots, method, query) with prediction and accuracy."""
     frames = []
     for shots in shots_list:
-        shot_cfg = copy.deepcopy(cfg)
-        shot_cfg.task.num_shots = shots
         for method, method_rows in prompts.items():
             # Test pairs never join the dataset; loop=1 only satisfies make_pairs.
-            pairs = make_pairs(queries, method_rows, task, splits, shot_cfg, loop=1,
-                               seed=cfg.seed)
+            pairs = make_pairs(queries, method_rows, task, splits, num_shots=shots,
+                               num_demo_sets=cfg.task.num_demo_sets, loop=1, seed=cfg.seed)
             frames.append(pairs.assign(method=method, shots=shots))
     every = pd.concat(frames, ignore_index=True)
     key = ["shots", "query_id", "prompt"]
@@ -77,9 +74,9 @@ def choose_on_dev(ctx: MethodContext, splits: Splits, score: ScoreFn,
                   shots: int) -> tuple[Choice, pd.DataFrame, dict]:
     """The (loop, decoding) with the best dev accuracy; ties go to the later loop, then
     to greedy (the paper's protocol). mbr reads each loop's belief at the temperature
-    fitted on the dev split first (qpo_ray.testphase.calibration; test.mbr_calibration)."""
+    fitted on the dev split first (qpo_ray.testphase.calibration; test.mbr.calibration)."""
     calibration = {}
-    if "mbr" in ctx.cfg.test.dev_decodings and ctx.cfg.test.mbr_calibration == "dev":
+    if "mbr" in ctx.cfg.test.dev_decodings and ctx.cfg.test.mbr.calibration == "dev":
         ctx.mbr_temperatures, usage = calibrate_mbr(ctx, splits.dev, score, shots)
         calibration = {"mbr_temperatures": {str(k): t for k, t in ctx.mbr_temperatures.items()},
                        "mbr_calibration": usage}

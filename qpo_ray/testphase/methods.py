@@ -34,7 +34,6 @@ A method returns {row name: one (id, text, source) per query}; most return one r
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -267,8 +266,7 @@ def ablation_policy(cfg: Config, run: Optional[RunFiles], method: str) -> str:
     if not dataset.exists():
         raise FileNotFoundError(f"{method} needs the run's D_0 ({dataset})")
     if method == "sft":
-        sft_cfg = copy.deepcopy(cfg)
-        sft_cfg.policy.mode = "sft"
+        sft_cfg = cfg.with_changes({"policy": {"mode": "sft"}})
         return _train_once(sft_cfg, dataset, run.path / "baselines" / "sft", loops=1)
     return _train_once(cfg, dataset, run.path / "baselines" / "qpo_no_mla",
                        loops=cfg.loop.num_loops)

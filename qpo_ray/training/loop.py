@@ -32,7 +32,7 @@ def train_loop(cfg: Config, loop: int, dataset: str | Path, out_dir: str | Path,
     result = train_policy(cfg, dataset_path=str(dataset), out_dir=str(out_dir),
                           loop_index=loop, init_checkpoint=init_checkpoint)
     _print_curve(label, result.metrics)
-    if cfg.training.summary_epochs:
+    if cfg.training.summary.epochs:
         # The query summary's own phase (qpo_ray.policy.summary), from the policy just
         # trained; its policy is then moved into the loop's place, swapped in whole.
         summary = train_policy(cfg, dataset_path=str(dataset),

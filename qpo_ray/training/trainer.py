@@ -26,11 +26,11 @@ How the shipped profiles run:
   (32 per worker); `workdir` must be on storage every node sees (the init checkpoint and
   Ray Train's `storage_path` live there).
 
-With a query summary (`policy.query_summary_layers`), `train_policy(part="summary")`
+With a query summary (`policy.query_summary.layers`), `train_policy(part="summary")`
 then trains only its adapter (the backbone frozen; DDP whatever the strategy, for a few
 thousand weights ZeRO buys nothing) on each query's best-reward rows; in the main part
 the adapter stays as it is (qpo_ray.policy.summary says why). With
-`training.summary_queries: unseen` the two parts train on different queries: the
+`training.summary.queries: unseen` the two parts train on different queries: the
 summary part on wide Step 0's, the main part on all others.
 
 Outputs under `out_dir`: ``policy/`` (the checkpoint `QPOPolicy.load` reads),
@@ -39,7 +39,6 @@ Outputs under `out_dir`: ``policy/`` (the checkpoint `QPOPolicy.load` reads),
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import tempfile
@@ -53,7 +52,8 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from qpo_ray.common import faults
 from qpo_ray.common.atomic import atomic_dir, write_text_atomic
-from qpo_ray.config import Config, ConfigError, TrainingConfig, config_from_dict
+from qpo_ray.config import (Config, ConfigError, PolicyConfig, TrainingConfig, config_from_dict,
+                            section_from_dict)
 from qpo_ray.common.device import autocast_dtype, configure_cpu_threads, get_device, move
 from qpo_ray.training.engine import EngineBase
 from qpo_ray.policy import QPOPolicy, as_batch, encode_rows, training_rows
@@ -274,37 +274,39 @@ def _prepare_summary(policy: QPOPolicy, rows: dict[str, list]) -> None:
 def _check_summary_policy(cfg: Config, init_checkpoint: str | None) -> None:
     """The summary part needs a policy with a query summary: the checkpoint's own
     config says (it, not `cfg.policy`, is what the workers load)."""
-    layers = cfg.policy.query_summary_layers
+    layers = cfg.policy.query_summary.num_layers
     if init_checkpoint is not None:
         meta = Path(init_checkpoint) / "qpo_policy.json"
         if meta.exists():
-            layers = json.loads(meta.read_text())["policy"].get("query_summary_layers", 0)
+            saved = section_from_dict(PolicyConfig, json.loads(meta.read_text())["policy"],
+                                      "policy")
+            layers = saved.query_summary.num_layers
     if not layers:
         where = f" at {init_checkpoint}" if init_checkpoint else ""
-        raise ConfigError(f"training.summary_epochs: the policy{where} has no query summary "
-                          "(policy.query_summary_layers: 0)")
+        raise ConfigError(f"training.summary.epochs: the policy{where} has no query summary "
+                          "(policy.query_summary.enable: false)")
 
 
 def read_training_rows(cfg: Config, dataset_path: str, part: str = "policy") -> dict[str, list]:
     from qpo_ray.data.io import DatasetFileError, read_dataset
     from qpo_ray.data.pairs import WIDE_GROUP, on_wide_queries
 
-    rank_by = cfg.training.summary_rank_by if part == "summary" else "reward"
-    unseen = cfg.training.summary_queries == "unseen"
+    rank_by = cfg.training.summary.rank_by if part == "summary" else "reward"
+    unseen = cfg.training.summary.queries == "unseen"
     frame, _scale = read_dataset(dataset_path, required=("query", "prompt", "reward", rank_by)
                                  + (("loop", "group") if unseen else ()))
     if unseen:
-        # training.summary_queries: each part on its own queries.
+        # training.summary.queries: each part on its own queries.
         wide = on_wide_queries(frame)
         if not wide.any():
-            raise DatasetFileError(f"{dataset_path}: training.summary_queries: 'unseen' needs "
+            raise DatasetFileError(f"{dataset_path}: training.summary.queries: 'unseen' needs "
                                    "wide Step-0 rows (loop 0, group "
                                    f"{WIDE_GROUP}); the dataset has none")
         frame = frame[wide if part == "summary" else ~wide]
     rows = training_rows(frame, cfg.policy.mode, source=str(dataset_path), keep=(rank_by,))
     if part == "summary":
-        rows = best_rows(rows, cfg.training.summary_top_k, by=rank_by)
-        if cfg.training.summary_reward == "target":
+        rows = best_rows(rows, cfg.training.summary.top_k, by=rank_by)
+        if cfg.training.summary.reward == "target":
             rows["reward"] = float(cfg.loop.target_reward)
     return {"query": rows["query"].tolist(), "prompt": rows["prompt"].tolist(),
             "reward": rows["reward"].tolist()}
@@ -324,9 +326,8 @@ def train_policy(cfg: Config, dataset_path: str, out_dir: str, loop_index: int,
     lr, epochs = schedule_for_loop(cfg.training, loop_index)
     if part == "summary":
         _check_summary_policy(cfg, init_checkpoint)
-        lr, epochs = cfg.training.summary_lr, cfg.training.summary_epochs
-        cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training,
-                                                                      strategy="ddp"))
+        lr, epochs = cfg.training.summary.lr, cfg.training.summary.epochs
+        cfg = cfg.with_changes({"training": {"strategy": "ddp"}})
     rows = read_training_rows(cfg, dataset_path, part)
     if init_checkpoint is not None and not (Path(init_checkpoint) / "qpo_policy.json").exists():
         raise FileNotFoundError(f"init_checkpoint {init_checkpoint}: not a policy directory")

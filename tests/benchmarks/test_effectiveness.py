@@ -51,4 +51,4 @@ def test_effectiveness_benchmark_rechooses_qpo_when_its_dev_choice_is_out_of_dat
         (report / "selection.json").write_text(json.dumps({"dev_accuracy": accuracy, **extra}))
         assert bench.missing_methods(tmp_path / "seed0", profile, [
             "seed=0", "test.dev_decodings=[greedy, mbr]",
-            f"test.mbr_calibration={calibration}"]) == missing, (weighed, extra, calibration)
+            f"test.mbr.calibration={calibration}"]) == missing, (weighed, extra, calibration)

@@ -75,18 +75,20 @@ def test_int_is_accepted_where_a_float_is_expected():
         ("training.mixed_precision=fp32", "training.mixed_precision"),
         ("training.epochs_later_loops=0", "training.epochs_later_loops"),
         ("target.batch_size=0", "target.batch_size"),
-        ("dataset.wide_queries=0", "dataset.wide_queries go together"),
-        ("dataset.wide_queries=-1", "dataset.wide_prompts / dataset.wide_queries"),
-        ("policy.query_summary_dims=0", "policy.query_summary_dims"),
-        ("training.summary_top_k=0", "training.summary_top_k"),
-        ("policy.query_summary_layers=0", "training.summary_epochs > 0 needs a query summary"),
+        ("dataset.wide.queries=0", "dataset.wide.prompts and dataset.wide.queries must be > 0"),
+        ("dataset.wide.enable=maybe", "dataset.wide.enable"),
+        ("dataset.wide.width=3", "dataset.wide.width"),
+        ("policy.query_summary.dims=0", "policy.query_summary.dims"),
+        ("training.summary.top_k=0", "training.summary.top_k"),
+        ("policy.query_summary.enable=false", "training.summary.epochs > 0 needs a query summary"),
         ("test.dev_decodings=[beam]", "test.dev_decodings"),
         ("test.dev_decodings=[]", "test.dev_decodings"),
-        ("test.mbr_calibration=test", "test.mbr_calibration"),
-        ("test.mbr_temperature=0", "test.mbr_temperature"),
+        ("test.mbr.calibration=test", "test.mbr.calibration"),
+        ("test.mbr.temperature=0", "test.mbr.temperature"),
+        ("test.rank.samples=-1", "test.rank.collection_prompts / test.rank.samples"),
         ("serve.mbr_temperature=-1", "serve.mbr_temperature"),
-        ("training.summary_reward=best", "training.summary_reward"),
-        ("training.summary_queries=some", "training.summary_queries"),
+        ("training.summary.reward=best", "training.summary.reward"),
+        ("training.summary.queries=some", "training.summary.queries"),
         ("test.split=holdout", "test.split"),
     ],
 )
@@ -96,12 +98,11 @@ def test_bad_keys_and_values_name_the_key(override, fragment):
 
 
 def test_summary_queries_unseen_needs_a_summary_part_and_wide_step0():
-    assert load_config("cpu-demo", ["training.summary_queries=unseen"])
-    for other in ("training.summary_epochs=0", "dataset.wide_queries=0",
+    assert load_config("cpu-demo", ["training.summary.queries=unseen"])
+    for other in ("training.summary.epochs=0", "dataset.wide.enable=false",
                   "dataset.import_path=paper.json"):
-        extra = ["dataset.wide_prompts=0"] if other == "dataset.wide_queries=0" else []
-        with pytest.raises(ConfigError, match="training.summary_queries: 'unseen' needs"):
-            load_config("cpu-demo", ["training.summary_queries=unseen", other, *extra])
+        with pytest.raises(ConfigError, match="training.summary.queries: 'unseen' needs"):
+            load_config("cpu-demo", ["training.summary.queries=unseen", other])
 
 
 def test_split_dev_needs_a_dev_split_and_a_fixed_decoding():
@@ -172,7 +173,7 @@ def test_ray_address_comes_from_the_environment(monkeypatch):
     (["task.dev_queries=100000"], "task.dev_queries"),
     (["target.model=/nonexistent/model"], "target.model"),
     (["task.name=byo", "task.spec_path=/nonexistent/task.yaml"], "task.spec_path"),
-    (["policy.query_summary_layers=31"], "policy.query_summary_layers=31: "),
+    (["policy.query_summary.layers=31"], "policy.query_summary.layers=31: "),
 ])
 def test_run_fails_before_any_work_naming_the_setting(tmp_path, overrides, named):
     """What the test stage needs is checked before Step 0 spends anything."""
@@ -191,3 +192,67 @@ def test_run_fails_before_any_work_naming_the_setting(tmp_path, overrides, named
     assert named in proc.stderr
     assert time.perf_counter() - start < 30
     assert not (workdir / "stages.json").exists()
+
+
+LEGACY_PROFILE = """
+dataset: {prompts_per_group: 0, wide_prompts: 8, wide_queries: 300, wide_selection: complementary}
+policy: {query_summary_layers: 16, query_summary_dims: 64}
+training: {summary_epochs: 5, summary_rank_by: r_query, summary_reward: target}
+test: {mbr_calibration: none, mbr_temperature: 2.0, rank_collection_prompts: 8}
+"""
+
+
+def test_old_flat_keys_still_load_into_their_nested_place_with_a_warning(tmp_path, capsys):
+    """A profile (or a saved run's config.yaml) of an older version: each flat research
+    key lands in its nested section, sizes > 0 switch the feature on, one line each."""
+    path = tmp_path / "old.yaml"
+    path.write_text(LEGACY_PROFILE)
+    cfg = load_config(str(path), ["test.rank_samples=2"])
+    assert (cfg.dataset.wide.enable, cfg.dataset.wide.queries, cfg.dataset.wide.selection) == \
+        (True, 300, "complementary")
+    assert (cfg.policy.query_summary.num_layers, cfg.policy.query_summary.dims) == (16, 64)
+    assert (cfg.training.summary.epochs, cfg.training.summary.rank_by) == (5, "r_query")
+    assert (cfg.test.mbr.calibration, cfg.test.mbr.temperature) == ("none", 2.0)
+    assert (cfg.test.rank.collection_prompts, cfg.test.rank.samples) == (8, 2)
+    err = capsys.readouterr().err
+    assert "'dataset.wide_queries' is now 'dataset.wide.queries'" in err
+    assert "'test.rank_samples' is now 'test.rank.samples'" in err
+    assert err.count("is now") == 12
+    # Sizes of 0 meant "off" and still do.
+    off = load_config(None, {"dataset": {"wide_prompts": 0, "wide_queries": 0},
+                             "policy": {"query_summary_layers": 0}})
+    assert not off.dataset.wide.enable and off.dataset.wide.num_queries == 0
+    assert off.policy.query_summary.num_layers == 0
+
+
+def test_an_old_run_directory_resumes_with_its_flat_config(tmp_path):
+    """`qpo run --resume` of a run saved by an older version: its config.yaml loads."""
+    import yaml
+
+    from qpo_ray.run.rundir import RunDir
+
+    data = load_config("cpu-demo", [f"workdir={tmp_path}"]).to_dict()
+    wide = data["dataset"].pop("wide")
+    data["dataset"].update(wide_prompts=wide["prompts"], wide_queries=wide["queries"],
+                           wide_selection=wide["selection"])
+    summary = data["training"].pop("summary")
+    data["training"].update({f"summary_{k}": v for k, v in summary.items()})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+    _, cfg = RunDir.load(tmp_path)
+    assert cfg.to_dict() == load_config("cpu-demo", [f"workdir={tmp_path}"]).to_dict()
+
+
+def test_config_is_frozen_after_load_and_changed_only_into_a_new_config():
+    import dataclasses
+
+    cfg = load_config("cpu-demo")
+    with pytest.raises(dataclasses.FrozenInstanceError, match="frozen after load"):
+        cfg.task.num_shots = 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.dataset.wide.queries = 1
+    shots = cfg.with_changes({"task": {"num_shots": 3}})
+    assert shots.task.num_shots == 3 and cfg.task.num_shots == 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        shots.workdir = "elsewhere"
+    with pytest.raises(ConfigError, match="task.num_shots"):
+        cfg.with_changes({"task": {"num_shots": "three"}})

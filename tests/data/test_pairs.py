@@ -88,11 +88,11 @@ def test_few_shot_demos_come_only_from_the_demo_pool(emotion):
 
 def test_make_pairs_zips_queries_and_prompts(emotion):
     task, splits, _ = emotion
-    cfg = load_config(None, {"task": {"num_shots": 2, "num_demo_sets": 3}})
     queries = [splits.collection[0], splits.collection[1], splits.collection[0]]
     generated = [("p-1", "Name the emotion.", "policy"), ("p-2", "Feeling?", "policy"),
                  ("p-1", "Name the emotion.", "policy")]
-    df = make_pairs(queries, generated, task, splits, cfg, loop=2, seed=7)
+    shots = {"num_shots": 2, "num_demo_sets": 3}
+    df = make_pairs(queries, generated, task, splits, **shots, loop=2, seed=7)
     assert list(df.columns) == list(PAIR_COLUMNS) and len(df) == 3
     assert df["query_id"].tolist() == [q.id for q in queries]
     assert df["prompt"].tolist() == [g[1] for g in generated]
@@ -100,9 +100,10 @@ def test_make_pairs_zips_queries_and_prompts(emotion):
     assert df["pair_id"].tolist() == ["l2-0", "l2-1", "l2-2"]
     pool = {e.id for e in splits.demo_pool}
     assert all(set(d) <= pool for sets in df["demo_ids"] for d in sets)
-    assert df.equals(make_pairs(queries, generated, task, splits, cfg, loop=2, seed=7))
+    assert df.equals(make_pairs(queries, generated, task, splits, **shots, loop=2, seed=7))
+    assert all(len(sets) == 3 and all(len(d) == 2 for d in sets) for sets in df["demo_ids"])
     with pytest.raises(ValueError, match="2 queries but 3 prompts"):
-        make_pairs(queries[:2], generated, task, splits, cfg, loop=2, seed=7)
+        make_pairs(queries[:2], generated, task, splits, **shots, loop=2, seed=7)
 
 
 def test_few_shot_is_refused_for_tasks_without_it(emotion, tmp_path):
@@ -120,7 +121,8 @@ def test_few_shot_is_refused_for_tasks_without_it(emotion, tmp_path):
 
 def test_wide_step0_adds_other_collection_queries_for_the_given_prompts(emotion):
     task, splits, prompts = emotion
-    cfg = config(prompts_per_group=0, queries_per_group=7, wide_prompts=2, wide_queries=9)
+    cfg = config(prompts_per_group=0, queries_per_group=7,
+                 wide={"enable": True, "prompts": 2, "queries": 9})
     shared = build_step0_pairs(task, splits, prompts, cfg)
     queries = wide_queries(splits, shared, cfg)
     assert [q.id for q in queries] == [q.id for q in wide_queries(splits, shared, cfg)]
@@ -134,12 +136,13 @@ def test_wide_step0_adds_other_collection_queries_for_the_given_prompts(emotion)
     assert set(per_prompt.index) == {p.id for p in prompts[:2]}
     assert (per_prompt == frozenset(ids)).all()
     assert wide["pair_id"].is_unique and not set(wide["pair_id"]) & set(shared["pair_id"])
-    too_many = config(prompts_per_group=0, queries_per_group=7, wide_prompts=2,
-                      wide_queries=len(collection))
-    with pytest.raises(ConfigError, match=f"dataset.wide_queries: {len(collection)} asked"):
+    too_many = config(prompts_per_group=0, queries_per_group=7,
+                      wide={"enable": True, "prompts": 2, "queries": len(collection)})
+    with pytest.raises(ConfigError, match=f"dataset.wide.queries: {len(collection)} asked"):
         wide_queries(splits, shared, too_many)
     few_shot = load_config(None, {"task": {"num_shots": 2}, "dataset": {
-        "prompts_per_group": 0, "queries_per_group": 7, "wide_prompts": 2, "wide_queries": 9}})
+        "prompts_per_group": 0, "queries_per_group": 7,
+        "wide": {"enable": True, "prompts": 2, "queries": 9}}})
     with pytest.raises(ConfigError, match="wide Step 0 is zero-shot only"):
         wide_queries(splits, shared, few_shot)
 
@@ -170,5 +173,5 @@ def test_complementary_wide_prompts_cover_the_queries_the_best_ones_miss():
     # Nothing left to cover: R_task (A 0.6 > D = E 0.4), then the order (E before D).
     assert choose_wide_prompts(shared, order, 5, "complementary") == ["B", "C", "A", "E", "D"]
     assert choose_wide_prompts(shared, order, 9, "complementary") == ["B", "C", "A", "E", "D"]
-    with pytest.raises(ConfigError, match="dataset.wide_selection"):
+    with pytest.raises(ConfigError, match="dataset.wide.selection"):
         choose_wide_prompts(shared, order, 2, "random")

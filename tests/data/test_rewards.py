@@ -196,7 +196,7 @@ def test_gold_reward_on_real_pairs_ranks_how_likely_the_target_finds_the_gold_la
 
 def test_wide_step0_on_the_real_target_keeps_r_task_from_the_shared_queries(
         tiny_model_dir, one_torch_thread, tmp_path):
-    """Step 0 with dataset.wide_prompts: every prompt on the same shared queries, then
+    """Step 0 with dataset.wide: every prompt on the same shared queries, then
     the prompt that did best there on more queries; each row's R_task is its prompt's
     accuracy on the shared queries alone."""
     from qpo_ray.backends import create_backend
@@ -211,7 +211,7 @@ def test_wide_step0_on_the_real_target_keeps_r_task_from_the_shared_queries(
         "task": {"name": "rotten_tomatoes", "collection_fraction": 0.01},
         "prompts": {"methods": ["manual", "generic"]},
         "dataset": {"prompts_per_group": 0, "queries_per_group": 4, "zero_shot_penalty": "nll",
-                    "query_reward": "gold", "wide_prompts": 1, "wide_queries": 5}})
+                    "query_reward": "gold", "wide": {"enable": True, "prompts": 1, "queries": 5}}})
     target = TargetConfig(backend="transformers", model=str(tiny_model_dir), dtype="float32",
                           batch_size=16)
     ctx = RunContext(cfg, scorer_factory=lambda c, task, demos: LocalScorer(

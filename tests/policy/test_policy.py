@@ -376,7 +376,7 @@ def test_best_rows_keep_each_querys_top_k_in_the_datasets_order():
                          "reward": [50.0, 90.0, 80.0, 80.0, 10.0]})
     assert best_rows(rows, 1)["prompt"].tolist() == ["q", "r"]  # tie at 80: r comes first
     assert best_rows(rows, 2)["prompt"].tolist() == ["q", "r", "s", "t"]
-    # Ranked by another column (training.summary_rank_by: r_query): its order, not reward's.
+    # Ranked by another column (training.summary.rank_by: r_query): its order, not reward's.
     rows["r_query"] = [0.9, 0.1, 0.2, 0.3, 0.5]
     assert best_rows(rows, 1, by="r_query")["prompt"].tolist() == ["p", "t"]
 
@@ -386,7 +386,9 @@ def test_query_summary_adds_nothing_until_fitted_and_survives_a_reload(policy_cf
 
     from qpo_ray.policy.ranking import candidate_logprobs
 
-    cfg = dataclasses.replace(policy_cfg, query_summary_layers=2, query_summary_dims=3)
+    from qpo_ray.config.features import QuerySummaryConfig
+
+    cfg = dataclasses.replace(policy_cfg, query_summary=QuerySummaryConfig(True, 2, 3))
     torch.manual_seed(0)
     plain = QPOPolicy.from_backbone(policy_cfg).eval()
     summed = QPOPolicy.from_backbone(cfg).eval()
@@ -416,11 +418,11 @@ def test_query_summary_adds_nothing_until_fitted_and_survives_a_reload(policy_cf
     trainable = {n for n, p in summed.named_parameters() if p.requires_grad}
     assert "query_summary.adapter.weight" in trainable and "reward_embed.weight" in trainable
     assert not any(n.startswith("backbone.") for n in trainable)
-    with pytest.raises(ValueError, match="query_summary_layers"):
+    with pytest.raises(ValueError, match=r"query_summary\.enable: false"):
         plain.train_only_summary()
 
     back = QPOPolicy.load(summed.save(tmp_path / "p"))
-    assert back.config.query_summary_layers == 2 and bool(back.query_summary.fitted)
+    assert back.config.query_summary.num_layers == 2 and bool(back.query_summary.fitted)
     np.testing.assert_allclose(candidate_logprobs(back, queries, cands, 100.0), steered,
                                atol=1e-5)
     with pytest.raises(ValueError, match="more than policy.query_summary_dims=3"):

@@ -56,7 +56,7 @@ TINY = {
     "loop": {"num_loops": 2, "augment_queries_per_round": 5},
     "test": {"methods": ["qpo", "qpo_greedy", "manual", "best_single", "router",
                          "nearest_neighbour", "best_single_oracle"],
-             "decoding": "dev", "rank_collection_prompts": 3, "rank_samples": 1,
+             "decoding": "dev", "rank": {"collection_prompts": 3, "samples": 1},
              "num_example_prompts": 2},
 }
 
@@ -389,11 +389,11 @@ def test_evaluate_trains_the_ablations_and_labels_another_target(finished_run, p
     from qpo_ray.testphase.methods import ablation_key, ablation_policy
 
     written = marker.stat().st_mtime_ns
-    assert ablation_policy(cfg, RunDir(workdir), "sft") == sft_dir["checkpoint_dir"]
+    assert ablation_policy(cfg, RunDir(workdir).files(), "sft") == sft_dir["checkpoint_dir"]
     assert marker.stat().st_mtime_ns == written
     # ...other training settings do not.
-    other = load_config(str(profile), [f"workdir={workdir}", "training.lr_first_loop=0.5"])
-    other.policy.mode = "sft"
+    other = load_config(str(profile), [f"workdir={workdir}", "training.lr_first_loop=0.5",
+                                       "policy.mode=sft"])
     assert sft_dir["config_key"] != ablation_key(other, 1)
     # No multi-loop augmentation: the same number of training stages, all on D_0.
     no_mla = workdir / "baselines" / "qpo_no_mla"
@@ -538,7 +538,8 @@ def test_dev_choice_reads_mbr_at_the_belief_temperature_it_fits_on_dev(
     ids = step0.drop_duplicates("prompt").set_index("prompt")["prompt_id"]
     pairs = make_pairs([q for _ in table.prompts for q in splits.dev],
                        [(ids[p], p, "collection") for p in table.prompts for _ in splits.dev],
-                       task, splits, cfg, loop=1, seed=cfg.seed)
+                       task, splits, num_shots=cfg.task.num_shots,
+                       num_demo_sets=cfg.task.num_demo_sets, loop=1, seed=cfg.seed)
     scored, _ = score_pairs(cfg, task, splits, pairs)
     r_task = step0.groupby("prompt_id")["r_task"].first().to_dict()
     rewards, _ = compute_rewards(scored, "nll", r_task=r_task, answer="gold")
@@ -573,7 +574,7 @@ def test_mbr_decoding_picks_the_step0_prompt_the_policy_expects_to_be_right(
 
     cfg, run = _evaluate_a_copy(finished_run[0], profile, tmp_path,
                                 ["test.decoding=mbr", "test.methods=[qpo]"])
-    # A fixed mbr decoding reads the belief at test.mbr_temperature (1: as it is).
+    # A fixed mbr decoding reads the belief at test.mbr.temperature (1: as it is).
     assert json.loads((report_dir(cfg, run) / "selection.json").read_text()) == {
         "decoding": "mbr", "mbr_temperature": 1.0}
     pred = pd.read_parquet(report_dir(cfg, run) / "predictions.parquet")

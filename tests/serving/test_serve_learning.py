@@ -36,7 +36,8 @@ def setup(tmp_path_factory, tiny_policy, free_port):
                         root / "a")
     for arm in ("b", "c"):  # the same weights under other versions (their paths)
         shutil.copytree(root / "a", root / arm)
-    cfg.serve.ab_policy_uri, cfg.serve.ab_traffic_percent = str(root / "b"), 50.0
+    cfg = cfg.with_changes({"serve": {"ab_policy_uri": str(root / "b"),
+                                      "ab_traffic_percent": 50.0}})
     profile = root / "profile.yaml"
     profile.write_text(yaml.safe_dump(cfg.to_dict()))
     return cfg, policy, root, profile

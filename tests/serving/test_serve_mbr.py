@@ -70,13 +70,10 @@ def test_the_belief_temperature_reaches_the_served_choice(deployed):
     """serve.mbr_temperature: redeployed at 1000 (a belief spread evenly), /v1/prompt gives
     every query the prompt best on average (PROMPT_V2, row means 0.4 / 0.5 / 0.53), as
     `mbr_prompts` does at that temperature, where at 1 a reward of 0 got PROMPT_LOW."""
-    import copy
-
     from qpo_ray.serving import run_serve
 
     server, cfg, policy, root = deployed
-    warm = copy.deepcopy(cfg)
-    warm.serve.mbr_temperature = 1000.0
+    warm = cfg.with_changes({"serve": {"mbr_temperature": 1000.0}})
     run_serve(warm, blocking=False, policy_uri=str(root / "with-table"), with_target=False)
     for query in QUERIES:
         body = server.post("/v1/prompt", json={"query": query, "target_reward": 0.0}).json()

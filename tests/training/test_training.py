@@ -99,8 +99,8 @@ def test_summary_part_trains_only_the_adapter_on_each_querys_best_row(
     from qpo_ray.data.io import read_dataset
     from qpo_ray.common.errors import ConfigError
 
-    cfg = _cfg(tiny_model_dir, policy={"query_summary_layers": 2, "query_summary_dims": 4},
-               strategy="ddp", epochs_first_loop=1, summary_epochs=2, summary_lr=1e-2,
+    cfg = _cfg(tiny_model_dir, policy={"query_summary": {"enable": True, "layers": 2, "dims": 4}},
+               strategy="ddp", epochs_first_loop=1, summary={"epochs": 2, "lr": 1e-2},
                batch_size_global=4)
     main = train_policy(cfg, str(paper_dataset), str(tmp_path / "main"), loop_index=1)
     summary = train_policy(cfg, str(paper_dataset), str(tmp_path / "summary"), loop_index=1,
@@ -131,15 +131,15 @@ def test_summary_rows_are_each_querys_best_by_training_summary_rank_by(
     from qpo_ray.training.trainer import read_training_rows
 
     frame, scale = read_dataset(paper_dataset)
-    policy = {"query_summary_layers": 2, "query_summary_dims": 4}
+    policy = {"query_summary": {"enable": True, "layers": 2, "dims": 4}}
     for rank_by in ("reward", "r_query"):
-        cfg = _cfg(tiny_model_dir, policy=policy, summary_epochs=1, summary_rank_by=rank_by)
+        cfg = _cfg(tiny_model_dir, policy=policy, summary={"epochs": 1, "rank_by": rank_by})
         rows = read_training_rows(cfg, str(paper_dataset), part="summary")
         assert len(rows["query"]) == frame["query"].nunique() == len(set(rows["query"]))
         top = frame[frame.groupby("query")[rank_by].transform("max") == frame[rank_by]]
         assert set(zip(rows["query"], rows["prompt"])) <= set(zip(top["query"], top["prompt"]))
     # The two rankings disagree on this data (R_task tips the reward), so the test can fail.
-    by_reward = read_training_rows(_cfg(tiny_model_dir, policy=policy, summary_epochs=1),
+    by_reward = read_training_rows(_cfg(tiny_model_dir, policy=policy, summary={"epochs": 1}),
                                    str(paper_dataset), part="summary")
     assert by_reward["prompt"] != rows["prompt"]
     # A dataset without the column fails on the driver naming it; the main part needs none.
@@ -153,18 +153,18 @@ def test_summary_rows_are_conditioned_on_the_target_reward_with_summary_reward_t
         tiny_model_dir, paper_dataset):
     from qpo_ray.training.trainer import read_training_rows
 
-    policy = {"query_summary_layers": 2, "query_summary_dims": 4}
-    own = read_training_rows(_cfg(tiny_model_dir, policy=policy, summary_epochs=1),
+    policy = {"query_summary": {"enable": True, "layers": 2, "dims": 4}}
+    own = read_training_rows(_cfg(tiny_model_dir, policy=policy, summary={"epochs": 1}),
                              str(paper_dataset), part="summary")
-    target = read_training_rows(_cfg(tiny_model_dir, policy=policy, summary_epochs=1,
-                                     summary_reward="target"), str(paper_dataset),
-                                part="summary")
+    target = read_training_rows(
+        _cfg(tiny_model_dir, policy=policy, summary={"epochs": 1, "reward": "target"}),
+        str(paper_dataset), part="summary")
     # The same best rows; only the reward they are learnt at changes.
     assert (target["query"], target["prompt"]) == (own["query"], own["prompt"])
     assert len(set(own["reward"])) > 1 and max(own["reward"]) < 100.0
     assert target["reward"] == [100.0] * len(own["reward"])
     # The main part keeps every row's own reward.
-    cfg = _cfg(tiny_model_dir, policy=policy, summary_epochs=1, summary_reward="target")
+    cfg = _cfg(tiny_model_dir, policy=policy, summary={"epochs": 1, "reward": "target"})
     assert len(set(read_training_rows(cfg, str(paper_dataset))["reward"])) > 1
 
 
@@ -185,9 +185,10 @@ def test_summary_queries_unseen_trains_each_part_on_its_own_queries(
     assert set(extra["query"]) & wide and set(extra["query"]) - wide
     path = write_dataset(pd.concat([frame, extra], ignore_index=True),
                          tmp_path / "wide.parquet", scale)
-    policy = {"query_summary_layers": 2, "query_summary_dims": 4}
-    cfg = _cfg(tiny_model_dir, policy=policy, summary_epochs=1, summary_queries="unseen",
-               dataset={"prompts_per_group": 0, "wide_prompts": 2, "wide_queries": 8})
+    policy = {"query_summary": {"enable": True, "layers": 2, "dims": 4}}
+    cfg = _cfg(tiny_model_dir, policy=policy, summary={"epochs": 1, "queries": "unseen"},
+               dataset={"prompts_per_group": 0,
+                        "wide": {"enable": True, "prompts": 2, "queries": 8}})
     main = read_training_rows(cfg, str(path))
     summary = read_training_rows(cfg, str(path), part="summary")
     assert set(main["query"]) == set(queries) - wide
@@ -196,12 +197,12 @@ def test_summary_queries_unseen_trains_each_part_on_its_own_queries(
     on_shared = extra[~extra["query"].isin(wide)]
     assert len(main["query"]) == (~frame["query"].isin(wide)).sum() + len(on_shared)
     # "all": both parts see every query.
-    both = _cfg(tiny_model_dir, policy=policy, summary_epochs=1)
+    both = _cfg(tiny_model_dir, policy=policy, summary={"epochs": 1})
     assert set(read_training_rows(both, str(path))["query"]) == set(queries)
     assert set(read_training_rows(both, str(path), part="summary")["query"]) == set(queries)
     # A dataset without wide Step-0 rows fails naming the file and the setting.
     plain = write_dataset(frame.assign(group=0), tmp_path / "plain.parquet", scale)
-    with pytest.raises(DatasetFileError, match=r"plain\.parquet: training.summary_queries"):
+    with pytest.raises(DatasetFileError, match=r"plain\.parquet: training.summary.queries"):
         read_training_rows(cfg, str(plain))
 
 
@@ -209,8 +210,8 @@ def test_train_stage_moves_the_summary_parts_policy_into_the_loops_place(
         ray_cluster, tiny_model_dir, paper_dataset, tmp_path):
     from qpo_ray.run.stages.train import train_loop
 
-    cfg = _cfg(tiny_model_dir, policy={"query_summary_layers": 2, "query_summary_dims": 4},
-               epochs_first_loop=1, summary_epochs=1, batch_size_global=4)
+    cfg = _cfg(tiny_model_dir, policy={"query_summary": {"enable": True, "layers": 2, "dims": 4}},
+               epochs_first_loop=1, summary={"epochs": 1}, batch_size_global=4)
     out = train_loop(cfg, 1, paper_dataset, tmp_path / "loop1")
     assert out.checkpoint_dir == str(tmp_path / "loop1" / "policy")
     assert bool(QPOPolicy.load(out.checkpoint_dir).query_summary.fitted)

@@ -64,7 +64,8 @@ def augment_round(ctx: RunContext, policy_dir: str | Path, dataset_path: str | P
     progress.close()
     del policy
     prompts = [(prompt_id(t), t, "policy") for t in texts]
-    pairs = make_pairs(queries, prompts, ctx.task, ctx.splits, cfg, loop=round_index, seed=seed)
+    pairs = make_pairs(queries, prompts, ctx.task, ctx.splits, num_shots=cfg.task.num_shots,
+                       num_demo_sets=cfg.task.num_demo_sets, loop=round_index, seed=seed)
     scored, usage = ctx.score(pairs, label=f"augment_{round_index}: scoring")
 
     r_task = float(pair_accuracy(scored).mean())

@@ -73,12 +73,12 @@ def _widen(ctx: RunContext, prompts: list[PromptRecord], shared: pd.DataFrame,
     every prompt on the same ones; the reward scale is fitted on all pairs."""
     cfg = ctx.cfg
     r_task = shared.groupby("prompt_id")["r_task"].first().to_dict()
-    chosen = choose_wide_prompts(shared, [p.id for p in prompts], cfg.dataset.wide_prompts,
-                                 cfg.dataset.wide_selection)
+    chosen = choose_wide_prompts(shared, [p.id for p in prompts], cfg.dataset.wide.num_prompts,
+                                 cfg.dataset.wide.selection)
     by_id = {p.id: p for p in prompts}
     pairs = build_wide_pairs(queries, [by_id[i] for i in chosen], cfg)
     scored, wide_usage = ctx.score(pairs, label=f"step0: {len(chosen)} prompts "
-                                                f"({cfg.dataset.wide_selection}), "
+                                                f"({cfg.dataset.wide.selection}), "
                                                 f"{len(queries)} more queries")
     columns = [c for c in shared.columns if c not in REWARD_COLUMNS]
     both = pd.concat([shared[columns], scored[columns]], ignore_index=True)
@@ -91,7 +91,7 @@ def _widen(ctx: RunContext, prompts: list[PromptRecord], shared: pd.DataFrame,
 def choose_wide_prompts(shared: pd.DataFrame, order: list[str], k: int,
                         rule: str) -> list[str]:
     """The ids of the `k` prompts that go wide, picked on the shared queries' scored
-    pairs (`dataset.wide_selection`): by R_task, or greedily by the shared queries each
+    pairs (`dataset.wide.selection`): by R_task, or greedily by the shared queries each
     adds that no chosen prompt gets right. Ties (and the first pick): R_task, then the
     collection's `order`."""
     r_task = shared.groupby("prompt_id")["r_task"].first()
@@ -99,7 +99,7 @@ def choose_wide_prompts(shared: pd.DataFrame, order: list[str], k: int,
     if rule == "task":
         return by_task[:k]
     if rule != "complementary":
-        raise ConfigError(f"dataset.wide_selection: unknown rule {rule!r} (known: task, "
+        raise ConfigError(f"dataset.wide.selection: unknown rule {rule!r} (known: task, "
                           "complementary)")
     right = shared.pivot_table(index="query_id", columns="prompt_id", values="correct",
                                aggfunc="max").fillna(0).astype(bool)
