@@ -62,7 +62,7 @@ def dev_matrix(run: "RunDir", cfg: "Config", out: Path) -> pd.DataFrame:
     path = out / "dev_matrix.parquet"
     if path.exists():
         return pd.read_parquet(path)
-    task, splits = task_and_splits(cfg)
+    task, splits = task_and_splits(cfg.task, cfg.seed)
     prompts = pd.read_parquet(run.step0_path()).drop_duplicates("prompt_id")
     pairs = pd.DataFrame([
         {"pair_id": f"dev-{p.prompt_id}-{q.id}", "query_id": q.id, "query": q.text,
@@ -153,7 +153,7 @@ def main() -> int:
                                 router_embedding_model)
     from qpo_ray.tasks import task_and_splits
 
-    task, splits = task_and_splits(cfg)
+    task, splits = task_and_splits(cfg.task, cfg.seed)
     scored = dev_matrix(run, cfg, out)
     correct = scored.pivot(index="query_id", columns="prompt_id", values="correct").astype(float)
     says_first = (scored.assign(first=scored["prediction"] == "0")

@@ -180,7 +180,8 @@ def score(cfg, task, splits, pairs: pd.DataFrame, label: str) -> Result:
     from qpo_ray.scoring.ray_data import RayDataScorer
 
     start = time.perf_counter()
-    scorer = RayDataScorer(cfg, task, splits.demo_pool, label=label)
+    scorer = RayDataScorer(cfg.target, cfg.evaluation, task, splits.demo_pool, label=label,
+                           ray_address=cfg.ray_address)
     try:
         scored = scorer.score(pairs)
     finally:
@@ -326,9 +327,10 @@ def main() -> None:
         "dataset": {"prompts_per_group": 0, "queries_per_group": args.queries},
         "evaluation": {"num_actors": args.actors, "num_cpus_per_actor": 1},
         "target": {"batch_size": args.batch_size} if args.batch_size else {}})
-    task, splits = task_and_splits(cfg)
+    task, splits = task_and_splits(cfg.task, cfg.seed)
     collection = load_collection(cfg.prompts, task.name)
-    jobs = {"step0": build_step0_pairs(task, splits, collection, cfg),
+    jobs = {"step0": build_step0_pairs(task, splits, collection, cfg.task, cfg.dataset,
+                                       cfg.seed),
             "test": test_pairs(cfg, task, splits, collection, args.test_queries)}
     jobs = {name: jobs[name] for name in args.jobs}
     if args.reference_pairs:

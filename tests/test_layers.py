@@ -1,4 +1,5 @@
-"""The package's layering: importing it is light, heavy engines and Ray/MLflow only in their adapters."""
+"""The package's layering: importing it is light (vllm, deepspeed, Ray and MLflow only in
+the adapters that need them), and no part imports a part above it."""
 
 from __future__ import annotations
 import json
@@ -36,3 +37,42 @@ def test_core_modules_stay_light(module):
 def test_core_never_imports_ray_or_mlflow():
     loaded = _modules_after("import qpo_ray.tasks, qpo_ray.data.schema, qpo_ray.config")
     assert not [m for m in loaded if m.split(".")[0] in ("ray", "mlflow", *HEAVY)]
+
+
+# The parts of qpo_ray, bottom to top: a module may import its own part and those below
+# it, never one above (docs/ARCHITECTURE.md draws it). cli is the top.
+LAYERS = ["common", "config", "prompts", "tasks", "data", "backends", "policy", "scoring",
+          "training", "testphase", "run", "serving", "cli"]
+
+
+def _imported_parts(path) -> set[str]:
+    import ast
+
+    parts = set()
+    for node in ast.walk(ast.parse(path.read_text())):  # imports inside functions too
+        names = ([node.module] if isinstance(node, ast.ImportFrom) and node.module else
+                 [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+        for name in names:
+            if name.startswith("qpo_ray."):
+                parts.add(name.split(".")[1])
+            elif isinstance(node, ast.ImportFrom) and name == "qpo_ray":
+                parts.update(a.name for a in node.names)
+    return parts & set(LAYERS)
+
+
+def test_nothing_imports_upward_and_every_part_is_a_layer():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "qpo_ray"
+    tops = {p.stem if p.is_file() else p.name for p in root.iterdir()
+            if not p.name.startswith(("_", ".")) and (p.suffix == ".py" or p.is_dir())}
+    assert tops - {"__pycache__"} <= set(LAYERS), "a new top-level part needs its layer"
+    rank = {name: i for i, name in enumerate(LAYERS)}
+    upward = []
+    for path in root.rglob("*.py"):
+        own = path.relative_to(root).parts[0].removesuffix(".py")
+        if own not in rank:
+            continue
+        upward += [f"{path.relative_to(root)} imports qpo_ray.{part}"
+                   for part in _imported_parts(path) if rank[part] > rank[own]]
+    assert upward == []

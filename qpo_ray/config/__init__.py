@@ -10,6 +10,7 @@ from qpo_ray.config.sections import (DatasetConfig, EvaluationConfig, LoopConfig
 from qpo_ray.config.serve import ServeConfig
 
 __all__ = ["Config", "ConfigError", "config_from_dict", "load_config", "merge_overrides",
-           "parse_override", "profile_path", "section_from_dict", "DatasetConfig", "EvaluationConfig",
+           "parse_override", "profile_path", "section_from_dict", "DatasetConfig",
+           "EvaluationConfig",
            "LoopConfig", "PolicyConfig", "PromptsConfig", "TargetConfig", "TaskConfig",
            "TestConfig", "TrackingConfig", "TrainingConfig", "ServeConfig"]

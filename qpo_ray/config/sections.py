@@ -32,9 +32,8 @@ class TaskConfig(Section):
     collection_fraction: float = 0.1
     # Cap on the test split used by the test phase (None = all of it).
     max_test_queries: Optional[int] = None
-    # Collection queries held out as a dev set: the test phase chooses the loop and
-    # the decoding on them, never on test queries. 0 = no dev set (the last loop,
-    # the configured decoding).
+    # Collection queries held out as a dev set, where the test phase chooses loop and
+    # decoding (never on test queries); 0 = none: the last loop, test.decoding.
     dev_queries: int = 0
     # Demonstrations per prompt for few-shot; 0 = zero-shot.
     num_shots: int = 0
@@ -54,15 +53,13 @@ class TaskConfig(Section):
 
 @dataclass
 class PromptsConfig(Section):
-    # Where the initial prompt collection comes from: "builtin" (the project's own
-    # collection for the task, shipped in qpo_ray/prompts/data), an InstructEval-layout
+    # The prompt collection: "builtin" (qpo_ray/prompts/data), an InstructEval-layout
     # directory (<method>/<task>.yaml), or a .txt / .jsonl file.
     source: str = "builtin"
     # Which InstructEval methods to read from a directory (None = every method found).
     methods: Optional[list[str]] = None
-    # The manual (PromptSource-style) baseline prompt: its id, its 0-based index in the
-    # collection (`qpo prompts` lists both) or its text; None = the first "manual" one,
-    # else the first prompt (announced).
+    # The manual baseline prompt: id, 0-based index (`qpo prompts` lists both) or text;
+    # None = the first "manual" one, else the first prompt (announced).
     manual_prompt_id: Optional[int | str] = None
 
 
@@ -146,9 +143,8 @@ class EvaluationConfig(Section):
 
 @dataclass
 class DatasetConfig(Section):
-    # Step 0 grouping (paper appendix B.2): each group of prompts is tested on its
-    # own random queries. 0 = one group: every prompt on the same queries, so that
-    # R_task compares prompts on equal terms (no group is luckier in its queries).
+    # Step 0 groups (paper B.2): each group of prompts on its own random queries; 0 = one
+    # group, every prompt on the same queries, so R_task compares them on equal terms.
     prompts_per_group: int = 40
     queries_per_group: int = 100
     # Wide Step 0 (qpo_ray.config.features; off by default).
@@ -156,11 +152,8 @@ class DatasetConfig(Section):
     # Zero-shot query reward: "ppl" = correct - PPL/10 (paper eq. 3), "nll" = correct -
     # mean NLL/10 (the reference code).
     zero_shot_penalty: Literal["ppl", "nll"] = "ppl"
-    # Whose answer the zero-shot penalty reads (label-scored tasks):
-    # "predicted" = the target's own answer (eq. 3 as written: ranks the target's
-    # confidence, right or wrong); "gold" = the gold label, its likelihood normalised
-    # over the label words (the reference code scores the gold label): ranks how
-    # strongly the prompt steers the target to the right answer.
+    # Whose answer the zero-shot penalty reads: the target's ("predicted", eq. 3 as
+    # written) or the gold label's normalised likelihood ("gold", the reference code).
     query_reward: Literal["predicted", "gold"] = "predicted"
     # Keep pairs with reward >= min + expert_fraction * (max - min).
     expert_fraction: float = 0.667
@@ -282,7 +275,7 @@ class LoopConfig(Section):
         ])
 
 
-# How `qpo` can turn a policy into a prompt per query (qpo_ray/testphase/methods.py implements each).
+# How `qpo` can turn a policy into a prompt per query (qpo_ray/testphase/decoding.py).
 DECODINGS = ("greedy", "rank", "mbr")
 
 
@@ -292,22 +285,14 @@ class TestConfig(Section):
     methods: list[str] = field(
         default_factory=lambda: ["qpo", "manual", "best_single", "nearest_neighbour"]
     )
-    # How `qpo` turns the policy into a prompt per query: "greedy" at the target reward
-    # (the paper), "rank" (the best of candidate prompts by log p(c | R high, q) -
-    # log p(c | R low, q), see qpo_ray/policy/ranking.py), "mbr" (the Step-0 prompt with
-    # the highest expected correctness under the policy's belief about which prompt is
-    # best, see qpo_ray/policy/mbr.py), or "dev": whichever of
-    # `dev_decodings`, with whichever loop's policy, is most accurate on the dev split
-    # (task.dev_queries).
+    # Policy -> prompt per query: greedy at the target reward (the paper), rank, mbr
+    # (qpo_ray/policy/ranking.py, mbr.py), or "dev": the best of dev_decodings x loops on dev.
     decoding: Literal["greedy", "rank", "mbr", "dev"] = "greedy"
-    # The queries the methods are compared on: "test" (the test split), or "dev" (the
-    # dev split, task.dev_queries, written to report-dev/): settings, baselines and the
-    # policy compared on queries that may be chosen on, the test split left untouched.
-    # "dev" needs a fixed decoding (a choice made on dev is not measured on dev).
+    # The queries the methods are compared on: "test", or "dev" (into report-dev/, the test
+    # split untouched; needs a fixed decoding: a choice made on dev is not measured there).
     split: Literal["test", "dev"] = "test"
-    # The decodings "dev" chooses among (with every loop): ranking costs the policy
-    # ~10x greedy's passes per dev query, which a small run may not afford; mbr reads
-    # each Step-0 prompt once per query (8 candidates: ~0.15 s a query on 2 cores).
+    # The decodings "dev" chooses among (with every loop); rank costs ~10x greedy's
+    # policy passes, mbr one pass per Step-0 candidate (~0.15 s a query on 2 cores).
     dev_decodings: list[str] = field(default_factory=lambda: ["greedy", "rank"])
     # The mbr and rank decodings' settings (qpo_ray.config.features).
     mbr: MbrConfig = field(default_factory=MbrConfig)

@@ -18,7 +18,8 @@ from typing import Sequence
 
 import pandas as pd
 
-from qpo_ray.config import Config, ConfigError
+from qpo_ray.config import ConfigError, DatasetConfig, TaskConfig
+from qpo_ray.config.features import WideStep0Config
 from qpo_ray.data.schema import PAIR_COLUMNS
 from qpo_ray.prompts import PromptRecord
 from qpo_ray.tasks.base import Example, Splits, Task
@@ -65,43 +66,45 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
 
 
 def build_step0_pairs(task: Task, splits: Splits, prompts: list[PromptRecord],
-                      cfg: Config) -> pd.DataFrame:
-    """Step 0: every prompt of a group x the group's random queries (PAIR_COLUMNS, loop 0)."""
+                      task_cfg: TaskConfig, dataset: DatasetConfig, seed: int) -> pd.DataFrame:
+    """Step 0: every prompt of a group x the group's random queries (PAIR_COLUMNS, loop 0);
+    groups sized by `dataset`, demonstrations by `task_cfg` (num_shots, num_demo_sets)."""
     if not prompts:
         raise ValueError("build_step0_pairs: the prompt collection is empty")
     if not splits.collection:
         raise ValueError("build_step0_pairs: the collection set is empty")
-    few_shot = _check_few_shot(task, splits, cfg.task.num_shots)
-    rng = random.Random(derive_seed("step0", cfg.seed))
+    few_shot = _check_few_shot(task, splits, task_cfg.num_shots)
+    rng = random.Random(derive_seed("step0", seed))
     order = list(prompts)
     rng.shuffle(order)
-    size = cfg.dataset.prompts_per_group or len(order)
-    n_queries = min(cfg.dataset.queries_per_group, len(splits.collection))
+    size = dataset.prompts_per_group or len(order)
+    n_queries = min(dataset.queries_per_group, len(splits.collection))
     rows = []
     for group, start in enumerate(range(0, len(order), size)):
         queries = rng.sample(splits.collection, n_queries)
         for query in queries:
-            seed = derive_seed("step0", cfg.seed, group, query.id)
-            demo_ids = (draw_demo_sets(splits.demo_pool, cfg.task.num_shots,
-                                       cfg.task.num_demo_sets, seed, exclude=query.id)
+            pair_seed = derive_seed("step0", seed, group, query.id)
+            demo_ids = (draw_demo_sets(splits.demo_pool, task_cfg.num_shots,
+                                       task_cfg.num_demo_sets, pair_seed, exclude=query.id)
                         if few_shot else [])
             for prompt in order[start:start + size]:
                 rows.append({
                     "pair_id": f"l0-{len(rows)}", "query_id": query.id, "query": query.text,
                     "prompt_id": prompt.id, "prompt": prompt.text, "source": prompt.source,
-                    "label": str(query.label), "group": group, "loop": 0, "seed": seed,
+                    "label": str(query.label), "group": group, "loop": 0, "seed": pair_seed,
                     "demo_ids": demo_ids,
                 })
     return _frame(rows)
 
 
-def wide_queries(splits: Splits, step0_pairs: pd.DataFrame, cfg: Config) -> list[Example]:
+def wide_queries(splits: Splits, step0_pairs: pd.DataFrame, wide: WideStep0Config,
+                 num_shots: int, seed: int) -> list[Example]:
     """Wide Step 0's queries: `dataset.wide.queries` collection queries that Step 0's
     shared pairs did not use (seeded), checked before anything is scored."""
-    wanted = cfg.dataset.wide.num_queries
+    wanted = wide.num_queries
     if wanted == 0:
         return []
-    if cfg.task.num_shots > 0:
+    if num_shots > 0:
         raise ConfigError("dataset.wide.prompts: wide Step 0 is zero-shot only "
                           "(task.num_shots must be 0)")
     used = set(step0_pairs["query_id"])
@@ -110,21 +113,21 @@ def wide_queries(splits: Splits, step0_pairs: pd.DataFrame, cfg: Config) -> list
         raise ConfigError(f"dataset.wide.queries: {wanted} asked, but the collection set "
                           f"has {len(free)} queries besides Step 0's shared ones (raise "
                           "task.collection_fraction or lower dataset.wide.queries)")
-    return random.Random(derive_seed("wide", cfg.seed)).sample(free, wanted)
+    return random.Random(derive_seed("wide", seed)).sample(free, wanted)
 
 
 def build_wide_pairs(queries: Sequence[Example], prompts: Sequence[PromptRecord],
-                     cfg: Config) -> pd.DataFrame:
+                     seed: int) -> pd.DataFrame:
     """Every one of `prompts` (the best on the shared queries) on every wide query: one
     more Step-0 group, numbered after the shared one (zero-shot: see wide_queries)."""
     rows = []
     for query in queries:
-        seed = derive_seed("wide", cfg.seed, query.id)
+        pair_seed = derive_seed("wide", seed, query.id)
         for prompt in prompts:
             rows.append({
                 "pair_id": f"l0w-{len(rows)}", "query_id": query.id, "query": query.text,
                 "prompt_id": prompt.id, "prompt": prompt.text, "source": prompt.source,
-                "label": str(query.label), "group": WIDE_GROUP, "loop": 0, "seed": seed,
+                "label": str(query.label), "group": WIDE_GROUP, "loop": 0, "seed": pair_seed,
                 "demo_ids": [],
             })
     return _frame(rows)

@@ -26,7 +26,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -34,7 +34,7 @@ import pandas as pd
 from qpo_ray.common import faults
 from qpo_ray.backends import create_backend, validate_backend_config
 from qpo_ray.backends.base import Usage
-from qpo_ray.config import Config
+from qpo_ray.config import Config, EvaluationConfig, TargetConfig
 from qpo_ray.data.schema import SCORE_COLUMNS
 from qpo_ray.common.local_ray import init_ray
 from qpo_ray.scoring.local import LocalScorer, PairScorer, score_batch
@@ -140,11 +140,10 @@ def batch_pairs(num_pairs: int, max_pairs: int, num_actors: int) -> int:
     return -(-num_pairs // batches)
 
 
-def default_num_actors(cfg: Config) -> int:
+def default_num_actors(ev: EvaluationConfig) -> int:
     """evaluation.num_actors, or as many as the cluster's GPUs hold (1 on CPU-only)."""
     import ray
 
-    ev = cfg.evaluation
     if ev.num_actors > 0:
         return ev.num_actors
     gpus = ray.cluster_resources().get("GPU", 0.0)
@@ -157,7 +156,7 @@ def default_num_actors(cfg: Config) -> int:
 _RUNTIME_BYTES = int(1.5 * 2**30)
 
 
-def actor_memory_bytes(cfg: Config, num_actors: int) -> int:
+def actor_memory_bytes(target: TargetConfig, ev: EvaluationConfig, num_actors: int) -> int:
     """The memory each scoring actor asks Ray for: `evaluation.memory_per_actor_gib`, or
     its engine's weights (the checkpoint's safetensors) + vLLM's CPU KV cache + the
     runtime; never more than the cluster's memory per actor (else no actor would ever
@@ -167,31 +166,35 @@ def actor_memory_bytes(cfg: Config, num_actors: int) -> int:
 
     from qpo_ray.common.models import resolve_model
 
-    if cfg.evaluation.memory_per_actor_gib > 0:
-        wanted = int(cfg.evaluation.memory_per_actor_gib * 2**30)
+    if ev.memory_per_actor_gib > 0:
+        wanted = int(ev.memory_per_actor_gib * 2**30)
     else:
         wanted = _RUNTIME_BYTES
-        path = Path(resolve_model(cfg.target.model)) if cfg.target.backend != "openai" else None
+        path = Path(resolve_model(target.model)) if target.backend != "openai" else None
         if path is not None and path.is_dir():
             wanted += sum(f.stat().st_size for f in path.glob("*.safetensors"))
-        if cfg.target.backend == "vllm" and cfg.evaluation.num_gpus_per_actor == 0:
-            wanted += cfg.target.cpu_kvcache_space_gib * 2**30
+        if target.backend == "vllm" and ev.num_gpus_per_actor == 0:
+            wanted += target.cpu_kvcache_space_gib * 2**30
     available = ray.cluster_resources().get("memory", 0.0)
     return int(min(wanted, available / max(1, num_actors))) if available else wanted
 
 
 class RayDataScorer(PairScorer):
-    def __init__(self, cfg: Config, task: Task, demo_pool: Sequence[Example],
-                 label: str = "scoring") -> None:
+    """Scores pairs on a pool of engine actors, each running the `target` backend with
+    the `evaluation` section's resources; joins Ray at `ray_address` (None: local)."""
+
+    def __init__(self, target: TargetConfig, evaluation: EvaluationConfig, task: Task,
+                 demo_pool: Sequence[Example], label: str = "scoring",
+                 ray_address: Optional[str] = None) -> None:
         import ray
 
         from qpo_ray.common.local_ray import connect_ray
 
-        validate_backend_config(cfg.target)
-        connect_ray(cfg.ray_address)
-        self.cfg = cfg
+        validate_backend_config(target)
+        connect_ray(ray_address)
+        self.target, self.evaluation = target, evaluation
         self.label = label
-        self.num_actors = default_num_actors(cfg)
+        self.num_actors = default_num_actors(evaluation)
         self.last_slowest_start_seconds = 0.0
         self._shared = {"task": ray.put(task), "demos": ray.put({d.id: d for d in demo_pool})}
         self.usage = Usage()
@@ -205,7 +208,7 @@ class RayDataScorer(PairScorer):
         if pairs_df["pair_id"].duplicated().any():
             dup = pairs_df.loc[pairs_df["pair_id"].duplicated(), "pair_id"].iloc[0]
             raise ValueError(f"pairs: pair_id {dup!r} occurs more than once")
-        ev = self.cfg.evaluation
+        ev = self.evaluation
         frame = pairs_df.reset_index(drop=True).assign(**{_ROW: range(len(pairs_df))})
         # Pairs of one prompt in the same batches: the engines compute the prompt (and
         # the chat template before it) once per batch, not once per pair.
@@ -272,17 +275,17 @@ class RayDataScorer(PairScorer):
 
         if len(self._engines) >= wanted:  # a later call of the stage: nothing to start
             return
-        ev = self.cfg.evaluation
+        ev = self.evaluation
         engine = ray.remote(_ScoringActor).options(
             num_cpus=engine_cpus(ev.num_cpus_per_actor, self.num_actors,
                                  ray.cluster_resources().get("CPU", 0.0)),
             num_gpus=ev.num_gpus_per_actor or None,
-            memory=actor_memory_bytes(self.cfg, self.num_actors),
+            memory=actor_memory_bytes(self.target, ev, self.num_actors),
             max_restarts=-1, max_task_retries=ev.max_task_retries)
         while len(self._engines) < wanted:
             self._engines.append(engine.remote(
-                target_config=self.cfg.target, shared=self._shared,
-                max_new_tokens=self.cfg.target.max_new_tokens,
+                target_config=self.target, shared=self._shared,
+                max_new_tokens=self.target.max_new_tokens,
                 crash_once=os.environ.get(FAULT_ENV), kill_driver=faults.armed_pid("score"),
                 cpu_threads=max(1, int(ev.num_cpus_per_actor))))
 
@@ -300,7 +303,7 @@ class RayDataScorer(PairScorer):
                               batch_size=batch_size, batch_format="pandas", num_cpus=0,
                               compute=ray.data.TaskPoolStrategy(
                                   size=min(n_batches, len(self._engines))),
-                              max_retries=self.cfg.evaluation.max_task_retries)
+                              max_retries=self.evaluation.max_task_retries)
 
     def close(self) -> None:
         """Stop the engines (the run loop does at the end of each stage)."""
@@ -317,7 +320,8 @@ def score_pairs(cfg: Config, task: Task, splits, pairs: pd.DataFrame,
     score once); returns (scored, usage). A run's stages share engines through their
     RunContext instead."""
     init_ray(cfg.ray_address)
-    scorer = make_scorer(cfg, task, splits.demo_pool, label=label)
+    scorer = make_scorer(cfg.target, cfg.evaluation, task, splits.demo_pool, label=label,
+                         ray_address=cfg.ray_address)
     try:
         scored = scorer.score(pairs)
         return scored, scorer.usage.as_dict()
@@ -325,12 +329,14 @@ def score_pairs(cfg: Config, task: Task, splits, pairs: pd.DataFrame,
         scorer.close()
 
 
-def make_scorer(cfg: Config, task: Task, demo_pool: Sequence[Example],
-                distributed: bool = True, label: str = "scoring") -> PairScorer:
+def make_scorer(target: TargetConfig, evaluation: EvaluationConfig, task: Task,
+                demo_pool: Sequence[Example], distributed: bool = True,
+                label: str = "scoring", ray_address: Optional[str] = None) -> PairScorer:
     """Ray Data over an actor pool (its progress line named `label`), or one engine in
     this process."""
     if distributed:
-        return RayDataScorer(cfg, task, demo_pool, label=label)
-    validate_backend_config(cfg.target)
-    return LocalScorer(task, create_backend(cfg.target), demo_pool,
-                       max_new_tokens=cfg.target.max_new_tokens)
+        return RayDataScorer(target, evaluation, task, demo_pool, label=label,
+                             ray_address=ray_address)
+    validate_backend_config(target)
+    return LocalScorer(task, create_backend(target), demo_pool,
+                       max_new_tokens=target.max_new_tokens)

@@ -14,7 +14,7 @@ class); a local copy with a single labelled file gets a seeded, logged train/tes
 
 from __future__ import annotations
 
-from qpo_ray.config import Config, ConfigError, TaskConfig
+from qpo_ray.config import ConfigError, TaskConfig
 from qpo_ray.tasks.base import Example, Splits, Task
 from qpo_ray.tasks.byo import ByoTask
 from qpo_ray.tasks.classification import AgNews, BoolQ, Imdb, RottenTomatoes, TweetEmotion
@@ -37,11 +37,11 @@ def get_task(cfg: TaskConfig) -> Task:
     return TASKS[cfg.name](cfg)  # type: ignore[call-arg]
 
 
-def task_and_splits(cfg: Config) -> tuple[Task, Splits]:
-    """The run's task and its seeded splits (the same ones in every stage and process)."""
-    task = get_task(cfg.task)
-    splits = task.splits(cfg.task.collection_fraction, cfg.seed, cfg.task.max_test_queries,
-                         cfg.task.dev_queries)
+def task_and_splits(cfg: TaskConfig, seed: int) -> tuple[Task, Splits]:
+    """The run's task and its splits seeded by the run's `seed` (the same ones in every
+    stage and process)."""
+    task = get_task(cfg)
+    splits = task.splits(cfg.collection_fraction, seed, cfg.max_test_queries, cfg.dev_queries)
     return task, splits
 
 

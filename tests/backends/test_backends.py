@@ -159,9 +159,25 @@ def test_bad_backend_settings_fail_naming_the_key(monkeypatch, overrides, key):
         validate_backend_config(cfg)
 
 
-def test_good_settings_pass_validation(tiny_model_dir):
-    validate_backend_config(TargetConfig(backend="vllm", model=str(tiny_model_dir)))
-    validate_backend_config(TargetConfig(backend="transformers"))
+def test_good_settings_pass_and_the_same_with_one_bad_key_fails(tiny_model_dir):
+    """The check accepts a working target and refuses it once one key is wrong."""
+    good = TargetConfig(backend="transformers", model=str(tiny_model_dir))
+    assert validate_backend_config(good) is None
+    assert validate_backend_config(TargetConfig(backend="vllm", model=str(tiny_model_dir))) is None
+    with pytest.raises(ConfigError, match=r"target\.model"):
+        validate_backend_config(TargetConfig(backend="transformers",
+                                             model=str(tiny_model_dir / "missing")))
+
+
+def test_config_names_exactly_the_registered_backends():
+    """config validates target.backend against BACKEND_NAMES without importing the
+    registry; both must list the same backends, each resolving to its adapter class."""
+    from qpo_ray.backends import BACKENDS, TargetBackend, backend_class
+    from qpo_ray.config.sections import BACKEND_NAMES
+
+    assert set(BACKEND_NAMES) == set(BACKENDS)
+    for name in ("transformers", "openai"):  # vllm's adapter imports vllm: not here
+        assert issubclass(backend_class(name), TargetBackend)
 
 
 

@@ -1,4 +1,5 @@
-"""Model provisioning (qpo_ray.common.models): the embedded GGUF as a loadable HF checkpoint, cached; paths and hub ids."""
+"""Model provisioning (qpo_ray.common.models): the embedded GGUF as a loadable HF
+checkpoint, cached; local paths and hub ids."""
 
 from __future__ import annotations
 import json

@@ -31,6 +31,11 @@ def emotion(shared_data):
     return task, splits, prompts
 
 
+def step0_args(cfg) -> tuple:
+    """What Step 0's pair builder takes of a config."""
+    return cfg.task, cfg.dataset, cfg.seed
+
+
 def config(**dataset):
     return load_config(None, {"dataset": {"prompts_per_group": 4, "queries_per_group": 6,
                                           **dataset}})
@@ -40,7 +45,7 @@ def test_step0_groups_share_their_own_random_queries(emotion):
     task, splits, prompts = emotion
     assert len(prompts) == 10
     cfg = config()
-    df = build_step0_pairs(task, splits, prompts, cfg)
+    df = build_step0_pairs(task, splits, prompts, *step0_args(cfg))
     assert list(df.columns) == list(PAIR_COLUMNS)
     assert len(df) == 10 * 6 and df["pair_id"].is_unique
     assert sorted(df["group"].unique()) == [0, 1, 2]  # groups of 4, 4 and 2 prompts
@@ -60,11 +65,11 @@ def test_step0_groups_share_their_own_random_queries(emotion):
 
 def test_step0_is_reproducible_per_seed(emotion):
     task, splits, prompts = emotion
-    first = build_step0_pairs(task, splits, prompts, config())
-    again = build_step0_pairs(task, splits, prompts, config())
+    first = build_step0_pairs(task, splits, prompts, *step0_args(config()))
+    again = build_step0_pairs(task, splits, prompts, *step0_args(config()))
     assert first.equals(again)
-    other = build_step0_pairs(task, splits, prompts, load_config(
-        None, {"seed": 1, "dataset": {"prompts_per_group": 4, "queries_per_group": 6}}))
+    other = build_step0_pairs(task, splits, prompts, *step0_args(load_config(
+        None, {"seed": 1, "dataset": {"prompts_per_group": 4, "queries_per_group": 6}})))
     assert set(other["query_id"]) != set(first["query_id"])
 
 
@@ -72,7 +77,7 @@ def test_few_shot_demos_come_only_from_the_demo_pool(emotion):
     task, splits, prompts = emotion
     cfg = load_config(None, {"task": {"num_shots": 3, "num_demo_sets": 2},
                              "dataset": {"prompts_per_group": 5, "queries_per_group": 20}})
-    df = build_step0_pairs(task, splits, prompts, cfg)
+    df = build_step0_pairs(task, splits, prompts, *step0_args(cfg))
     pool = {e.id for e in splits.demo_pool}
     collected = {e.id for e in splits.collection}
     demo_ids = {d for sets in df["demo_ids"] for one in sets for d in one}
@@ -116,20 +121,21 @@ def test_few_shot_is_refused_for_tasks_without_it(emotion, tmp_path):
                                       "num_shots": 1}})
     task = get_task(cfg.task)
     with pytest.raises(ValueError, match="task.num_shots: task t does not support few-shot"):
-        build_step0_pairs(task, task.splits(0.5, 0), prompts, cfg)
+        build_step0_pairs(task, task.splits(0.5, 0), prompts, *step0_args(cfg))
 
 
 def test_wide_step0_adds_other_collection_queries_for_the_given_prompts(emotion):
     task, splits, prompts = emotion
     cfg = config(prompts_per_group=0, queries_per_group=7,
                  wide={"enable": True, "prompts": 2, "queries": 9})
-    shared = build_step0_pairs(task, splits, prompts, cfg)
-    queries = wide_queries(splits, shared, cfg)
-    assert [q.id for q in queries] == [q.id for q in wide_queries(splits, shared, cfg)]
+    shared = build_step0_pairs(task, splits, prompts, *step0_args(cfg))
+    wide_args = (cfg.dataset.wide, cfg.task.num_shots, cfg.seed)
+    queries = wide_queries(splits, shared, *wide_args)
+    assert [q.id for q in queries] == [q.id for q in wide_queries(splits, shared, *wide_args)]
     collection = {q.id for q in splits.collection}
     ids = {q.id for q in queries}
     assert len(ids) == 9 and ids <= collection and not ids & set(shared["query_id"])
-    wide = build_wide_pairs(queries, prompts[:2], cfg)
+    wide = build_wide_pairs(queries, prompts[:2], cfg.seed)
     assert list(wide.columns) == list(PAIR_COLUMNS)
     assert len(wide) == 18 and (wide["group"] == WIDE_GROUP).all() and (wide["loop"] == 0).all()
     per_prompt = wide.groupby("prompt_id")["query_id"].apply(frozenset)
@@ -139,18 +145,18 @@ def test_wide_step0_adds_other_collection_queries_for_the_given_prompts(emotion)
     too_many = config(prompts_per_group=0, queries_per_group=7,
                       wide={"enable": True, "prompts": 2, "queries": len(collection)})
     with pytest.raises(ConfigError, match=f"dataset.wide.queries: {len(collection)} asked"):
-        wide_queries(splits, shared, too_many)
+        wide_queries(splits, shared, too_many.dataset.wide, too_many.task.num_shots, too_many.seed)
     few_shot = load_config(None, {"task": {"num_shots": 2}, "dataset": {
         "prompts_per_group": 0, "queries_per_group": 7,
         "wide": {"enable": True, "prompts": 2, "queries": 9}}})
     with pytest.raises(ConfigError, match="wide Step 0 is zero-shot only"):
-        wide_queries(splits, shared, few_shot)
+        wide_queries(splits, shared, few_shot.dataset.wide, few_shot.task.num_shots, few_shot.seed)
 
 
 def test_step0_with_one_group_gives_every_prompt_the_same_queries(emotion):
     task, splits, prompts = emotion
-    df = build_step0_pairs(task, splits, prompts, config(prompts_per_group=0,
-                                                        queries_per_group=7))
+    df = build_step0_pairs(task, splits, prompts,
+                           *step0_args(config(prompts_per_group=0, queries_per_group=7)))
     assert len(df) == len(prompts) * 7 and (df["group"] == 0).all()
     per_prompt = df.groupby("prompt_id")["query_id"].apply(frozenset)
     assert per_prompt.nunique() == 1 and len(per_prompt.iloc[0]) == 7

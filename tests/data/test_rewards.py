@@ -178,7 +178,7 @@ def test_gold_reward_on_real_pairs_ranks_how_likely_the_target_finds_the_gold_la
     task = get_task(cfg.task)
     splits = task.splits(0.05, seed=0)
     prompts = load_collection(cfg.prompts, task.name)[:3]
-    pairs = build_step0_pairs(task, splits, prompts, cfg)
+    pairs = build_step0_pairs(task, splits, prompts, cfg.task, cfg.dataset, cfg.seed)
     backend = create_backend(TargetConfig(backend="transformers", model=str(tiny_model_dir),
                                           dtype="float32", batch_size=16))
     scored = LocalScorer(task, backend, splits.demo_pool).score(pairs)

@@ -460,7 +460,7 @@ def test_split_dev_compares_the_methods_on_dev_and_leaves_the_test_report(finish
     pd.testing.assert_frame_equal(pd.read_parquet(workdir / "report" / "predictions.parquet"),
                                   before)
     dev = pd.read_parquet(workdir / "report-dev" / "predictions.parquet")
-    _, splits = task_and_splits(cfg)
+    _, splits = task_and_splits(cfg.task, cfg.seed)
     dev_ids, test_ids = {q.id for q in splits.dev}, {q.id for q in splits.test}
     assert set(dev["split"]) == {"dev"} and set(dev["query_id"]) == dev_ids
     assert not dev_ids & test_ids
@@ -529,7 +529,7 @@ def test_dev_choice_reads_mbr_at_the_belief_temperature_it_fits_on_dev(
     selection = json.loads((report_dir(cfg, run) / "selection.json").read_text())
     step0, _ = read_dataset(run.step0_path())
     table = utility_table(step0, "reward")
-    task, splits = task_and_splits(cfg)
+    task, splits = task_and_splits(cfg.task, cfg.seed)
     assert selection["mbr_calibration"]["pairs"] == len(table.prompts) * 4
     fitted = {int(k): t for k, t in selection["mbr_temperatures"].items()}
     assert set(fitted) == {1, 2} and all(np.isclose(TEMPERATURES, t).any()

@@ -29,6 +29,11 @@ def make_cfg(model_dir, backend: str = "transformers", **evaluation) -> Config:
     return cfg
 
 
+def sections(cfg: Config) -> tuple:
+    """What a scorer takes of a config: the target and evaluation sections."""
+    return cfg.target, cfg.evaluation
+
+
 @pytest.fixture(scope="module")
 def local_scores(tweet_emotion_task, tweet_pairs, tiny_model_dir):
     """The reference: the same pairs scored in this process."""
@@ -49,7 +54,7 @@ def assert_same_scores(got, want):
 
 def test_pipeline_with_transformers_actors_matches_local(
         ray_cluster, tweet_emotion_task, tweet_pairs, tiny_model_dir, local_scores, capsys):
-    scorer = make_scorer(make_cfg(tiny_model_dir), tweet_emotion_task, demo_pool=[])
+    scorer = make_scorer(*sections(make_cfg(tiny_model_dir)), tweet_emotion_task, demo_pool=[])
     assert isinstance(scorer, RayDataScorer) and scorer.num_actors == 2
     shuffled = tweet_pairs.sample(frac=1.0, random_state=0)
     out = scorer.score(shuffled)
@@ -74,7 +79,7 @@ def test_pipeline_with_transformers_actors_matches_local(
 def test_pipeline_with_vllm_cpu_actor_matches_transformers(
         ray_cluster, tweet_emotion_task, tweet_pairs, tiny_model_dir, local_scores):
     cfg = make_cfg(tiny_model_dir, backend="vllm", num_actors=1, batch_size_pairs=12)
-    scorer = RayDataScorer(cfg, tweet_emotion_task, demo_pool=[])
+    scorer = RayDataScorer(*sections(cfg), tweet_emotion_task, demo_pool=[])
     out = scorer.score(tweet_pairs)
     assert_same_scores(out, local_scores)
     assert scorer.usage.calls == len(tweet_pairs)
@@ -91,7 +96,7 @@ def test_engines_start_once_and_serve_every_call_until_closed(
 
     from qpo_ray.backends.base import Usage
 
-    scorer = RayDataScorer(make_cfg(tiny_model_dir), tweet_emotion_task, demo_pool=[])
+    scorer = RayDataScorer(*sections(make_cfg(tiny_model_dir)), tweet_emotion_task, demo_pool=[])
     first = scorer.score(tweet_pairs.iloc[:10])
     engines, after_first = list(scorer._engines), Usage().add(scorer.usage)
     assert len(engines) == 2 and after_first.engine_start_seconds > 0
@@ -115,7 +120,7 @@ def test_killed_actor_is_replaced_and_its_batch_retried(
     # pair 12 sits in the third batch of five: the actor dies after scoring others
     monkeypatch.setenv(FAULT_ENV, f"{flag}:{tweet_pairs['pair_id'][12]}")
     cfg = make_cfg(tiny_model_dir, num_actors=1)
-    out = make_scorer(cfg, tweet_emotion_task, demo_pool=[]).score(tweet_pairs)
+    out = make_scorer(*sections(cfg), tweet_emotion_task, demo_pool=[]).score(tweet_pairs)
     assert flag.exists(), "the fault hook never fired"
     assert out["pair_id"].is_unique and len(out) == len(tweet_pairs)
     assert_same_scores(out, local_scores)
@@ -126,15 +131,15 @@ def test_bad_backend_settings_fail_before_any_actor_starts(
     cfg = make_cfg(tiny_model_dir)
     cfg.target.model = "/nowhere/model"
     with pytest.raises(ConfigError, match=r"target\.model"):
-        make_scorer(cfg, tweet_emotion_task, demo_pool=[])
+        make_scorer(*sections(cfg), tweet_emotion_task, demo_pool=[])
     cfg = make_cfg(tiny_model_dir)
     cfg.target.backend, cfg.target.base_url = "openai", "http://127.0.0.1:9"
     with pytest.raises(ConfigError, match=r"target\.base_url"):
-        make_scorer(cfg, tweet_emotion_task, demo_pool=[])
+        make_scorer(*sections(cfg), tweet_emotion_task, demo_pool=[])
 
 
 def test_in_process_scorer_is_local(tweet_emotion_task, tiny_model_dir):
-    scorer = make_scorer(make_cfg(tiny_model_dir), tweet_emotion_task, demo_pool=[],
+    scorer = make_scorer(*sections(make_cfg(tiny_model_dir)), tweet_emotion_task, demo_pool=[],
                          distributed=False)
     assert isinstance(scorer, LocalScorer)
     scorer.close()

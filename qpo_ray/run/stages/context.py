@@ -34,7 +34,7 @@ class RunContext:
     # MLflow tracking of the run; None outside `qpo run`.
     tracker: Optional["Tracker"] = None
     # Builds the scorer of each scoring pass; None = Ray Data over an actor pool
-    # (evaluation.make_scorer, with a progress line).
+    # (qpo_ray.scoring.ray_data.make_scorer, with a progress line).
     scorer_factory: Optional[ScorerFactory] = None
     # The stage's scorer: its engines start on the first call and serve every later one
     # until `release_engines` (the loop calls it when a stage ends).
@@ -44,7 +44,7 @@ class RunContext:
     @cached_property
     def _task_and_splits(self) -> tuple[Task, Splits]:
         # Loaded on first use: a stage that imports its data never reads the task.
-        return task_and_splits(self.cfg)
+        return task_and_splits(self.cfg.task, self.cfg.seed)
 
     @property
     def task(self) -> Task:
@@ -60,7 +60,8 @@ class RunContext:
         usage). `label` names the pass on the console's progress line."""
         if self._scorer is None:
             init_ray(self.cfg.ray_address)
-            self._scorer = (make_scorer(self.cfg, self.task, self.splits.demo_pool)
+            self._scorer = (make_scorer(self.cfg.target, self.cfg.evaluation, self.task,
+                                        self.splits.demo_pool, ray_address=self.cfg.ray_address)
                             if self.scorer_factory is None else
                             self.scorer_factory(self.cfg, self.task, self.splits.demo_pool))
         self._scorer.label = label

@@ -51,8 +51,10 @@ def build_initial_dataset(ctx: RunContext, out_path: Optional[str | Path] = None
                                   "Parquet metadata (write it with qpo_ray.data.io.write_dataset)")
     else:
         prompts = load_collection(cfg.prompts, ctx.task.name)
-        pairs = build_step0_pairs(ctx.task, ctx.splits, prompts, cfg)
-        wide = wide_queries(ctx.splits, pairs, cfg)  # checked before anything is scored
+        pairs = build_step0_pairs(ctx.task, ctx.splits, prompts, cfg.task, cfg.dataset,
+                                  cfg.seed)
+        # checked before anything is scored
+        wide = wide_queries(ctx.splits, pairs, cfg.dataset.wide, cfg.task.num_shots, cfg.seed)
         scored, usage = ctx.score(pairs, label="step0: scoring")
         frame, scale = compute_rewards(scored, cfg.dataset.zero_shot_penalty,
                                        few_shot=cfg.task.num_shots > 0,
@@ -76,7 +78,7 @@ def _widen(ctx: RunContext, prompts: list[PromptRecord], shared: pd.DataFrame,
     chosen = choose_wide_prompts(shared, [p.id for p in prompts], cfg.dataset.wide.num_prompts,
                                  cfg.dataset.wide.selection)
     by_id = {p.id: p for p in prompts}
-    pairs = build_wide_pairs(queries, [by_id[i] for i in chosen], cfg)
+    pairs = build_wide_pairs(queries, [by_id[i] for i in chosen], cfg.seed)
     scored, wide_usage = ctx.score(pairs, label=f"step0: {len(chosen)} prompts "
                                                 f"({cfg.dataset.wide.selection}), "
                                                 f"{len(queries)} more queries")
