@@ -7,9 +7,13 @@ whole test session builds each of them once.
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
+
+from tests.tiny_run import REPO, TINY, qpo_cli, qpo_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # CI and every checkout have shared/ beside the project root.
@@ -147,3 +151,22 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# The tiny QPO run (tests/tiny_run.py), once per session: the run's own tests and the
+# test phase's read it.
+@pytest.fixture(scope="session")
+def profile(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("profile") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+@pytest.fixture(scope="session")
+def finished_run(profile, tmp_path_factory) -> tuple[Path, str, str]:
+    """One uninterrupted `qpo run` (the README's main command) on the tiny profile."""
+    workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    proc = subprocess.run(qpo_cli("run", "--profile", str(profile), "--workdir", str(workdir)),
+                          env=qpo_env(), cwd=REPO, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return workdir, proc.stdout, proc.stderr

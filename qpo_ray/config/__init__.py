@@ -1,5 +1,6 @@
-"""Typed configuration: one dataclass per section (`sections`, `serve`), assembled and read
-from YAML profiles (`loader`, profiles in `profiles/`). Validated once at load."""
+"""Typed configuration: one dataclass per section (`sections`, `features`, `serve`),
+assembled and read from YAML profiles (`loader`, profiles in `profiles/`); validated once
+at load, then frozen (`base`)."""
 
 from qpo_ray.common.errors import ConfigError
 from qpo_ray.config.loader import (Config, config_from_dict, load_config, merge_overrides,
@@ -11,6 +12,5 @@ from qpo_ray.config.serve import ServeConfig
 
 __all__ = ["Config", "ConfigError", "config_from_dict", "load_config", "merge_overrides",
            "parse_override", "profile_path", "section_from_dict", "DatasetConfig",
-           "EvaluationConfig",
-           "LoopConfig", "PolicyConfig", "PromptsConfig", "TargetConfig", "TaskConfig",
-           "TestConfig", "TrackingConfig", "TrainingConfig", "ServeConfig"]
+           "EvaluationConfig", "LoopConfig", "PolicyConfig", "PromptsConfig", "TargetConfig",
+           "TaskConfig", "TestConfig", "TrackingConfig", "TrainingConfig", "ServeConfig"]

@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 from qpo_ray.config import load_config
 from qpo_ray.data.io import read_dataset
@@ -33,62 +31,7 @@ from qpo_ray.run.stages.test import report_dir
 from qpo_ray.run.rundir import RunDir, stage_names
 from qpo_ray.run.tracking import TRACKING_FILE
 
-REPO = Path(__file__).resolve().parents[2]
-
-TINY = {
-    "seed": 3,
-    "task": {"name": "rotten_tomatoes", "collection_fraction": 0.01, "max_test_queries": 6,
-             "dev_queries": 4},
-    "prompts": {"methods": ["manual", "generic"]},
-    # float32 on every CI machine: `auto` would take bf16 where the CPU has it, and the
-    # transformers backend's bf16 rounds near ties differently in other batches, so the
-    # rows `qpo evaluate --add` redoes would not repeat the run's (tests/test_device.py
-    # covers `auto`).
-    "target": {"backend": "transformers", "model": "smollm2-135m-instruct", "batch_size": 16,
-               "dtype": "float32"},
-    "evaluation": {"num_actors": 1, "batch_size_pairs": 32},
-    "dataset": {"prompts_per_group": 7, "queries_per_group": 3, "zero_shot_penalty": "nll",
-                "query_reward": "gold"},
-    "policy": {"backbone": "smollm2-135m-instruct", "backbone_num_layers": 1,
-               "max_query_tokens": 24, "max_prompt_tokens": 10},
-    "training": {"num_workers": 1, "batch_size_global": 4, "lr_first_loop": 1.0e-3,
-                 "epochs_first_loop": 1, "epochs_later_loops": 1, "max_steps_per_loop": 3},
-    "loop": {"num_loops": 2, "augment_queries_per_round": 5},
-    "test": {"methods": ["qpo", "qpo_greedy", "manual", "best_single", "router",
-                         "nearest_neighbour", "best_single_oracle"],
-             "decoding": "dev", "rank": {"collection_prompts": 3, "samples": 1},
-             "num_example_prompts": 2},
-}
-
-
-def _env() -> dict[str, str]:
-    # QPO_PROGRESS_EVERY_S=0: a progress line per update (the test reads them back).
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", RAY_DEDUP_LOGS="0",
-               TOKENIZERS_PARALLELISM="false", QPO_PROGRESS_EVERY_S="0")
-    env.pop("RAY_ADDRESS", None)  # a private local cluster per run
-    return env
-
-
-def _qpo(*args: str) -> list[str]:
-    return [sys.executable, "-m", "qpo_ray.cli", *args]
-
-
-@pytest.fixture(scope="module")
-def profile(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("profile") / "tiny.yaml"
-    path.write_text(yaml.safe_dump(TINY))
-    return path
-
-
-@pytest.fixture(scope="module")
-def finished_run(profile, tmp_path_factory) -> tuple[Path, str, str]:
-    """One uninterrupted `qpo run` (the README's main command) on the tiny profile."""
-    workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    proc = subprocess.run(_qpo("run", "--profile", str(profile), "--workdir", str(workdir)),
-                          env=_env(), cwd=REPO, capture_output=True, text=True, timeout=1500)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return workdir, proc.stdout, proc.stderr
-
+from tests.tiny_run import REPO, qpo_cli, qpo_env
 
 def console_lines_per_stage(stdout: str) -> dict[str, int]:
     """Lines printed from a stage's start line to its done line."""
@@ -259,7 +202,7 @@ def _run_until_killed(args: list[str], point: str, workdir: Path) -> None:
     # pipe open.
     log = workdir.with_name(f"killed-at-{point.replace(':', '-')}.log")
     with open(log, "w") as out:
-        proc = subprocess.Popen(_qpo(*args), env={**_env(), FAULT_ENV: point}, cwd=REPO,
+        proc = subprocess.Popen(qpo_cli(*args), env={**qpo_env(), FAULT_ENV: point}, cwd=REPO,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         proc.wait(timeout=900)
@@ -280,8 +223,8 @@ def _run_until_killed(args: list[str], point: str, workdir: Path) -> None:
 def _check_resume_set_is_refused(workdir: Path) -> None:
     """--set on resume: a change contradicting finished stages is refused, naming them."""
     start = time.perf_counter()
-    refused = subprocess.run(_qpo("run", "--resume", str(workdir), "--set",
-                                  "dataset.expert_fraction=0.5"), env=_env(), cwd=REPO,
+    refused = subprocess.run(qpo_cli("run", "--resume", str(workdir), "--set",
+                                  "dataset.expert_fraction=0.5"), env=qpo_env(), cwd=REPO,
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and time.perf_counter() - start < 30
     assert "dataset.expert_fraction" in refused.stderr
@@ -308,7 +251,7 @@ def test_killed_run_resumes_to_the_same_dataset_and_mlflow(finished_run, profile
             _check_resume_set_is_refused(workdir)
             # ... one for a stage still to run (the test's manual prompt, by index) is applied.
             args += ["--set", "prompts.manual_prompt_id=1"]
-    resumed = subprocess.run(_qpo(*args), env=_env(), cwd=REPO, capture_output=True,
+    resumed = subprocess.run(qpo_cli(*args), env=qpo_env(), cwd=REPO, capture_output=True,
                              text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
     assert "resuming" in resumed.stdout
@@ -347,250 +290,8 @@ def test_killed_run_resumes_to_the_same_dataset_and_mlflow(finished_run, profile
 
 def test_run_refuses_a_workdir_holding_another_config(finished_run, profile):
     workdir = finished_run[0]
-    proc = subprocess.run(_qpo("run", "--profile", str(profile), "--workdir", str(workdir),
+    proc = subprocess.run(qpo_cli("run", "--profile", str(profile), "--workdir", str(workdir),
                                "--set", "seed=99"),
-                          env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+                          env=qpo_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "different config" in proc.stderr and "--resume" in proc.stderr
-
-
-def test_evaluate_trains_the_ablations_and_labels_another_target(finished_run, profile,
-                                                                ray_cluster, tiny_model_dir):
-    """`qpo evaluate --target ...` with the SFT and no-MLA ablations (trained on D_0),
-    logged to MLflow as a run nested under the evaluated run."""
-    from mlflow import MlflowClient
-
-    from qpo_ray.run.loop import evaluate_tracked
-    from qpo_ray.policy import QPOPolicy
-
-    workdir = finished_run[0]
-    other_target = str(tiny_model_dir)  # same weights, another name: a different target
-    cfg = load_config(str(profile), [f"workdir={workdir}", "test.methods=[sft, qpo_no_mla]",
-                                     f"target.model={other_target}"])
-    report, logged = evaluate_tracked(cfg, run_dir=str(workdir))
-    assert f"target: {other_target}" in report
-    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
-    parent = json.loads((workdir / "tracking.json").read_text())["parent_run_id"]
-    nested = [r for r in client.search_runs([client.get_experiment_by_name("qpo").experiment_id])
-              if r.data.tags.get("qpo.evaluation")]
-    assert len(nested) == 1 and nested[0].data.tags["mlflow.parentRunId"] == parent
-    assert f"nested run {nested[0].info.run_id}" in logged
-    assert {"test/0shot/sft/accuracy", "test/0shot/qpo_no_mla/accuracy"} <= set(
-        nested[0].data.metrics)
-    out_dirs = [p for p in workdir.glob("report-*") if (p / "results.csv").exists()]
-    assert len(out_dirs) == 1
-    results = pd.read_csv(out_dirs[0] / "results.csv")
-    assert set(results["method"]) == {"sft", "qpo_no_mla"} and (results["n"] == 6).all()
-
-    marker = workdir / "baselines" / "sft" / "done.json"
-    sft_dir = json.loads(marker.read_text())
-    assert QPOPolicy.load(sft_dir["checkpoint_dir"]).config.mode == "sft"
-    # Cached by the settings it was trained with: the same ones reuse it, untouched...
-    from qpo_ray.testphase.methods import ablation_key, ablation_policy
-
-    written = marker.stat().st_mtime_ns
-    assert ablation_policy(cfg, RunDir(workdir).files(), "sft") == sft_dir["checkpoint_dir"]
-    assert marker.stat().st_mtime_ns == written
-    # ...other training settings do not.
-    other = load_config(str(profile), [f"workdir={workdir}", "training.lr_first_loop=0.5",
-                                       "policy.mode=sft"])
-    assert sft_dir["config_key"] != ablation_key(other, 1)
-    # No multi-loop augmentation: the same number of training stages, all on D_0.
-    no_mla = workdir / "baselines" / "qpo_no_mla"
-    assert (no_mla / "loop1").is_dir() and (no_mla / "loop2").is_dir()
-    # The loop's own report is untouched.
-    assert set(pd.read_csv(workdir / "report" / "results.csv")["method"]) >= {"qpo", "manual"}
-
-
-def test_evaluate_adds_methods_to_the_finished_report(finished_run, profile):
-    """`qpo evaluate --add`: only the named methods are scored; their rows join the
-    run's report (a redone method's rows are replaced, not doubled), every other row is
-    kept as it was, and a config whose test split is not the report's is refused before
-    anything is scored."""
-    workdir = finished_run[0]
-    report = workdir / "report"
-    before = pd.read_parquet(report / "predictions.parquet")
-    proc = subprocess.run(_qpo("evaluate", "--profile", str(profile), "--run-dir", str(workdir),
-                               "--add", "sft", "manual"),
-                          env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "target cost of the methods added last (sft, manual)" in proc.stdout
-    after = pd.read_parquet(report / "predictions.parquet")
-
-    untouched = before[before["method"] != "manual"].reset_index(drop=True)
-    pd.testing.assert_frame_equal(
-        after[after["method"].isin(set(untouched["method"]))].reset_index(drop=True), untouched)
-    test_ids = set(before.loc[before["split"] == "test", "query_id"])
-    old_manual = before[before["method"] == "manual"].set_index("query_id")
-    new_manual = after[after["method"] == "manual"].set_index("query_id")
-    assert len(new_manual) == len(old_manual) == len(test_ids)
-    assert (new_manual.loc[old_manual.index, "prediction"] == old_manual["prediction"]).all()
-    added = after[after["method"] == "sft"]
-    assert set(added["query_id"]) == test_ids and len(added) == len(test_ids)
-    assert added["prompt"].str.strip().str.len().gt(0).all()
-    results = pd.read_csv(report / "results.csv")
-    assert {"sft", "manual", "qpo", "best_single"} <= set(results["method"])
-    assert (results.loc[results["method"] == "sft", "n"] == len(test_ids)).all()
-
-    proc = subprocess.run(_qpo("evaluate", "--profile", str(profile), "--run-dir", str(workdir),
-                               "--set", "seed=99", "--add", "manual"),
-                          env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2
-    assert "test queries are not this config's test split" in proc.stderr
-    assert "scoring" not in proc.stdout
-    pd.testing.assert_frame_equal(pd.read_parquet(report / "predictions.parquet"), after)
-
-
-def test_split_dev_compares_the_methods_on_dev_and_leaves_the_test_report(finished_run, profile,
-                                                                          ray_cluster):
-    """`test.split: dev`: the methods are compared on the run's dev queries (none of them a
-    test query) into report-dev/, logged under dev/ in MLflow; each loop's greedy prompts
-    answer there exactly as in the run's own dev choice; the test report is untouched."""
-    from mlflow.tracking import MlflowClient
-
-    from qpo_ray.run.loop import evaluate_tracked
-    from qpo_ray.tasks import task_and_splits
-
-    workdir = finished_run[0]
-    before = pd.read_parquet(workdir / "report" / "predictions.parquet")
-    cfg = load_config(str(profile), [f"workdir={workdir}", "test.split=dev",
-                                     "test.decoding=greedy", "test.methods=[qpo, manual, router]"])
-    report, logged = evaluate_tracked(cfg, run_dir=str(workdir))
-
-    pd.testing.assert_frame_equal(pd.read_parquet(workdir / "report" / "predictions.parquet"),
-                                  before)
-    dev = pd.read_parquet(workdir / "report-dev" / "predictions.parquet")
-    _, splits = task_and_splits(cfg.task, cfg.seed)
-    dev_ids, test_ids = {q.id for q in splits.dev}, {q.id for q in splits.test}
-    assert set(dev["split"]) == {"dev"} and set(dev["query_id"]) == dev_ids
-    assert not dev_ids & test_ids
-    assert set(dev["method"]) == {"qpo", "qpo_loop1", "qpo_loop2", "manual", "router"}
-    assert "dev queries: 4;" in report and "0-shot dev accuracy" in report
-    for loop in (1, 2):
-        ours = dev[dev["method"] == f"qpo_loop{loop}"].set_index("query_id").sort_index()
-        chosen = before[before["method"] == f"qpo_loop{loop}/greedy"].set_index("query_id")
-        chosen = chosen.sort_index()
-        assert (ours["prompt"] == chosen["prompt"]).all()
-        assert (ours["prediction"] == chosen["prediction"]).all()
-
-    run_id = re.search(r"nested run (\w+) \(evaluate-report-dev\)", logged).group(1)
-    metrics = set(MlflowClient(cfg.tracking_uri()).get_run(run_id).data.metrics)
-    assert "dev/0shot/qpo/accuracy" in metrics
-    assert not any(key.startswith("test/") for key in metrics)
-
-
-def test_dev_choice_tries_only_the_listed_decodings(finished_run, profile, ray_cluster,
-                                                    tmp_path):
-    """`test.dev_decodings: [greedy]`: the dev split picks among the loops' greedy prompts
-    only (a small run skips ranking's cost), and `qpo` is the chosen one."""
-    from qpo_ray.run.loop import evaluate_tracked
-
-    workdir = finished_run[0]
-    cfg = load_config(str(profile), [f"workdir={tmp_path}", "test.methods=[qpo]",
-                                     "test.dev_decodings=[greedy]"])
-    evaluate_tracked(cfg, policy_dir=str(RunDir(workdir).policy_dir(2)))
-    selection = json.loads((tmp_path / "report" / "selection.json").read_text())
-    assert set(selection["dev_accuracy"]) == {"qpo_loop1/greedy"}
-    assert selection["chosen_decoding"] == "greedy" and selection["dev_queries"] == 4
-
-
-def _evaluate_a_copy(run_dir: Path, profile: Path, tmp_path: Path,
-                     overrides: list[str]) -> tuple:
-    """The test phase again, with `overrides`, on a copy of a finished run (the run's own
-    report stays as the other tests read it)."""
-    import shutil
-
-    from qpo_ray.run.loop import evaluate_tracked
-
-    workdir = tmp_path / "run"
-    shutil.copytree(run_dir, workdir, ignore=shutil.ignore_patterns("mlartifacts"))
-    cfg = load_config(str(profile), [f"workdir={workdir}", *overrides])
-    evaluate_tracked(cfg, run_dir=str(workdir))
-    return cfg, RunDir(workdir)
-
-
-def test_dev_choice_reads_mbr_at_the_belief_temperature_it_fits_on_dev(
-        finished_run, profile, ray_cluster, tmp_path):
-    """`test.dev_decodings: [greedy, mbr]` on a copy of the finished run: every mbr
-    candidate is scored on the 4 dev queries; each loop's temperature is the one under
-    which its policy best predicts each dev query's best candidate (scored here again,
-    ranked by the reward as the utilities are); the dev rows of mbr are the choices at
-    that temperature; selection.json records it for Serve."""
-    from qpo_ray.data.pairs import make_pairs
-    from qpo_ray.data.rewards import compute_rewards
-    from qpo_ray.scoring.ray_data import score_pairs
-    from qpo_ray.policy import QPOPolicy
-    from qpo_ray.policy.mbr import TEMPERATURES, belief, mbr_choice, utility_table
-    from qpo_ray.policy.ranking import candidate_logprobs
-    from qpo_ray.tasks import task_and_splits
-
-    cfg, run = _evaluate_a_copy(finished_run[0], profile, tmp_path,
-                                ["test.methods=[qpo]", "test.dev_decodings=[greedy, mbr]"])
-    selection = json.loads((report_dir(cfg, run) / "selection.json").read_text())
-    step0, _ = read_dataset(run.step0_path())
-    table = utility_table(step0, "reward")
-    task, splits = task_and_splits(cfg.task, cfg.seed)
-    assert selection["mbr_calibration"]["pairs"] == len(table.prompts) * 4
-    fitted = {int(k): t for k, t in selection["mbr_temperatures"].items()}
-    assert set(fitted) == {1, 2} and all(np.isclose(TEMPERATURES, t).any()
-                                         for t in fitted.values())
-
-    ids = step0.drop_duplicates("prompt").set_index("prompt")["prompt_id"]
-    pairs = make_pairs([q for _ in table.prompts for q in splits.dev],
-                       [(ids[p], p, "collection") for p in table.prompts for _ in splits.dev],
-                       task, splits, num_shots=cfg.task.num_shots,
-                       num_demo_sets=cfg.task.num_demo_sets, loop=1, seed=cfg.seed)
-    scored, _ = score_pairs(cfg, task, splits, pairs)
-    r_task = step0.groupby("prompt_id")["r_task"].first().to_dict()
-    rewards, _ = compute_rewards(scored, "nll", r_task=r_task, answer="gold")
-    by_query = rewards.pivot_table(index="query_id", columns="prompt", values="reward")
-    best = by_query.loc[[q.id for q in splits.dev], table.prompts].to_numpy().argmax(axis=1)
-    dev = pd.read_parquet(report_dir(cfg, run) / "predictions.parquet").query("split == 'dev'")
-    for loop, temperature in fitted.items():
-        policy = QPOPolicy.load(str(run.policy_dir(loop)))
-        logprobs = candidate_logprobs(policy, [q.text for q in splits.dev],
-                                      [table.prompts] * 4, cfg.loop.target_reward)
-        nll = [-np.log(belief(logprobs, t)[np.arange(4), best] + 1e-12).sum()
-               for t in TEMPERATURES]
-        assert np.isclose(temperature, TEMPERATURES[int(np.argmin(nll))])
-        rows = dev[dev["method"] == f"qpo_loop{loop}/mbr"].set_index("query_id")
-        expected = [table.prompts[i] for i in mbr_choice(logprobs, table.utility, temperature)]
-        assert rows.loc[[q.id for q in splits.dev], "prompt"].tolist() == expected
-    if selection["chosen_decoding"] == "mbr":
-        assert selection["mbr_temperature"] == fitted[selection["loop"]]
-    else:
-        assert "mbr_temperature" not in selection
-
-
-def test_mbr_decoding_picks_the_step0_prompt_the_policy_expects_to_be_right(
-        finished_run, profile, ray_cluster, tmp_path):
-    """`test.decoding: mbr` on a copy of the finished run: every qpo prompt is one of Step
-    0's candidates, and each is the expected-correctness choice recomputed here from the
-    loop's policy and the run's Step-0 table, query by query; the run saved that table
-    beside each loop's policy."""
-    from qpo_ray.policy import QPOPolicy
-    from qpo_ray.policy.mbr import load_table, mbr_choice, utility_table
-    from qpo_ray.policy.ranking import candidate_logprobs
-
-    cfg, run = _evaluate_a_copy(finished_run[0], profile, tmp_path,
-                                ["test.decoding=mbr", "test.methods=[qpo]"])
-    # A fixed mbr decoding reads the belief at test.mbr.temperature (1: as it is).
-    assert json.loads((report_dir(cfg, run) / "selection.json").read_text()) == {
-        "decoding": "mbr", "mbr_temperature": 1.0}
-    pred = pd.read_parquet(report_dir(cfg, run) / "predictions.parquet")
-    qpo = pred[pred["method"] == "qpo_loop2"].sort_values("query_id")
-    step0, _ = read_dataset(run.step0_path())
-    table = utility_table(step0, "reward")  # the tiny profile trains no summary part
-    assert len(table.prompts) == 7 and set(qpo["prompt"]) <= set(table.prompts)
-    # The train stage saved the same table beside each loop's policy (Serve reads it).
-    for loop in (1, 2):
-        saved = load_table(run.policy_dir(loop))
-        assert saved.prompts == table.prompts and saved.num_queries == table.num_queries
-        np.testing.assert_allclose(saved.utility, table.utility)
-    policy = QPOPolicy.load(str(run.policy_dir(2)))
-    logprobs = candidate_logprobs(policy, qpo["query"].tolist(),
-                                  [table.prompts] * len(qpo), cfg.loop.target_reward)
-    expected = [table.prompts[i] for i in mbr_choice(logprobs, table.utility)]
-    assert qpo["prompt"].tolist() == expected
-    assert (pred.loc[pred["method"] == "qpo", "prompt"].sort_values().tolist()
-            == sorted(expected))

@@ -12,7 +12,7 @@ import pytest
 from qpo_ray.config import ConfigError, load_config
 from qpo_ray.policy.mbr import UtilityTable
 from qpo_ray.policy.ranking import mbr_prompts
-from test_serve import PROMPT_HIGH, PROMPT_LOW, PROMPT_V2, QUERIES, fit_policy
+from tests.serving.test_serve import PROMPT_HIGH, PROMPT_LOW, PROMPT_V2, QUERIES, fit_policy
 
 # Columns: the prompt the policy believes best; rows: how often each prompt is right
 # then. Where PROMPT_HIGH is believed best, PROMPT_V2 pays; where PROMPT_LOW is, itself.
