@@ -228,6 +228,7 @@ def evaluate_tracked(cfg: Config, run_dir: Optional[str] = None,
     base = Path(run_dir) if run_dir else Path(cfg.workdir)
     send_library_logs_to(base)
     run = RunDir(run_dir) if run_dir else None
+    out_dir = test.report_dir(cfg, run)
     with _one_stage(cfg, run) as ctx:
-        report = test.evaluate(ctx, policy_dir=policy_dir, add=add)
-    return report, test.log_evaluation(Tracker(cfg, base), test.report_dir(cfg, run))
+        report = test.evaluate(ctx, policy_dir=policy_dir, add=add, out_dir=out_dir)
+    return report, test.log_evaluation(Tracker(cfg, base), out_dir)

@@ -59,12 +59,13 @@ def report_dir(cfg: Config, run: Optional[RunDir]) -> Path:
     return base / ("report" + suffix)
 
 
-def evaluate(ctx: RunContext, policy_dir: Optional[str] = None, add: bool = False) -> str:
+def evaluate(ctx: RunContext, policy_dir: Optional[str] = None, add: bool = False,
+             out_dir: Optional[Path] = None) -> str:
     """The test phase of `ctx.run` (or of the policy in `policy_dir`; with `add`, only
     `test.methods`, added to the earlier report); returns the markdown report."""
     # No report to add to, or other test queries: refused before Ray starts.
     split = ctx.cfg.test.split
-    out_dir = report_dir(ctx.cfg, ctx.run)
+    out_dir = out_dir or report_dir(ctx.cfg, ctx.run)
     earlier = (earlier_report(out_dir,
                               compared_queries(ctx.cfg, ctx.splits), split) if add else None)
     init_ray(ctx.cfg.ray_address)  # the ablations train on Ray before anything is scored
@@ -75,8 +76,9 @@ def evaluate(ctx: RunContext, policy_dir: Optional[str] = None, add: bool = Fals
 
 
 def run(ctx: RunContext, stage: Stage) -> ReportOutputs:
-    evaluate(ctx)
-    return ReportOutputs(report=str(report_dir(ctx.cfg, ctx.run) / "report.md"))
+    out_dir = report_dir(ctx.cfg, ctx.run)
+    evaluate(ctx, out_dir=out_dir)
+    return ReportOutputs(report=str(out_dir / "report.md"))
 
 
 def log(ctx: RunContext, stage: Stage, outputs: dict[str, Any]) -> None:
