@@ -425,6 +425,6 @@ def test_query_summary_adds_nothing_until_fitted_and_survives_a_reload(policy_cf
     assert back.config.query_summary.num_layers == 2 and bool(back.query_summary.fitted)
     np.testing.assert_allclose(candidate_logprobs(back, queries, cands, 100.0), steered,
                                atol=1e-5)
-    with pytest.raises(ValueError, match="more than policy.query_summary_dims=3"):
+    with pytest.raises(ValueError, match=r"more than policy\.query_summary\.dims=3"):
         QPOPolicy.from_backbone(cfg).query_summary.fit(ids[:3], mask[:3])
 
