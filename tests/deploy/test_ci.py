@@ -16,5 +16,5 @@ def test_ci_runs_the_readme_test_command_verbatim():
 
     main_job, tests = _readme_commands()[:2]
     assert "qpo run --profile cpu-demo" in main_job and "pytest" in tests
-    ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
+    ci = (Path(__file__).resolve().parents[2] / ".ci" / "run").read_text()
     assert tests in ci.splitlines()
