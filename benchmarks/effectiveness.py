@@ -228,7 +228,7 @@ def main() -> int:
     if any(o.replace(" ", "").startswith("test.split=") for o in args.overrides):
         p.error("--set test.split: this benchmark measures on the test split; compare on the "
                 "dev split with `qpo evaluate --run-dir <seed dir> --set test.split=dev "
-                "--set test.decoding=greedy` (README: the router on the dev split)")
+                "--set test.decoding=greedy` (docs/experiments.md: "The router on the dev split")")
     if not args.report_only:
         for seed in args.seeds:
             run_seed(seed, args.workdir, args.profile, args.overrides)

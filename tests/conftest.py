@@ -53,7 +53,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.exists():
-        pytest.fail(f"shared data not found at {SHARED_DATA} (set QPO_SHARED_DATA)")
+        pytest.fail(f"shared data not found at {SHARED_DATA} (set QPO_SHARED_DATA, or fetch "
+                    "it: python scripts/fetch_test_data.py)")
     return SHARED_DATA
 
 

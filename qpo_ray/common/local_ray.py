@@ -9,8 +9,8 @@ RAY_ADDRESS, no `ray start` cluster on this machine), Ray is started with 127.0.
 as its node address, which makes every one of its servers bind loopback only. Ray
 decides this from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (what it does on macOS and
 Windows by default), read by this process and inherited by the processes Ray starts.
-A cluster (`ray start` on several nodes) is joined as before; docs/README's security
-section says what it exposes.
+A cluster (`ray start` on several nodes) is joined as before; cluster/README.md's
+"Security" section says what it exposes.
 """
 
 from __future__ import annotations

@@ -112,7 +112,8 @@ def fit_temperature(logprobs: np.ndarray, best: np.ndarray) -> float:
     `TEMPERATURES` under which the (N, C) log-likelihoods give each held-out query's
     best candidate (index in `best`) the highest likelihood. Why: trained on its
     queries' best prompts, the policy is surer on new queries than it is right, and an
-    over-sure belief turns MBR back into a bet (README: "mbr decoding")."""
+    over-sure belief turns MBR back into a bet (docs/experiments.md:
+    "mbr decoding")."""
     best = np.asarray(best, dtype=int)
     if logprobs.ndim != 2 or len(best) != len(logprobs) or not len(best):
         raise ValueError(f"fit_temperature: {len(best)} best candidates for log-likelihoods "

@@ -1,7 +1,7 @@
 """The query summary: a second, probe-sized path from the query to the policy's inputs.
 
 Why: fine-tuned end to end on a few hundred queries, the policy memorises which prompt
-each training query had and learns nothing that carries to new queries (README: the
+each training query had and learns nothing that carries to new queries (docs/experiments.md: the
 query-specific correlation stays at ~0 on dev, even when every training row is the
 query's best prompt). A review's sentiment does read linearly from the backbone's
 middle layers. So the summary reads the query with the backbone's first

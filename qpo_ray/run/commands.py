@@ -68,7 +68,7 @@ def run_command(work: Callable[[], Optional[str]], prog: str) -> int:
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run; --set changes its saved config unless "
-                        "the change would contradict a finished stage (README: Resume)")
+                        "the change would contradict a finished stage (docs/running.md: Resume)")
 
 
 def _run(args: argparse.Namespace) -> str:

@@ -3,7 +3,8 @@
 Why: trained on the best prompt of each of its queries, the policy is surer of new
 queries than it is right. On the benchmark's dev reviews (seeds 0-4, both loops) the
 likelihood of each review's best Step-0 prompt peaks at a temperature of 1.7-2.6, not
-1; an over-sure belief turns mbr back into a bet on one label (README: "mbr decoding").
+1; an over-sure belief turns mbr back into a bet on one label (docs/experiments.md:
+"mbr decoding").
 So when the dev split chooses the decoding, every mbr candidate is scored on the dev
 queries, each query's best candidate is read as the utilities were built (by
 `TrainingConfig.best_row_column`), and each loop's temperature is the one under which

@@ -16,7 +16,7 @@ cross-validated accuracy), fitted on labelled queries' gold labels, times each
 prompt's Step-0 accuracy on queries of each label; a query gets the prompt with the
 highest expected correctness. On a small target whose prompts mostly differ in which
 label they push, that shares one model across prompts where `fit_router` fits one per
-prompt, and needs far fewer queries (README: where the per-query headroom is).
+prompt, and needs far fewer queries (docs/experiments.md: "Where the per-query headroom is").
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ LABEL_ALPHAS = (1.0, 10.0, 100.0, 1000.0)
 # Where in the model the routers read the query, as fractions of its layers. On
 # SmolLM2-135M a review's sentiment reads best from the middle: a probe on 256 labelled
 # reviews scores 1,000 other train reviews at 68% from layer 6, 77% from layer 16, 73%
-# from the last (README: where the per-query headroom is). Chosen with the ridge
+# from the last (docs/experiments.md: "Where in the model the query is read"). Chosen with the ridge
 # strength by cross-validation on the queries the router is fitted on.
 PROBE_DEPTHS = (1 / 3, 1 / 2, 2 / 3, 5 / 6, 1.0)
 
