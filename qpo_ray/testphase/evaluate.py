@@ -1,5 +1,8 @@
 """The test phase: the trained policy against the baselines, on queries it never chose on.
 
+0. Train the policies of the methods that train one (the sft and qpo_no_mla ablations),
+   before anything is scored: the target engines, once started, hold their CPUs/GPUs
+   until the stage ends.
 1. Choose (when `test.decoding` is "dev"): every loop's policy, with each decoding of
    `test.dev_decodings` (greedy and ranked by default), on the dev split (collection
    queries held out of Step 0 and augmentation); the most accurate (loop, decoding) is
@@ -35,7 +38,7 @@ from qpo_ray.config import Config
 from qpo_ray.data.pairs import make_pairs
 from qpo_ray.data.rewards import pair_accuracy
 from qpo_ray.testphase.decoding import Choice, MethodContext, PromptTuple, policy_prompts
-from qpo_ray.testphase.methods import check_methods, method_prompts
+from qpo_ray.testphase.methods import check_methods, method_prompts, train_method_policies
 from qpo_ray.common import faults
 from qpo_ray.common.atomic import atomic_dir
 from qpo_ray.common.layout import RunFiles, read_json, sidecar
@@ -161,6 +164,9 @@ def evaluate_run(cfg: Config, task: Task, splits: Splits, score: ScoreFn,
     ctx = MethodContext(cfg, task, collection, manual_prompt(collection, cfg.prompts),
                         policy_dirs, run=run, step0=step0, splits=splits)
     settings = [k for k in cfg.test.shots if k == 0 or task.supports_few_shot]
+    # Training first: once `score` has started the target engines they hold their
+    # CPUs/GPUs until the stage ends, and a trainer asking for them would wait forever.
+    train_method_policies(ctx, list(cfg.test.methods))
 
     add = earlier is not None
     kept, selection = earlier if add else (None, {"decoding": cfg.test.decoding})
