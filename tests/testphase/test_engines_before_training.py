@@ -7,6 +7,7 @@ on the transformers backend, tweet_emotion rows from the shared data."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pandas as pd
 import pytest
@@ -67,5 +68,8 @@ def test_ablation_after_a_dev_choice_does_not_wait_for_the_engines(ray_cluster, 
     results = pd.read_csv(run.path / "report" / "results.csv")
     assert {"qpo", "sft"} <= set(results["method"])
     assert (run.path / "baselines" / "sft" / "done.json").exists()
-    # Everything the engine and the trainer reserved is free again.
+    # Everything the engine and the trainer reserved is free again (Ray says so lazily).
+    deadline = time.monotonic() + 60
+    while ray_cluster.available_resources().get("CPU") != 2 and time.monotonic() < deadline:
+        time.sleep(1)
     assert ray_cluster.available_resources().get("CPU") == 2
