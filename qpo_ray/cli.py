@@ -73,10 +73,14 @@ def cmd_serve_report(args: argparse.Namespace) -> str:
 
 
 def cmd_serve_feedback_dataset(args: argparse.Namespace) -> str:
-    from qpo_ray.serving.feedback_report import write_feedback_dataset
+    from qpo_ray.run.rundir import lock_outputs
 
-    path, added = write_feedback_dataset(config_from_args(args), args.out, into=args.into,
-                                         keep_all=args.keep_all)
+    cfg = config_from_args(args)
+    with lock_outputs(args.out):  # --out inside a run directory: no run writes there now
+        from qpo_ray.serving.feedback_report import write_feedback_dataset
+
+        path, added = write_feedback_dataset(cfg, args.out, into=args.into,
+                                             keep_all=args.keep_all)
     return f"{added} feedback rows{' + ' + args.into if args.into else ''} -> {path}"
 
 

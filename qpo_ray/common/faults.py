@@ -1,4 +1,5 @@
-"""Fault injection for the crash-anywhere resume test (tests/test_loop.py): with
+"""Fault injection for the crash-anywhere tests (tests/run/test_loop.py,
+tests/testphase/test_report_atomic.py): with
 ``QPO_FAULT_AT=<stage>:<point>`` in its environment, `qpo run` SIGKILLs its own driver
 process at that point, the way `kill -9`, the OOM killer or a lost head node would: no
 `finally`, no atexit, no flush. Unset (always, outside that test), nothing happens.
@@ -10,6 +11,8 @@ process at that point, the way `kill -9`, the OOM killer or a lost head node wou
     <stage>:score    mid-scoring (Step 0, an augmentation round, the test phase): a
                      scoring actor has scored a batch the driver has not received
     <stage>:train    mid-epoch: the training worker has taken its first optimizer step
+    <stage>:write    mid-write of the test report (`test`, or `evaluate` for `qpo
+                     evaluate`): some of its files are written, others not yet
 
 The loop names the stage it is in (`enter_stage`); a point reached inside a Ray worker
 is armed on the driver, which hands the worker its own pid to kill. That only works
@@ -24,7 +27,7 @@ import time
 from typing import Optional
 
 FAULT_ENV = "QPO_FAULT_AT"
-POINTS = ("done", "logged", "score", "train")
+POINTS = ("done", "logged", "score", "train", "write")
 
 _stage: Optional[str] = None  # the stage the driver is running or logging
 

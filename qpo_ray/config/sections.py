@@ -24,6 +24,9 @@ class TaskConfig(Section):
     name: str = "rotten_tomatoes"
     # For name == "byo": path to the task's YAML description (see docs in tasks/byo.py).
     spec_path: Optional[str] = None
+    # byo: let the spec's `files` leave its folder (absolute, `..`, symlinks out); off so
+    # that a spec from elsewhere reads only the files beside it (docs/safety.md).
+    spec_outside_files: bool = False
     # Where the task reads its files; None = the built-in default (package data or the
     # Hugging Face hub through `datasets`).
     data_dir: Optional[str] = None

@@ -147,7 +147,18 @@ class QPOPolicy(nn.Module):
             config = section_from_dict(PolicyConfig, meta["policy"], "policy")
         except ConfigError as exc:
             raise ValueError(f"{meta_path}: {exc}") from exc
-        backbone = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+        # A policy is safetensors only (save writes nothing else): pickled weights
+        # (pytorch_model.bin) can run code when loaded, and a policy may come from a registry.
+        from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+        if not any((src / n).exists() for n in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)):
+            pickles = sorted(p.name for p in src.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+            raise ValueError(f"{src}: no {SAFE_WEIGHTS_NAME} backbone weights"
+                             + (f" (found {', '.join(pickles)})" if pickles else "")
+                             + "; a QPO policy is loaded from safetensors only, never from "
+                             "pickled weights: re-save it with QPOPolicy.save")
+        backbone = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32,
+                                                        use_safetensors=True)
         policy = cls(backbone, AutoTokenizer.from_pretrained(src), config)
         result = policy.load_state_dict(load_file(str(src / HEADS_FILE)), strict=False)
         missing = [k for k in result.missing_keys if not k.startswith("backbone.")]

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 from qpo_ray.config import Config, load_config
 from qpo_ray.common.errors import ConfigError
-from qpo_ray.run.rundir import RunDirBusy, lock_run_dir
+from qpo_ray.run.rundir import RunDirBusy, lock_outputs, lock_run_dir
 
 EXIT_OK, EXIT_FAILURE, EXIT_INPUT = 0, 1, 2
 # ConfigError, DatasetFileError, PromptCollectionError and TaskDataError are ValueErrors.
@@ -96,10 +96,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> str:
-    from qpo_ray.training.trainer import train_policy
+    cfg = config_from_args(args)
+    with lock_outputs(args.out):  # the run directory --out lies in, if any
+        from qpo_ray.training.trainer import train_policy
 
-    result = train_policy(config_from_args(args), dataset_path=args.dataset, out_dir=args.out,
-                          loop_index=args.loop, init_checkpoint=args.init)
+        result = train_policy(cfg, dataset_path=args.dataset, out_dir=args.out,
+                              loop_index=args.loop, init_checkpoint=args.init)
     return f"policy checkpoint: {result.checkpoint_dir}"
 
 

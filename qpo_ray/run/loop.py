@@ -33,7 +33,7 @@ from typing import Any, Iterator, Optional
 from qpo_ray.common import faults
 from qpo_ray.config import Config
 from qpo_ray.common.progress import send_library_logs_to
-from qpo_ray.run.rundir import RunDir
+from qpo_ray.run.rundir import RunDir, lock_outputs, lock_run_dir
 from qpo_ray.run.pipeline import PIPELINE, Stage, plan
 from qpo_ray.run.stages import augment, step0, test
 from qpo_ray.run.stages import filter as filter_stage
@@ -109,7 +109,17 @@ def _say_precisions(cfg: Config) -> None:
 def run_qpo(cfg: Optional[Config], resume_dir: Optional[str] = None,
             overrides: Optional[list[str]] = None) -> Path:
     """Run (or continue) QPO end to end; returns the run directory. On resume,
-    `overrides` ("key=value") change the saved config (qpo_ray.run.resume says which)."""
+    `overrides` ("key=value") change the saved config (qpo_ray.run.resume says which).
+    Holds the run directory's lock throughout (RunDirBusy at once if another process
+    writes there)."""
+    if resume_dir is None and cfg is None:
+        raise ValueError("run_qpo needs a config or a resume_dir")
+    with lock_run_dir(resume_dir if resume_dir is not None else cfg.workdir):
+        return _run_qpo(cfg, resume_dir, overrides)
+
+
+def _run_qpo(cfg: Optional[Config], resume_dir: Optional[str],
+             overrides: Optional[list[str]]) -> Path:
     from qpo_ray.run.resume import apply_resume_overrides
 
     changes: list[str] = []
@@ -123,8 +133,6 @@ def run_qpo(cfg: Optional[Config], resume_dir: Optional[str] = None,
             print("[qpo] resume: --set changed nothing (the saved config has these values)")
         ctx = RunContext(cfg, run)
         _check_before_work(ctx)
-    elif cfg is None:
-        raise ValueError("run_qpo needs a config or a resume_dir")
     else:
         ctx = RunContext(cfg)
         _check_before_work(ctx)
@@ -182,6 +190,7 @@ def run_qpo(cfg: Optional[Config], resume_dir: Optional[str] = None,
 
 
 # -- one stage's work alone (qpo dataset build / augment / evaluate, jobs/) ---------------
+# Each holds the lock of the run directory it writes into (rundir.lock_outputs).
 
 @contextlib.contextmanager
 def _one_stage(cfg: Config, run: Optional[RunDir] = None) -> Iterator[RunContext]:
@@ -195,7 +204,8 @@ def _one_stage(cfg: Config, run: Optional[RunDir] = None) -> Iterator[RunContext
 
 def build_initial_dataset(cfg: Config, out_path: Optional[str | Path] = None) -> Path:
     """Step 0 into `out_path` (default <workdir>/dataset_loop0.parquet)."""
-    with _one_stage(cfg) as ctx:
+    with lock_outputs(out_path, workdir=None if out_path else cfg.workdir), \
+            _one_stage(cfg) as ctx:
         return step0.build_initial_dataset(ctx, out_path)
 
 
@@ -208,7 +218,7 @@ def augment_round(cfg: Config, policy_dir: str | Path, dataset_path: str | Path,
                   round_index: int, out_path: str | Path,
                   seed: Optional[int] = None) -> Path:
     """One augmentation round (qpo_ray.run.stages.augment.augment_round)."""
-    with _one_stage(cfg) as ctx:
+    with lock_outputs(out_path), _one_stage(cfg) as ctx:
         return augment.augment_round(ctx, policy_dir, dataset_path, round_index, out_path,
                                      seed=seed)
 
@@ -216,7 +226,8 @@ def augment_round(cfg: Config, policy_dir: str | Path, dataset_path: str | Path,
 def evaluate(cfg: Config, run_dir: Optional[str] = None,
              policy_dir: Optional[str] = None) -> str:
     """The test phase of a run directory, or of the policy in `policy_dir`."""
-    with _one_stage(cfg, RunDir(run_dir) if run_dir else None) as ctx:
+    with lock_run_dir(run_dir or cfg.workdir), \
+            _one_stage(cfg, RunDir(run_dir) if run_dir else None) as ctx:
         return test.evaluate(ctx, policy_dir=policy_dir)
 
 
@@ -226,9 +237,11 @@ def evaluate_tracked(cfg: Config, run_dir: Optional[str] = None,
     earlier report), logged to MLflow as a run nested under the evaluated run's parent
     run (a new run when there is none). (report, where logged)."""
     base = Path(run_dir) if run_dir else Path(cfg.workdir)
-    send_library_logs_to(base)
-    run = RunDir(run_dir) if run_dir else None
-    out_dir = test.report_dir(cfg, run)
-    with _one_stage(cfg, run) as ctx:
-        report = test.evaluate(ctx, policy_dir=policy_dir, add=add, out_dir=out_dir)
-    return report, test.log_evaluation(Tracker(cfg, base), out_dir)
+    with lock_run_dir(base):  # before the logs go there: a busy directory stays as it was
+        send_library_logs_to(base)
+        faults.enter_stage("evaluate")  # QPO_FAULT_AT=evaluate:write (the report test)
+        run = RunDir(run_dir) if run_dir else None
+        out_dir = test.report_dir(cfg, run)
+        with _one_stage(cfg, run) as ctx:
+            report = test.evaluate(ctx, policy_dir=policy_dir, add=add, out_dir=out_dir)
+        return report, test.log_evaluation(Tracker(cfg, base), out_dir)

@@ -21,9 +21,12 @@ Paths in it are relative to the run directory, so a copied or moved run director
 be resumed, evaluated and served; absolute paths written by older versions are still
 read (rebased onto the directory's new place when it moved).
 
-One process at a time runs a directory: ``qpo run`` holds ``.qpo.lock`` (an flock the
-kernel drops when the process dies, however it dies); a second one fails at once
-naming the holder.
+One process at a time writes a directory: every command that writes into one (``qpo
+run``, ``evaluate``, ``dataset build``, ``train``, ``augment``, ``serve feedback-dataset``,
+the jobs, and the ``run_qpo`` / ``evaluate*`` / ``build_initial_dataset`` /
+``augment_round`` Python API) holds ``.qpo.lock`` (an flock the kernel drops when the
+process dies, however it dies); a second writer fails at once naming the holder
+(docs/safety.md).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import contextlib
 import json
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -46,6 +50,8 @@ from qpo_ray.run.pipeline import Stage, plan
 CONFIG_FILE = "config.yaml"
 STAGES_FILE = "stages.json"
 LOCK_FILE = ".qpo.lock"
+# A folder holding one of these is a run directory (lock_outputs looks for them).
+RUN_DIR_MARKERS = (CONFIG_FILE, STAGES_FILE, LOCK_FILE)
 # Per stage in stages.json: which of its outputs are paths relative to the run directory.
 _RELATIVE_KEY = "_relative_paths"
 
@@ -54,15 +60,52 @@ class RunDirBusy(RuntimeError):
     """Another process holds the run directory's lock."""
 
 
+# Locks this process holds: root -> [owning thread id, depth]. The CLI and the Python
+# API it calls both lock; one flock per process (a second open file would block itself).
+_HELD: dict[Path, list[int]] = {}
+_HELD_GUARD = threading.Lock()
+
+
 @contextlib.contextmanager
 def lock_run_dir(path: str | Path) -> Iterator[Path]:
     """Hold the run directory's lock for the block; fail at once (RunDirBusy, naming
-    the holder's pid, host and start time) if another process holds it. An flock: the
-    kernel releases it when the holder exits or is killed, so it never goes stale (on
-    NFS it needs a server with lock support, as NFSv4 has)."""
+    the holder's pid, host and start time) if another process, or another thread of this
+    one, holds it; the same thread may nest it. An flock: the kernel releases it when the
+    holder exits or is killed, so it never goes stale (on NFS it needs a server with lock
+    support, as NFSv4 has)."""
+    root = Path(path).resolve()
+    me = threading.get_ident()
+    with _HELD_GUARD:
+        held = _HELD.get(root)
+        if held is not None and held[0] == me:
+            held[1] += 1
+            nested = True
+        elif held is not None:
+            raise RunDirBusy(f"{root} is in use by another thread of this process (pid "
+                             f"{os.getpid()}); one writer at a time per run directory")
+        else:
+            nested = False
+    if nested:
+        try:
+            yield root
+        finally:
+            with _HELD_GUARD:
+                _HELD[root][1] -= 1
+        return
+    with _flock(root):
+        with _HELD_GUARD:
+            _HELD[root] = [me, 1]
+        try:
+            yield root
+        finally:
+            with _HELD_GUARD:
+                del _HELD[root]
+
+
+@contextlib.contextmanager
+def _flock(root: Path) -> Iterator[None]:
     import fcntl
 
-    root = Path(path).resolve()
     root.mkdir(parents=True, exist_ok=True)
     lock_path = root / LOCK_FILE
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -84,9 +127,32 @@ def lock_run_dir(path: str | Path) -> Iterator[Path]:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         os.fsync(fd)
-        yield root
+        yield
     finally:
         os.close(fd)  # releases the flock
+
+
+def enclosing_run_dir(path: str | Path) -> Optional[Path]:
+    """The run directory an output path lies in: the path itself or one of its two
+    parent folders (<run>/loop1/checkpoint at most) holding a RUN_DIR_MARKERS file;
+    None for an output outside any run directory."""
+    p = Path(path).resolve()
+    for folder in [p, *p.parents][:3]:
+        if folder.is_dir() and any((folder / m).exists() for m in RUN_DIR_MARKERS):
+            return folder
+    return None
+
+
+@contextlib.contextmanager
+def lock_outputs(*outputs: Optional[str | Path],
+                 workdir: Optional[str | Path] = None) -> Iterator[list[Path]]:
+    """Lock `workdir` (when given) and the run directory each output path lies in (when
+    one does): what a single command (`qpo train --out <run>/loop2`, ...) holds while it
+    writes. Locked in sorted order; RunDirBusy as lock_run_dir."""
+    roots = {Path(workdir).resolve()} if workdir is not None else set()
+    roots |= {r for o in outputs if o is not None and (r := enclosing_run_dir(o)) is not None}
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(lock_run_dir(root)) for root in sorted(roots)]
 
 
 def stage_names(cfg: Config) -> list[str]:

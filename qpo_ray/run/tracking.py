@@ -33,6 +33,12 @@ from qpo_ray.config import Config
 TRACKING_FILE = "tracking.json"
 POLICY_ARTIFACT_PATH = "policy"
 FINAL_ALIAS = "final"
+# Registry answers worth asking again (a restarting, overloaded or unreachable server:
+# MLflow reports a refused connection as INTERNAL_ERROR); any other answer is final.
+TRANSIENT_ERRORS = ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED",
+                    "DEADLINE_EXCEEDED", "ABORTED")
+# Looking a version up: tries and the first wait (doubled each time: 1+2+4+8+16 s).
+FIND_TRIES, FIND_BACKOFF_S = 6, 1.0
 
 
 def file_digest(path: str | Path) -> str:
@@ -261,12 +267,29 @@ class Tracker:
         return str(versions[str(loop)])
 
     def _find_version(self, name: str, run_id: str, loop: int) -> Optional[str]:
+        """Loop `loop`'s version, registered by `run_id`; None only when the registry
+        answered that there is none (no such version, or no such model yet). A transient
+        error is retried (FIND_TRIES, doubling waits), then raised: guessing "none" would
+        create a second version of the same loop, which `@latest` would move to."""
         from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import ErrorCode
 
-        try:
-            found = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-        except MlflowException:
-            return None  # no such registered model yet
+        for attempt in range(FIND_TRIES):
+            try:
+                found = self.client.search_model_versions(
+                    f"name = '{name}' and run_id = '{run_id}'")
+                break
+            except MlflowException as exc:
+                if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                    return None  # no such registered model yet
+                if exc.error_code not in TRANSIENT_ERRORS or attempt == FIND_TRIES - 1:
+                    raise MlflowException(
+                        f"MLflow registry at {self.uri}: could not look up loop {loop}'s "
+                        f"model version of {name!r} ({exc.error_code}, {attempt + 1} "
+                        f"tries): none was created; resume the run (`qpo run --resume "
+                        f"{self.run_dir}`) once the registry answers. {exc.message}",
+                        error_code=ErrorCode.Value(exc.error_code)) from exc
+                time.sleep(FIND_BACKOFF_S * 2 ** attempt)
         mine = sorted((int(mv.version) for mv in found
                        if (mv.tags or {}).get("qpo.loop") == str(loop)))
         return str(mine[0]) if mine else None

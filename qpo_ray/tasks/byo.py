@@ -6,7 +6,8 @@ task then works everywhere a built-in one does (``task.name: byo``,
 name: movie_sentiment          # required: used in ids, logs and prompt collections
 type: classification           # classification (label scoring) | generation
 files:                         # CSV/TSV (header row), JSON, JSONL or Parquet; relative
-                               #   to this YAML. Errors name a file's "row N": its
+                               #   to this YAML and inside its folder (see "Paths"
+                               #   below). Errors name a file's "row N": its
                                #   N-th record (not counting a CSV header)
   train: data/train.csv        # at least one split; with only one, a seeded 80/20
   test: data/test.jsonl        #   train/test split is carved from it (logged)
@@ -14,16 +15,30 @@ files:                         # CSV/TSV (header row), JSON, JSONL or Parquet; r
   # name the file and line; text_columns / label_column are then not needed):
   # validation: {text: data/dev.txt, labels: data/dev_labels.txt}
 text_columns: [title, body]    # one or more columns (or `text_column: text`)
-text_template: "{title}: {body}"   # optional; default joins the columns with newlines
+text_template: "{title}: {body}"   # optional; default joins the columns with newlines;
+                               #   fields are column names, widths at most 1000
 label_column: label
 label_words:                   # classification: raw label value -> label word
   0: negative
   1: positive
 answer_regex: "-?\\d+"         # generation: the answer is the regex's last match in the
-                               #   output (group 1 when the regex has a group)
+                               #   output (group 1 when the regex has a group); at most
+                               #   200 characters, no repetition or alternation inside a
+                               #   repeated group (see "Regex")
 input_label: Input             # optional: the word before the query ("Input: ...")
 few_shot: true                 # optional: whether demonstrations make sense
 ```
+
+Paths: a spec may come from someone else, and its files end up in prompts, logs and
+MLflow. So a file is read only from the spec's own folder: a relative path without
+`..`, which after following symlinks still lies inside that folder. An absolute path,
+a `..` or a symlink leading out is refused unless the user running qpo says so in
+their own config, `task.spec_outside_files: true` (never in the spec itself).
+
+Regex: `answer_regex` runs on every target output. Python's `re` has no timeout, so a
+pattern that can backtrack exponentially ("(a|aa)+$", "(\\w+\\s?)+$") would hang scoring;
+the spec is refused instead when a repeated group holds another repetition or an
+alternation (use a character class, or a possessive `++` / atomic `(?>...)` group).
 """
 
 from __future__ import annotations
@@ -43,6 +58,9 @@ from qpo_ray.tasks.files import (TaskDataError, carve, read_rows, read_text_and_
 from qpo_ray.tasks.math_word import same_answer
 
 SPLIT_NAMES = ("train", "validation", "test")
+# Bounds on what a spec runs: the answer regex's length, a format field's width/precision.
+MAX_REGEX_CHARS = 200
+MAX_FORMAT_WIDTH = 1000
 
 
 class SpecError(TaskDataError):
@@ -82,10 +100,7 @@ class ByoTask(Task):
         self.text_columns: list[str] = columns
         self.text_template: Optional[str] = spec.get("text_template")
         if self.text_template is not None:
-            fields = {f for _, f, _, _ in string.Formatter().parse(self.text_template) if f}
-            if not fields <= set(columns):
-                raise self._error("text_template", f"uses {sorted(fields - set(columns))}, "
-                                                   f"not in text_columns {columns}")
+            self._check_template(str(self.text_template), columns)
         if line_files and "label_column" not in spec:
             spec["label_column"] = "label"
         self.label_column = self._get(spec, "label_column", str)
@@ -146,12 +161,50 @@ class ByoTask(Task):
         return out
 
     def _path(self, split: str, name: Any, part: str = "") -> Path:
-        path = Path(str(name)).expanduser()
-        path = path if path.is_absolute() else self.spec_path.parent / path
+        """A data file: inside the spec's folder unless task.spec_outside_files (module
+        docstring, "Paths")."""
+        key = f"files.{split}" + (f".{part}" if part else "")
+        given = Path(str(name)).expanduser()
+        folder = self.spec_path.parent.resolve()
+        path = given if given.is_absolute() else folder / given
+        if not self.cfg.spec_outside_files:
+            allow = ("; only files inside the spec's folder are read unless you set "
+                     "task.spec_outside_files: true in your config")
+            if given.is_absolute():
+                raise self._error(key, f"{name}: an absolute path{allow}")
+            if ".." in given.parts:
+                raise self._error(key, f"{name}: '..' leaves the spec's folder {folder}{allow}")
+            if path.exists() and not path.resolve().is_relative_to(folder):
+                raise self._error(key, f"{name}: a symlink to {path.resolve()}, outside the "
+                                       f"spec's folder {folder}{allow}")
         if not path.exists():
-            key = f"files.{split}" + (f".{part}" if part else "")
             raise self._error(key, f"{path}: file not found")
         return path
+
+    def _check_template(self, template: str, columns: list[str]) -> None:
+        """Fields name columns (no positional, attribute or index fields), no nested
+        fields, widths and precisions at most MAX_FORMAT_WIDTH: a template formats every
+        query, and "{title:>999999999}" would fill the memory."""
+        try:
+            parsed = [(f, spec) for _, f, spec, _ in string.Formatter().parse(template)
+                      if f is not None]
+        except ValueError as exc:
+            raise self._error("text_template", f"not a format string ({exc})") from None
+        fields = {f for f, _ in parsed}
+        if not fields <= set(columns):
+            raise self._error("text_template", f"uses {sorted(fields - set(columns))}, "
+                                               f"not in text_columns {columns}")
+        for field, spec in parsed:
+            if "{" in spec:
+                raise self._error("text_template", f"{{{field}:{spec}}}: nested fields are "
+                                                   "not allowed")
+            if any(int(n) > MAX_FORMAT_WIDTH for n in re.findall(r"\d+", spec)):
+                raise self._error("text_template", f"{{{field}:{spec}}}: a width or "
+                                  f"precision above {MAX_FORMAT_WIDTH}")
+        try:
+            template.format(**{c: "x" for c in columns})
+        except (ValueError, IndexError, KeyError) as exc:
+            raise self._error("text_template", f"does not format text values ({exc})") from None
 
     def _label_words(self, spec: dict[str, Any]) -> None:
         mapping = spec.get("label_words")
@@ -170,11 +223,18 @@ class ByoTask(Task):
         self.label_words = tuple(words)
 
     def _answer_regex(self, spec: dict[str, Any]) -> None:
-        pattern = spec.get("answer_regex", r"-?\d[\d,]*(?:\.\d+)?")
+        pattern = str(spec.get("answer_regex", r"-?\d[\d,]*(?:\.\d+)?"))
+        if len(pattern) > MAX_REGEX_CHARS:
+            raise self._error("answer_regex", f"{len(pattern)} characters, more than "
+                                              f"{MAX_REGEX_CHARS}")
         try:
-            self.answer_regex = re.compile(str(pattern))
+            self.answer_regex = re.compile(pattern)
         except re.error as exc:
             raise self._error("answer_regex", f"not a valid regex ({exc})") from exc
+        if problem := _backtracking_risk(pattern):
+            raise self._error("answer_regex", f"{pattern!r}: {problem}, which can backtrack "
+                              "exponentially on a long output; use a character class, or "
+                              "a possessive (++, *+) or atomic (?>...) group")
 
     # -- data -------------------------------------------------------------------------
 
@@ -255,3 +315,37 @@ class ByoTask(Task):
         if self.mode == "labels":
             return super().is_correct(example, prediction)
         return same_answer(str(example.label), str(prediction))
+
+
+def _backtracking_risk(pattern: str) -> Optional[str]:
+    """What in `pattern` can make `re` backtrack exponentially: a repetition or an
+    alternation inside a repeated group (the safe subset of module docstring "Regex");
+    None when there is none. Possessive repeats and atomic groups never backtrack into
+    themselves and are allowed."""
+    from re import _constants as c, _parser  # the parse tree `re` itself compiles
+
+    def walk(items, inside: bool) -> Optional[str]:
+        for op, av in items:
+            if op in (c.MAX_REPEAT, c.MIN_REPEAT):
+                _, high, sub = av
+                repeats = high is c.MAXREPEAT or high > 1
+                if inside and repeats:
+                    return "a repetition inside a repeated group"
+                found = walk(sub, inside or repeats)
+            elif op == c.BRANCH:
+                if inside and len(av[1]) > 1:
+                    return "an alternation inside a repeated group"
+                found = next((r for alt in av[1] if (r := walk(alt, inside))), None)
+            elif op == c.SUBPATTERN:
+                found = walk(av[-1], inside)
+            elif op in (c.ASSERT, c.ASSERT_NOT):
+                found = walk(av[1], inside)
+            elif op == c.GROUPREF_EXISTS:
+                found = walk(av[1], inside) or (walk(av[2], inside) if av[2] else None)
+            else:  # literals, classes, anchors; possessive repeats and atomic groups
+                found = None
+            if found:
+                return found
+        return None
+
+    return walk(_parser.parse(pattern), False)

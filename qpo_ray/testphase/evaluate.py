@@ -1,5 +1,8 @@
 """The test phase: the trained policy against the baselines, on queries it never chose on.
 
+0. Train the policies of the methods that train one (the sft and qpo_no_mla ablations),
+   before anything is scored: the target engines, once started, hold their CPUs/GPUs
+   until the stage ends.
 1. Choose (when `test.decoding` is "dev"): every loop's policy, with each decoding of
    `test.dev_decodings` (greedy and ranked by default), on the dev split (collection
    queries held out of Step 0 and augmentation); the most accurate (loop, decoding) is
@@ -15,11 +18,15 @@ Outputs, in ``<run>/report/`` (``report-<target>/`` when testing another target 
 the run's, paper Table 8; ``report-dev/`` when comparing on the dev split,
 `test.split: dev`): ``report.md``, ``results.csv``, ``predictions.parquet`` (one
 row per split, shots, method and query: prompt, prediction, correct), ``selection.json``,
-``examples.csv`` and ``plots/accuracy_per_loop.png``.
+``examples.csv`` and ``plots/accuracy_per_loop.png``. The directory is replaced whole
+(common.atomic.atomic_dir): a crash while it is written, e.g. by `qpo evaluate --add` on a
+finished run, leaves the previous report as it was, never a mix or a truncated file.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -30,8 +37,9 @@ from qpo_ray.config import Config
 from qpo_ray.data.pairs import make_pairs
 from qpo_ray.data.rewards import pair_accuracy
 from qpo_ray.testphase.decoding import Choice, MethodContext, PromptTuple, policy_prompts
-from qpo_ray.testphase.methods import check_methods, method_prompts
-from qpo_ray.common.atomic import write_json_atomic
+from qpo_ray.testphase.methods import check_methods, method_prompts, train_method_policies
+from qpo_ray.common import faults
+from qpo_ray.common.atomic import atomic_dir
 from qpo_ray.common.layout import RunFiles, read_json, sidecar
 from qpo_ray.testphase.render import examples as example_rows
 from qpo_ray.testphase.render import markdown, results_table
@@ -153,7 +161,9 @@ def evaluate_run(cfg: Config, task: Task, splits: Splits, score: ScoreFn,
     ctx = MethodContext(cfg, task, collection, manual_prompt(collection, cfg.prompts),
                         policy_dirs, run=run, step0=step0, splits=splits)
     settings = [k for k in cfg.test.shots if k == 0 or task.supports_few_shot]
-    (out_dir / "plots").mkdir(parents=True, exist_ok=True)
+    # Training first: once `score` has started the target engines they hold their
+    # CPUs/GPUs until the stage ends, and a trainer asking for them would wait forever.
+    train_method_policies(ctx, list(cfg.test.methods))
 
     add = earlier is not None
     kept, selection = earlier if add else (None, {"decoding": cfg.test.decoding})
@@ -178,7 +188,6 @@ def evaluate_run(cfg: Config, task: Task, splits: Splits, score: ScoreFn,
     test_scored, usage = score_prompts(cfg, task, splits, queries, prompts, score, split,
                                        settings)
     frames.append(test_scored)
-    write_json_atomic(out_dir / "selection.json", selection)
 
     columns = ["split", "shots", "method", "query_id", "query", "label", "prompt_id", "prompt",
                "source", "prediction", "correct", "accuracy"]
@@ -187,14 +196,10 @@ def evaluate_run(cfg: Config, task: Task, splits: Splits, score: ScoreFn,
         rows = ["split", "shots", "method"]
         redone = kept.set_index(rows).index.isin(predictions.set_index(rows).index)
         predictions = pd.concat([kept[~redone][columns], predictions], ignore_index=True)
-    predictions.to_parquet(out_dir / "predictions.parquet", index=False)
     test = predictions[predictions["split"] == split]
     table = results_table(test, getattr(task, "label_words", ()))
-    table.to_csv(out_dir / "results.csv", index=False)
     examples = example_rows(test, settings[0], cfg.test.num_example_prompts)
-    examples.to_csv(out_dir / "examples.csv", index=False)
-    accuracy_per_loop(table, settings[0], rewards_per_loop(run)).savefig(
-        out_dir / "plots" / "accuracy_per_loop.png", dpi=100, bbox_inches="tight")
+    figure = accuracy_per_loop(table, settings[0], rewards_per_loop(run))
     temperature = (f", belief temperature {selection['mbr_temperature']:.2f}"
                    if "mbr_temperature" in selection else "")
     chosen = (f"qpo = loop {ctx.choice.loop}, {ctx.choice.decoding} decoding{temperature} "
@@ -210,5 +215,15 @@ def evaluate_run(cfg: Config, task: Task, splits: Splits, score: ScoreFn,
               f"{usage.get('calls', 0)} calls ({usage['pairs_scored']} distinct pairs), "
               f"{usage.get('engine_seconds', 0.0):.1f} engine-s"]
     report = markdown(table, examples, header, split)
-    (out_dir / "report.md").write_text(report)
+    with atomic_dir(out_dir) as tmp:
+        if out_dir.is_dir():  # files of the old report this one does not write stay
+            shutil.copytree(out_dir, tmp, dirs_exist_ok=True)
+        (tmp / "plots").mkdir(exist_ok=True)
+        (tmp / "selection.json").write_text(json.dumps(selection, indent=2, default=str))
+        predictions.to_parquet(tmp / "predictions.parquet", index=False)
+        faults.at("write")  # QPO_FAULT_AT=<stage>:write, the crash test only
+        table.to_csv(tmp / "results.csv", index=False)
+        examples.to_csv(tmp / "examples.csv", index=False)
+        figure.savefig(tmp / "plots" / "accuracy_per_loop.png", dpi=100, bbox_inches="tight")
+        (tmp / "report.md").write_text(report)
     return report

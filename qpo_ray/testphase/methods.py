@@ -181,6 +181,9 @@ def _ablation(name: str) -> Callable[[MethodContext, list[Example]], dict]:
     return method
 
 
+# The methods that train a policy of their own (train_method_policies).
+ABLATIONS = ("sft", "qpo_no_mla")
+
 METHODS: dict[str, Callable[[MethodContext, list[Example]], dict[str, list[PromptTuple]]]] = {
     "qpo": qpo,
     "qpo_greedy": qpo_greedy,
@@ -221,6 +224,16 @@ def check_method_inputs(cfg: Config, collection: list[PromptRecord]) -> None:
         key = ("test.router_embedding_model" if cfg.test.router_embedding_model else
                "test.router_embedding_model (unset: the target's model)")
         check_model(router_embedding_model(cfg), key)
+
+
+def train_method_policies(ctx: MethodContext, methods: list[str]) -> None:
+    """Train (or find cached) the policies of the methods that train one (sft,
+    qpo_no_mla) before anything is scored: training asks Ray for the CPUs/GPUs the target
+    engines hold from their first scoring call to the end of the stage, so training after
+    a dev choice waited forever on one GPU (issue #39)."""
+    for name in dict.fromkeys(methods):
+        if name in ABLATIONS:
+            ablation_policy(ctx.cfg, ctx.run, name)
 
 
 def method_prompts(ctx: MethodContext, methods: list[str],

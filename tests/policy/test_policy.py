@@ -230,6 +230,18 @@ def test_save_load_round_trip_generates_identical_prompts(toy_policy, tmp_path):
                 == generate_prompts(toy_policy, queries, target_reward=reward))
 
 
+def test_load_refuses_a_policy_whose_weights_are_a_pickle(policy, tmp_path):
+    """The same policy with its backbone as pytorch_model.bin (what transformers would
+    otherwise load, pickle and all) is refused, naming the file; safetensors load."""
+    out = policy.save(tmp_path / "policy")
+    QPOPolicy.load(out)
+    torch.save(policy.backbone.state_dict(), out / "pytorch_model.bin")
+    (out / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"no model\.safetensors backbone weights \(found "
+                       r"pytorch_model\.bin\).*never from pickled weights"):
+        QPOPolicy.load(out)
+
+
 def test_an_mbr_table_travels_with_the_policy_and_steers_its_choice(toy_policy, tmp_path):
     """The table saved with a policy loads with it (Serve decodes by it), and mbr picks
     what the table says pays, not the policy's most likely prompt."""

@@ -98,3 +98,50 @@ def test_tracker_logs_runs_datasets_metrics_and_registers_through_server(mlflow_
         artifact_uri=f"models:/{cfg.tracking.registered_model_name}@latest",
         dst_path=str(tmp_path / "dl"), tracking_uri=mlflow_server)
     assert sorted(os.listdir(local)) == ["heads.safetensors", "policy.json"]
+
+
+def test_a_transient_registry_error_never_creates_a_second_version(mlflow_server, tmp_path,
+                                                                   monkeypatch):
+    """A resumed loop looks its model version up before creating one. Through a proxy
+    that fails that lookup (a 503, then a dropped connection) the tracker asks again and
+    finds the version; a registry that stays down is an error naming it; neither makes a
+    second version of the loop."""
+    import json
+
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from qpo_ray.run import tracking
+    from tests.mlflow_server import FlakyProxy
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the tracker's own retries
+    monkeypatch.setattr(tracking, "FIND_BACKOFF_S", 0.1)
+    proxy = FlakyProxy(mlflow_server, "model-versions/search")
+    try:
+        cfg = load_config("cpu-demo", [f"workdir={tmp_path / 'run'}", f"tracking.uri={proxy.url}",
+                                       "tracking.experiment=qpo-flaky",
+                                       "tracking.registered_model_name=qpo-flaky-policy"])
+        run_dir = Path(cfg.workdir)
+        run_dir.mkdir(parents=True)
+        v1 = Tracker(cfg, run_dir).register_policy(1, _policy_dir(tmp_path / "ckpt1"))
+
+        def forget_version() -> None:  # a crash after create_model_version, before saving
+            path = run_dir / tracking.TRACKING_FILE
+            state = json.loads(path.read_text())
+            state.pop("model_versions")
+            path.write_text(json.dumps(state))
+
+        forget_version()
+        proxy.fail_next = 2
+        assert Tracker(cfg, run_dir).register_policy(1, tmp_path / "ckpt1") == v1
+        assert proxy.failed == 2 and proxy.fail_next == 0
+
+        forget_version()
+        proxy.fail_next = tracking.FIND_TRIES
+        with pytest.raises(MlflowException, match="could not look up loop 1's model version"):
+            Tracker(cfg, run_dir).register_policy(1, tmp_path / "ckpt1")
+        assert proxy.failed == 2 + tracking.FIND_TRIES
+    finally:
+        proxy.stop()
+    versions = MlflowClient(mlflow_server).search_model_versions("name = 'qpo-flaky-policy'")
+    assert [v.version for v in versions] == [v1]
