@@ -21,7 +21,7 @@ from typing import Any, Optional
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def _existing_cluster() -> Optional[str]:
+def existing_cluster() -> Optional[str]:
     """The cluster `ray.init(address=None)` would join: RAY_ADDRESS, else the last
     `ray start` on this machine; None when it would start a new local Ray."""
     from ray._private import services
@@ -36,7 +36,7 @@ def connect_ray(address: Optional[str] = None, **init_kwargs: Any) -> None:
 
     if ray.is_initialized():
         return
-    if address is not None or _existing_cluster() is not None:
+    if address is not None or existing_cluster() is not None:
         ray.init(address=address, **init_kwargs)
         return
     from ray._private import ray_constants

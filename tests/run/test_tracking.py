@@ -98,3 +98,30 @@ def test_tracker_logs_runs_datasets_metrics_and_registers_through_server(mlflow_
         artifact_uri=f"models:/{cfg.tracking.registered_model_name}@latest",
         dst_path=str(tmp_path / "dl"), tracking_uri=mlflow_server)
     assert sorted(os.listdir(local)) == ["heads.safetensors", "policy.json"]
+
+
+@pytest.mark.parametrize("store", ["sqlite", "file"])
+def test_an_explicit_local_store_keeps_artifacts_beside_it_not_in_the_cwd(
+        tmp_path, monkeypatch, store):
+    """`--tracking-uri sqlite:///...` (the KubeRay job's) used to create its experiment
+    with no artifact location: MLflow then wrote every artifact to ./mlruns in whatever
+    directory the process ran in."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    store_dir = tmp_path / "store"
+    store_dir.mkdir()
+    uri = (f"sqlite:///{store_dir / 'mlflow.db'}" if store == "sqlite"
+           else (store_dir / "mlruns").as_uri())
+    cfg = load_config("cpu-demo", [f"workdir={tmp_path / 'run'}", f"tracking.uri={uri}",
+                                   "tracking.experiment=explicit"])
+    run_dir = Path(cfg.workdir)
+    run_dir.mkdir(parents=True)
+    tracker = Tracker(cfg, run_dir)
+    tracker.register_policy(1, _policy_dir(tmp_path / "ckpt"))
+    tracker.finish()
+    assert list(cwd.iterdir()) == []  # no ./mlruns
+    logged = [p for p in store_dir.rglob("heads.safetensors")]
+    assert len(logged) == 1, sorted(store_dir.rglob("*"))
+    if store == "sqlite":
+        assert logged[0].is_relative_to(store_dir / "mlartifacts")
