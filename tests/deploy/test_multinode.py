@@ -114,7 +114,7 @@ def test_two_node_run_places_work_by_resource_and_matches_the_single_node_run(
 
     # MLflow: the server holds the run and both loops' policies (its artifact store).
     api = f"{mlflow_url}/api/2.0/mlflow"
-    versions = httpx.post(f"{api}/model-versions/search", timeout=30,
+    versions = httpx.get(f"{api}/model-versions/search", timeout=30,
                           params={"filter": "name='qpo-policy'"}).json()["model_versions"]
     assert sorted(int(v["version"]) for v in versions) == [1, 2]
 
@@ -131,7 +131,7 @@ def test_a_node_that_sees_another_filesystem_makes_the_run_refuse_before_work(
                                    mlflow_url), REPO, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-4000:]
-    assert f"qpo: error: workdir {workdir}: not every Ray node sees the run directory" in out
+    assert f"error: workdir {workdir}: not every Ray node sees the run directory" in out
     assert f"(id {blind[:12]})" in out and "Mount shared storage" in out
     assert "[qpo] stage step0" not in out  # refused before any work
     assert not (workdir / "dataset_loop0.parquet").exists()
