@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import importlib.util
 import json
 import os
 import shutil
@@ -347,6 +348,11 @@ def main() -> int:
         print(json.dumps(label_logprobs(Path(args.cpu_reference), "float32")))
         return 0
     start = time.perf_counter()
+    missing = [m for m in ("ray", "vllm", "mlflow") if importlib.util.find_spec(m) is None]
+    if missing and not args.minimal:
+        print(f"[smoke] FAIL full mode: {', '.join(missing)} not importable (install the "
+              "project: scripts/setup.sh; or run --minimal)", file=sys.stderr, flush=True)
+        return 2
     check_device()
     with tempfile.TemporaryDirectory(prefix="qpo-smoke-") as tmp_name:
         tmp = Path(tmp_name)
