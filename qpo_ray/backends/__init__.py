@@ -49,14 +49,23 @@ def validate_backend_config(target_config) -> None:
 
 def check_model(model: str, key: str) -> str:
     """The resolved path or hub id of `model`; fails naming the config `key` when it is
-    a missing path, or a hub id that is not cached while HF_HUB_OFFLINE=1."""
-    from qpo_ray.common.models import resolve_model
+    a missing path, or a hub id that is not cached while HF_HUB_OFFLINE=1. Online, a hub
+    id is fetched here, once, on the driver, into the Hugging Face cache the workers read
+    (HF_HOME): a gated or missing model fails now, not in an actor mid-run."""
+    from qpo_ray.common.models import fetch_hub_model, resolve_model
 
     try:
         path = resolve_model(model)
     except FileNotFoundError as exc:
         raise ConfigError(f"{key}: {exc}") from None
-    if Path(path).exists() or os.environ.get("HF_HUB_OFFLINE") != "1":
+    if Path(path).exists():
+        return path
+    if os.environ.get("HF_HUB_OFFLINE") != "1":
+        try:
+            fetch_hub_model(path)
+        except (OSError, ValueError) as exc:  # the hub's errors (HTTP, gated, not found)
+            raise ConfigError(f"{key}: {model!r} could not be fetched from the Hugging Face "
+                              f"Hub: {_hub_error(exc)}") from None
         return path
     from huggingface_hub import try_to_load_from_cache
 
@@ -64,6 +73,20 @@ def check_model(model: str, key: str) -> str:
         raise ConfigError(f"{key}: {model!r} is neither a local checkpoint nor in the "
                           "Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it")
     return path
+
+
+def _hub_error(exc: Exception) -> str:
+    """What the user can do about a failed fetch."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, GatedRepoError):
+        return ("it is gated: accept its licence on its Hub page and set HF_TOKEN (a read "
+                f"token) in the driver's environment ({first})")
+    if isinstance(exc, RepositoryNotFoundError):
+        return f"no such model, or a private one (set HF_TOKEN) ({first})"
+    return (f"{first}; without network, fill the cache elsewhere and set HF_HUB_OFFLINE=1, "
+            "or give a local checkpoint directory")
 
 
 def check_continuations(target_config, continuations: list[str], what: str) -> None:

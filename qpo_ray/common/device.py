@@ -8,13 +8,40 @@ CPU-only machine, a V100 (no bf16) and an H100 all take the right path.
 from __future__ import annotations
 
 import os
-from typing import Any
+import sys
+from typing import Any, Optional
 
 import torch
 
 
+def ray_gpu_ids() -> Optional[list]:
+    """The GPUs Ray gave this worker process (actor/task), [] for a zero-GPU one; None
+    outside a Ray worker (a driver or a plain process: no Ray reservation applies).
+
+    Ray 2.60 no longer clears CUDA_VISIBLE_DEVICES for num_gpus=0 workers, so such a
+    worker still sees every GPU of its node; only Ray's own record says it holds none.
+    Ray is only consulted where this process already imported it (every Ray worker has).
+    """
+    ray = sys.modules.get("ray")
+    if ray is None or not hasattr(ray, "get_gpu_ids"):
+        return None
+    from ray._private import worker as ray_worker
+
+    if not ray.is_initialized() or ray_worker.global_worker.mode != ray_worker.WORKER_MODE:
+        return None
+    return list(ray.get_gpu_ids())
+
+
+def may_use_gpu() -> bool:
+    """False in a Ray worker that Ray gave no GPU (it would otherwise land on cuda:0
+    beside the engines that reserved it)."""
+    ids = ray_gpu_ids()
+    return ids is None or len(ids) > 0
+
+
 def has_cuda() -> bool:
-    return torch.cuda.is_available()
+    # Ray first: a zero-GPU worker never initialises CUDA.
+    return may_use_gpu() and torch.cuda.is_available()
 
 
 def get_device(prefer_gpu: bool = True) -> torch.device:
@@ -28,8 +55,29 @@ def get_device(prefer_gpu: bool = True) -> torch.device:
     return torch.device("cpu")
 
 
+def bf16_native(capability: tuple[int, int]) -> bool:
+    """Whether a GPU of this compute capability has bf16 in hardware (Ampere, 8.0, on).
+    torch.cuda.is_bf16_supported() also counts emulation and says True on a V100 (7.0),
+    where vLLM refuses bf16 and the emulated matmuls are slow."""
+    return tuple(capability) >= (8, 0)
+
+
 def bf16_supported() -> bool:
-    return has_cuda() and torch.cuda.is_bf16_supported()
+    return has_cuda() and bf16_native(torch.cuda.get_device_capability())
+
+
+def describe() -> dict[str, Any]:
+    """What this process decides and why (scripts/gpu_smoke.sh and the run log print it)."""
+    info: dict[str, Any] = {"device": str(get_device()), "ray_gpu_ids": ray_gpu_ids(),
+                            "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+                            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    if has_cuda():
+        cap = torch.cuda.get_device_capability()
+        info.update(gpu=torch.cuda.get_device_name(), capability=f"{cap[0]}.{cap[1]}",
+                    arch_list=torch.cuda.get_arch_list(), bf16_native=bf16_native(cap),
+                    bf16_torch_says=torch.cuda.is_bf16_supported())
+    info["auto_dtype"] = dtype_name("auto")
+    return info
 
 
 def cpu_has_native_bf16() -> bool:

@@ -21,7 +21,7 @@ from typing import Any, Optional
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def _existing_cluster() -> Optional[str]:
+def existing_cluster() -> Optional[str]:
     """The cluster `ray.init(address=None)` would join: RAY_ADDRESS, else the last
     `ray start` on this machine; None when it would start a new local Ray."""
     from ray._private import services
@@ -36,7 +36,7 @@ def connect_ray(address: Optional[str] = None, **init_kwargs: Any) -> None:
 
     if ray.is_initialized():
         return
-    if address is not None or _existing_cluster() is not None:
+    if address is not None or existing_cluster() is not None:
         ray.init(address=address, **init_kwargs)
         return
     from ray._private import ray_constants
@@ -57,9 +57,15 @@ def connect_ray(address: Optional[str] = None, **init_kwargs: Any) -> None:
             os.environ[_LOOPBACK_ENV] = saved_env
 
 
+def worker_env() -> dict[str, str]:
+    """What every Ray worker of a run gets in its environment: the driver's HF_HUB_OFFLINE
+    ("0" where the driver has none, so a node's own setting cannot differ from what the
+    driver checked or fetched before work started)."""
+    return {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
 def init_ray(address: Optional[str] = None) -> None:
     """Join the configured cluster (RAY_ADDRESS is already in the config's ray_address),
     else start a local one; a caller that initialised Ray itself is left alone."""
-    connect_ray(address, log_to_driver=False,
-                runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1",
-                                          "TOKENIZERS_PARALLELISM": "false"}})
+    connect_ray(address, log_to_driver=False, runtime_env={"env_vars": worker_env()})

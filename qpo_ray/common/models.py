@@ -9,6 +9,7 @@ under the cache directory and reused afterwards.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
@@ -124,6 +125,20 @@ def resolve_model(name_or_path: str) -> str:
     if name_or_path.startswith(("/", "./", "../", "~")):
         raise FileNotFoundError(f"model path {name_or_path!r} does not exist")
     return name_or_path
+
+
+# What a hub checkpoint needs to run here: configs, safetensors weights and tokenizer
+# files (not the .bin/.pth copies many repositories also carry).
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+
+
+@functools.cache
+def fetch_hub_model(repo_id: str) -> str:
+    """Download a hub model into the Hugging Face cache (HF_HOME; a no-op when it is
+    there); HF_TOKEN authenticates gated models. Returns the snapshot directory."""
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id, allow_patterns=HUB_PATTERNS)
 
 
 def cut_config(path: str, num_layers: int | None, key: str):

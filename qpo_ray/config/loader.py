@@ -119,6 +119,12 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (item_tp,) = typing.get_args(tp)
         return [_check_type(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        key_tp, value_tp = typing.get_args(tp)
+        return {_check_type(k, key_tp, key): _check_type(v, value_tp, f"{key}.{k}")
+                for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true/false, got {value!r}")

@@ -136,6 +136,9 @@ class EvaluationConfig(Section):
     batch_size_pairs: int = 64
     # Times a failed batch (dead actor) is retried on a replacement actor.
     max_task_retries: int = 3
+    # Custom Ray resources each engine actor asks for ({"gpu_node": 1}): the engines go
+    # to the nodes started with them (`ray start --resources`).
+    resources: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
         require_all([
@@ -205,6 +208,8 @@ class TrainingConfig(Section):
     use_gpu: bool = False
     # Ray CPUs reserved per training worker; on CPU workers also torch's thread count.
     num_cpus_per_worker: int = 1
+    # Custom Ray resources per training worker, as evaluation.resources.
+    resources: dict[str, float] = field(default_factory=dict)
     strategy: Literal["ddp", "deepspeed"] = "ddp"
     zero_stage: int = 2
     # Autocast of training steps (weights stay float32): no | bf16 | fp16 (GPU only) |

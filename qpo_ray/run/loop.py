@@ -33,6 +33,7 @@ from typing import Any, Iterator, Optional
 from qpo_ray.common import faults
 from qpo_ray.config import Config
 from qpo_ray.common.progress import send_library_logs_to
+from qpo_ray.common.shared_storage import check_shared_run_dir
 from qpo_ray.run.rundir import RunDir, lock_outputs, lock_run_dir
 from qpo_ray.run.pipeline import PIPELINE, Stage, plan
 from qpo_ray.run.stages import augment, step0, test
@@ -140,6 +141,8 @@ def _run_qpo(cfg: Optional[Config], resume_dir: Optional[str],
         ctx.cfg = cfg = cfg.with_changes({"workdir": str(run.path)})
     log_file = send_library_logs_to(run.path)
     print(f"[qpo] run directory {run.path}; Ray's and MLflow's logs: {log_file}", flush=True)
+    if (nodes := check_shared_run_dir(run.path, cfg.ray_address)) > 1:
+        print(f"[qpo] all {nodes} Ray nodes see the run directory", flush=True)
     _say_precisions(cfg)
     ctx.tracker = tracker = Tracker(cfg, run.path)
     parent = tracker.parent_run_id()

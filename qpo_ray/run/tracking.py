@@ -59,6 +59,19 @@ def _scalar_columns(df: pd.DataFrame) -> pd.DataFrame:
     return df.drop(columns=nested)
 
 
+def artifact_location(uri: str, run_dir: Path) -> Optional[str]:
+    """Where a new experiment keeps its artifacts. Without one MLflow writes them to
+    ./mlruns in the current directory (a pod's ephemeral one), where nothing finds them:
+    a SQLite store keeps them beside its file (<dir>/mlartifacts), another database in
+    the run directory; a server (http, databricks) or a file store decides its own."""
+    scheme = uri.split(":", 1)[0] if "://" in uri else "file"
+    if scheme == "sqlite":
+        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    if scheme in ("file", "http", "https", "databricks", "databricks-uc"):
+        return None
+    return (run_dir / "mlartifacts").as_uri()
+
+
 class Tracker:
     """The MLflow runs of one run directory."""
 
@@ -85,12 +98,8 @@ class Tracker:
         exp = self.client.get_experiment_by_name(self.cfg.tracking.experiment)
         if exp is not None:
             return exp.experiment_id
-        # The default local store keeps its artifacts in the run directory; a remote
-        # server decides its own artifact root.
-        location = None
-        if self.uri.startswith("sqlite:///") and not self.cfg.tracking.uri:
-            location = (self.run_dir / "mlartifacts").as_uri()
-        return self.client.create_experiment(self.cfg.tracking.experiment, location)
+        return self.client.create_experiment(self.cfg.tracking.experiment,
+                                             artifact_location(self.uri, self.run_dir))
 
     def _find_run(self, tags: dict[str, str]) -> Optional[str]:
         """A run of this experiment carrying all `tags`: one that a crash left created but

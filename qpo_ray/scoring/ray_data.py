@@ -281,6 +281,7 @@ class RayDataScorer(PairScorer):
                                  ray.cluster_resources().get("CPU", 0.0)),
             num_gpus=ev.num_gpus_per_actor or None,
             memory=actor_memory_bytes(self.target, ev, self.num_actors),
+            resources=dict(ev.resources) or None,
             max_restarts=-1, max_task_retries=ev.max_task_retries)
         while len(self._engines) < wanted:
             self._engines.append(engine.remote(

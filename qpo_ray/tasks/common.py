@@ -50,7 +50,11 @@ class DataTask(Task):
         """The hub copy of a split (needs `pip install datasets`)."""
         if split not in self.hub_splits:
             raise TaskDataError(f"task {self.name}: the hub copy has no {split!r} split")
-        rows = load_hub(self.hub_path, self.hub_name, self.hub_splits[split])
+        try:
+            rows = load_hub(self.hub_path, self.hub_name, self.hub_splits[split])
+        except TaskDataError as exc:
+            raise TaskDataError(f"task {self.name}: {exc} (task.data_dir: a directory "
+                                "in the dataset's upstream file layout)") from None
         return [self.example(row, f"{split}-{i}") for i, row in enumerate(rows)]
 
     @abstractmethod

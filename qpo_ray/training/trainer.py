@@ -342,7 +342,7 @@ def train_policy(cfg: Config, dataset_path: str, out_dir: str, loop_index: int,
     storage = out / "ray_train"
     # A stale run of the same name would be picked up as if resuming it.
     shutil.rmtree(storage / run_name, ignore_errors=True)
-    resources = {"CPU": tcfg.num_cpus_per_worker}
+    resources = {"CPU": tcfg.num_cpus_per_worker, **tcfg.resources}
     progress_file = out / "progress.json"
     trainer = TorchTrainer(
         _train_worker,

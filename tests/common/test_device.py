@@ -66,3 +66,42 @@ def test_a_bf16_target_answers_like_the_float32_one(tiny_model_dir, one_torch_th
         assert fp32 != bf16  # it did compute in bf16
     assert [max((0, 1), key=row.__getitem__) for row in scores["float32"]] == [0, 1]
     assert [max((0, 1), key=row.__getitem__) for row in scores["bfloat16"]] == [0, 1]
+
+
+@pytest.mark.parametrize("capability,native", [((7, 0), False), ((7, 5), False),
+                                                ((8, 0), True), ((8, 6), True),
+                                                ((9, 0), True), ((12, 0), True)],
+                         ids=["V100", "T4", "A100", "A10", "H100", "sm120"])
+def test_bf16_is_native_from_compute_capability_8_0(capability, native):
+    """torch.cuda.is_bf16_supported() counts emulation (True on a V100): the helper
+    decides from the capability, and `auto` takes fp16 below 8.0."""
+    assert devices.bf16_native(capability) is native
+
+
+def test_outside_a_ray_worker_no_ray_reservation_applies():
+    assert devices.ray_gpu_ids() is None
+    assert devices.may_use_gpu()
+
+
+def test_a_zero_gpu_ray_actor_decides_cpu_though_it_sees_cuda_visible_devices(ray_cluster):
+    """Ray 2.60 leaves CUDA_VISIBLE_DEVICES as it is for num_gpus=0 actors (a Serve
+    replica with 0 GPUs would load onto cuda:0): the helper reads Ray's assignment."""
+    ray = ray_cluster
+
+    @ray.remote(num_cpus=0, num_gpus=0)
+    class Probe:
+        def decide(self):
+            import os
+
+            from qpo_ray.common import device as d
+
+            return (os.environ.get("CUDA_VISIBLE_DEVICES"), d.ray_gpu_ids(), d.may_use_gpu(),
+                    d.has_cuda(), str(d.get_device()))
+
+    probe = Probe.options(runtime_env={"env_vars": {"CUDA_VISIBLE_DEVICES": "0"}}).remote()
+    try:
+        visible, ids, may, cuda, device = ray.get(probe.decide.remote(), timeout=120)
+    finally:
+        ray.kill(probe)
+    assert visible == "0"  # the premise: Ray left the variable set
+    assert ids == [] and may is False and cuda is False and device == "cpu"

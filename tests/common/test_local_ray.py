@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 PROBE = """
@@ -62,3 +64,37 @@ def test_single_machine_ray_binds_loopback_only(tmp_path):
     assert any("raylet" in n for n in names) and any("gcs_server" in n for n in names), names
     exposed = [entry for entry in result["listening"] if not _loopback(entry[0])]
     assert exposed == [], exposed
+
+
+OFFLINE_PROBE = """
+import json, os, ray
+from qpo_ray.common.local_ray import init_ray
+
+init_ray(None)
+
+@ray.remote(num_cpus=0)
+def seen():
+    from huggingface_hub import constants
+    return [os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE]
+
+print("RESULT " + json.dumps(ray.get(seen.remote())))
+ray.shutdown()
+"""
+
+
+@pytest.mark.parametrize("driver", ["1", None], ids=["offline", "unset"])
+def test_ray_workers_get_the_drivers_hf_hub_offline(tmp_path, driver):
+    """init_ray used to force HF_HUB_OFFLINE=1 into every worker: a vLLM actor could not
+    fetch a hub model the driver was allowed to fetch."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "HF_HUB_OFFLINE")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    if driver is not None:
+        env["HF_HUB_OFFLINE"] = driver
+    proc = subprocess.run([sys.executable, "-c", OFFLINE_PROBE], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    value, offline = json.loads(line[len("RESULT "):])
+    assert offline is (driver == "1")
+    assert value == (driver or "0")

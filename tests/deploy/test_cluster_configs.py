@@ -3,7 +3,8 @@ names only things that exist here (repository files, profiles, import paths, job
 
 from __future__ import annotations
 
-import importlib.util
+import argparse
+import importlib
 import re
 import shlex
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import yaml
 
 from qpo_ray.config import load_config, profile_path
+from qpo_ray.run.commands import command_parser, config_from_args
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_YAMLS = sorted((REPO / "cluster").rglob("*.yaml"))
@@ -40,13 +42,6 @@ def by_kind(kind: str) -> list[Path]:
 
 def launcher_yamls() -> list[Path]:
     return [p for p in CLUSTER_YAMLS if "provider" in load(p)]
-
-
-def load_job_common():
-    spec = importlib.util.spec_from_file_location("_common", REPO / "jobs" / "_common.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_expected_configs_exist():
@@ -95,11 +90,13 @@ def test_rayjob_entrypoint_runs_a_job_script_with_a_valid_config(path):
     script = REPO / REPO_PATH.match(argv[1]).group(1)
     assert script.parent.name == "jobs" and script.exists()
     # The flags go through the jobs' own parser and into a real Config.
-    common = load_job_common()
-    args = common.parser("test").parse_args(argv[2:])
-    cfg = common.config(args)
+    args = command_parser("run", argparse.ArgumentParser()).parse_args(argv[2:])
+    cfg = config_from_args(args)
     assert profile_path(args.profile).exists() and cfg.workdir == args.workdir
     assert spec["rayClusterSpec"]["rayVersion"] == "2.60.0"
+    # An MLflow server, not a SQLite file written by the job and the service at once
+    # (and, with no artifact store, artifacts in the head pod's ./mlruns).
+    assert cfg.tracking_uri().startswith("http://"), cfg.tracking_uri()
 
 
 def test_serve_config_and_rayservice_are_valid_serve_configs():
@@ -185,3 +182,128 @@ def test_dockerfile_copies_only_existing_paths():
     for src in sources:
         assert (REPO / src).exists(), f"Dockerfile copies {src}, which does not exist"
     assert "FROM rayproject/ray:2.60.0" in dockerfile
+
+
+def _items(path: Path) -> list[dict]:
+    doc = load(path)
+    return doc["items"] if doc.get("kind") == "List" else [doc]
+
+
+def _all_items() -> list[dict]:
+    return [item for path in CLUSTER_YAMLS for item in _items(path)]
+
+
+def _rule_ports(rule: dict) -> set:
+    return {p["port"] for p in rule.get("ports", [])}
+
+
+def test_open_dashboards_have_a_network_policy():
+    """dashboard-host 0.0.0.0 (the KubeRay head): a NetworkPolicy selects the head pods and
+    admits the job API (8265) and the Ray ports only from named pods, never from all."""
+    open_heads = [path for path in by_kind("RayJob") + by_kind("RayService")
+                  if str(_head_params(load(path)).get("dashboard-host")) == "0.0.0.0"]
+    assert open_heads
+    policies = [i for i in _all_items() if i.get("kind") == "NetworkPolicy"
+                and i["spec"]["podSelector"].get("matchLabels") == {"ray.io/node-type": "head"}]
+    assert len(policies) == 1, "a NetworkPolicy for the Ray head pods"
+    (policy,) = policies
+    assert "Ingress" in policy["spec"]["policyTypes"]
+    for rule in policy["spec"]["ingress"]:
+        ports = _rule_ports(rule)
+        if not rule.get("from"):  # open to all: only the Serve port (token-protected)
+            assert ports == {8000}, rule
+        else:
+            assert all(peer.get("podSelector") for peer in rule["from"]), rule
+    # The RayJob's submitter reaches the job API.
+    (job,) = by_kind("RayJob")
+    submitter = {"batch.kubernetes.io/job-name": load(job)["metadata"]["name"]}
+    assert any(peer["podSelector"].get("matchLabels") == submitter and 8265 in _rule_ports(rule)
+               for rule in policy["spec"]["ingress"] for peer in rule.get("from", []))
+
+
+def _head_params(doc: dict) -> dict:
+    spec = doc["spec"]
+    cluster = spec.get("rayClusterSpec") or spec["rayClusterConfig"]
+    return cluster["headGroupSpec"]["rayStartParams"]
+
+
+def test_kubernetes_tracking_goes_to_the_mlflow_server_manifest():
+    """The RayJob and the RayService track to the MLflow server's Service (it serves the
+    artifacts the replicas load), which has basic auth and a policy of its own."""
+    items = _all_items()
+    (service,) = [i for i in items if i.get("kind") == "Service" and i["metadata"]["name"] ==
+                  "qpo-mlflow"]
+    url = f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    (deployment,) = [i for i in items if i.get("kind") == "Deployment"]
+    command = " ".join(deployment["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert "--serve-artifacts" in command and "--app-name basic-auth" in command
+    assert deployment["spec"]["replicas"] == 1  # the one writer of its SQLite store
+    assert any(i.get("kind") == "NetworkPolicy" and i["spec"]["podSelector"]["matchLabels"] ==
+               deployment["spec"]["selector"]["matchLabels"] for i in items)
+    assert load_config("cluster").tracking.uri == url
+    (job,) = by_kind("RayJob")
+    assert f"--tracking-uri {url}" in load(job)["spec"]["entrypoint"]
+    for path in by_kind("RayService"):
+        (app,) = yaml.safe_load(load(path)["spec"]["serveConfigV2"])["applications"]
+        assert f"tracking.uri={url}" in app["args"]["overrides"]
+    for path in by_kind("RayJob") + by_kind("RayService"):
+        for spec in _pod_specs(load(path)) if "rayClusterConfig" in load(path)["spec"] \
+                else _job_pod_specs(load(path)):
+            for container in spec["containers"]:
+                names = {e["name"] for e in container.get("env", [])}
+                assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= names
+
+
+def _job_pod_specs(doc) -> list[dict]:
+    cluster = doc["spec"]["rayClusterSpec"]
+    groups = [cluster["headGroupSpec"]] + cluster.get("workerGroupSpecs", [])
+    return [g["template"]["spec"] for g in groups]
+
+
+def test_rayservice_rolls_whole_gpu_deployments_without_surge():
+    """With no autoscaler, a surge replica of a deployment holding a whole GPU waits for a
+    GPU that never frees, and the rolling update never finishes."""
+    for path in by_kind("RayService"):
+        doc = load(path)
+        cluster = doc["spec"]["rayClusterConfig"]
+        if cluster.get("enableInTreeAutoscaling"):
+            continue
+        (app,) = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]
+        surge = {d["name"]: d.get("max_surge_percent") for d in app.get("deployments", [])}
+        cfg = load_config(app["args"]["profile"], app["args"]["overrides"])
+        gpus = {"TargetServer": cfg.evaluation.num_gpus_per_actor,
+                "PolicyServer": cfg.serve.num_gpus_per_replica}
+        assert gpus["TargetServer"] >= 1  # what makes the check matter here
+        for name, per_replica in gpus.items():
+            if per_replica >= 1:
+                assert surge.get(name) == 0, f"{path.name}: {name} needs max_surge_percent: 0"
+
+
+def test_serve_deployment_names_in_configs_are_the_apps():
+    from qpo_ray.serving.deployments import PolicyServer, TargetServer
+
+    names = {PolicyServer.name, TargetServer.name}
+    for path in by_kind("RayService"):
+        (app,) = yaml.safe_load(load(path)["spec"]["serveConfigV2"])["applications"]
+        assert {d["name"] for d in app.get("deployments", [])} <= names
+
+
+def test_cluster_readme_and_launchers_run_jobs_from_the_repository():
+    """`ray submit CLUSTER jobs/x.py` copies the script alone, to the home directory:
+    the docs run jobs from the repository (ray job submit --working-dir . / ray exec)."""
+    texts = [(REPO / "cluster" / "README.md").read_text()]
+    texts += [(p.read_text()) for p in launcher_yamls()]
+    for text in texts:
+        assert not re.search(r"^[\s#]*ray submit \S+ jobs/", text, re.M)
+    readme = texts[0]
+    assert "ray rsync-down cluster/aws/v100-single.yaml '~/qpo-ray/runs/v100'" in readme
+    assert "cd ~/qpo-ray && python jobs/qpo_loop.py --profile v100" in readme
+
+
+def test_v100_launcher_takes_the_volta_install_path():
+    (path,) = [p for p in launcher_yamls() if load(p)["max_workers"] == 0]
+    setup = " ".join(load(path)["setup_commands"])
+    assert "download.pytorch.org/whl/cu126" in setup and "vllm" not in setup
+    assert "QPO_GPU=volta" in (REPO / "scripts" / "setup.sh").read_text()
+    cfg = load_config("v100")
+    assert cfg.target.backend == "transformers" and cfg.target.dtype == "float16"

@@ -230,3 +230,16 @@ def test_serve_deploy_of_the_repository_config(ray_head, tiny_model_dir, tmp_pat
     finally:
         subprocess.run(serve_cli + ["shutdown", "-y", "--address", ray_head], env=_env(),
                        capture_output=True, timeout=120)
+
+
+def test_a_job_script_copied_alone_runs(tmp_path):
+    """`ray submit CLUSTER jobs/qpo_loop.py` copies only the script (to ~): it used to
+    fail on `import _common`; it runs where qpo_ray is installed (here: on PYTHONPATH)."""
+    script = tmp_path / "qpo_loop.py"
+    shutil.copy(REPO / "jobs" / "qpo_loop.py", script)
+    proc = subprocess.run([sys.executable, str(script), "--profile", "cpu-demo",
+                           "--set", "loop.num_loops=0"], cwd=tmp_path,
+                          env={**_env(), "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "loop.num_loops" in proc.stderr and "Traceback" not in proc.stderr

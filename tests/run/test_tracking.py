@@ -145,3 +145,29 @@ def test_a_transient_registry_error_never_creates_a_second_version(mlflow_server
         proxy.stop()
     versions = MlflowClient(mlflow_server).search_model_versions("name = 'qpo-flaky-policy'")
     assert [v.version for v in versions] == [v1]
+
+
+def test_an_explicit_sqlite_store_keeps_artifacts_beside_it_not_in_the_cwd(tmp_path,
+                                                                           monkeypatch):
+    """`--tracking-uri sqlite:///...` (the KubeRay job's) used to create its experiment
+    with no artifact location: MLflow then wrote every artifact to ./mlruns in whatever
+    directory the process ran in. (A file store keeps artifacts in its own root, and
+    MLflow 3.17 refuses file stores unless MLFLOW_ALLOW_FILE_STORE is set.)"""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    store_dir = tmp_path / "store"
+    store_dir.mkdir()
+    cfg = load_config("cpu-demo", [f"workdir={tmp_path / 'run'}",
+                                   f"tracking.uri=sqlite:///{store_dir / 'mlflow.db'}",
+                                   "tracking.experiment=explicit"])
+    run_dir = Path(cfg.workdir)
+    run_dir.mkdir(parents=True)
+    tracker = Tracker(cfg, run_dir)
+    tracker.register_policy(1, _policy_dir(tmp_path / "ckpt"))
+    tracker.finish()
+    assert list(cwd.iterdir()) == []  # no ./mlruns
+    (logged,) = store_dir.rglob("heads.safetensors")
+    assert logged.is_relative_to(store_dir / "mlartifacts")
+    experiment = tracker.client.get_experiment_by_name("explicit")
+    assert experiment.artifact_location == (store_dir / "mlartifacts").as_uri()

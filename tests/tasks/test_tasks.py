@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import sys
 
 import pytest
 
@@ -306,3 +307,23 @@ def test_byo_text_file_with_a_parallel_label_file(tmp_path):
     (tmp_path / "train.txt").write_text("a\n\nc\n" + "x\n" * 6)
     with pytest.raises(TaskDataError, match=r"train\.txt: line 2: empty text"):
         get_task(TaskConfig(name="byo", spec_path=str(tmp_path / "task.yaml"))).load_split("train")
+
+
+@pytest.mark.parametrize("profile", ["v100", "cluster"])
+def test_gpu_profiles_without_datasets_stop_before_work_naming_task_data_dir(
+        monkeypatch, tmp_path, profile):
+    """The v100/cluster profiles read ag_news from the hub through `datasets`, which is
+    not installed by default: the pre-run checks say how to install it or where to put
+    the upstream files."""
+    from qpo_ray.config import load_config
+    from qpo_ray.run.loop import check_before_work
+    from qpo_ray.tasks.files import TaskDataError
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    cfg = load_config(profile, [f"workdir={tmp_path / 'run'}"])
+    with pytest.raises(TaskDataError) as err:
+        check_before_work(cfg)
+    message = str(err.value)
+    assert message.startswith("task ag_news: ")
+    assert "pip install datasets" in message and "task.data_dir" in message
+    assert not (tmp_path / "run").exists()  # nothing started

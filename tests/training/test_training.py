@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 import pytest
 
+from qpo_ray.common import device as devices
 from qpo_ray.config import load_config
 from qpo_ray.data.importer import import_paper_json
 from qpo_ray.data.io import write_dataset
@@ -316,7 +317,7 @@ class _RunsCode:
 def test_gpu_training_paths(ray_cluster, tiny_model_dir, paper_dataset, tmp_path, strategy,
                             precision):
     """NCCL DDP with autocast (fp16 + gradient scaler, bf16) and DeepSpeed on GPU workers."""
-    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+    if precision == "bf16" and not devices.bf16_supported():
         pytest.skip("this GPU has no bf16")
     cfg = _cfg(tiny_model_dir, strategy=strategy, use_gpu=True, num_workers=1,
                mixed_precision=precision, epochs_first_loop=2)
