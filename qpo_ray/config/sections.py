@@ -340,9 +340,11 @@ DECODINGS = ("greedy", "rank", "mbr")
 
 @dataclass
 class TestConfig:
-    # Methods compared in the report (the registry in qpo_ray/testphase/methods.py).
+    # Methods compared in the report (the registry in qpo_ray/testphase/methods.py);
+    # majority and probe need no target call (skipped on free-text tasks).
     methods: list[str] = field(
-        default_factory=lambda: ["qpo", "manual", "best_single", "nearest_neighbour"]
+        default_factory=lambda: ["qpo", "manual", "best_single", "nearest_neighbour",
+                                 "majority", "probe"]
     )
     # How `qpo` turns the policy into a prompt per query: "greedy" at the target reward
     # (the paper), "rank" (the best of candidate prompts by log p(c | R high, q) -

@@ -27,10 +27,12 @@ from typing import Callable, Optional
 import pandas as pd
 
 from qpo_ray.testphase.calibration import calibrate_mbr
-from qpo_ray.config import Config
+from qpo_ray.config import Config, ConfigError
+from qpo_ray.prompts import PromptRecord
 from qpo_ray.data.pairs import make_pairs
 from qpo_ray.data.rewards import pair_accuracy
-from qpo_ray.testphase.decoding import Choice, MethodContext, PromptTuple, policy_prompts
+from qpo_ray.testphase.decoding import (Choice, MethodContext, Predicted, PromptTuple,
+                                        policy_prompts)
 from qpo_ray.testphase.methods import check_methods, method_prompts
 from qpo_ray.common.atomic import write_json_atomic
 from qpo_ray.common.layout import RunFiles, read_json, sidecar
@@ -47,10 +49,19 @@ def compared_queries(cfg: Config, splits: Splits) -> list[Example]:
 
 
 def score_prompts(cfg: Config, task: Task, splits: Splits, queries: list[Example],
-                  prompts: dict[str, list[PromptTuple]], score: ScoreFn, split: str,
+                  prompts: dict[str, list[PromptTuple] | Predicted], score: ScoreFn, split: str,
                   shots_list: list[int]) -> tuple[pd.DataFrame, dict]:
     """Score each row's prompts on `queries`; distinct (shots, query, prompt) pairs are
-    scored once. One row per (shots, method, query) with prediction and accuracy."""
+    scored once. One row per (shots, method, query) with prediction and accuracy; rows
+    that predict the label themselves (`Predicted`) join with an empty prompt and no
+    target call."""
+    direct = {m: p for m, p in prompts.items() if isinstance(p, Predicted)}
+    prompts = {m: p for m, p in prompts.items() if not isinstance(p, Predicted)}
+    own = [predicted_rows(queries, method, p.labels, shots, split)
+           for method, p in direct.items() for shots in shots_list]
+    if not prompts:
+        return (pd.concat(own, ignore_index=True) if own else pd.DataFrame(),
+                {"pairs_scored": 0, "pairs_requested": 0})
     frames = []
     for shots in shots_list:
         shot_cfg = copy.deepcopy(cfg)
@@ -70,7 +81,38 @@ def score_prompts(cfg: Config, task: Task, splits: Splits, queries: list[Example
     keep = key + ["prediction", "correct", "accuracy"]
     out = every.drop(columns=["pair_id"]).merge(scored[keep], on=key, how="left")
     usage["pairs_scored"], usage["pairs_requested"] = len(unique), len(every)
-    return out.assign(split=split), usage
+    return pd.concat([out.assign(split=split), *own], ignore_index=True), usage
+
+
+def predicted_rows(queries: list[Example], method: str, labels: list[int], shots: int,
+                   split: str) -> pd.DataFrame:
+    """A direct method's rows in the predictions' columns: no prompt (empty id and
+    text), its label as the prediction (a label index, as the scorer writes it)."""
+    if len(labels) != len(queries):
+        raise ValueError(f"{method}: {len(labels)} predictions for {len(queries)} queries")
+    correct = [int(y) == int(q.label) for y, q in zip(labels, queries)]
+    return pd.DataFrame({
+        "split": split, "shots": shots, "method": method, "query_id": [q.id for q in queries],
+        "query": [q.text for q in queries], "label": [str(q.label) for q in queries],
+        "prompt_id": "", "prompt": "", "source": method,
+        "prediction": [str(int(y)) for y in labels], "correct": correct,
+        "accuracy": [float(c) for c in correct]})
+
+
+def choose_single_on_dev(ctx: MethodContext, splits: Splits, score: ScoreFn,
+                         shots: int) -> tuple[PromptRecord, pd.DataFrame, dict]:
+    """The collection prompt most accurate on the dev split (ties: collection order, the
+    manual prompt first), its dev rows (`single:<id>`) and what it cost."""
+    candidates = {f"single:{r.id}": [(r.id, r.text, r.source)] * len(splits.dev)
+                  for r in ctx.collection}
+    scored, usage = score_prompts(ctx.cfg, ctx.task, splits, splits.dev, candidates, score,
+                                  "dev", [shots])
+    accuracy = scored.groupby("method")["accuracy"].mean()
+    best = max(ctx.collection, key=lambda r: accuracy[f"single:{r.id}"])
+    return best, scored, {"prompt_id": best.id, "dev_queries": len(splits.dev),
+                          "dev_accuracy": {k.removeprefix("single:"): float(v)
+                                           for k, v in accuracy.items()},
+                          "pairs_scored": usage["pairs_scored"]}
 
 
 def choose_on_dev(ctx: MethodContext, splits: Splits, score: ScoreFn,
@@ -170,6 +212,13 @@ def evaluate_run(cfg: Config, task: Task, splits: Splits, score: ScoreFn,
         frames.append(dev_scored)
         selection.update(info, loop=ctx.choice.loop, chosen_decoding=ctx.choice.decoding,
                          dev_queries=len(splits.dev))
+    if "best_single_dev" in cfg.test.methods:
+        if not splits.dev:
+            raise ConfigError("test.methods: best_single_dev needs a dev split "
+                              "(task.dev_queries > 0)")
+        ctx.single_on_dev, dev_singles, selection["best_single_dev"] = choose_single_on_dev(
+            ctx, splits, score, settings[0])
+        frames.append(dev_singles)
     if "qpo" in cfg.test.methods:
         # What Serve needs to decode as `qpo` does (serve.mbr_temperature).
         used = ctx.choice or Choice(ctx.last_loop, cfg.test.decoding)
@@ -192,7 +241,8 @@ def evaluate_run(cfg: Config, task: Task, splits: Splits, score: ScoreFn,
         predictions = pd.concat([kept[~redone][columns], predictions], ignore_index=True)
     predictions.to_parquet(out_dir / "predictions.parquet", index=False)
     test = predictions[predictions["split"] == split]
-    table = results_table(test, getattr(task, "label_words", ()))
+    table = results_table(test, getattr(task, "label_words", ()),
+                          collection=[r.text for r in collection])
     table.to_csv(out_dir / "results.csv", index=False)
     examples = example_rows(test, settings[0], cfg.test.num_example_prompts)
     examples.to_csv(out_dir / "examples.csv", index=False)
@@ -212,6 +262,11 @@ def evaluate_run(cfg: Config, task: Task, splits: Splits, score: ScoreFn,
               f"{split} queries: {len(queries)}; target cost of {cost_of}: "
               f"{usage.get('calls', 0)} calls ({usage['pairs_scored']} distinct pairs), "
               f"{usage.get('engine_seconds', 0.0):.1f} engine-s"]
-    report = markdown(table, examples, header, split)
+    if ctx.single_on_dev is not None:
+        dev_acc = selection["best_single_dev"]["dev_accuracy"][ctx.single_on_dev.id]
+        header.append(f"best_single_dev = {ctx.single_on_dev.id} ({100 * dev_acc:.1f}% on "
+                      f"{len(splits.dev)} dev queries, the best of {len(collection)} "
+                      "collection prompts there)")
+    report = markdown(table, examples, header, split, label_words=getattr(task, "label_words", ()))
     (out_dir / "report.md").write_text(report)
     return report
