@@ -6,10 +6,15 @@
    what `qpo` uses. The test split is never looked at here.
 2. Every method of `test.methods` (qpo_ray.testphase.methods) gives a prompt per test query; the
    distinct (query, prompt) pairs go through ONE scorer pass on the target.
-3. Per (shots, method): accuracy with a 95% Wilson interval, and the PAIRED difference
-   against `manual` and `best_single` on the same queries (bootstrap 95% CI, McNemar
-   exact p; qpo_ray.testphase.stats). `best_single_oracle` (best prompt on the test set) is an
-   upper bound, printed apart, never a baseline.
+   `best_single_dev`: every collection prompt scored on the dev split first, the most
+   accurate is its prompt. `majority` and `probe` predict labels themselves (no prompt,
+   no target call; qpo_ray.testphase.references).
+3. Per (shots, method): accuracy with a 95% Wilson interval, the PAIRED difference
+   against each reference (manual, best_single, best_single_dev, probe, majority) on the
+   same queries (bootstrap 95% CI, McNemar exact p; qpo_ray.testphase.stats), the share
+   of each predicted label beside the gold shares, and for qpo the share of its prompts
+   that are not collection prompts with their accuracy apart. `best_single_oracle` (best
+   prompt on the test set) is an upper bound, printed apart, never a baseline.
 
 Outputs, in ``<run>/report/`` (``report-<target>/`` when testing another target than
 the run's, paper Table 8; ``report-dev/`` when comparing on the dev split,
