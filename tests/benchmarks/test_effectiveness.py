@@ -12,7 +12,7 @@ def test_effectiveness_benchmark_refuses_to_measure_on_another_split(tmp_path):
     seed runs (the runs would write report-dev/, which it never reads)."""
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     proc = subprocess.run(
         [sys.executable, str(repo / "benchmarks" / "effectiveness.py"), "--workdir",
          str(tmp_path), "--set", "test.split=dev", "--set", "test.decoding=greedy"],
@@ -32,7 +32,7 @@ def test_effectiveness_benchmark_rechooses_qpo_when_its_dev_choice_is_out_of_dat
 
     import pandas as pd
 
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     spec = importlib.util.spec_from_file_location("effectiveness",
                                                   repo / "benchmarks" / "effectiveness.py")
     bench = importlib.util.module_from_spec(spec)
