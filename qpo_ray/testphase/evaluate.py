@@ -217,6 +217,12 @@ def evaluate_run(cfg: Config, task: Task, splits: Splits, score: ScoreFn,
         frames.append(dev_scored)
         selection.update(info, loop=ctx.choice.loop, chosen_decoding=ctx.choice.decoding,
                          dev_queries=len(splits.dev))
+    if "best_single_dev" in cfg.test.methods and cfg.test.split == "dev":
+        # Chosen on the dev split, it cannot be compared there.
+        print("[qpo] test: best_single_dev left out: test.split is dev, where it is chosen",
+              flush=True)
+        cfg = copy.deepcopy(cfg)
+        cfg.test.methods = [m for m in cfg.test.methods if m != "best_single_dev"]
     if "best_single_dev" in cfg.test.methods:
         if not splits.dev:
             raise ConfigError("test.methods: best_single_dev needs a dev split "

@@ -276,13 +276,11 @@ def check_method_inputs(cfg: Config, collection: list[PromptRecord]) -> None:
     check_methods(cfg.test.methods)
     if "manual" in cfg.test.methods:
         manual_prompt(collection, cfg.prompts)
-    if "best_single_dev" in cfg.test.methods:
-        if cfg.task.dev_queries == 0:
-            raise ConfigError("test.methods: best_single_dev is chosen on the dev split; "
-                              "set task.dev_queries > 0")
-        if cfg.test.split == "dev":
-            raise ConfigError("test.methods: best_single_dev is chosen on the dev split, "
-                              "so it cannot be compared there (test.split: dev)")
+    # (With test.split: dev, evaluate_run leaves best_single_dev out, saying so.)
+    if "best_single_dev" in cfg.test.methods and cfg.test.split == "test" \
+            and cfg.task.dev_queries == 0:
+        raise ConfigError("test.methods: best_single_dev is chosen on the dev split; "
+                          "set task.dev_queries > 0")
     labelled = {"label_router", "label_router_collection"} & set(cfg.test.methods)
     if labelled:
         _needs_labels(get_task(cfg.task), sorted(labelled)[0])

@@ -24,11 +24,23 @@ def score(tiny_model_dir, rt_task_splits):
     backend = create_backend(TargetConfig(backend="transformers", model=str(tiny_model_dir),
                                           dtype="float32", batch_size=16))
     scorer = LocalScorer(task, backend, splits.demo_pool)
-    calls = []
+    calls, cache = [], {}
 
+    # Each distinct (query, prompt) is scored once in this module (the target is
+    # deterministic in float32): the two tests re-read the same pairs.
     def fn(pairs):
+        from qpo_ray.data.schema import SCORE_COLUMNS
+
         calls.append(len(pairs))
-        return scorer.score(pairs), {"calls": len(calls)}
+        keys = list(zip(pairs["query_id"], pairs["prompt"]))
+        todo = pairs[[k not in cache for k in keys]]
+        if len(todo):
+            for key, row in zip(zip(todo["query_id"], todo["prompt"]),
+                                scorer.score(todo).to_dict("records")):
+                cache[key] = row
+        columns = [c for c in SCORE_COLUMNS if c in next(iter(cache.values()))]
+        return (pairs.reset_index(drop=True).assign(
+            **{c: [cache[k][c] for k in keys] for c in columns}), {"calls": len(calls)})
     fn.calls = calls
     yield fn
     scorer.close()
