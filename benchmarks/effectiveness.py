@@ -1,37 +1,43 @@
-"""Does QPO beat a fixed prompt? Paired test accuracy on 1,000 held-out queries, per seed
-and over seeds.
+"""Does QPO beat a fixed prompt, on several tasks? Paired test accuracy per task, seed and
+pooled, with reference rows that need no prompt.
 
-    .venv/bin/python benchmarks/effectiveness.py --seeds 0 1 2
-    .venv/bin/python benchmarks/effectiveness.py --seeds 0 1 2 --report-only   # summarise
+    .venv/bin/python benchmarks/effectiveness.py --tasks rotten_tomatoes ag_news tweet_emotion
+    .venv/bin/python benchmarks/effectiveness.py --tasks ag_news my_task.yaml --seeds 0
+    .venv/bin/python benchmarks/effectiveness.py --tasks ag_news --report-only   # summarise
+    .venv/bin/python benchmarks/effectiveness.py --tasks tweet_emotion --tiny     # wiring smoke
 
-Each seed is one whole `qpo run` (Step 0, training, augmentation, dev-split choice,
-test phase) of `benchmarks/profiles/effectiveness.yaml` in `<workdir>/seed<k>`; the seed
-changes the collection/dev split, Step-0 sampling, training and sampling. A finished
-seed is reused (methods added to the profile since it ran are scored on its saved
-policies and Step 0 and added to its report), an interrupted one resumed, so seeds can
-run as separate processes (`--seeds 1` in one shell, `--seeds 2` in another) and be
-summarised together.
+A task is a built-in name (its data read from `--data-root/<name>` when that folder
+exists: ag_news and tweet_emotion from ../shared/data; rotten_tomatoes is embedded) or a
+bring-your-own spec file (task.name=byo). Every task runs ONE frozen profile,
+`benchmarks/profiles/effectiveness.yaml`; what differs per task is derived from its data
+by one rule (`task_overrides`), never set by hand:
+- the collection share: COLLECTION_QUERIES train queries (task.collection_fraction =
+  COLLECTION_QUERIES / train size), of which the profile's task.dev_queries are dev;
+- the test set: at most the profile's task.max_test_queries;
+- the prompts: every prompt the project has for the task, the builtin collection first
+  (its manual prompt is `manual`), then InstructEval's (../shared/data/instructeval_prompts)
+  where it has the task, duplicates dropped, written to `<workdir>/<task>/prompts.jsonl`.
 
-It prints, from each run's `report/predictions.parquet` (test split only; nothing here
-looks at the test set to choose anything):
-- one row per method and seed: accuracy, and the paired difference against `manual`
-  and against `best_single` (bootstrap 95% CI over queries, McNemar exact p);
-- the mean over seeds: the mean of the per-seed differences, with a bootstrap that
-  resamples queries within each seed;
-- the checks of the effectiveness issue: QPO above best_single and manual with the CI
-  above 0, QPO >= router and label_router, multi-loop QPO >= loop 1;
-- the same two differences with seeds as the unit (a t-interval over the per-seed
-  differences): the pooled CI above carries only query-to-query noise, so a win carried
-  by one seed passes it; this one says whether QPO wins reliably;
-- the share of well-formed prompts of each policy row (readable, naming the labels);
-- each seed's dev accuracy of every (loop, decoding) the dev split chose among: the
-  figures `qpo` was chosen by, so a profile can be compared with another on dev alone.
+Each (task, seed) is one whole `qpo run` in `<workdir>/<task>/seed<k>`: a finished one is
+reused (methods added to the profile since are scored on its saved policies and added to
+its report), an interrupted one resumed, so tasks and seeds can run as separate processes
+and be summarised together.
+
+It prints, from each run's `report/predictions.parquet` (test split; nothing here looks at
+the test set to choose anything): each task's collection, dev and test label priors per
+seed; per task, one row per method and seed and the mean over seeds, paired against
+manual, best_single, best_single_dev, probe and majority (bootstrap 95% CI over queries,
+McNemar exact p); the issue's checks per task; the same pooled over tasks and seeds; the
+shifted-prior setting: each test set re-sampled (seeded) to its collection's label
+shares reversed by rank, every method's rows on that sample compared again; and the dev
+accuracies qpo was chosen by.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -41,12 +47,99 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
-from qpo_ray.testphase.render import well_formed  # noqa: E402
-from qpo_ray.testphase.stats import across_seeds, paired_difference  # noqa: E402
+import effectiveness_report as report  # noqa: E402
 
 PROFILE = REPO / "benchmarks" / "profiles" / "effectiveness.yaml"
-REFERENCES = ("manual", "best_single")
+DATA_ROOT = Path(os.environ.get("QPO_SHARED_DATA", REPO.parent / "shared" / "data"))
+# Train queries every task's collection share holds (dev queries included): Step 0's
+# 64 shared + 700 wide queries, augmentation's and the dev split's fit in it.
+COLLECTION_QUERIES = 1020
+# --tiny: a wiring smoke of a few minutes per (task, seed) on 2 cores; its figures say
+# nothing about QPO. Applied after the derived sizes (TINY_COLLECTION replaces
+# COLLECTION_QUERIES).
+TINY_COLLECTION = 160
+TINY = ["task.max_test_queries=30", "task.dev_queries=20", "target.backend=transformers",
+        "target.dtype=float32", "target.batch_size=16", "evaluation.num_actors=1",
+        "dataset.queries_per_group=8", "dataset.wide.prompts=4", "dataset.wide.queries=40",
+        "policy.backbone_num_layers=1", "policy.query_summary.layers=4",
+        "policy.query_summary.dims=8", "training.epochs_first_loop=1",
+        "training.summary.epochs=1", "training.max_steps_per_loop=3",
+        "loop.augment_queries_per_round=8", "test.dev_decodings=[greedy]"]
+
+
+def task_arg(arg: str, data_root: Path) -> tuple[str, list[str]]:
+    """(a short name for the task's folder, its task overrides) for a built-in task name
+    or a bring-your-own spec file."""
+    from qpo_ray.tasks import TASKS
+
+    path = Path(arg)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise SystemExit(f"--tasks: {arg}: no such task spec file")
+        return path.stem, ["task.name=byo", f"task.spec_path={path.resolve()}"]
+    if arg not in TASKS:
+        raise SystemExit(f"--tasks: {arg!r} is neither a built-in task ({sorted(TASKS)}) "
+                         "nor a .yaml task spec")
+    folder = data_root / arg
+    return arg, [f"task.name={arg}"] + ([f"task.data_dir={folder}"] if folder.is_dir() else [])
+
+
+def prompt_file(name: str, base: list[str], out: Path, data_root: Path) -> Path:
+    """Every prompt the project has for the task (builtin first, then InstructEval's),
+    written as a .jsonl the profile's prompts.source points at."""
+    from qpo_ray.config import ConfigError, PromptsConfig
+    from qpo_ray.prompts import load_collection
+    from qpo_ray.tasks import get_task
+
+    task = get_task(_task_config(base))
+    records = []
+    for source in ("builtin", str(data_root / "instructeval_prompts")):
+        try:
+            records += load_collection(PromptsConfig(source=source), task.name)
+        except (ConfigError, FileNotFoundError, ValueError):
+            continue  # no such collection for this task
+    if not records:
+        raise SystemExit(f"{name}: no prompt collection (builtin or InstructEval)")
+    seen, lines = set(), []
+    for r in records:
+        if r.text not in seen:
+            seen.add(r.text)
+            lines.append(json.dumps({"text": r.text, "source": r.source}))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _task_config(base: list[str]):
+    from qpo_ray.config import load_config
+
+    return load_config(PROFILE, base).task
+
+
+def task_overrides(name: str, base: list[str], workdir: Path, data_root: Path,
+                   tiny: bool) -> list[str]:
+    """The task's settings, derived from its data by the rules of the module docstring."""
+    from qpo_ray.tasks import get_task
+
+    task = get_task(_task_config(base))
+    train = len(task.load_split("train"))
+    wanted = TINY_COLLECTION if tiny else COLLECTION_QUERIES
+    if train <= wanted:
+        raise SystemExit(f"{name}: {train} train queries; the benchmark needs more than "
+                         f"{wanted} for its collection share")
+    prompts = prompt_file(name, base, workdir / name / "prompts.jsonl", data_root)
+    return [*base, f"task.collection_fraction={wanted / train:.6f}",
+            f"prompts.source={prompts}", *(TINY if tiny else [])]
+
+
+def splits_of(profile: Path, overrides: list[str], seed: int):
+    from qpo_ray.config import load_config
+    from qpo_ray.tasks import task_and_splits
+
+    cfg = load_config(profile, [*overrides, f"seed={seed}"])
+    return task_and_splits(cfg.task, cfg.seed)
 
 
 def missing_methods(run_dir: Path, profile: Path, overrides: list[str]) -> list[str]:
@@ -110,134 +203,67 @@ def run_seed(seed: int, workdir: Path, profile: Path, overrides: list[str]) -> f
     return seconds
 
 
-def load_predictions(workdir: Path, seeds: list[int]) -> pd.DataFrame:
-    """Every seed's prediction rows (test and dev splits), with a `seed` column."""
+def load_predictions(workdir: Path, tasks: list[str], seeds: list[int]) -> pd.DataFrame:
+    """Every (task, seed)'s prediction rows (test and dev), with task and seed columns."""
     frames = []
-    for seed in seeds:
-        path = workdir / f"seed{seed}" / "report" / "predictions.parquet"
-        if not path.exists():
-            raise SystemExit(f"seed {seed}: no {path}; run it first (without --report-only)")
-        frames.append(pd.read_parquet(path).assign(seed=seed))
-    return pd.concat(frames, ignore_index=True)
-
-
-def print_dev_choice(dev: pd.DataFrame) -> None:
-    """Dev accuracy (%) per seed of each candidate the run chose `qpo` among."""
-    if dev.empty:
-        return
-    table = 100 * dev.pivot_table(index="method", columns="seed", values="accuracy")
-    print("\ndev accuracy of the candidates qpo was chosen among (the dev split only):")
-    print(table.round(1).rename(columns=lambda seed: f"seed {seed}")
-          .rename_axis(columns=None).to_string())
-
-
-def label_words(run_dir: Path) -> tuple:
-    """The run's task's label words (what a well-formed prompt must name)."""
-    from qpo_ray.run.rundir import RunDir
-    from qpo_ray.tasks import get_task
-
-    _, cfg = RunDir.load(run_dir)
-    return tuple(getattr(get_task(cfg.task), "label_words", ()))
-
-
-def _aligned(pred: pd.DataFrame, method: str, ref: str) -> tuple | None:
-    a = pred[pred["method"] == method].set_index("query_id")["accuracy"]
-    b = pred[pred["method"] == ref].set_index("query_id")["accuracy"]
-    if a.empty or b.empty:
-        return None
-    common = a.index.intersection(b.index)
-    return a.loc[common].to_numpy(), b.loc[common].to_numpy()
-
-
-def per_seed_pairs(pred: pd.DataFrame, seeds: list[int], method: str, ref: str) -> list:
-    """(method, ref) accuracy arrays aligned on query ids, one pair per seed that has both."""
-    pairs = [_aligned(pred[pred["seed"] == s], method, ref) for s in seeds]
-    return [pair for pair in pairs if pair is not None]
-
-
-def summarise(pred: pd.DataFrame, seeds: list[int]) -> dict[str, dict]:
-    methods = [m for m in pred["method"].unique() if not m.startswith("single:")]
-    summary: dict[str, dict] = {}
-    print(f"\n{'method':<24} {'seed':>4} {'acc':>6}  {'vs manual':<32} {'vs best_single':<32}")
-    for method in methods:
-        per_ref: dict[str, list] = {ref: [] for ref in REFERENCES}
-        accs = []
+    for task in tasks:
         for seed in seeds:
-            part = pred[pred["seed"] == seed]
-            rows = part[part["method"] == method]
-            if rows.empty:
-                continue
-            accs.append(rows["accuracy"].mean())
-            cells = []
-            for ref in REFERENCES:
-                pair = _aligned(part, method, ref) if method != ref else None
-                if pair is not None:
-                    per_ref[ref].append(pair)
-                cells.append(paired_difference([pair]).in_points() if pair is not None else "")
-            print(f"{method:<24} {seed:>4} {100 * accs[-1]:6.1f}  {cells[0]:<32} {cells[1]:<32}")
-        mean = {ref: paired_difference(groups) for ref, groups in per_ref.items() if groups}
-        cells = [mean[ref].in_points() if ref in mean else "" for ref in REFERENCES]
-        print(f"{method:<24} {'mean':>4} {100 * sum(accs) / len(accs):6.1f}  "
-              f"{cells[0]:<32} {cells[1]:<32}")
-        summary[method] = {"accuracy": sum(accs) / len(accs), **mean}
-    return summary
-
-
-def checks(pred: pd.DataFrame, summary: dict, seeds: list[int], label_words) -> None:
-    print("\nchecks (mean over seeds; paired 95% CI):")
-
-    def above(method: str, ref: str) -> str:
-        d = summary.get(method, {}).get(ref)
-        if d is None:
-            return "n/a"
-        return f"{'PASS' if d.ci_low > 0 else 'FAIL'} ({d.in_points()})"
-    print(f"  qpo > best_single, CI > 0:    {above('qpo', 'best_single')}")
-    print(f"  qpo > manual, CI > 0:         {above('qpo', 'manual')}")
-    for ref in REFERENCES:
-        per_seed = [a.mean() - b.mean() for a, b in per_seed_pairs(pred, seeds, "qpo", ref)]
-        if per_seed:
-            print(f"  qpo - {ref}, seeds as the unit (t-interval): "
-                  f"{across_seeds(per_seed).in_points()}")
-    for other in ("router", "label_router", "label_router_collection", "qpo_loop1",
-                  "qpo_greedy"):
-        groups = per_seed_pairs(pred, seeds, "qpo", other)
-        if groups:
-            d = paired_difference(groups)
-            verdict = "PASS" if d.diff >= 0 else "FAIL"
-            print(f"  qpo >= {other:<24} {verdict} ({d.in_points()})")
-    print("\nwell-formed prompts (>= 3 words, printable, every label named), per seed:")
-    for method in sorted(m for m in pred["method"].unique() if m.startswith("qpo")):
-        shares = [pred[(pred["seed"] == s) & (pred["method"] == method)]["prompt"]
-                  .map(lambda p: well_formed(p, label_words)).mean() for s in seeds]
-        distinct = [pred[(pred["seed"] == s) & (pred["method"] == method)]["prompt"].nunique()
-                    for s in seeds]
-        print(f"  {method:<12} " + ", ".join(f"{100 * v:.0f}% ({n} distinct)"
-                                             for v, n in zip(shares, distinct)))
+            path = workdir / task / f"seed{seed}" / "report" / "predictions.parquet"
+            if not path.exists():
+                raise SystemExit(f"{task} seed {seed}: no {path}; run it first "
+                                 "(without --report-only)")
+            frames.append(pd.read_parquet(path).assign(task=task, seed=seed))
+    return pd.concat(frames, ignore_index=True)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", nargs="+", default=["rotten_tomatoes", "ag_news", "tweet_emotion"],
+                   help="built-in task names and/or bring-your-own task spec files (.yaml)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--workdir", type=Path, default=REPO / "runs" / "effectiveness")
     p.add_argument("--profile", type=Path, default=PROFILE)
+    p.add_argument("--data-root", type=Path, default=DATA_ROOT,
+                   help="where built-in tasks' data folders and instructeval_prompts are")
     p.add_argument("--set", dest="overrides", action="append", default=[],
-                   help="section.key=value passed to every seed's run (e.g. "
+                   help="section.key=value passed to every run (e.g. "
                         "dataset.query_reward=predicted); use another --workdir per variant")
-    p.add_argument("--report-only", action="store_true", help="summarise finished seeds only")
+    p.add_argument("--tiny", action="store_true",
+                   help="a wiring smoke: tiny sizes (TINY), minutes per run; no verdicts")
+    p.add_argument("--report-only", action="store_true", help="summarise finished runs only")
     args = p.parse_args()
     if any(o.replace(" ", "").startswith("test.split=") for o in args.overrides):
         p.error("--set test.split: this benchmark measures on the test split; compare on the "
                 "dev split with `qpo evaluate --run-dir <seed dir> --set test.split=dev "
-                "--set test.decoding=greedy` (docs/experiments.md: "The router on the dev split")")
-    if not args.report_only:
+                "--set test.decoding=greedy` (docs/experiments.md: \"The router on the dev split\")")
+    names, shares, words = [], {}, {}
+    for arg in args.tasks:
+        name, base = task_arg(arg, args.data_root)
+        overrides = task_overrides(name, base, args.workdir, args.data_root, args.tiny) \
+            + args.overrides
+        names.append(name)
+        print(f"\n{name}: {' '.join(overrides)}", flush=True)
         for seed in args.seeds:
-            run_seed(seed, args.workdir, args.profile, args.overrides)
-    every = load_predictions(args.workdir, args.seeds)
+            task, splits = splits_of(args.profile, overrides, seed)
+            words[name] = tuple(task.label_words)
+            report.print_priors(name, seed, splits, words[name])
+            labels = [int(e.label) for e in splits.collection]
+            shares[(name, seed)] = {y: labels.count(y) / len(labels)
+                                    for y in range(len(words[name]))}
+            if not args.report_only:
+                run_seed(seed, args.workdir / name, args.profile, overrides)
+    every = load_predictions(args.workdir, names, args.seeds)
     pred = every[(every["split"] == "test") & (every["shots"] == 0)]
-    print(f"test queries per seed: {pred.groupby('seed')['query_id'].nunique().to_dict()}")
-    summary = summarise(pred, args.seeds)
-    checks(pred, summary, args.seeds, label_words(args.workdir / f"seed{args.seeds[0]}"))
-    print_dev_choice(every[every["split"] == "dev"])
+    print("\ntest queries per task and seed: "
+          f"{pred.groupby(['task', 'seed'])['query_id'].nunique().to_dict()}")
+    for name in names:
+        part = pred[pred["task"] == name]
+        report.task_checks(part, report.summarise_task(part, name), name, words[name])
+    report.pooled(pred, names)
+    report.shifted_report(pred, shares, words)
+    report.print_dev_choice(every[every["split"] == "dev"])
+    if args.tiny:
+        print("\n--tiny: a wiring smoke; these figures say nothing about QPO")
     return 0
 
 

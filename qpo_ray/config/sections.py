@@ -289,9 +289,11 @@ DECODINGS = ("greedy", "rank", "mbr")
 
 @dataclass
 class TestConfig(Section):
-    # Methods compared in the report (the registry in qpo_ray/testphase/methods.py).
+    # Methods compared in the report (the registry in qpo_ray/testphase/methods.py);
+    # majority and probe need no target call (skipped on free-text tasks).
     methods: list[str] = field(
-        default_factory=lambda: ["qpo", "manual", "best_single", "nearest_neighbour"]
+        default_factory=lambda: ["qpo", "manual", "best_single", "nearest_neighbour",
+                                 "majority", "probe"]
     )
     # Policy -> prompt per query: greedy at the target reward (the paper), rank, mbr
     # (qpo_ray/policy/ranking.py, mbr.py), or "dev": the best of dev_decodings x loops on dev.

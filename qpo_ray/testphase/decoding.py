@@ -27,6 +27,14 @@ PromptTuple = tuple[str, str, str]
 
 
 @dataclass(frozen=True)
+class Predicted:
+    """A method's own label predictions (label indices, one per query): a reference row
+    with no prompt and no target call (qpo_ray.testphase.references)."""
+
+    labels: list[int]
+
+
+@dataclass(frozen=True)
 class Choice:
     """The policy the test phase uses for `qpo`: which loop's, decoded how."""
 
@@ -51,6 +59,9 @@ class MethodContext:
     # loop -> mbr's belief temperature fitted on the dev split (test.mbr.calibration);
     # a loop without one decodes at test.mbr.temperature.
     mbr_temperatures: dict[int, float] = field(default_factory=dict)
+    # The collection prompt most accurate on the dev split (best_single_dev), chosen by
+    # qpo_ray.testphase.evaluate before the test queries are scored.
+    single_on_dev: Optional[PromptRecord] = None
     # Prompts per (policy, decoding, temperature, query ids), and mbr's candidate
     # log-likelihoods per (policy, query ids): qpo, qpo_loop<t> and the dev calibration
     # share them.

@@ -9,10 +9,15 @@
    what `qpo` uses. The test split is never looked at here.
 2. Every method of `test.methods` (qpo_ray.testphase.methods) gives a prompt per test query; the
    distinct (query, prompt) pairs go through ONE scorer pass on the target.
-3. Per (shots, method): accuracy with a 95% Wilson interval, and the PAIRED difference
-   against `manual` and `best_single` on the same queries (bootstrap 95% CI, McNemar
-   exact p; qpo_ray.testphase.stats). `best_single_oracle` (best prompt on the test set) is an
-   upper bound, printed apart, never a baseline.
+   `best_single_dev`: every collection prompt scored on the dev split first, the most
+   accurate is its prompt. `majority` and `probe` predict labels themselves (no prompt,
+   no target call; qpo_ray.testphase.references).
+3. Per (shots, method): accuracy with a 95% Wilson interval, the PAIRED difference
+   against each reference (manual, best_single, best_single_dev, probe, majority) on the
+   same queries (bootstrap 95% CI, McNemar exact p; qpo_ray.testphase.stats), the share
+   of each predicted label beside the gold shares, and for qpo the share of its prompts
+   that are not collection prompts with their accuracy apart. `best_single_oracle` (best
+   prompt on the test set) is an upper bound, printed apart, never a baseline.
 
 Outputs, in ``<run>/report/`` (``report-<target>/`` when testing another target than
 the run's, paper Table 8; ``report-dev/`` when comparing on the dev split,
@@ -33,10 +38,12 @@ from typing import Callable, Optional
 import pandas as pd
 
 from qpo_ray.testphase.calibration import calibrate_mbr
-from qpo_ray.config import Config
+from qpo_ray.config import Config, ConfigError
+from qpo_ray.prompts import PromptRecord
 from qpo_ray.data.pairs import make_pairs
 from qpo_ray.data.rewards import pair_accuracy
-from qpo_ray.testphase.decoding import Choice, MethodContext, PromptTuple, policy_prompts
+from qpo_ray.testphase.decoding import (Choice, MethodContext, Predicted, PromptTuple,
+                                        policy_prompts)
 from qpo_ray.testphase.methods import check_methods, method_prompts, train_method_policies
 from qpo_ray.common import faults
 from qpo_ray.common.atomic import atomic_dir
@@ -54,10 +61,19 @@ def compared_queries(cfg: Config, splits: Splits) -> list[Example]:
 
 
 def score_prompts(cfg: Config, task: Task, splits: Splits, queries: list[Example],
-                  prompts: dict[str, list[PromptTuple]], score: ScoreFn, split: str,
+                  prompts: dict[str, list[PromptTuple] | Predicted], score: ScoreFn, split: str,
                   shots_list: list[int]) -> tuple[pd.DataFrame, dict]:
     """Score each row's prompts on `queries`; distinct (shots, query, prompt) pairs are
-    scored once. One row per (shots, method, query) with prediction and accuracy."""
+    scored once. One row per (shots, method, query) with prediction and accuracy; rows
+    that predict the label themselves (`Predicted`) join with an empty prompt and no
+    target call."""
+    direct = {m: p for m, p in prompts.items() if isinstance(p, Predicted)}
+    prompts = {m: p for m, p in prompts.items() if not isinstance(p, Predicted)}
+    own = [predicted_rows(queries, method, p.labels, shots, split)
+           for method, p in direct.items() for shots in shots_list]
+    if not prompts:
+        return (pd.concat(own, ignore_index=True) if own else pd.DataFrame(),
+                {"pairs_scored": 0, "pairs_requested": 0})
     frames = []
     for shots in shots_list:
         for method, method_rows in prompts.items():
@@ -75,7 +91,38 @@ def score_prompts(cfg: Config, task: Task, splits: Splits, queries: list[Example
     keep = key + ["prediction", "correct", "accuracy"]
     out = every.drop(columns=["pair_id"]).merge(scored[keep], on=key, how="left")
     usage["pairs_scored"], usage["pairs_requested"] = len(unique), len(every)
-    return out.assign(split=split), usage
+    return pd.concat([out.assign(split=split), *own], ignore_index=True), usage
+
+
+def predicted_rows(queries: list[Example], method: str, labels: list[int], shots: int,
+                   split: str) -> pd.DataFrame:
+    """A direct method's rows in the predictions' columns: no prompt (empty id and
+    text), its label as the prediction (a label index, as the scorer writes it)."""
+    if len(labels) != len(queries):
+        raise ValueError(f"{method}: {len(labels)} predictions for {len(queries)} queries")
+    correct = [int(y) == int(q.label) for y, q in zip(labels, queries)]
+    return pd.DataFrame({
+        "split": split, "shots": shots, "method": method, "query_id": [q.id for q in queries],
+        "query": [q.text for q in queries], "label": [str(q.label) for q in queries],
+        "prompt_id": "", "prompt": "", "source": method,
+        "prediction": [str(int(y)) for y in labels], "correct": correct,
+        "accuracy": [float(c) for c in correct]})
+
+
+def choose_single_on_dev(ctx: MethodContext, splits: Splits, score: ScoreFn,
+                         shots: int) -> tuple[PromptRecord, pd.DataFrame, dict]:
+    """The collection prompt most accurate on the dev split (ties: collection order, the
+    manual prompt first), its dev rows (`single:<id>`) and what it cost."""
+    candidates = {f"single:{r.id}": [(r.id, r.text, r.source)] * len(splits.dev)
+                  for r in ctx.collection}
+    scored, usage = score_prompts(ctx.cfg, ctx.task, splits, splits.dev, candidates, score,
+                                  "dev", [shots])
+    accuracy = scored.groupby("method")["accuracy"].mean()
+    best = max(ctx.collection, key=lambda r: accuracy[f"single:{r.id}"])
+    return best, scored, {"prompt_id": best.id, "dev_queries": len(splits.dev),
+                          "dev_accuracy": {k.removeprefix("single:"): float(v)
+                                           for k, v in accuracy.items()},
+                          "pairs_scored": usage["pairs_scored"]}
 
 
 def choose_on_dev(ctx: MethodContext, splits: Splits, score: ScoreFn,
@@ -177,6 +224,19 @@ def evaluate_run(cfg: Config, task: Task, splits: Splits, score: ScoreFn,
         frames.append(dev_scored)
         selection.update(info, loop=ctx.choice.loop, chosen_decoding=ctx.choice.decoding,
                          dev_queries=len(splits.dev))
+    if "best_single_dev" in cfg.test.methods and cfg.test.split == "dev":
+        # Chosen on the dev split, it cannot be compared there.
+        print("[qpo] test: best_single_dev left out: test.split is dev, where it is chosen",
+              flush=True)
+        cfg = cfg.with_changes({"test": {"methods": [m for m in cfg.test.methods
+                                                     if m != "best_single_dev"]}})
+    if "best_single_dev" in cfg.test.methods:
+        if not splits.dev:
+            raise ConfigError("test.methods: best_single_dev needs a dev split "
+                              "(task.dev_queries > 0)")
+        ctx.single_on_dev, dev_singles, selection["best_single_dev"] = choose_single_on_dev(
+            ctx, splits, score, settings[0])
+        frames.append(dev_singles)
     if "qpo" in cfg.test.methods:
         # What Serve needs to decode as `qpo` does (serve.mbr_temperature).
         used = ctx.choice or Choice(ctx.last_loop, cfg.test.decoding)
@@ -197,7 +257,8 @@ def evaluate_run(cfg: Config, task: Task, splits: Splits, score: ScoreFn,
         redone = kept.set_index(rows).index.isin(predictions.set_index(rows).index)
         predictions = pd.concat([kept[~redone][columns], predictions], ignore_index=True)
     test = predictions[predictions["split"] == split]
-    table = results_table(test, getattr(task, "label_words", ()))
+    table = results_table(test, getattr(task, "label_words", ()),
+                          collection=[r.text for r in collection])
     examples = example_rows(test, settings[0], cfg.test.num_example_prompts)
     figure = accuracy_per_loop(table, settings[0], rewards_per_loop(run))
     temperature = (f", belief temperature {selection['mbr_temperature']:.2f}"
@@ -214,7 +275,13 @@ def evaluate_run(cfg: Config, task: Task, splits: Splits, score: ScoreFn,
               f"{split} queries: {len(queries)}; target cost of {cost_of}: "
               f"{usage.get('calls', 0)} calls ({usage['pairs_scored']} distinct pairs), "
               f"{usage.get('engine_seconds', 0.0):.1f} engine-s"]
-    report = markdown(table, examples, header, split)
+    if ctx.single_on_dev is not None:
+        dev_acc = selection["best_single_dev"]["dev_accuracy"][ctx.single_on_dev.id]
+        header.append(f"best_single_dev = {ctx.single_on_dev.id} ({100 * dev_acc:.1f}% on "
+                      f"{len(splits.dev)} dev queries, the best of {len(collection)} "
+                      "collection prompts there)")
+    report = markdown(table, examples, header, split,
+                      label_words=getattr(task, "label_words", ()))
     with atomic_dir(out_dir) as tmp:
         if out_dir.is_dir():  # files of the old report this one does not write stay
             shutil.copytree(out_dir, tmp, dirs_exist_ok=True)

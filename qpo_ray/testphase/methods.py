@@ -28,6 +28,13 @@ A method returns {row name: one (id, text, source) per query}; most return one r
   training query, embedded by the policy.
 - ``sft`` (Table 4) and ``qpo_no_mla`` (Figure 3): policies trained on D_0 with
   `policy.mode=sft`, resp. QPO's loop schedule without augmentation.
+- ``best_single_dev``: the collection prompt most accurate on the dev split (every
+  collection prompt scored there by qpo_ray.testphase.evaluate): the fixed prompt a
+  user with a dev split would pick, the one QPO must beat.
+- ``majority`` and ``probe`` (label tasks; skipped, with a line, on free-text ones):
+  no prompt, no target call; the collection's most frequent label, resp. a linear
+  probe of the features the query summary reads (qpo_ray.testphase.references). They
+  return `Predicted` labels instead of prompts.
 - ``best_single_oracle``: every collection prompt on the test set and the best of them
   picked there: an UPPER BOUND for any query-agnostic choice, never a baseline.
 """
@@ -43,7 +50,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from qpo_ray.config import Config, ConfigError
-from qpo_ray.testphase.decoding import Choice, MethodContext, PromptTuple, policy_prompts
+from qpo_ray.testphase.decoding import (Choice, MethodContext, Predicted, PromptTuple,
+                                        policy_prompts)
 from qpo_ray.prompts import PromptRecord
 from qpo_ray.common.atomic import write_json_atomic
 from qpo_ray.common.layout import RunFiles, read_json
@@ -83,6 +91,55 @@ def best_single(ctx: MethodContext, queries: list[Example]) -> dict[str, list[Pr
                           "per prompt): evaluate a run directory")
     best = ctx.ranked_collection()[0]
     return {"best_single": [(best.id, best.text, best.source)] * len(queries)}
+
+
+def best_single_dev(ctx: MethodContext, queries: list[Example]) -> dict[str, list[PromptTuple]]:
+    best = ctx.single_on_dev
+    if best is None:
+        raise ConfigError("test.methods: best_single_dev needs the dev split's choice "
+                          "(task.dev_queries > 0; chosen by evaluate_run)")
+    return {"best_single_dev": [(best.id, best.text, best.source)] * len(queries)}
+
+
+def _collection_labels(ctx: MethodContext, name: str) -> Optional[list[Example]]:
+    """The collection's labelled queries; None (with a line) on a free-text task."""
+    if not ctx.task.label_words:
+        print(f"[qpo] test: {name} skipped: {ctx.task.name!r} answers free text", flush=True)
+        return None
+    if ctx.splits is None:
+        raise ConfigError(f"test.methods: {name} needs the task's splits (its collection)")
+    return list(ctx.splits.collection)
+
+
+def majority(ctx: MethodContext, queries: list[Example]) -> dict[str, Predicted]:
+    from qpo_ray.testphase.references import majority_label
+
+    labelled = _collection_labels(ctx, "majority")
+    if labelled is None:
+        return {}
+    label = majority_label([int(e.label) for e in labelled])
+    return {"majority": Predicted([label] * len(queries))}
+
+
+def probe(ctx: MethodContext, queries: list[Example]) -> dict[str, Predicted]:
+    from qpo_ray.testphase.references import fit_probe, probe_layers, summary_features
+
+    labelled = _collection_labels(ctx, "probe")
+    if labelled is None:
+        return {}
+    p = ctx.cfg.policy
+    layers = probe_layers(p.backbone, p.query_summary.num_layers)
+
+    def features(examples: list[Example]) -> np.ndarray:
+        return summary_features(p.backbone, layers, p.max_query_tokens,
+                                [e.text for e in examples])
+    if "probe" not in ctx._cache:
+        ctx._cache["probe"] = fit_probe(features(labelled), [int(e.label) for e in labelled],
+                                        seed=ctx.cfg.seed)
+        print(f"[qpo] test: probe reads the first {layers} layers of {p.backbone}, "
+              f"fitted on {len(labelled)} collection labels (C={ctx._cache['probe'].c:g}, "
+              "cross-validated there)", flush=True)
+    return {"probe": Predicted(ctx._cache["probe"].predict(features(queries)).tolist())}
 
 
 def best_single_oracle(ctx: MethodContext, queries: list[Example]) -> dict[str, list[PromptTuple]]:
@@ -184,11 +241,15 @@ def _ablation(name: str) -> Callable[[MethodContext, list[Example]], dict]:
 # The methods that train a policy of their own (train_method_policies).
 ABLATIONS = ("sft", "qpo_no_mla")
 
-METHODS: dict[str, Callable[[MethodContext, list[Example]], dict[str, list[PromptTuple]]]] = {
+METHODS: dict[str, Callable[[MethodContext, list[Example]],
+                             dict[str, list[PromptTuple] | Predicted]]] = {
     "qpo": qpo,
     "qpo_greedy": qpo_greedy,
     "manual": manual,
     "best_single": best_single,
+    "best_single_dev": best_single_dev,
+    "majority": majority,
+    "probe": probe,
     "router": router,
     "label_router": label_router,
     "label_router_collection": label_router_collection,
@@ -217,6 +278,11 @@ def check_method_inputs(cfg: Config, collection: list[PromptRecord]) -> None:
     check_methods(cfg.test.methods)
     if "manual" in cfg.test.methods:
         manual_prompt(collection, cfg.prompts)
+    # (With test.split: dev, evaluate_run leaves best_single_dev out, saying so.)
+    if "best_single_dev" in cfg.test.methods and cfg.test.split == "test" \
+            and cfg.task.dev_queries == 0:
+        raise ConfigError("test.methods: best_single_dev is chosen on the dev split; "
+                          "set task.dev_queries > 0")
     labelled = {"label_router", "label_router_collection"} & set(cfg.test.methods)
     if labelled:
         _needs_labels(get_task(cfg.task), sorted(labelled)[0])
@@ -237,10 +303,11 @@ def train_method_policies(ctx: MethodContext, methods: list[str]) -> None:
 
 
 def method_prompts(ctx: MethodContext, methods: list[str],
-                   queries: list[Example]) -> dict[str, list[PromptTuple]]:
-    """Every configured method's prompts for `queries`: row name -> one per query."""
+                   queries: list[Example]) -> dict[str, list[PromptTuple] | Predicted]:
+    """Every configured method's prompts for `queries` (row name -> one per query), or
+    its own label predictions (`Predicted`) for the rows that need no prompt."""
     check_methods(methods)
-    out: dict[str, list[PromptTuple]] = {}
+    out: dict[str, list[PromptTuple] | Predicted] = {}
     for name in dict.fromkeys(methods):
         out.update(METHODS[name](ctx, queries))
     return out

@@ -39,8 +39,8 @@ def test_effectiveness_benchmark_rechooses_qpo_when_its_dev_choice_is_out_of_dat
     spec.loader.exec_module(bench)
     report = tmp_path / "seed0" / "report"
     report.mkdir(parents=True)
-    methods = ["qpo", "qpo_loop1", "manual", "best_single", "router", "label_router",
-               "label_router_collection"]
+    methods = ["qpo", "qpo_loop1", "manual", "best_single", "best_single_dev", "router",
+               "label_router", "label_router_collection", "probe", "majority"]
     pd.DataFrame({"method": methods}).to_parquet(report / "predictions.parquet")
     profile = repo / "benchmarks" / "profiles" / "effectiveness.yaml"
     fitted = {"mbr_temperatures": {"1": 2.0, "2": 2.2}}
@@ -52,3 +52,51 @@ def test_effectiveness_benchmark_rechooses_qpo_when_its_dev_choice_is_out_of_dat
         assert bench.missing_methods(tmp_path / "seed0", profile, [
             "seed=0", "test.dev_decodings=[greedy, mbr]",
             f"test.mbr.calibration={calibration}"]) == missing, (weighed, extra, calibration)
+
+
+def _bench(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    sys.path.insert(0, str(repo / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, repo / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shifted_prior_reverses_the_collection_shares_and_the_sample_has_them():
+    """The shifted-prior setting: the collection's label shares reversed by rank, and the
+    largest seeded test sample with exactly those shares (no query twice)."""
+    report = _bench("effectiveness_report")
+    target = report.shifted_prior({0: 0.41, 1: 0.16, 2: 0.43})
+    assert target == {2: 0.16, 0: 0.41, 1: 0.43}
+    labels = {f"q{i}": (0 if i < 50 else 1 if i < 70 else 2) for i in range(100)}
+    ids = report.shifted_sample(labels, {0: 0.5, 1: 0.25, 2: 0.25}, seed=3)
+    got = [labels[i] for i in ids]
+    # label 1 has 20 queries at share 0.25: n = 80 -> 40 / 20 / 20
+    assert (got.count(0), got.count(1), got.count(2)) == (40, 20, 20)
+    assert len(set(ids)) == len(ids)
+    assert report.shifted_sample(labels, {0: 0.5, 1: 0.25, 2: 0.25}, seed=3) == ids
+    assert report.shifted_sample(labels, {0: 0.5, 1: 0.25, 2: 0.25}, seed=4) != ids
+
+
+def test_benchmark_tasks_are_built_in_names_or_spec_files(tmp_path):
+    bench = _bench("effectiveness")
+    data = tmp_path / "data"
+    (data / "ag_news").mkdir(parents=True)
+    assert bench.task_arg("ag_news", data) == ("ag_news", [
+        "task.name=ag_news", f"task.data_dir={data / 'ag_news'}"])
+    assert bench.task_arg("rotten_tomatoes", data) == ("rotten_tomatoes",
+                                                       ["task.name=rotten_tomatoes"])
+    spec = tmp_path / "reviews.yaml"
+    spec.write_text("name: reviews\n")
+    assert bench.task_arg(str(spec), data) == ("reviews", [
+        "task.name=byo", f"task.spec_path={spec.resolve()}"])
+    import pytest
+
+    with pytest.raises(SystemExit, match="neither a built-in task"):
+        bench.task_arg("imbd", data)
+    with pytest.raises(SystemExit, match="no such task spec file"):
+        bench.task_arg(str(tmp_path / "missing.yaml"), data)

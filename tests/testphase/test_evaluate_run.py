@@ -14,6 +14,7 @@ import pandas as pd
 
 from qpo_ray.config import load_config
 from qpo_ray.data.io import read_dataset
+from qpo_ray.prompts import load_collection
 from qpo_ray.run.stages.test import report_dir
 from qpo_ray.run.rundir import RunDir
 
@@ -259,3 +260,56 @@ def test_mbr_decoding_picks_the_step0_prompt_the_policy_expects_to_be_right(
     assert qpo["prompt"].tolist() == expected
     assert (pred.loc[pred["method"] == "qpo", "prompt"].sort_values().tolist()
             == sorted(expected))
+
+
+def test_reference_rows_predict_labels_without_a_prompt_and_best_single_dev_is_chosen_on_dev(
+        finished_run, profile, ray_cluster, tmp_path):
+    """`majority`, `probe` and `best_single_dev` on a copy of the finished run: the two
+    label predictors have rows with no prompt whose predictions are scored against gold
+    (majority: the collection's most frequent label); best_single_dev is the collection
+    prompt with the best dev accuracy, and its test rows are that prompt's; results.csv
+    and report.md carry the label shares and the qpo-vs-probe/majority lines."""
+    from collections import Counter
+
+    from qpo_ray.tasks import task_and_splits
+
+    cfg, run = _evaluate_a_copy(finished_run[0], profile, tmp_path, [
+        "test.methods=[qpo, manual, best_single_dev, majority, probe, best_single_oracle]",
+        "test.dev_decodings=[greedy]"])
+    out = report_dir(cfg, run)
+    pred = pd.read_parquet(out / "predictions.parquet")
+    task, splits = task_and_splits(cfg.task, cfg.seed)
+    test = pred[pred["split"] == "test"]
+    counts = Counter(int(e.label) for e in splits.collection)
+    top = min(counts, key=lambda y: (-counts[y], y))
+    for method in ("majority", "probe"):
+        rows = test[test["method"] == method].set_index("query_id")
+        assert len(rows) == len(splits.test) and set(rows["prompt"]) == {""}
+        assert rows["prediction"].isin([str(i) for i in range(len(task.label_words))]).all()
+        assert (rows["correct"] == (rows["prediction"] == rows["label"])).all()
+    assert set(test.loc[test["method"] == "majority", "prediction"]) == {str(top)}
+
+    selection = json.loads((out / "selection.json").read_text())
+    chosen = selection["best_single_dev"]
+    dev = pred[(pred["split"] == "dev") & pred["method"].str.startswith("single:")]
+    dev_acc = dev.groupby("method")["accuracy"].mean()
+    collection = load_collection(cfg.prompts, task.name)
+    assert len(dev_acc) == len(collection) and dev["query_id"].nunique() == 4
+    assert dev_acc[f"single:{chosen['prompt_id']}"] == dev_acc.max()
+    first_best = next(r.id for r in collection if dev_acc[f"single:{r.id}"] == dev_acc.max())
+    assert chosen["prompt_id"] == first_best
+    mine = test[test["method"] == "best_single_dev"].set_index("query_id")
+    same = test[test["method"] == f"single:{first_best}"].set_index("query_id")
+    assert set(mine["prompt_id"]) == {first_best}
+    assert mine["correct"].sort_index().tolist() == same["correct"].sort_index().tolist()
+
+    table = pd.read_csv(out / "results.csv").set_index("method")
+    for word in task.label_words:
+        assert table.loc["majority", f"pred_share:{word}"] == (1.0 if word ==
+                                                               task.label_words[top] else 0.0)
+        assert not np.isnan(table.loc["qpo", f"gold_share:{word}"])
+    assert not np.isnan(table.loc["qpo", "diff_vs_probe"])
+    assert 0.0 <= table.loc["qpo", "non_collection_share"] <= 1.0
+    report = (out / "report.md").read_text()
+    assert "Predicted label shares" in report and "qpo vs majority" in report
+    assert f"best_single_dev = {first_best}" in report and "vs best_single_dev" in report
