@@ -8,9 +8,15 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Optional
 
 from qpo_ray.config.sections import require_all
+
+
+def last_good_root(serve_cfg: "ServeConfig") -> str:
+    """serve.last_good_dir, or the per-user default on the replica's local disk."""
+    return str(Path(serve_cfg.last_good_dir or "~/.cache/qpo_ray/serve").expanduser())
 
 
 @dataclass
@@ -92,6 +98,9 @@ class ServeConfig:
     # A replica's request journal starts a new file past this size; journals and
     # feedback older than retention_days are deleted at startup (0 = keep forever).
     journal_max_bytes: int = 64 * 1024 * 1024
+    # Each replica keeps a copy of the last registry version it loaded here, and starts
+    # from it when the registry is down (/healthz: stale). None = ~/.cache/qpo_ray/serve.
+    last_good_dir: Optional[str] = None
     retention_days: float = 0.0
 
     def validate(self) -> None:
@@ -151,6 +160,8 @@ class ServeConfig:
              "serve.request_timeout_s must be > 0"),
             (finite(self.body_read_timeout_s) and self.body_read_timeout_s > 0,
              "serve.body_read_timeout_s must be > 0"),
+            (self.last_good_dir is None or bool(self.last_good_dir.strip()),
+             "serve.last_good_dir must be a path or null"),
             (self.journal_max_bytes >= 4096, "serve.journal_max_bytes must be >= 4096"),
             (finite(self.retention_days) and self.retention_days >= 0,
              "serve.retention_days must be >= 0 (0 = keep forever)"),

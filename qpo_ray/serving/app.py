@@ -165,7 +165,8 @@ def run_serve(cfg: Config, blocking: bool = True, policy_uri: Optional[str] = No
     downtime; a registry alias is followed by the replicas themselves."""
     from qpo_ray.common.local_ray import connect_ray
     from qpo_ray.policy.mbr import TABLE_FILE
-    from qpo_ray.serving.policy_source import NO_MBR_TABLE, resolve
+    from qpo_ray.config.serve import last_good_root
+    from qpo_ray.serving.policy_source import NO_MBR_TABLE, last_good, last_good_path, resolve
 
     # Before Ray starts: a refused host must not leave a proxy listening.
     if check_auth_setup(cfg.serve):
@@ -176,7 +177,18 @@ def run_serve(cfg: Config, blocking: bool = True, policy_uri: Optional[str] = No
     uc = user_config(cfg, policy_uri)
     for uri in (uc["policy_uri"], uc["ab_policy_uri"]):
         if uri:
-            ref = resolve(uri, cfg.tracking_uri(), cfg.tracking.experiment)
+            try:
+                ref = resolve(uri, cfg.tracking_uri(), cfg.tracking.experiment)
+            except (PermissionError, ConfigError):
+                raise
+            except Exception:
+                # The registry may be down: replicas start from their last good copy.
+                copy = last_good_path(Path(last_good_root(cfg.serve)), cfg.tracking_uri(), uri)
+                if not uri.startswith("models:/") or last_good(copy, uri) is None:
+                    raise
+                print(f"qpo serve: WARNING: {uri} cannot be resolved now; serving its last "
+                      "good local copy until the registry answers", file=sys.stderr)
+                continue
             # A registry version's files are read by the replicas, which refuse it then.
             if (cfg.serve.decoding == "mbr" and ref.local_dir is not None
                     and not (Path(ref.local_dir) / TABLE_FILE).exists()):

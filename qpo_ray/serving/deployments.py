@@ -23,6 +23,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, Optional
 
 from fastapi import FastAPI
@@ -151,6 +152,7 @@ class PolicyServer:
 
     def __init__(self, cfg: Config, target: Optional[DeploymentHandle] = None) -> None:
         from qpo_ray.common.device import configure_cpu_threads
+        from qpo_ray.config.serve import last_good_root
         from qpo_ray.serving.feedback import feedback_root
         from qpo_ray.tasks import get_task
 
@@ -171,7 +173,8 @@ class PolicyServer:
         self._policy_prompts = 0
         self._arms = PolicyArms(cfg.tracking_uri(), cfg.tracking.experiment,
                                 cfg.serve.registry_stale_after_s, self._cache.retain,
-                                needs_mbr_table=cfg.serve.decoding == "mbr")
+                                needs_mbr_table=cfg.serve.decoding == "mbr",
+                                last_good_dir=Path(last_good_root(cfg.serve)))
         self._store = (FeedbackStore(feedback_root(cfg), self._replica_id,
                                      cfg.serve.journal_max_bytes, cfg.serve.retention_days)
                        if cfg.serve.feedback else None)

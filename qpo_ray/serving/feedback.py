@@ -123,7 +123,13 @@ class RequestLog:
         """Index what was appended to any journal since the last scan (complete lines
         only: a line being written, or cut short by a crash, is left for later)."""
         with self._scan_lock:
-            for path in sorted(self._dir.glob("*.jsonl")):
+            present = set(self._dir.glob("*.jsonl"))
+            gone = set(self._read_to) - present
+            if gone:  # swept by retention: forget their ids (the index stays bounded)
+                self._index = {k: v for k, v in self._index.items() if v[0] not in gone}
+                for path in gone:
+                    del self._read_to[path]
+            for path in sorted(present):
                 start = self._read_to.get(path, 0)
                 try:
                     f = open(path, "rb")

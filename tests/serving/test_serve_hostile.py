@@ -226,3 +226,28 @@ def test_rate_limit_and_answer_budget():
 def test_limit_settings_are_checked_at_load(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config("cpu-demo", [override])
+
+
+def test_journals_rotate_and_retention_sweeps_old_files(tmp_path):
+    import os
+
+    from qpo_ray.serving.feedback import FeedbackStore, UnknownRequest
+
+    store = FeedbackStore(tmp_path, "r1", journal_max_bytes=4096)
+    ids = [f"{i:032x}" for i in range(60)]
+    for rid in ids:
+        store.record({"request_id": rid, "query": "q" * 100, "prompt": "p"})
+    journals = sorted((tmp_path / "requests").glob("r1-*.jsonl"))
+    assert len(journals) > 1 and all(p.stat().st_size <= 4096 for p in journals)
+    other = FeedbackStore(tmp_path, "r2")
+    assert other.requests.lookup(ids[0])["query"] == "q" * 100  # found in any file
+    store.add(ids[-1], True, None, None, "client")
+    old = time.time() - 3 * 86400
+    os.utime(journals[0], (old, old))
+    swept = FeedbackStore(tmp_path, "r3", retention_days=1)
+    assert not journals[0].exists() and journals[1].exists()
+    with pytest.raises(UnknownRequest):
+        swept.requests.lookup(ids[0])
+    assert swept.requests.lookup(ids[-1])["request_id"] == ids[-1]
+    other.requests._scan()  # a running replica forgets the swept file's ids too
+    assert not any(v[0] == journals[0] for v in other.requests._index.values())
