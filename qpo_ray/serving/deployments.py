@@ -36,7 +36,7 @@ from qpo_ray.config import Config
 from qpo_ray.serving.arms import Arm, PolicyArms
 from qpo_ray.serving.cache import PromptCache, normalise_query
 from qpo_ray.serving.feedback import DuplicateFeedback, FeedbackStore, UnknownRequest
-from qpo_ray.serving.isolation import Failed, run_isolated
+from qpo_ray.serving.isolation import Failed, PolicyFailed, TargetFailed, run_isolated
 from qpo_ray.serving.limits import current_client
 from qpo_ray.serving.guard import (
     UNAUTHENTICATED_WARNING,
@@ -88,14 +88,6 @@ def _refused(status: int, error: str, field: str, message: str) -> JSONResponse:
     """A 4xx about one field's value that is well-formed but not acceptable now."""
     return JSONResponse(status_code=status, content={
         "error": error, "errors": [{"field": field, "message": message}]})
-
-
-class PolicyFailed(Exception):
-    """The policy could not write a prompt for this request (a 503 with the reason)."""
-
-
-class TargetFailed(Exception):
-    """The target LLM could not answer this request (a 503 with the reason)."""
 
 
 @serve.deployment(name="TargetServer")

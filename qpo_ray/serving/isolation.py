@@ -23,6 +23,14 @@ class Failed:
     reason: str
 
 
+class PolicyFailed(Exception):
+    """The policy could not write a prompt for this request (a 503 with the reason)."""
+
+
+class TargetFailed(Exception):
+    """The target LLM could not answer this request (a 503 with the reason)."""
+
+
 def run_isolated(work: Callable[[Sequence[T]], Sequence[Any]], items: Sequence[T],
                  what: str) -> list[Any]:
     """work(items), or, when it raises, work([item]) per item with a Failed for each item
