@@ -185,7 +185,7 @@ def main() -> int:
     from qpo_ray.serving import run_serve
 
     t0 = time.perf_counter()
-    queries = movie_queries(4000)
+    queries = list(dict.fromkeys(movie_queries(4000)))  # distinct: every one a miss
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         fitted_policy(root / "a", queries, num_layers=1)
