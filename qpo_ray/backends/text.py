@@ -39,9 +39,36 @@ class PromptEncoder:
         # tokenizer's own (BOS for Llama-style models, nothing for SmolLM/GPT-2).
         special = not self.use_chat_template
         return [
+            self._encode_text_prefix(p) if self._has_special_text(p) else
             list(self.tokenizer(self.wrap(p), add_special_tokens=special)["input_ids"])
             for p in prefixes
         ]
+
+    def _has_special_text(self, prefix: str) -> bool:
+        """Whether the prefix (a served query, say) holds a special-token string."""
+        if not hasattr(self, "_special_texts"):
+            decoder = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+            self._special_texts = tuple(t.content for t in decoder.values() if t.content)
+        return any(t in prefix for t in self._special_texts)
+
+    def _encode_text_prefix(self, prefix: str) -> list[int]:
+        """A prefix holding special-token strings: its own characters are tokenized as
+        text (split_special_tokens), the chat template's around it as control tokens, so
+        a query cannot open a turn or end the text. Prefixes without such strings take
+        the plain path (their ids are unchanged)."""
+        if not self.use_chat_template:
+            return list(self.tokenizer(prefix, add_special_tokens=True,
+                                       split_special_tokens=True)["input_ids"])
+        marker = "\x00qpo-content\x00"
+        before, found, after = self.wrap(marker).partition(marker)
+        if not found:
+            raise ValueError("the chat template does not hold the user content verbatim")
+
+        def plain(text: str, split: bool) -> list[int]:
+            return list(self.tokenizer(text, add_special_tokens=False,
+                                       split_special_tokens=split)["input_ids"]) if text else []
+
+        return plain(before, False) + plain(prefix, True) + plain(after, False)
 
     def encode_candidates(self, candidates: Sequence[str]) -> list[list[int]]:
         out = []

@@ -8,9 +8,15 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Optional
 
 from qpo_ray.config.base import Section, require_all
+
+
+def last_good_root(serve_cfg: "ServeConfig") -> str:
+    """serve.last_good_dir, or the per-user default on the replica's local disk."""
+    return str(Path(serve_cfg.last_good_dir or "~/.cache/qpo_ray/serve").expanduser())
 
 
 @dataclass
@@ -69,6 +75,33 @@ class ServeConfig(Section):
     # Where records and feedback parts go; None = <workdir>/serving. Replicas on other
     # nodes need it on a shared file system.
     feedback_dir: Optional[str] = None
+    # Feedback must carry the `receipt` its response gave (an HMAC of the request id with
+    # a secret kept in feedback_dir): ids seen elsewhere cannot be given feedback.
+    feedback_requires_receipt: bool = True
+    # Every serving outcome (rewards, correct, gold labels) comes from a client; off =
+    # `qpo serve feedback-dataset` refuses to turn them into training rows.
+    train_on_client_feedback: bool = False
+    # Per client (bearer-token hash, or address without a token), per replica: requests
+    # per second sustained and the burst above it; 0 = no limit. Excess gets 429.
+    rate_limit_per_s: float = 0.0
+    rate_limit_burst: int = 20
+    # /v1/answer calls (each spends the target's budget) per client per window, per
+    # replica; 0 = no budget. Excess gets 429.
+    answer_budget: int = 0
+    answer_budget_window_s: float = 3600.0
+    # Serve's queue cap per caller (proxy): beyond it a request gets 429 at once
+    # instead of waiting; -1 = no cap. And the proxy's end-to-end timeout (408).
+    max_queued_requests: int = 64
+    request_timeout_s: float = 300.0
+    # A body not fully received within this time is answered 408 (slow-body clients).
+    body_read_timeout_s: float = 10.0
+    # A replica's request journal starts a new file past this size; journals and
+    # feedback older than retention_days are deleted at startup (0 = keep forever).
+    journal_max_bytes: int = 64 * 1024 * 1024
+    # Each replica keeps a copy of the last registry version it loaded here, and starts
+    # from it when the registry is down (/healthz: stale). None = ~/.cache/qpo_ray/serve.
+    last_good_dir: Optional[str] = None
+    retention_days: float = 0.0
 
     def validate(self) -> None:
         """Every field, at config load: a bad value fails here naming its key instead of
@@ -115,5 +148,22 @@ class ServeConfig(Section):
              f"serve.ab_traffic_percent must be in [0, 100], got {self.ab_traffic_percent}"),
             (self.feedback_dir is None or bool(self.feedback_dir.strip()),
              "serve.feedback_dir must be a path or null"),
+            (finite(self.rate_limit_per_s) and self.rate_limit_per_s >= 0,
+             f"serve.rate_limit_per_s must be >= 0, got {self.rate_limit_per_s}"),
+            (self.rate_limit_burst >= 1, "serve.rate_limit_burst must be >= 1"),
+            (self.answer_budget >= 0, "serve.answer_budget must be >= 0"),
+            (finite(self.answer_budget_window_s) and self.answer_budget_window_s > 0,
+             "serve.answer_budget_window_s must be > 0"),
+            (self.max_queued_requests == -1 or self.max_queued_requests >= 1,
+             "serve.max_queued_requests must be -1 (no cap) or >= 1"),
+            (finite(self.request_timeout_s) and self.request_timeout_s > 0,
+             "serve.request_timeout_s must be > 0"),
+            (finite(self.body_read_timeout_s) and self.body_read_timeout_s > 0,
+             "serve.body_read_timeout_s must be > 0"),
+            (self.last_good_dir is None or bool(self.last_good_dir.strip()),
+             "serve.last_good_dir must be a path or null"),
+            (self.journal_max_bytes >= 4096, "serve.journal_max_bytes must be >= 4096"),
+            (finite(self.retention_days) and self.retention_days >= 0,
+             "serve.retention_days must be >= 0 (0 = keep forever)"),
         ]
         require_all(checks)

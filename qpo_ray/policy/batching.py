@@ -58,8 +58,12 @@ def pad_id(tokenizer) -> int:
 
 
 def encode_queries(tokenizer, queries: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad (and truncate to the first `max_tokens`) the queries' tokens."""
-    ids = tokenizer(list(queries), add_special_tokens=False)["input_ids"]
+    """Left-pad (and truncate to the first `max_tokens`) the queries' tokens. A query is
+    text: a special-token string in it ("<|im_start|>", "<|endoftext|>") is tokenized as
+    its characters, never as the control token (the same ids as before for any query
+    without one)."""
+    ids = tokenizer(list(queries), add_special_tokens=False,
+                    split_special_tokens=True)["input_ids"]
     out = torch.full((len(ids), max_tokens), pad_id(tokenizer), dtype=torch.long)
     mask = torch.zeros((len(ids), max_tokens), dtype=torch.long)
     for i, row in enumerate(ids):

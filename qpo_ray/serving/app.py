@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig
 
 from qpo_ray.config import Config, ConfigError, load_config
 from qpo_ray.serving.feedback import feedback_root
@@ -46,6 +47,33 @@ def user_config(cfg: Config, policy_uri: Optional[str] = None) -> dict[str, Any]
     }
 
 
+def proxy_host() -> Optional[str]:
+    """The address Serve's HTTP proxy binds (its http_options.host), where a Serve
+    controller is running in the connected Ray cluster; None otherwise. A Serve started
+    earlier (by `serve start`, a Serve config file, another app) keeps its own options,
+    whatever serve.host says, so this is the address the auth rule must check."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    if not ray.is_initialized():
+        return None
+    client = _get_global_client(raise_if_no_controller_running=False)
+    return client.http_config.host if client is not None else None
+
+
+def _check_bound_host(cfg: Config) -> bool:
+    """check_auth_setup against the proxy's real address (else serve.host); the error
+    names Serve's http_options.host where that is what differs."""
+    host = proxy_host()
+    if host is None or host == cfg.serve.host:
+        return check_auth_setup(cfg.serve)
+    try:
+        return check_auth_setup(cfg.serve, host=host)
+    except ConfigError as exc:
+        raise ConfigError(f"Serve's proxy is already running with http_options.host "
+                          f"{host} (not serve.host {cfg.serve.host}): {exc}") from exc
+
+
 def _pinned(cfg: Config) -> Config:
     """A copy whose relative paths (workdir, the default sqlite tracking store) are made
     absolute here, so replicas resolve them the same way as the driver."""
@@ -64,13 +92,17 @@ def build_app(cfg: Config, policy_uri: Optional[str] = None,
     from qpo_ray.serving.deployments import PolicyServer, TargetServer
 
     # Fail closed where the app is built (here for `serve deploy` too): a non-loopback
-    # serve.host with no token and no serve.insecure never gets deployed.
-    check_auth_setup(cfg.serve)
+    # bind address with no token and no serve.insecure never gets deployed.
+    _check_bound_host(cfg)
     cfg = _pinned(cfg)
     uc = user_config(cfg, policy_uri)
     # Each replica keeps up to this many requests in flight: enough to fill a batch
     # while the previous one runs (Serve's default of 5 would cap batches at 5).
     max_ongoing = 4 * cfg.serve.max_batch_size
+    # Beyond serve.max_queued_requests waiting at the proxy a request gets 429 at once
+    # (overload is the client's to back off from, not a server error).
+    queue = {"max_queued_requests": cfg.serve.max_queued_requests,
+             "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=1)}
     actor_options: dict[str, Any] = {"num_cpus": cfg.serve.num_cpus_per_replica,
                                      "num_gpus": cfg.serve.num_gpus_per_replica}
     # No token goes into the deployment (runtime_env, args, user_config): Serve shows
@@ -88,7 +120,7 @@ def build_app(cfg: Config, policy_uri: Optional[str] = None,
     if with_target:
         target = TargetServer.options(
             num_replicas=1,
-            **surge,
+            **surge, **queue,
             max_ongoing_requests=max_ongoing,
             user_config={k: uc[k] for k in ("max_batch_size", "batch_wait_timeout_s")},
             ray_actor_options={"num_cpus": cfg.evaluation.num_cpus_per_actor,
@@ -96,7 +128,7 @@ def build_app(cfg: Config, policy_uri: Optional[str] = None,
         ).bind(cfg)
     return PolicyServer.options(
         num_replicas=cfg.serve.num_replicas,
-        **surge,
+        **surge, **queue,
         max_ongoing_requests=max_ongoing,
         user_config=uc,
         ray_actor_options=actor_options,
@@ -129,7 +161,8 @@ def run_serve(cfg: Config, blocking: bool = True, policy_uri: Optional[str] = No
     downtime; a registry alias is followed by the replicas themselves."""
     from qpo_ray.common.local_ray import connect_ray
     from qpo_ray.policy.mbr import TABLE_FILE
-    from qpo_ray.serving.policy_source import NO_MBR_TABLE, resolve
+    from qpo_ray.config.serve import last_good_root
+    from qpo_ray.serving.policy_source import NO_MBR_TABLE, last_good, last_good_path, resolve
 
     # Before Ray starts: a refused host must not leave a proxy listening.
     if check_auth_setup(cfg.serve):
@@ -140,14 +173,28 @@ def run_serve(cfg: Config, blocking: bool = True, policy_uri: Optional[str] = No
     uc = user_config(cfg, policy_uri)
     for uri in (uc["policy_uri"], uc["ab_policy_uri"]):
         if uri:
-            ref = resolve(uri, cfg.tracking_uri(), cfg.tracking.experiment)
+            try:
+                ref = resolve(uri, cfg.tracking_uri(), cfg.tracking.experiment)
+            except (PermissionError, ConfigError):
+                raise
+            except Exception:
+                # The registry may be down: replicas start from their last good copy.
+                copy = last_good_path(Path(last_good_root(cfg.serve)), cfg.tracking_uri(), uri)
+                if not uri.startswith("models:/") or last_good(copy, uri) is None:
+                    raise
+                print(f"qpo serve: WARNING: {uri} cannot be resolved now; serving its last "
+                      "good local copy until the registry answers", file=sys.stderr)
+                continue
             # A registry version's files are read by the replicas, which refuse it then.
             if (cfg.serve.decoding == "mbr" and ref.local_dir is not None
                     and not (Path(ref.local_dir) / TABLE_FILE).exists()):
                 raise ConfigError(NO_MBR_TABLE.format(version=ref.version))
     # A single-machine Ray listens on loopback only (qpo_ray.common.local_ray).
     connect_ray(cfg.ray_address)
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port,
+                              "request_timeout_s": cfg.serve.request_timeout_s})
+    # Serve may have been running already, bound elsewhere: check where it really is.
+    _check_bound_host(cfg)
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
     print(f"qpo serve: {url}  (POST /v1/prompt, /v1/answer, /v1/feedback; "

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import random
 import time
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from qpo_ray.serving import policy_source
@@ -45,6 +46,8 @@ class Arm:
         # Registry freshness for /healthz: last successful resolve, last failure since.
         self.registry_ok_at = 0.0
         self.registry_error: Optional[str] = None
+        # Serving the last good copy from local disk (the registry was down at start).
+        self.from_local_copy = False
 
     @property
     def version(self) -> str:
@@ -61,8 +64,10 @@ class PolicyArms:
     drops the versions no longer served)."""
 
     def __init__(self, tracking_uri: str, experiment: str, stale_after_s: float,
-                 on_swap: Callable[[set[str]], None], needs_mbr_table: bool = False) -> None:
+                 on_swap: Callable[[set[str]], None], needs_mbr_table: bool = False,
+                 last_good_dir: Optional[Path] = None) -> None:
         self._tracking_uri = tracking_uri
+        self._last_good_dir = last_good_dir
         self._needs_mbr_table = needs_mbr_table
         self._experiment = experiment
         self._stale_after_s = stale_after_s
@@ -110,17 +115,33 @@ class PolicyArms:
         """Load the version the arm's URI points at now, if it is not the one loaded (a
         directory is read once: write a new policy to a new directory)."""
         async with self._lock:
-            ref = await asyncio.to_thread(policy_source.resolve, arm.uri, self._tracking_uri,
-                                          self._experiment)
+            copy = self._copy_dir(arm)
+            try:
+                ref = await asyncio.to_thread(policy_source.resolve, arm.uri,
+                                              self._tracking_uri, self._experiment)
+            except Exception as exc:  # noqa: BLE001 - maybe a last good copy can serve
+                fallback = policy_source.last_good(copy, arm.uri) if copy else None
+                if arm.loaded is not None or fallback is None:
+                    raise
+                policy = await asyncio.to_thread(policy_source.load_policy, fallback, None)
+                policy.eval()
+                arm.loaded, arm.loaded_at = (policy, fallback), time.time()
+                arm.from_local_copy = True
+                arm.registry_error = f"{type(exc).__name__}: {exc}"[:500]
+                logger.error("registry unreachable at start: arm %s serves its last good "
+                             "copy of %s", arm.name, fallback.version)
+                return
             if arm.loaded is not None and ref == arm.loaded[1]:
                 arm.registry_ok_at, arm.registry_error = time.time(), None
                 return
-            policy = await asyncio.to_thread(policy_source.load_policy, ref, self._tracking_uri)
+            policy = await asyncio.to_thread(policy_source.load_policy, ref,
+                                             self._tracking_uri, None, copy)
             if self._needs_mbr_table and policy.mbr_table is None:
                 raise FileNotFoundError(policy_source.NO_MBR_TABLE.format(version=ref.version))
             policy.eval()
             arm.loaded, arm.loaded_at = (policy, ref), time.time()
             arm.registry_ok_at, arm.registry_error = arm.loaded_at, None
+            arm.from_local_copy = False
             logger.info("arm %s serves policy %s", arm.name, ref.version)
         if arm in self.arms.values():
             self._on_swap(self.versions())
@@ -142,6 +163,12 @@ class PolicyArms:
                     arm.registry_error = f"{type(exc).__name__}: {exc}"[:500]
                     logger.exception("policy refresh from %s failed", arm.uri)
 
+    def _copy_dir(self, arm: Arm) -> Optional[Path]:
+        """Where a registry arm keeps its last good version (one per URI)."""
+        if self._last_good_dir is None or not policy_source.is_registry_uri(arm.uri):
+            return None
+        return policy_source.last_good_path(self._last_good_dir, self._tracking_uri, arm.uri)
+
     def registry_health(self, arm: Arm) -> Optional[dict[str, Any]]:
         """How fresh the arm's policy is, for a registry alias (a directory or a pinned
         version cannot go stale): stale once no poll succeeded for the configured time."""
@@ -151,4 +178,5 @@ class PolicyArms:
         age = time.time() - arm.registry_ok_at
         return {"uri": arm.uri, "last_ok_unix_s": arm.registry_ok_at,
                 "seconds_since_ok": round(age, 1), "stale_after_s": limit,
-                "stale": age > limit, "last_error": arm.registry_error}
+                "stale": age > limit or arm.from_local_copy, "last_error": arm.registry_error,
+                "from_local_copy": arm.from_local_copy}

@@ -23,6 +23,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, Optional
 
 from fastapi import FastAPI
@@ -35,6 +36,8 @@ from qpo_ray.config import Config
 from qpo_ray.serving.arms import Arm, PolicyArms
 from qpo_ray.serving.cache import PromptCache, normalise_query
 from qpo_ray.serving.feedback import DuplicateFeedback, FeedbackStore, UnknownRequest
+from qpo_ray.serving.isolation import Failed, PolicyFailed, TargetFailed, run_isolated
+from qpo_ray.serving.limits import current_client
 from qpo_ray.serving.guard import (
     UNAUTHENTICATED_WARNING,
     GuardSettings,
@@ -76,6 +79,11 @@ def _unavailable(error: str, reason: str, **extra: Any) -> JSONResponse:
                         content={"error": error, "reason": reason, **extra})
 
 
+def _public(version: str) -> str:
+    """A version as /healthz (unauthenticated) shows it: a directory by its name only."""
+    return version if version.startswith("models:/") else version.rstrip("/").rsplit("/", 1)[-1]
+
+
 def _refused(status: int, error: str, field: str, message: str) -> JSONResponse:
     """A 4xx about one field's value that is well-formed but not acceptable now."""
     return JSONResponse(status_code=status, content={
@@ -98,8 +106,11 @@ class TargetServer:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def answer(self, items: list[tuple[str, str]]) -> list[dict[str, Any]]:
-        """items: (prompt, query) pairs; one generate (and one label scoring) per batch."""
-        return await asyncio.to_thread(self._answer_sync, items)
+        """items: (prompt, query) pairs; one generate (and one label scoring) per batch.
+        An item that fails alone gets {"failed": reason} (serving.isolation)."""
+        results = await asyncio.to_thread(run_isolated, self._answer_sync, items,
+                                          "the target LLM")
+        return [{"failed": r.reason} if isinstance(r, Failed) else r for r in results]
 
     def _answer_sync(self, items: list[tuple[str, str]]) -> list[dict[str, Any]]:
         from qpo_ray.tasks.base import Example
@@ -133,6 +144,7 @@ class PolicyServer:
 
     def __init__(self, cfg: Config, target: Optional[DeploymentHandle] = None) -> None:
         from qpo_ray.common.device import configure_cpu_threads
+        from qpo_ray.config.serve import last_good_root
         from qpo_ray.serving.feedback import feedback_root
         from qpo_ray.tasks import get_task
 
@@ -142,7 +154,7 @@ class PolicyServer:
         self._task = get_task(cfg.task)
         self._label_words = tuple(self._task.label_words) if self._task.mode == "labels" else ()
         self._replica_id = uuid.uuid4().hex[:12]
-        _GUARD.serve_cfg = cfg.serve
+        _GUARD.configure(cfg.serve)
         try:
             if read_token(cfg.serve) is None and cfg.serve.insecure:
                 logger.warning(UNAUTHENTICATED_WARNING.format(host=cfg.serve.host,
@@ -153,8 +165,10 @@ class PolicyServer:
         self._policy_prompts = 0
         self._arms = PolicyArms(cfg.tracking_uri(), cfg.tracking.experiment,
                                 cfg.serve.registry_stale_after_s, self._cache.retain,
-                                needs_mbr_table=cfg.serve.decoding == "mbr")
-        self._store = (FeedbackStore(feedback_root(cfg), self._replica_id)
+                                needs_mbr_table=cfg.serve.decoding == "mbr",
+                                last_good_dir=Path(last_good_root(cfg.serve)))
+        self._store = (FeedbackStore(feedback_root(cfg), self._replica_id,
+                                     cfg.serve.journal_max_bytes, cfg.serve.retention_days)
                        if cfg.serve.feedback else None)
         # Requests inside generate_batch, the size of the last batch and the configured
         # wait for a batch to fill (see _generate: a lone client does not wait).
@@ -190,16 +204,20 @@ class PolicyServer:
     # ---- batched generation -----------------------------------------------------------
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def generate_batch(self, items: list[tuple[str, float, Arm]]) -> list[tuple[str, str]]:
+    async def generate_batch(self, items: list[tuple[str, float, Arm]]) -> list[Any]:
         """items: (query, target_reward, arm). Returns (prompt, policy_version) per item,
-        each from the arm's policy as loaded when the batch starts."""
+        each from the arm's policy as loaded when the batch starts, or a Failed for an
+        item the policy cannot serve (the others are served: serving.isolation)."""
         self._last_batch_size = len(items)
         loaded = {id(arm): arm.loaded for _q, _r, arm in items}
-        prompts = await asyncio.to_thread(self._generate_grouped, loaded, items,
-                                          self._cfg.serve.decoding,
-                                          self._cfg.serve.mbr_temperature)
+        serve_cfg = self._cfg.serve
+        prompts = await asyncio.to_thread(
+            run_isolated, lambda part: self._generate_grouped(
+                loaded, part, serve_cfg.decoding, serve_cfg.mbr_temperature),
+            items, "the policy")
         self._policy_prompts += len(items)
-        return [(p, loaded[id(arm)][1].version) for p, (_q, _r, arm) in zip(prompts, items)]
+        return [p if isinstance(p, Failed) else (p, loaded[id(arm)][1].version)
+                for p, (_q, _r, arm) in zip(prompts, items)]
 
     @staticmethod
     def _generate_grouped(loaded: dict[int, tuple[Any, Any]],
@@ -243,25 +261,30 @@ class PolicyServer:
         try:
             alone = self._in_flight == 1 and self._last_batch_size <= 1
             self.generate_batch.set_batch_wait_timeout_s(0.0 if alone else self._batch_wait_s)
-            prompt, version = await self.generate_batch((query, target_reward, arm))
+            result = await self.generate_batch((query, target_reward, arm))
         finally:
             self._in_flight -= 1
+        if isinstance(result, Failed):
+            raise PolicyFailed(result.reason)
+        prompt, version = result
         if version in self._arms.versions():  # not an arm swapped out meanwhile
             self._cache.put((query, version, target_reward), prompt)
         return prompt, version, arm.name, False
 
     def _record(self, route: str, body: PromptRequest, served: tuple[str, str, str, bool],
-                **extra: Any) -> str:
-        """Journal the served request (before the response leaves) and return its id."""
+                **extra: Any) -> tuple[str, str]:
+        """Journal the served request (before the response leaves) with who asked; return
+        its id and receipt (what feedback on it must present)."""
         request_id = uuid.uuid4().hex
-        if self._store is not None:
-            prompt, version, arm, cached = served
-            self._store.record({
-                "request_id": request_id, "served_at_unix_s": time.time(), "route": route,
-                "arm": arm, "policy_version": version, "query": normalise_query(body.query),
-                "prompt": prompt, "target_reward": float(body.target_reward),
-                "cached": cached, **extra})
-        return request_id
+        if self._store is None:
+            return request_id, ""
+        prompt, version, arm, cached = served
+        self._store.record({
+            "request_id": request_id, "served_at_unix_s": time.time(), "route": route,
+            "arm": arm, "policy_version": version, "query": normalise_query(body.query),
+            "prompt": prompt, "target_reward": float(body.target_reward),
+            "cached": cached, "client_id": current_client(), **extra})
+        return request_id, self._store.receipt(request_id)
 
     # ---- HTTP routes ------------------------------------------------------------------
 
@@ -274,11 +297,14 @@ class PolicyServer:
         health = {name: self._arms.registry_health(arm) for name, arm in arms.items()}
         stale = any(h and h["stale"] for h in health.values())
         body: dict[str, Any] = {"status": "stale" if stale else "ok",
-                                "policy_version": arms["a"].version if arms else "",
+                                "policy_version": _public(arms["a"].version) if arms else "",
                                 "policy_loaded_at_unix_s": arms["a"].loaded_at if arms else 0.0}
         for name, key in (("a", "registry"), ("b", "ab_registry")):
             if health.get(name) is not None:
-                body[key] = health[name]
+                # Unauthenticated: freshness only, no URIs, paths or error texts.
+                body[key] = {k: health[name][k] for k in
+                             ("stale", "seconds_since_ok", "stale_after_s", "from_local_copy")
+                             if k in health[name]}
         return body
 
     @api.get("/v1/version", response_model=VersionResponse)
@@ -293,11 +319,15 @@ class PolicyServer:
     @api.post("/v1/prompt", response_model=PromptResponse)
     async def prompt(self, body: PromptRequest) -> PromptResponse:
         check_query_length(body.query, self._cfg.serve.max_query_chars)
-        served = await self._generate(normalise_query(body.query), float(body.target_reward),
-                                      body.client_key)
+        try:
+            served = await self._generate(normalise_query(body.query),
+                                          float(body.target_reward), body.client_key)
+        except PolicyFailed as exc:
+            return _unavailable("policy unavailable", str(exc))
+        request_id, receipt = self._record("prompt", body, served)
         return PromptResponse(prompt=served[0], policy_version=served[1], arm=served[2],
                               cached=served[3], target_reward=body.target_reward,
-                              request_id=self._record("prompt", body, served))
+                              request_id=request_id, receipt=receipt)
 
     @api.post("/v1/answer", response_model=AnswerResponse)
     async def answer(self, body: AnswerRequest) -> AnswerResponse:
@@ -307,22 +337,29 @@ class PolicyServer:
             return JSONResponse(status_code=404, content={
                 "error": "this deployment serves no target LLM (/v1/answer is off)"})
         query = normalise_query(body.query)
-        served = await self._generate(query, float(body.target_reward), body.client_key)
+        try:
+            served = await self._generate(query, float(body.target_reward), body.client_key)
+        except PolicyFailed as exc:
+            return _unavailable("policy unavailable", str(exc))
         prompt, version, arm, cached = served
         timeout = self._cfg.serve.target_timeout_s
         try:
             result = await asyncio.wait_for(self._ask_target(prompt, query), timeout)
+            if "failed" in result:
+                raise TargetFailed(result["failed"])
         except Exception as exc:  # noqa: BLE001 - the policy's part is still served
             reason = (f"no answer within {timeout:g} s (serve.target_timeout_s)"
-                      if isinstance(exc, asyncio.TimeoutError)
+                      if isinstance(exc, asyncio.TimeoutError) else str(exc)
+                      if isinstance(exc, TargetFailed)
                       else f"{type(exc).__name__}: {exc}"[:300])
-            if not isinstance(exc, asyncio.TimeoutError):
+            if not isinstance(exc, (asyncio.TimeoutError, TargetFailed)):
                 logger.exception("target LLM call failed")
+            request_id, receipt = self._record("answer", body, served)
             return _unavailable("target LLM unavailable", reason, prompt=prompt,
                                 policy_version=version, arm=arm,
-                                request_id=self._record("answer", body, served))
-        request_id = self._record("answer", body, served, answer=result["answer"],
-                                  target_label=result.get("label"))
+                                request_id=request_id, receipt=receipt)
+        request_id, receipt = self._record("answer", body, served, answer=result["answer"],
+                                           target_label=result.get("label"))
         correct = None
         if body.label is not None:
             predicted = result.get("label") if self._label_words else \
@@ -333,7 +370,7 @@ class PolicyServer:
                                         body.label, "answer-gold")
         return AnswerResponse(prompt=prompt, policy_version=version, arm=arm, cached=cached,
                               target_reward=body.target_reward, request_id=request_id,
-                              correct=correct, **result)
+                              receipt=receipt, correct=correct, **result)
 
     async def _ask_target(self, prompt: str, query: str) -> dict[str, Any]:
         return await self._target.answer.remote((prompt, query))
@@ -346,8 +383,17 @@ class PolicyServer:
             return JSONResponse(status_code=404, content={
                 "error": "feedback is off (serve.feedback: false)"})
         check_feedback(body, self._label_words)
+        if (self._cfg.serve.feedback_requires_receipt
+                and not self._store.receipt_ok(body.request_id, body.receipt)):
+            return _refused(403, "feedback needs the request's receipt", "receipt",
+                            "missing, or not the receipt this request was served with "
+                            "(serve.feedback_requires_receipt)")
         try:
-            row = await asyncio.to_thread(self._store.add, body.request_id, body.correct,
+            record = await asyncio.to_thread(self._store.requests.lookup, body.request_id)
+            if record.get("client_id") and record["client_id"] != current_client():
+                return _refused(403, "not your request", "request_id",
+                                "feedback must come from the client that made the request")
+            row = await asyncio.to_thread(self._store.add_to, record, body.correct,
                                           body.reward, body.label, "client")
         except UnknownRequest:
             return _refused(404, "unknown request id", "request_id",

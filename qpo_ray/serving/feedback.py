@@ -4,12 +4,19 @@ served request, and the feedback given on them. Free of Ray: the replicas write 
 
 Layout under `serve.feedback_dir` (default `<workdir>/serving`):
 
-    requests/<replica>.jsonl   one JSON line per served request, appended and flushed
+    requests/<replica>-<n>.jsonl  one JSON line per served request, appended and flushed
                                before the response leaves (a replica that dies loses
-                               none); each replica process writes its own file
+                               none); each replica process writes its own files, a new
+                               one past serve.journal_max_bytes
     feedback/part-*.parquet    one Parquet part per accepted feedback, written to a
                                temporary file, fsynced and renamed (qpo_ray.common.atomic):
                                the request's record joined with the outcome
+    feedback/claims/<id>       created with O_EXCL before a part is written: one outcome
+                               per request, whichever replica is asked, even at once
+    receipt.key                the secret receipts are HMACs with (created once, 0600)
+
+Files older than serve.retention_days are deleted when a replica starts (journals,
+parts and claims; 0 keeps everything).
 
 Any replica answers feedback for any request: an id it did not serve is looked up in
 the other replicas' journals (read incrementally), so a restarted replica (or one on
@@ -18,8 +25,11 @@ another node sharing the directory) still knows every request served before.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
+import secrets
 import tempfile
 import threading
 import time
@@ -35,6 +45,8 @@ from qpo_ray.config import Config
 
 REQUESTS_DIR = "requests"
 FEEDBACK_DIR = "feedback"
+CLAIMS_DIR = "claims"
+RECEIPT_KEY_FILE = "receipt.key"
 
 # A served request's record (the journal's JSON keys), then the feedback's own columns.
 RECORD_FIELDS: dict[str, pa.DataType] = {
@@ -49,6 +61,7 @@ RECORD_FIELDS: dict[str, pa.DataType] = {
     "cached": pa.bool_(),
     "target_label": pa.string(),     # /v1/answer, label tasks: the target's label word
     "answer": pa.string(),           # /v1/answer: the target's text
+    "client_id": pa.string(),        # who asked: hash of the bearer token (serving.limits)
 }
 FEEDBACK_SCHEMA = pa.schema([*RECORD_FIELDS.items(),
                              ("correct", pa.bool_()),
@@ -73,10 +86,11 @@ class DuplicateFeedback(ValueError):
 class RequestLog:
     """The journals: this process appends to its own file and reads everyone's."""
 
-    def __init__(self, root: Path, writer_id: str) -> None:
+    def __init__(self, root: Path, writer_id: str, max_bytes: int = 64 << 20) -> None:
         self._dir = root / REQUESTS_DIR
         self._dir.mkdir(parents=True, exist_ok=True)
-        self._path = self._dir / f"{writer_id}.jsonl"
+        self._writer, self._part, self._max_bytes = writer_id, 0, max_bytes
+        self._path = self._dir / f"{writer_id}-0.jsonl"
         self._file = open(self._path, "ab")
         # request_id -> (journal, byte offset of its line); how far each journal is read.
         self._index: dict[str, tuple[Path, int]] = {}
@@ -86,6 +100,11 @@ class RequestLog:
     def append(self, record: dict[str, Any]) -> None:
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
         offset = self._file.tell()
+        if offset and offset + len(line) > self._max_bytes:
+            self._file.close()
+            self._part += 1
+            self._path = self._dir / f"{self._writer}-{self._part}.jsonl"
+            self._file, offset = open(self._path, "ab"), 0
         self._file.write(line)
         self._file.flush()  # in the kernel now: survives this process dying
         self._index[record["request_id"]] = (self._path, offset)
@@ -104,9 +123,19 @@ class RequestLog:
         """Index what was appended to any journal since the last scan (complete lines
         only: a line being written, or cut short by a crash, is left for later)."""
         with self._scan_lock:
-            for path in sorted(self._dir.glob("*.jsonl")):
+            present = set(self._dir.glob("*.jsonl"))
+            gone = set(self._read_to) - present
+            if gone:  # swept by retention: forget their ids (the index stays bounded)
+                self._index = {k: v for k, v in self._index.items() if v[0] not in gone}
+                for path in gone:
+                    del self._read_to[path]
+            for path in sorted(present):
                 start = self._read_to.get(path, 0)
-                with open(path, "rb") as f:
+                try:
+                    f = open(path, "rb")
+                except FileNotFoundError:
+                    continue  # deleted by another replica's retention sweep
+                with f:
                     f.seek(start)
                     data = f.read()
                 end = data.rfind(b"\n") + 1
@@ -126,16 +155,23 @@ class RequestLog:
 class FeedbackStore:
     """Records requests and turns feedback on them into durable Parquet parts."""
 
-    def __init__(self, root: str | Path, writer_id: str) -> None:
+    def __init__(self, root: str | Path, writer_id: str, journal_max_bytes: int = 64 << 20,
+                 retention_days: float = 0.0) -> None:
         self.root = Path(root)
-        self.requests = RequestLog(self.root, writer_id)
         self._dir = self.root / FEEDBACK_DIR
-        self._dir.mkdir(parents=True, exist_ok=True)
-        frame = read_feedback(self.root, dedupe=False)
-        # Ids with feedback, this replica's and any written before it started; an id
-        # is added before its part is written, so two concurrent posts cannot both pass.
-        self._given: set[str] = set(frame["request_id"]) if len(frame) else set()
-        self._lock = threading.Lock()
+        self._claims = self._dir / CLAIMS_DIR
+        self._claims.mkdir(parents=True, exist_ok=True)
+        if retention_days > 0:
+            sweep(self.root, retention_days * 86400.0)
+        self.requests = RequestLog(self.root, writer_id, journal_max_bytes)
+        self._receipt_key = receipt_key(self.root)
+
+    def receipt(self, request_id: str) -> str:
+        """What the response carries and feedback must present: HMAC-SHA256 of the id."""
+        return hmac.new(self._receipt_key, request_id.encode(), hashlib.sha256).hexdigest()
+
+    def receipt_ok(self, request_id: str, receipt: Optional[str]) -> bool:
+        return bool(receipt) and hmac.compare_digest(self.receipt(request_id), receipt)
 
     def record(self, record: dict[str, Any]) -> None:
         self.requests.append({k: record.get(k) for k in RECORD_FIELDS})
@@ -144,18 +180,61 @@ class FeedbackStore:
             gold_label: Optional[str], source: str) -> dict[str, Any]:
         """Store the outcome of a served request; UnknownRequest / DuplicateFeedback."""
         record = self.requests.lookup(request_id)
-        with self._lock:
-            if request_id in self._given:
-                raise DuplicateFeedback(request_id)
-            self._given.add(request_id)
+        return self.add_to(record, correct, reward, gold_label, source)
+
+    def add_to(self, record: dict[str, Any], correct: Optional[bool], reward: Optional[float],
+               gold_label: Optional[str], source: str) -> dict[str, Any]:
+        request_id = record["request_id"]
+        claim = self._claims / request_id
+        try:
+            # The claim, not a per-process set: any replica, any restart, sees it.
+            os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            raise DuplicateFeedback(request_id) from None
         row = {**record, "correct": correct, "reward": reward, "gold_label": gold_label,
                "feedback_source": source, "feedback_at_unix_s": time.time()}
         try:
             _write_part(self._dir, [row])
         except BaseException:
-            self._given.discard(request_id)
+            claim.unlink(missing_ok=True)
             raise
         return row
+
+
+def receipt_key(root: Path) -> bytes:
+    """The receipts' secret, shared by every replica through the feedback directory:
+    created once (written aside, then hard-linked into place, so no replica reads a
+    half-written key), readable by its owner only."""
+    path = root / RECEIPT_KEY_FILE
+    if not path.exists():
+        fd, tmp = tempfile.mkstemp(prefix=".receipt-", dir=root)
+        try:
+            os.write(fd, secrets.token_hex(32).encode())
+            os.fsync(fd)
+            os.close(fd)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another replica's key won
+        finally:
+            os.unlink(tmp)
+    return path.read_bytes().strip()
+
+
+def sweep(root: Path, max_age_s: float) -> int:
+    """Delete journals, feedback parts and claims last written more than max_age_s ago
+    (serve.retention_days); returns how many files went."""
+    cutoff, gone = time.time() - max_age_s, 0
+    for pattern in (f"{REQUESTS_DIR}/*.jsonl", f"{FEEDBACK_DIR}/part-*.parquet",
+                    f"{FEEDBACK_DIR}/{CLAIMS_DIR}/*"):
+        for path in root.glob(pattern):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    gone += 1
+            except FileNotFoundError:
+                continue
+    return gone
 
 
 def _write_part(directory: Path, rows: list[dict[str, Any]]) -> Path:
@@ -178,12 +257,20 @@ def read_feedback(root: str | Path, dedupe: bool = True) -> pd.DataFrame:
     parts = sorted((Path(root) / FEEDBACK_DIR).glob("part-*.parquet"))
     if not parts:
         return FEEDBACK_SCHEMA.empty_table().to_pandas()
-    frame = pa.concat_tables([pq.read_table(p, schema=FEEDBACK_SCHEMA) for p in parts]
-                             ).to_pandas()
+    frame = pa.concat_tables([_read_part(p) for p in parts]).to_pandas()
     if dedupe:
         frame = (frame.sort_values("feedback_at_unix_s", kind="stable")
                  .drop_duplicates("request_id", keep="last").reset_index(drop=True))
     return frame
+
+
+def _read_part(path: Path) -> pa.Table:
+    """A part, in today's schema: parts written before a column existed get it null."""
+    table = pq.read_table(path)
+    for name in FEEDBACK_SCHEMA.names:
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(len(table), FEEDBACK_SCHEMA.field(name).type))
+    return table.select(FEEDBACK_SCHEMA.names).cast(FEEDBACK_SCHEMA)
 
 
 def read_requests(root: str | Path) -> pd.DataFrame:

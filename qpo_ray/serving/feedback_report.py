@@ -24,6 +24,8 @@ from qpo_ray.serving.feedback import feedback_root, read_feedback, read_requests
 from qpo_ray.testphase.stats import PairedDifference, newcombe_difference, paired_difference, wilson_interval
 
 SERVE_RUN_TAG = "qpo.kind"
+# Feedback sources whose outcome a client supplied (serving.feedback: feedback_source).
+CLIENT_SOURCES = ("client", "answer-gold")
 SERVE_RUN_KIND = "serve-feedback"
 
 
@@ -188,7 +190,8 @@ def report(cfg: Config, versions: Optional[tuple[str, str]] = None,
 
 def feedback_rows(cfg: Config, feedback: pd.DataFrame, loop: int,
                   keep_all: bool = False) -> pd.DataFrame:
-    """Feedback as dataset rows (schema.ALL_COLUMNS), expert-filtered unless keep_all."""
+    """Feedback as dataset rows (schema.ALL_COLUMNS), expert-filtered unless keep_all;
+    rows from client-supplied outcomes only with serve.train_on_client_feedback."""
     from qpo_ray.prompts import prompt_id
     from qpo_ray.tasks import get_task
 
@@ -217,6 +220,10 @@ def feedback_rows(cfg: Config, feedback: pd.DataFrame, loop: int,
         "completion_tokens": 0, "r_query": nan, "r_task": nan, "r_raw": nan,
         "reward": reward.astype(float)})
     frame = frame[frame["reward"].notna()]
+    if not cfg.serve.train_on_client_feedback:
+        # Rewards, verdicts and gold labels all come from clients (a token holder can
+        # post reward 100 for a crafted query): none trains a policy unless opted in.
+        frame = frame[~feedback.loc[frame.index, "feedback_source"].isin(CLIENT_SOURCES)]
     if not keep_all:
         frame = frame[frame["reward"] >= 100.0 * cfg.dataset.expert_fraction]
     return frame.reset_index(drop=True)

@@ -1,9 +1,14 @@
 """Who may call the Serve app, and how much they may send: the bearer token (where it
-comes from, when it is required) and the request-size limit, checked before FastAPI
-reads or parses a body. Free of Ray, like schemas.py.
+comes from, when it is required), the request-size limit and body-read deadline, the
+per-client rate limit and /v1/answer budget (serving.limits), all checked before
+FastAPI reads or parses a body. Free of Ray, like schemas.py.
 
 The rule (fail closed): a proxy bound to anything but a loopback address needs a token,
 unless the user set `serve.insecure: true` (`qpo serve --insecure`) in so many words.
+The address checked is the one Serve's proxy really binds (its http_options.host, see
+serving.app), and each replica applies the rule again per request: with no token and
+no serve.insecure, a caller from a non-loopback address gets 503 (a pod whose
+environment lacks the token serves nobody but itself).
 The token itself is never part of the deployment: each replica reads it, per request,
 from its own environment (`serve.auth_token_env`) or from a file (`serve.auth_token_file`,
 e.g. a mounted secret), so it appears neither in `serve status`, the Serve config, nor
@@ -12,6 +17,7 @@ the dashboard.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
@@ -22,6 +28,8 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
 from qpo_ray.config import ConfigError, ServeConfig
+from qpo_ray.serving.limits import (Budget, RateLimiter, client_id, retry_after,
+                                    set_current_client)
 
 logger = logging.getLogger("ray.serve")
 
@@ -87,6 +95,11 @@ def check_auth_setup(serve_cfg: ServeConfig, host: Optional[str] = None) -> bool
     return True
 
 
+def presented_token(authorization: Optional[str]) -> Optional[str]:
+    scheme, _, credentials = (authorization or "").strip().partition(" ")
+    return credentials.strip() or None if scheme.lower() == "bearer" else None
+
+
 def bearer_token_ok(authorization: Optional[str], expected: Optional[str]) -> bool:
     """True when no token is expected, or the header carries exactly that token. The
     scheme name is case-insensitive (RFC 7235 section 2.1: "bearer", "BEARER")."""
@@ -105,6 +118,16 @@ class GuardSettings:
     """What a replica's guard checks; filled in by the replica that owns the app."""
 
     serve_cfg: Optional[ServeConfig] = None
+    rate: Optional[RateLimiter] = None
+    answer_budget: Optional[Budget] = None
+
+    def configure(self, serve_cfg: ServeConfig) -> None:
+        self.serve_cfg = serve_cfg
+        self.rate = RateLimiter(serve_cfg.rate_limit_per_s, serve_cfg.rate_limit_burst)
+        self.answer_budget = Budget(serve_cfg.answer_budget, serve_cfg.answer_budget_window_s)
+
+    def insecure(self) -> bool:
+        return bool(self.serve_cfg is not None and self.serve_cfg.insecure)
 
     def expected_token(self) -> Optional[str]:
         return read_token(self.serve_cfg) if self.serve_cfg is not None else None
@@ -143,7 +166,9 @@ class RequestGuard:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope.get("headers", [])}
-        if scope.get("path") not in OPEN_PATHS:
+        path = scope.get("path")
+        caller = (scope.get("client") or ("", 0))[0] or ""
+        if path not in OPEN_PATHS:
             try:
                 expected = self.settings.expected_token()
             except TokenUnavailable as exc:
@@ -152,9 +177,21 @@ class RequestGuard:
                 await _reply(send, 503, {"error": "server auth misconfigured",
                                          "reason": "the token file cannot be read"})
                 return
+            if expected is None and not self.settings.insecure() and not is_loopback(caller):
+                # Fail closed: no token reached this replica and nobody said insecure.
+                await _reply(send, 503, {"error": "server auth misconfigured",
+                                         "reason": "no bearer token is configured on this "
+                                                   "replica; only loopback callers are served"})
+                return
             if not bearer_token_ok(headers.get("authorization"), expected):
                 await _reply(send, 401, {"error": "missing or wrong bearer token"},
                              {"WWW-Authenticate": "Bearer"})
+                return
+            who = client_id(expected and presented_token(headers.get("authorization")), caller)
+            set_current_client(who)
+            refused = self._over_limit(who, path)
+            if refused is not None:
+                await _reply(send, 429, refused[0], {"Retry-After": refused[1]})
                 return
         limit = self.settings.max_request_bytes()
         if limit is None or scope.get("method") not in _BODY_METHODS:
@@ -167,19 +204,27 @@ class RequestGuard:
             await _reply(send, 413, too_large, {"Connection": "close"})
             return
         chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                await _reply(send, 413, too_large, {"Connection": "close"})
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        deadline = self.settings.serve_cfg.body_read_timeout_s
+        try:
+            async with asyncio.timeout(deadline):
+                size = 0
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        await _reply(send, 413, too_large, {"Connection": "close"})
+                        return
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            await _reply(send, 408, {"error": "request body too slow", "reason":
+                                     f"the body must arrive within {deadline:g} s "
+                                     "(serve.body_read_timeout_s)"}, {"Connection": "close"})
+            return
         body = b"".join(chunks)
         replayed = False
 
@@ -191,3 +236,17 @@ class RequestGuard:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    def _over_limit(self, who: str, path: Optional[str]) -> Optional[tuple[dict[str, Any], str]]:
+        """(body, Retry-After) for a client over its rate or /v1/answer budget, else None."""
+        rate, budget = self.settings.rate, self.settings.answer_budget
+        wait = rate.acquire(who) if rate is not None else 0.0
+        if wait:
+            return ({"error": "too many requests", "reason": "over the per-client rate "
+                     f"limit of {rate.per_s:g}/s (serve.rate_limit_per_s)"}, retry_after(wait))
+        wait = budget.spend(who) if budget is not None and path == "/v1/answer" else 0.0
+        if wait:
+            return ({"error": "answer budget spent", "reason": f"{budget.limit} /v1/answer "
+                     f"calls per {budget.window_s:g} s per client (serve.answer_budget)"},
+                    retry_after(wait))
+        return None

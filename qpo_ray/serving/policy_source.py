@@ -112,9 +112,11 @@ def find_policy_dir(root: Path) -> Path:
     return candidates[0]
 
 
-def load_policy(ref: PolicyRef, tracking_uri: Optional[str], device=None):
+def load_policy(ref: PolicyRef, tracking_uri: Optional[str], device=None,
+                keep_copy: Optional[Path] = None):
     """Load the policy `ref` names; registry versions are downloaded to a temporary
-    directory that is removed once the weights are in memory."""
+    directory that is removed once the weights are in memory (after a copy to
+    `keep_copy`, the last good version a replica can start from: save_last_good)."""
     from qpo_ray.policy import QPOPolicy
 
     if ref.local_dir is not None:
@@ -131,6 +133,53 @@ def load_policy(ref: PolicyRef, tracking_uri: Optional[str], device=None):
     try:
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=source, dst_path=str(tmp), tracking_uri=tracking_uri)
-        return QPOPolicy.load(str(find_policy_dir(Path(local))), device=device)
+        policy_dir = find_policy_dir(Path(local))
+        policy = QPOPolicy.load(str(policy_dir), device=device)
+        if keep_copy is not None:
+            save_last_good(policy_dir, ref, keep_copy)
+        return policy
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+LAST_GOOD_REF = "qpo-last-good.json"
+
+
+def last_good_path(root: Path, tracking_uri: Optional[str], uri: str) -> Path:
+    """Where the last good version of a registry URI is kept under `root` (one per
+    tracking store and URI)."""
+    import hashlib
+
+    return Path(root) / hashlib.sha256(f"{tracking_uri}|{uri}".encode()).hexdigest()[:16]
+
+
+def save_last_good(policy_dir: Path, ref: PolicyRef, dest: Path) -> None:
+    """Copy a loaded registry version to `dest` (replaced whole: copied aside, then
+    renamed over), so that a replica started while the registry is down can serve it."""
+    import json
+    import os
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=dest.parent))
+    shutil.copytree(policy_dir, staging, dirs_exist_ok=True)
+    (staging / LAST_GOOD_REF).write_text(json.dumps({"uri": ref.uri, "version": ref.version}))
+    old = dest.with_name(dest.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(staging, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def last_good(dest: Path, uri: str) -> Optional[PolicyRef]:
+    """The copy save_last_good made for `uri`, as a ref naming the registry version it
+    came from (its files in `dest`); None when there is none."""
+    import json
+
+    try:
+        meta = json.loads((dest / LAST_GOOD_REF).read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("uri") != uri:
+        return None
+    return PolicyRef(uri=uri, version=meta["version"], local_dir=str(dest))

@@ -15,6 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
 
+from qpo_ray.serving.textpolicy import clean
+
 # Rewards are min-max normalised to 0-100 over the dataset (QPO.md, "Rewards"), so a
 # target outside that range asks the policy for something it never saw.
 REWARD_MIN = 0.0
@@ -28,7 +30,8 @@ class _Request(BaseModel):
     # A misspelt field ("reward" for "target_reward") is refused rather than ignored.
     model_config = ConfigDict(extra="forbid")
 
-    query: StrictStr
+    # Text only: no lone surrogates or control characters (serving.textpolicy).
+    query: clean(StrictStr)
 
     @field_validator("query")
     @classmethod
@@ -39,9 +42,12 @@ class _Request(BaseModel):
 
 
 # A/B stickiness key (a user or session id): the same key always gets the same arm.
-ClientKey = Annotated[str, Field(strict=True, min_length=1, max_length=200)]
+ClientKey = clean(Annotated[str, Field(strict=True, min_length=1, max_length=200)])
 # Gold labels: a label word (label tasks) or the reference answer.
-GoldLabel = Annotated[str, Field(strict=True, min_length=1, max_length=200)]
+GoldLabel = clean(Annotated[str, Field(strict=True, min_length=1, max_length=200)])
+# The ids the server issues (uuid4 hex); the pattern also keeps them safe as file names.
+RequestId = Annotated[str, Field(strict=True, pattern=r"^[0-9a-f]{32}$")]
+Receipt = Annotated[str, Field(strict=True, pattern=r"^[0-9a-f]{64}$")]
 
 
 class PromptRequest(_Request):
@@ -57,7 +63,9 @@ class AnswerRequest(PromptRequest):
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    request_id: Annotated[str, Field(strict=True, min_length=1, max_length=100)]
+    request_id: RequestId
+    # The `receipt` of the response being judged (serve.feedback_requires_receipt).
+    receipt: Optional[Receipt] = None
     # The outcome: whether the served prompt led to a right answer, and/or a reward on
     # the 0-100 scale of target_reward. At least one of the two (check_feedback).
     correct: Optional[StrictBool] = None
@@ -69,8 +77,9 @@ class PromptResponse(BaseModel):
     prompt: str
     policy_version: str
     target_reward: float
-    # Names the request in POST /v1/feedback.
+    # Names the request in POST /v1/feedback, with the receipt (proof it was served).
     request_id: str
+    receipt: str = ""
     # "a" (serve.policy_uri) or "b" (serve.ab_policy_uri).
     arm: str
     # True when the prompt came from the replica's prompt cache (no policy call).

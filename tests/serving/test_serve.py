@@ -174,7 +174,8 @@ def test_answer_with_the_gold_label_records_its_outcome(server, cfg):
     assert (stored["correct"], stored["gold_label"], stored["feedback_source"]) == \
         (body["correct"], "negative", "answer-gold")
     assert (stored["target_label"], stored["prompt"]) == (body["label"], body["prompt"])
-    again = server.post("/v1/feedback", json={"request_id": body["request_id"], "correct": True})
+    again = server.post("/v1/feedback", json={"request_id": body["request_id"],
+                                              "receipt": body["receipt"], "correct": True})
     assert again.status_code == 409
     # Without a label nothing is scored or recorded as feedback.
     plain = server.post("/v1/answer", json={"query": QUERIES[1]}).json()

@@ -86,6 +86,12 @@ def ask(server, query: str, **extra) -> dict:
     return response.json()
 
 
+def give(server, served: dict, **outcome) -> httpx.Response:
+    """Feedback on a served request, with the receipt its response carried."""
+    return server.post("/v1/feedback", json={"request_id": served["request_id"],
+                                             "receipt": served["receipt"], **outcome})
+
+
 def key_in(server, arm: str) -> str:
     """A client key the split sends to `arm`."""
     return next(f"user-{i}" for i in range(100)
@@ -146,18 +152,23 @@ def test_feedback_is_recorded_and_bad_feedback_is_a_4xx(server):
     served = ask(server, QUERIES[0], client_key=key_in(server, "a"))
     rid = served["request_id"]
     for case, extra, status, field in BAD_FEEDBACK:
-        response = server.post("/v1/feedback", content=_json({"request_id": rid, **extra}),
+        response = server.post("/v1/feedback", content=_json({"request_id": rid,
+                                                              "receipt": served["receipt"],
+                                                              **extra}),
                                headers={"content-type": "application/json"})
         assert response.status_code == status, (case, response.text)
         assert [e["field"] for e in response.json()["errors"]] == [field], case
-    unknown = server.post("/v1/feedback", json={"request_id": "0" * 32, "correct": True})
-    assert unknown.status_code == 404 and unknown.json()["errors"][0]["field"] == "request_id"
-    ok = server.post("/v1/feedback", json={"request_id": rid, "correct": True,
-                                           "label": "positive"})
+    # An id without the receipt the server issued for it is refused (forged feedback).
+    for forged in ({"request_id": "0" * 32, "correct": True},
+                   {"request_id": rid, "correct": True},
+                   {"request_id": rid, "receipt": "0" * 64, "correct": True}):
+        refused = server.post("/v1/feedback", json=forged)
+        assert refused.status_code == 403 and refused.json()["errors"][0]["field"] == "receipt"
+    ok = give(server, served, correct=True, label="positive")
     assert ok.status_code == 200, ok.text
     assert ok.json() == {"request_id": rid, "policy_version": served["policy_version"],
                          "arm": served["arm"], "recorded": True}
-    assert server.post("/v1/feedback", json={"request_id": rid, "reward": 10}).status_code == 409
+    assert give(server, served, reward=10).status_code == 409
 
 
 def _json(body: dict) -> str:
@@ -174,8 +185,7 @@ def test_feedback_survives_a_killed_replica(server, setup):
     cfg, _policy, _root, _profile = setup
     given = ask(server, QUERIES[0], client_key=key_in(server, "a"))
     pending = ask(server, "dull, dull, dull", client_key=key_in(server, "b"))
-    assert server.post("/v1/feedback", json={"request_id": given["request_id"],
-                                             "correct": False}).status_code == 200
+    assert give(server, given, correct=False).status_code == 200
     old_replica = server.get("/v1/version").json()["replica_id"]
     replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
                 if "PolicyServer" in a["name"]]
@@ -193,10 +203,9 @@ def test_feedback_survives_a_killed_replica(server, setup):
         assert time.monotonic() < deadline, "Serve never replaced the killed replica"
         time.sleep(1)
     # The new replica knows both requests (journal) and the feedback already given (parts).
-    late = server.post("/v1/feedback", json={"request_id": pending["request_id"], "reward": 80})
+    late = give(server, pending, reward=80)
     assert late.status_code == 200, late.text
-    assert server.post("/v1/feedback", json={"request_id": given["request_id"],
-                                             "correct": True}).status_code == 409
+    assert give(server, given, correct=True).status_code == 409
     stored = read_feedback(feedback_root(cfg)).set_index("request_id")
     assert stored.loc[given["request_id"], "correct"] == False  # noqa: E712
     assert stored.loc[pending["request_id"], "reward"] == 80
@@ -216,8 +225,13 @@ def test_feedback_becomes_dataset_rows_that_training_reads(server, setup, tmp_pa
     feedback = read_feedback(feedback_root(cfg))
     assert len(feedback) >= 3  # from the tests above
     out = tmp_path / "feedback.parquet"
+    # By default client-supplied outcomes train nothing (anyone can post reward 100).
     assert main(["serve", "feedback-dataset", "--profile", str(profile), "--keep-all",
                  "--out", str(out)]) == 0
+    assert len(read_dataset(out)[0]) == 0
+    trust = ["--set", "serve.train_on_client_feedback=true"]
+    assert main(["serve", "feedback-dataset", "--profile", str(profile), "--keep-all",
+                 "--out", str(out), *trust]) == 0
     rows, scale = read_dataset(out)  # the schema's required columns are all there
     assert scale is None and len(rows) == len(feedback)
     by_id = rows.set_index("query_id")
@@ -231,7 +245,7 @@ def test_feedback_becomes_dataset_rows_that_training_reads(server, setup, tmp_pa
     write_dataset(base, tmp_path / "d3.parquet", RewardScale(min=-1.0, max=1.5))
     merged_path = tmp_path / "d3-feedback.parquet"
     assert main(["serve", "feedback-dataset", "--profile", str(profile), "--into",
-                 str(tmp_path / "d3.parquet"), "--out", str(merged_path)]) == 0
+                 str(tmp_path / "d3.parquet"), "--out", str(merged_path), *trust]) == 0
     merged, merged_scale = read_dataset(merged_path)
     assert merged_scale == RewardScale(min=-1.0, max=1.5)
     added = merged.iloc[1:]
@@ -253,9 +267,8 @@ def test_report_prints_and_logs_each_version(server, setup):
     cfg, _policy, root, _profile = setup
     # One query with a verdict under both versions: the comparison can pair it.
     for arm, correct in (("a", True), ("b", False)):
-        rid = ask(server, QUERIES[1], client_key=key_in(server, arm))["request_id"]
-        assert server.post("/v1/feedback", json={"request_id": rid, "correct": correct}
-                           ).status_code == 200
+        served = ask(server, QUERIES[1], client_key=key_in(server, arm))
+        assert give(server, served, correct=correct).status_code == 200
     text = report(cfg)
     print(text)
     lines = text.splitlines()
