@@ -144,6 +144,7 @@ def main() -> int:
             f"serve.port={port}", f"serve.num_cpus_per_replica={args.threads}",
             f"serve.auth_token_file={root / 'token'}",
             f"serve.max_request_bytes={MAX_REQUEST_BYTES}", "serve.registry_poll_interval_s=2",
+            f"serve.policy_uri=models:/{MODEL}@latest",
         ])
         (root / "run").mkdir()
         tracker = Tracker(cfg, root / "run")
