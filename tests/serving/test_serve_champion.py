@@ -17,7 +17,7 @@ import pytest
 from qpo_ray.config import load_config
 from qpo_ray.policy.mbr import save_table, utility_table
 from qpo_ray.tasks.base import Example
-from test_serve import PROMPT_HIGH, PROMPT_LOW, PROMPT_V2, QUERIES, fit_policy
+from tests.serving.test_serve import PROMPT_HIGH, PROMPT_LOW, PROMPT_V2, QUERIES, fit_policy
 
 MODEL_NAME = "qpo-champion-test"
 TOKEN_ENV = "QPO_SERVE_CHAMPION_TEST_TOKEN"
