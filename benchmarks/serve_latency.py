@@ -11,6 +11,13 @@ batch of 8 is far from free, and the HTTP and Serve work shares the cores.
 
     .venv/bin/python benchmarks/serve_latency.py                    # fits a tiny policy
     .venv/bin/python benchmarks/serve_latency.py --policy DIR --requests 96
+    .venv/bin/python benchmarks/serve_latency.py --chat --requests 24  # the OpenAI route
+
+--chat instead times POST /v1/chat/completions (policy prompt + the target, through Serve)
+against calling the target directly in-process with the same input (the TargetServer's
+own answer code on the same (prompt, query), same threads): p50/p99 and their ratio,
+cache misses (the policy runs) and hits (it does not) apart; the ratio is the policy's
+and Serve's added latency on top of the target's.
 
 Without --policy it fits a 1-layer SmolLM2 policy for a few steps to write a fixed
 ~10-token prompt, so every request decodes a realistic number of tokens (an untrained
@@ -146,6 +153,53 @@ def measure_cache(policy, url: str, queries: list[str]) -> dict[str, dict[str, f
     return {k: summarize(v, sum(v)) for k, v in lat.items()}
 
 
+def p99(latencies: list[float]) -> float:
+    ordered = sorted(latencies)
+    return 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
+def measure_chat(cfg, policy_dir: Path, queries: list[str], threads: int) -> None:
+    """Per query, interleaved: the direct target call, the chat route's first request
+    (a miss) and the same query again (a hit); printed as p50/p99 and the ratios."""
+    import httpx
+    import openai
+
+    from qpo_ray.policy import QPOPolicy, generate_prompts
+    from qpo_ray.serving import run_serve
+    from qpo_ray.serving.deployments import TargetServer
+
+    policy = QPOPolicy.load(policy_dir).eval()
+    direct = TargetServer.func_or_class(cfg)  # the deployment's class, in-process
+    url = run_serve(cfg, blocking=False, policy_uri=str(policy_dir), with_target=True)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+    def chat(query: str) -> float:
+        return timed(lambda: client.chat.completions.create(
+            model="qpo", messages=[{"role": "user", "content": query}]))
+
+    lat: dict[str, list[float]] = {"direct": [], "miss": [], "hit": []}
+    prompts = generate_prompts(policy, queries, target_reward=100.0)
+    warm = queries[-2:]
+    for q, prompt in zip(warm, prompts[-2:]):  # warm-up: replicas, kernels, connections
+        direct._answer_sync([(prompt, q)]), chat(q)
+    for q, prompt in zip(queries[:-2], prompts[:-2]):
+        lat["direct"].append(timed(lambda: direct._answer_sync([(prompt, q)])))
+        lat["miss"].append(chat(q))
+        lat["hit"].append(chat(q))
+    cache = httpx.get(f"{url}/v1/version").raise_for_status().json()["cache"]
+    n = len(lat["direct"])
+    print(f"\nPOST /v1/chat/completions vs the target called directly (same prompt and "
+          f"query, {cfg.target.model} on {cfg.target.backend}, {threads} torch threads), "
+          f"{n} queries, replica cache {cache['hits']} hits / {cache['misses']} misses")
+    print(f"{'':34}{'p50 ms':>10}{'p99 ms':>10}{'p50 ratio':>11}{'p99 ratio':>11}")
+    base50, base99 = 1000 * statistics.median(lat["direct"]), p99(lat["direct"])
+    names = {"direct": "target directly", "miss": "chat route, cache miss",
+             "hit": "chat route, cache hit"}
+    for key, name in names.items():
+        m50, m99 = 1000 * statistics.median(lat[key]), p99(lat[key])
+        print(f"{name:34}{m50:10.1f}{m99:10.1f}{m50 / base50:10.2f}x{m99 / base99:10.2f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -156,6 +210,10 @@ def main() -> None:
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--batch-wait-timeout-s", type=float, default=None,
                    help="serve.batch_wait_timeout_s (default: the cpu-demo profile's)")
+    p.add_argument("--chat", action="store_true",
+                   help="time /v1/chat/completions against the target called directly")
+    p.add_argument("--target", default="smollm2-135m-instruct",
+                   help="--chat: the target model (transformers backend)")
     args = p.parse_args()
 
     import ray
@@ -191,6 +249,17 @@ def main() -> None:
         ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads),
                                            "HF_HUB_OFFLINE": "1"}})
+        if args.chat:
+            chat_cfg = load_config("cpu-demo", overrides + [
+                "serve.prompt_cache_entries=4096", "target.backend=transformers",
+                f"target.model={args.target}", "target.dtype=float32",
+                f"serve.num_cpus_per_replica={args.threads / 2}",
+                f"evaluation.num_cpus_per_actor={args.threads / 2}"])
+            try:
+                return measure_chat(chat_cfg, policy_dir, queries, args.threads)
+            finally:
+                serve.shutdown()
+                ray.shutdown()
         try:
             url = run_serve(cfg, blocking=False, policy_uri=str(policy_dir), with_target=False)
             results = measure(policy, url, queries)

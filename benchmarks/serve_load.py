@@ -200,6 +200,7 @@ def main() -> int:
             f"serve.num_replicas={args.replicas}", f"serve.auth_token_file={root / 'token'}",
             f"serve.max_request_bytes={MAX_REQUEST_BYTES}", "serve.registry_poll_interval_s=2",
             f"serve.body_read_timeout_s={BODY_READ_TIMEOUT_S}",
+            f"serve.policy_uri=models:/{MODEL}@latest",
         ])
         (root / "run").mkdir()
         tracker = Tracker(cfg, root / "run")

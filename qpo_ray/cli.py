@@ -116,9 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-key", default="llama7b", help="the JSON's per-target key")
     p.set_defaults(func=cmd_dataset_import)
 
-    p = sub.add_parser("serve", help="serve the latest policy on Ray Serve")
+    p = sub.add_parser("serve", help="serve the champion policy (models:/<name>@champion) on Ray Serve")
     add_config_args(p)
-    p.add_argument("--policy", help="models:/name@alias or a policy directory")
+    p.add_argument("--policy", help="models:/name@alias (default: @champion; @latest: "
+                   "every new version) or a policy directory")
     p.add_argument("--insecure", action="store_true",
                    help="serve without a token on a non-loopback serve.host (every request "
                         "is accepted; the log says so)")

@@ -45,15 +45,14 @@ class ServeConfig(Section):
     # Serve without any token on a non-loopback host. Off: such a host without a token
     # refuses to start. On: every request is accepted and the log says so loudly.
     insecure: bool = False
-    # "models:/<name>@latest" from the registry, or a policy directory.
+    # A policy directory or a registry URI; None = models:/<registered name>@champion,
+    # the version the test stage chose on dev (@latest: every new version at once).
     policy_uri: Optional[str] = None
-    # How a served policy writes its prompt: "greedy" at the requested reward, or "mbr"
-    # (the test phase's decoding, qpo_ray/policy/mbr.py) from the table the train stage
-    # saves beside each loop's policy; a policy without one is refused at load.
-    decoding: Literal["greedy", "mbr"] = "greedy"
-    # mbr's belief temperature: the one the test phase fitted for the served loop
-    # (report/selection.json: mbr_temperature); 1 = the policy's own belief.
-    mbr_temperature: float = 1.0
+    # Overrides of how a version is decoded; None = as its champion tags say (the test
+    # phase's decoding), greedy without tags. "mbr" needs the train stage's mbr_table.json.
+    decoding: Optional[Literal["greedy", "mbr"]] = None
+    # mbr's belief temperature override; None = the version's tag (the dev-fitted one), or 1.
+    mbr_temperature: Optional[float] = None
     # How often replicas re-resolve a registry alias (models:/<name>@latest) and swap in
     # a newly registered version; 0 = only on redeploy (a new user_config).
     registry_poll_interval_s: float = 30.0
@@ -139,7 +138,8 @@ class ServeConfig(Section):
              "serve.registry_stale_after_s must be >= 0"),
             (finite(self.target_timeout_s) and self.target_timeout_s > 0,
              "serve.target_timeout_s must be > 0"),
-            (finite(self.mbr_temperature) and self.mbr_temperature > 0,
+            (self.mbr_temperature is None
+             or (finite(self.mbr_temperature) and self.mbr_temperature > 0),
              f"serve.mbr_temperature must be > 0, got {self.mbr_temperature}"),
             (self.prompt_cache_entries >= 0, "serve.prompt_cache_entries must be >= 0"),
             (self.ab_policy_uri is None or bool(self.ab_policy_uri.strip()),

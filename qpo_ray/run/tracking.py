@@ -5,14 +5,18 @@ does (serving's report borrows `metric_key`). Everything goes through an explici
 URI instead of MLflow's global "active run" stack, so a resumed run (a new process)
 reopens the same runs by the ids kept in ``<workdir>/tracking.json``.
 
-Registered policy layout (what `qpo_ray.serving` loads): every loop logs the policy
-checkpoint directory, exactly as `QPOPolicy.save` wrote it, under the artifact path
-``policy/`` of the loop's run, and registers ``<run artifact uri>/policy`` as a new
+Registered policy layout (what `qpo_ray.serving` loads): every loop logs its policy as
+an MLflow pyfunc model (qpo_ray.run.policy_pyfunc: MLmodel, and the checkpoint exactly
+as `QPOPolicy.save` wrote it under artifacts/policy/) at the artifact path ``policy/``
+of the loop's run, and registers ``<run artifact uri>/policy`` as a new
 version of ``cfg.tracking.registered_model_name``. MLflow 3 reserves the alias
 ``latest`` and resolves it to the newest version, so ``models:/<name>@latest``
 (``MlflowClient().get_model_version_by_alias(name, "latest")`` or
 ``mlflow.artifacts.download_artifacts("models:/<name>@latest")``) yields the files
 of the last trained loop; the final policy of a run also gets the alias ``final``.
+Once the test stage has chosen (loop, decoding) on the dev split, that loop's version
+gets the alias ``champion`` and tags saying how to decode it (`promote_champion`):
+``models:/<name>@champion`` is what `qpo serve` serves by default.
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ TRANSIENT_ERRORS = ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_
                     "DEADLINE_EXCEEDED", "ABORTED")
 # Looking a version up: tries and the first wait (doubled each time: 1+2+4+8+16 s).
 FIND_TRIES, FIND_BACKOFF_S = 6, 1.0
+CHAMPION_ALIAS = "champion"
+# The version tags a champion carries (read back by qpo_ray.serving.policy_source).
+CHAMPION_TAGS = ("qpo.loop", "qpo.decoding", "qpo.mbr_temperature", "qpo.target_reward",
+                 "qpo.dev_accuracy", "qpo.chosen_on", "qpo.run_id")
 
 
 def file_digest(path: str | Path) -> str:
@@ -259,8 +267,13 @@ class Tracker:
             run_id = self.loop_run_id(loop)
             version = self._find_version(name, run_id, loop)
             if version is None:
-                # Re-logging the same files to the same run overwrites them.
-                self.client.log_artifacts(run_id, str(checkpoint_dir), POLICY_ARTIFACT_PATH)
+                # Re-logging the same files to the same run overwrites them. The version is
+                # an MLflow pyfunc model (qpo_ray.run.policy_pyfunc) holding the checkpoint.
+                from qpo_ray.run.policy_pyfunc import save_policy_model
+
+                with tempfile.TemporaryDirectory() as tmp:
+                    model = save_policy_model(checkpoint_dir, Path(tmp) / "model")
+                    self.client.log_artifacts(run_id, str(model), POLICY_ARTIFACT_PATH)
                 if self.client.search_registered_models(f"name = '{name}'") == []:
                     self.client.create_registered_model(
                         name, description="QPO policy: (target reward, query) -> prompt")
@@ -274,6 +287,34 @@ class Tracker:
         if final:
             self.client.set_registered_model_alias(name, FINAL_ALIAS, versions[str(loop)])
         return str(versions[str(loop)])
+
+    def promote_champion(self, loop: int, tags: dict[str, str]) -> str:
+        """Tag loop `loop`'s model version with how the test stage decodes it and point the
+        alias `champion` at it; returns the version. Idempotent on resume: tags are
+        set to the same values again, and the alias is moved at most once per run
+        directory (tracking.json; after a crash before that was saved, only when it does
+        not already point at the version)."""
+        from mlflow.exceptions import MlflowException
+
+        name = self.cfg.tracking.registered_model_name
+        version = (self.state.get("model_versions", {}).get(str(loop))
+                   or self._find_version(name, self.loop_run_id(loop), loop))
+        if version is None:
+            raise ValueError(f"promote_champion: loop {loop} has no model version of "
+                             f"{name!r} (its train stage registers one)")
+        for key, value in tags.items():
+            self.client.set_model_version_tag(name, version, key, value)
+        if self.state.get("champion_version") != str(version):
+            try:
+                current = str(self.client.get_model_version_by_alias(
+                    name, CHAMPION_ALIAS).version)
+            except MlflowException:
+                current = None
+            if current != str(version):
+                self.client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+            self.state["champion_version"] = str(version)
+            self._save_state()
+        return str(version)
 
     def _find_version(self, name: str, run_id: str, loop: int) -> Optional[str]:
         """Loop `loop`'s version, registered by `run_id`; None only when the registry

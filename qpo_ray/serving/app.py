@@ -20,8 +20,9 @@ APP_NAME = "qpo"
 
 
 def default_policy_uri(cfg: Config) -> str:
-    """serve.policy_uri, else the alias the loop moves to each new policy version."""
-    return cfg.serve.policy_uri or f"models:/{cfg.tracking.registered_model_name}@latest"
+    """serve.policy_uri, else the version the test stage chose (qpo_ray.run.tracking's
+    CHAMPION_ALIAS; @latest would serve each loop's policy before the dev split judged it)."""
+    return cfg.serve.policy_uri or f"models:/{cfg.tracking.registered_model_name}@champion"
 
 
 def _absolute(uri: Optional[str]) -> Optional[str]:
@@ -162,7 +163,8 @@ def run_serve(cfg: Config, blocking: bool = True, policy_uri: Optional[str] = No
     from qpo_ray.common.local_ray import connect_ray
     from qpo_ray.policy.mbr import TABLE_FILE
     from qpo_ray.config.serve import last_good_root
-    from qpo_ray.serving.policy_source import NO_MBR_TABLE, last_good, last_good_path, resolve
+    from qpo_ray.serving.policy_source import (NO_MBR_TABLE, last_good, last_good_path, resolve,
+                                               served_decoding)
 
     # Before Ray starts: a refused host must not leave a proxy listening.
     if check_auth_setup(cfg.serve):
@@ -186,7 +188,8 @@ def run_serve(cfg: Config, blocking: bool = True, policy_uri: Optional[str] = No
                       "good local copy until the registry answers", file=sys.stderr)
                 continue
             # A registry version's files are read by the replicas, which refuse it then.
-            if (cfg.serve.decoding == "mbr" and ref.local_dir is not None
+            decoding = served_decoding(ref, cfg.serve.decoding, cfg.serve.mbr_temperature)
+            if (decoding.decoding == "mbr" and ref.local_dir is not None
                     and not (Path(ref.local_dir) / TABLE_FILE).exists()):
                 raise ConfigError(NO_MBR_TABLE.format(version=ref.version))
     # A single-machine Ray listens on loopback only (qpo_ray.common.local_ray).
@@ -197,8 +200,8 @@ def run_serve(cfg: Config, blocking: bool = True, policy_uri: Optional[str] = No
     _check_bound_host(cfg)
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
-    print(f"qpo serve: {url}  (POST /v1/prompt, /v1/answer, /v1/feedback; "
-          "GET /v1/version, /healthz)")
+    print(f"qpo serve: {url} serves {uc['policy_uri']}  (POST /v1/prompt, /v1/answer, "
+          "/v1/feedback, /v1/chat/completions; GET /v1/models, /v1/version, /healthz)")
     if not blocking:
         return url
     try:

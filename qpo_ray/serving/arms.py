@@ -40,8 +40,9 @@ class Arm:
     def __init__(self, name: str, uri: str) -> None:
         self.name = name
         self.uri = uri
-        # (policy, ref), replaced as a whole by a swap.
-        self.loaded: Optional[tuple[Any, policy_source.PolicyRef]] = None
+        # (policy, ref, how it is decoded), replaced as a whole by a swap.
+        self.loaded: Optional[tuple[Any, policy_source.PolicyRef,
+                                    policy_source.ServedDecoding]] = None
         self.loaded_at = 0.0
         # Registry freshness for /healthz: last successful resolve, last failure since.
         self.registry_ok_at = 0.0
@@ -53,9 +54,14 @@ class Arm:
     def version(self) -> str:
         return self.loaded[1].version if self.loaded else ""
 
+    @property
+    def decoding(self) -> Optional[policy_source.ServedDecoding]:
+        return self.loaded[2] if self.loaded else None
+
     def describe(self) -> dict[str, Any]:
         return {"arm": self.name, "policy_version": self.version, "policy_uri": self.uri,
-                "loaded_at_unix_s": self.loaded_at}
+                "loaded_at_unix_s": self.loaded_at,
+                **(self.decoding.describe() if self.decoding else {})}
 
 
 class PolicyArms:
@@ -64,11 +70,15 @@ class PolicyArms:
     drops the versions no longer served)."""
 
     def __init__(self, tracking_uri: str, experiment: str, stale_after_s: float,
-                 on_swap: Callable[[set[str]], None], needs_mbr_table: bool = False,
+                 on_swap: Callable[[set[str]], None], decoding: Optional[str] = None,
+                 mbr_temperature: Optional[float] = None,
                  last_good_dir: Optional[Path] = None) -> None:
         self._tracking_uri = tracking_uri
         self._last_good_dir = last_good_dir
-        self._needs_mbr_table = needs_mbr_table
+        # serve.decoding / serve.mbr_temperature: overrides of each version's own tags.
+        self._decoding, self._mbr_temperature = decoding, mbr_temperature
+        # version -> how it was decoded (a cache hit names the decoding of its version).
+        self.decodings: dict[str, policy_source.ServedDecoding] = {}
         self._experiment = experiment
         self._stale_after_s = stale_after_s
         self._on_swap = on_swap
@@ -125,7 +135,10 @@ class PolicyArms:
                     raise
                 policy = await asyncio.to_thread(policy_source.load_policy, fallback, None)
                 policy.eval()
-                arm.loaded, arm.loaded_at = (policy, fallback), time.time()
+                served = policy_source.served_decoding(fallback, self._decoding,
+                                                       self._mbr_temperature)
+                self.decodings[fallback.version] = served
+                arm.loaded, arm.loaded_at = (policy, fallback, served), time.time()
                 arm.from_local_copy = True
                 arm.registry_error = f"{type(exc).__name__}: {exc}"[:500]
                 logger.error("registry unreachable at start: arm %s serves its last good "
@@ -134,15 +147,20 @@ class PolicyArms:
             if arm.loaded is not None and ref == arm.loaded[1]:
                 arm.registry_ok_at, arm.registry_error = time.time(), None
                 return
+            served = policy_source.served_decoding(ref, self._decoding, self._mbr_temperature)
             policy = await asyncio.to_thread(policy_source.load_policy, ref,
                                              self._tracking_uri, None, copy)
-            if self._needs_mbr_table and policy.mbr_table is None:
+            if served.decoding == "mbr" and policy.mbr_table is None:
                 raise FileNotFoundError(policy_source.NO_MBR_TABLE.format(version=ref.version))
+            if served.recorded:
+                logger.warning("policy %s was chosen with %s decoding, which Serve cannot run: "
+                               "serving it greedy", ref.version, served.recorded)
             policy.eval()
-            arm.loaded, arm.loaded_at = (policy, ref), time.time()
+            self.decodings[ref.version] = served
+            arm.loaded, arm.loaded_at = (policy, ref, served), time.time()
             arm.registry_ok_at, arm.registry_error = arm.loaded_at, None
             arm.from_local_copy = False
-            logger.info("arm %s serves policy %s", arm.name, ref.version)
+            logger.info("arm %s serves policy %s (%s)", arm.name, ref.version, served.describe())
         if arm in self.arms.values():
             self._on_swap(self.versions())
 

@@ -2,8 +2,9 @@
 dynamic request batching) and `TargetServer` (the target LLM behind /v1/answer, on the
 same backend interface evaluation uses).
 
-The policy is swapped without downtime: a registry URI (`models:/<name>@latest`) is
-polled, so a version the loop registers is picked up on its own; a new `user_config`
+The policy is swapped without downtime: a registry URI (`models:/<name>@champion`, moved
+by the test stage; `@latest`, moved by each loop) is polled, so a version is picked up
+on its own, decoded as its tags say; a new `user_config`
 in a Serve config file's `deployments` section reconfigures replicas in place (the
 policy, the A/B arm and split, the cache size); a `serve.run` with another
 `policy_uri` rolls the replicas (old ones serve until their replacements are ready).
@@ -26,13 +27,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from qpo_ray.config import Config
+from qpo_ray.serving import openai_route
 from qpo_ray.serving.arms import Arm, PolicyArms
 from qpo_ray.serving.cache import PromptCache, normalise_query
 from qpo_ray.serving.feedback import DuplicateFeedback, FeedbackStore, UnknownRequest
@@ -70,6 +72,8 @@ api = FastAPI(title="qpo-ray", description="Query-dependent prompts from the lat
 api.add_exception_handler(RequestValidationError, validation_error_handler)
 # Outermost: auth and the size limit run before FastAPI reads or parses anything.
 api.add_middleware(RequestGuard, settings=_GUARD)
+# Outside the guard: its 401/413 on the OpenAI routes come out in OpenAI's error shape.
+api.add_middleware(openai_route.OpenAIErrorShape)
 
 
 def _unavailable(error: str, reason: str, **extra: Any) -> JSONResponse:
@@ -165,7 +169,8 @@ class PolicyServer:
         self._policy_prompts = 0
         self._arms = PolicyArms(cfg.tracking_uri(), cfg.tracking.experiment,
                                 cfg.serve.registry_stale_after_s, self._cache.retain,
-                                needs_mbr_table=cfg.serve.decoding == "mbr",
+                                decoding=cfg.serve.decoding,
+                                mbr_temperature=cfg.serve.mbr_temperature,
                                 last_good_dir=Path(last_good_root(cfg.serve)))
         self._store = (FeedbackStore(feedback_root(cfg), self._replica_id,
                                      cfg.serve.journal_max_bytes, cfg.serve.retention_days)
@@ -210,22 +215,20 @@ class PolicyServer:
         item the policy cannot serve (the others are served: serving.isolation)."""
         self._last_batch_size = len(items)
         loaded = {id(arm): arm.loaded for _q, _r, arm in items}
-        serve_cfg = self._cfg.serve
         prompts = await asyncio.to_thread(
-            run_isolated, lambda part: self._generate_grouped(
-                loaded, part, serve_cfg.decoding, serve_cfg.mbr_temperature),
-            items, "the policy")
+            run_isolated, lambda part: self._generate_grouped(loaded, part), items,
+            "the policy")
         self._policy_prompts += len(items)
         return [p if isinstance(p, Failed) else (p, loaded[id(arm)][1].version)
                 for p, (_q, _r, arm) in zip(prompts, items)]
 
     @staticmethod
-    def _generate_grouped(loaded: dict[int, tuple[Any, Any]],
-                          items: list[tuple[str, float, Arm]], decoding: str,
-                          mbr_temperature: float = 1.0) -> list[str]:
+    def _generate_grouped(loaded: dict[int, tuple[Any, Any, Any]],
+                          items: list[tuple[str, float, Arm]]) -> list[str]:
         """One decoding call per distinct (arm, target reward) in the batch, so every
-        request gets its own arm's policy conditioned on its own reward: greedy, or mbr
-        by the table loaded with the policy (serve.decoding, serve.mbr_temperature)."""
+        request gets its own arm's policy conditioned on its own reward, decoded as that
+        version is (policy_source.ServedDecoding): greedy, or mbr by the table loaded
+        with the policy at the version's belief temperature."""
         from qpo_ray.policy import generate_prompts
         from qpo_ray.policy.ranking import mbr_prompts
 
@@ -234,11 +237,11 @@ class PolicyServer:
             groups[(id(arm), reward)].append(i)
         out: list[str] = [""] * len(items)
         for (arm_id, reward), indices in groups.items():
-            policy, queries = loaded[arm_id][0], [items[i][0] for i in indices]
-            size = max(len(indices), 1)
+            policy, _ref, served = loaded[arm_id]
+            queries, size = [items[i][0] for i in indices], max(len(indices), 1)
             prompts = (mbr_prompts(policy, queries, reward, policy.mbr_table, batch_size=size,
-                                   temperature=mbr_temperature)
-                       if decoding == "mbr" else
+                                   temperature=served.mbr_temperature)
+                       if served.decoding == "mbr" else
                        generate_prompts(policy, queries, target_reward=reward,
                                         do_sample=False, batch_size=size))
             for i, p in zip(indices, prompts):
@@ -327,7 +330,8 @@ class PolicyServer:
         request_id, receipt = self._record("prompt", body, served)
         return PromptResponse(prompt=served[0], policy_version=served[1], arm=served[2],
                               cached=served[3], target_reward=body.target_reward,
-                              request_id=request_id, receipt=receipt)
+                              request_id=request_id, receipt=receipt,
+                              **self._decoding_of(served[1]))
 
     @api.post("/v1/answer", response_model=AnswerResponse)
     async def answer(self, body: AnswerRequest) -> AnswerResponse:
@@ -370,7 +374,23 @@ class PolicyServer:
                                         body.label, "answer-gold")
         return AnswerResponse(prompt=prompt, policy_version=version, arm=arm, cached=cached,
                               target_reward=body.target_reward, request_id=request_id,
-                              receipt=receipt, correct=correct, **result)
+                              receipt=receipt, correct=correct, **self._decoding_of(version),
+                              **result)
+
+    def _decoding_of(self, version: str) -> dict[str, Any]:
+        """The response fields naming how `version` wrote its prompt."""
+        served = self._arms.decodings.get(version)
+        return served.describe() if served else {"decoding": "unknown"}
+
+    # ---- OpenAI-compatible routes (qpo_ray.serving.openai_route) ------------------------
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Any:
+        return await openai_route.chat_completion(self, request)
+
+    @api.get("/v1/models")
+    async def models(self) -> Any:
+        return openai_route.list_models(self)
 
     async def _ask_target(self, prompt: str, query: str) -> dict[str, Any]:
         return await self._target.answer.remote((prompt, query))

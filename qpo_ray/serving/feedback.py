@@ -52,7 +52,7 @@ RECEIPT_KEY_FILE = "receipt.key"
 RECORD_FIELDS: dict[str, pa.DataType] = {
     "request_id": pa.string(),
     "served_at_unix_s": pa.float64(),
-    "route": pa.string(),            # "prompt" | "answer"
+    "route": pa.string(),            # "prompt" | "answer" | "chat"
     "arm": pa.string(),              # "a" | "b"
     "policy_version": pa.string(),
     "query": pa.string(),            # normalised, as the policy saw it

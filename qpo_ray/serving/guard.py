@@ -244,7 +244,9 @@ class RequestGuard:
         if wait:
             return ({"error": "too many requests", "reason": "over the per-client rate "
                      f"limit of {rate.per_s:g}/s (serve.rate_limit_per_s)"}, retry_after(wait))
-        wait = budget.spend(who) if budget is not None and path == "/v1/answer" else 0.0
+        # Both routes that call the target spend its budget.
+        wait = (budget.spend(who) if budget is not None
+                and path in ("/v1/answer", "/v1/chat/completions") else 0.0)
         if wait:
             return ({"error": "answer budget spent", "reason": f"{budget.limit} /v1/answer "
                      f"calls per {budget.window_s:g} s per client (serve.answer_budget)"},

@@ -2,9 +2,11 @@
 model registry (`models:/<name>@<alias>` or `models:/<name>/<version>`).
 
 The loop registers every loop's policy directory as a new version of
-`tracking.registered_model_name` and moves the alias `latest` to it; serving resolves
-the alias to a concrete version, downloads that version's files and loads them with
-`QPOPolicy.load` (safetensors, never pickle).
+`tracking.registered_model_name` (`@latest` resolves to the newest) and the test stage
+points `@champion` at the version it chose on the dev split, tagged with how it decoded
+it; serving resolves the alias to a concrete version, reads those tags (`ServedDecoding`),
+downloads that version's files and loads them with `QPOPolicy.load` (safetensors, never
+pickle).
 """
 
 from __future__ import annotations
@@ -34,6 +36,54 @@ class PolicyRef:
     registry: Optional[tuple[str, str]] = None
     # Set for directories.
     local_dir: Optional[str] = None
+    # How the test stage decoded this version (its champion tags; None without them).
+    decoding: Optional[str] = None
+    mbr_temperature: Optional[float] = None
+    target_reward: Optional[float] = None
+
+
+# Decodings a replica can run; a champion chosen with another ("rank") is served greedy,
+# and every response says so.
+SERVABLE = ("greedy", "mbr")
+
+
+@dataclass(frozen=True)
+class ServedDecoding:
+    """How a replica decodes one loaded version: serve.decoding / serve.mbr_temperature
+    when set (explicit overrides), else the version's recorded tags, else greedy at 1."""
+
+    decoding: str
+    mbr_temperature: Optional[float]
+    # The version's recorded target reward (the chat route asks the policy for it).
+    target_reward: float
+    # The decoding the test stage recorded, when it differs from what is served.
+    recorded: Optional[str] = None
+
+    def describe(self) -> dict:
+        out = {"decoding": self.decoding, "mbr_temperature": self.mbr_temperature}
+        if self.recorded:
+            out["recorded_decoding"] = self.recorded
+        return out
+
+
+def served_decoding(ref: PolicyRef, decoding: Optional[str] = None,
+                    mbr_temperature: Optional[float] = None) -> ServedDecoding:
+    chosen = decoding or ref.decoding or "greedy"
+    recorded = None
+    if chosen not in SERVABLE:
+        chosen, recorded = "greedy", chosen
+    temperature = None
+    if chosen == "mbr":
+        temperature = mbr_temperature or ref.mbr_temperature or 1.0
+    reward = 100.0 if ref.target_reward is None else ref.target_reward
+    return ServedDecoding(chosen, temperature, reward, recorded)
+
+
+def _tag_float(tags: dict, key: str) -> Optional[float]:
+    try:
+        return float(tags[key]) if key in tags else None
+    except ValueError:
+        return None
 
 
 def is_registry_uri(uri: str) -> bool:
@@ -62,30 +112,30 @@ def resolve(uri: str, tracking_uri: Optional[str],
 
     name = match["name"]
     version = match["version"]
-    if version is None:
-        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-        try:
-            version = str(client.get_model_version_by_alias(name, match["alias"]).version)
-        except MlflowException as exc:
-            raise FileNotFoundError(
-                f"serve.policy_uri: {uri} not found in the registry at {tracking_uri} "
-                f"({exc.message}); has a QPO loop registered a policy there?") from exc
-    if experiment is not None:
-        _check_experiment(name, version, tracking_uri, experiment)
-    return PolicyRef(uri=uri, version=f"models:/{name}/{version}", registry=(name, version))
-
-
-def _check_experiment(name: str, version: str, tracking_uri: Optional[str],
-                      experiment: str) -> None:
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
-        mv = client.get_model_version(name, version)
+        mv = (client.get_model_version(name, version) if version is not None else
+              client.get_model_version_by_alias(name, match["alias"]))
     except MlflowException as exc:
-        raise FileNotFoundError(f"serve.policy_uri: models:/{name}/{version} not found in "
-                                f"the registry at {tracking_uri} ({exc.message})") from exc
+        hint = ("has a QPO loop registered a policy there?" if match["alias"] != "champion"
+                else "the test stage sets @champion once a run has chosen its policy; "
+                f"to serve each new version at once: serve.policy_uri=models:/{name}@latest")
+        raise FileNotFoundError(f"serve.policy_uri: {uri} not found in the registry at "
+                                f"{tracking_uri} ({exc.message}); {hint}") from exc
+    version = str(mv.version)
+    if experiment is not None:
+        _check_experiment(client, mv, experiment)
+    tags = dict(mv.tags or {})
+    return PolicyRef(uri=uri, version=f"models:/{name}/{version}", registry=(name, version),
+                     decoding=tags.get("qpo.decoding"),
+                     mbr_temperature=_tag_float(tags, "qpo.mbr_temperature"),
+                     target_reward=_tag_float(tags, "qpo.target_reward"))
+
+
+def _check_experiment(client, mv, experiment: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    name, version = mv.name, mv.version
     actual = None
     if mv.run_id:
         try:
@@ -162,7 +212,10 @@ def save_last_good(policy_dir: Path, ref: PolicyRef, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=dest.parent))
     shutil.copytree(policy_dir, staging, dirs_exist_ok=True)
-    (staging / LAST_GOOD_REF).write_text(json.dumps({"uri": ref.uri, "version": ref.version}))
+    # With how the version is decoded (its champion tags), so a fallback decodes the same.
+    (staging / LAST_GOOD_REF).write_text(json.dumps({
+        "uri": ref.uri, "version": ref.version, "decoding": ref.decoding,
+        "mbr_temperature": ref.mbr_temperature, "target_reward": ref.target_reward}))
     old = dest.with_name(dest.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if dest.exists():
@@ -182,4 +235,6 @@ def last_good(dest: Path, uri: str) -> Optional[PolicyRef]:
         return None
     if meta.get("uri") != uri:
         return None
-    return PolicyRef(uri=uri, version=meta["version"], local_dir=str(dest))
+    return PolicyRef(uri=uri, version=meta["version"], local_dir=str(dest),
+                     decoding=meta.get("decoding"), mbr_temperature=meta.get("mbr_temperature"),
+                     target_reward=meta.get("target_reward"))

@@ -84,6 +84,11 @@ class PromptResponse(BaseModel):
     arm: str
     # True when the prompt came from the replica's prompt cache (no policy call).
     cached: bool
+    # How the version wrote the prompt: "greedy" or "mbr" (at mbr_temperature), from its
+    # champion tags unless serve.decoding overrides; recorded_decoding when not servable.
+    decoding: str = "greedy"
+    mbr_temperature: Optional[float] = None
+    recorded_decoding: Optional[str] = None
 
 
 class AnswerResponse(PromptResponse):

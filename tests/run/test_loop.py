@@ -176,20 +176,29 @@ def test_mlflow_store_has_parent_nested_runs_datasets_and_model_versions(finishe
     assert final.run_id == runs["loop-2"].info.run_id
     assert client.get_model_version_by_alias("qpo-policy", "latest").version == final.version
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"report", "config.yaml"}
+    # The test stage's dev choice is the champion, tagged with how it was decoded.
+    selection = json.loads((workdir / "report" / "selection.json").read_text())
+    champion = client.get_model_version_by_alias("qpo-policy", "champion")
+    assert champion.run_id == runs[f"loop-{selection['loop']}"].info.run_id
+    assert champion.tags["qpo.decoding"] == selection["chosen_decoding"]
+    assert champion.tags["qpo.run_id"] == parent.info.run_id
+    assert float(champion.tags["qpo.dev_accuracy"]) == pytest.approx(
+        selection["dev_accuracy"][f"qpo_loop{selection['loop']}/{selection['chosen_decoding']}"])
 
 
 # Where the resume tests SIGKILL `qpo run` (QPO_FAULT_AT, see qpo_ray.common.faults), in order,
 # each resumed run killed at the next point. Every stage boundary: after the stage is
 # marked done but before MLflow logged it ("done"), or after MLflow logged it (and for
-# train_<t> registered its version) but before tracking.json says so ("logged").
+# train_<t> registered its version, for test promoted the champion) but before
+# tracking.json says so ("logged").
 # (Both kinds of boundary, in Step 0, a training stage, the augmentation and the test;
 # the filter's and train_2's boundaries are the same code paths, killed in ANYWHERE.)
-BOUNDARIES = ["step0:done", "train_1:logged", "augment_1:done", "test:done"]
+BOUNDARIES = ["step0:done", "train_1:logged", "augment_1:done", "test:done", "test:logged"]
 # The same, plus inside the three longest stages ("score": a batch scored but not yet
 # received; "train": mid-epoch). Each of these redoes most of a stage: selected only with
 # `-m crash_mid_stage` (conftest.py), as CI's time budget has no room for it.
 ANYWHERE = ["step0:score", "step0:done", "filter:logged", "train_1:train", "train_1:logged",
-            "augment_1:score", "augment_1:done", "train_2:logged", "test:done"]
+            "augment_1:score", "augment_1:done", "train_2:logged", "test:done", "test:logged"]
 
 
 def _content_hash(frame: pd.DataFrame) -> str:
@@ -282,6 +291,11 @@ def test_killed_run_resumes_to_the_same_dataset_and_mlflow(finished_run, profile
     assert {t: versions[t].run_id for t in versions} == loop_runs
     assert client.get_model_version_by_alias("qpo-policy", "latest").version == \
         client.get_model_version_by_alias("qpo-policy", "final").version == versions["2"].version
+    chosen = json.loads((workdir / "report" / "selection.json").read_text())["loop"]
+    assert client.get_model_version_by_alias("qpo-policy", "champion").version == \
+        versions[str(chosen)].version
+    assert json.loads((workdir / TRACKING_FILE).read_text())["champion_version"] == \
+        str(versions[str(chosen)].version)
     for run in runs:
         for key in run.data.metrics:
             steps = Counter(m.step for m in client.get_metric_history(run.info.run_id, key))

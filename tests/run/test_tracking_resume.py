@@ -92,3 +92,74 @@ def test_resume_after_a_crash_anywhere_in_logging_duplicates_nothing(tmp_path):
     loss = client.get_metric_history(loop_run, "train/loss")
     assert sorted((m.step, m.value) for m in loss) == [(0, 3.0), (1, 2.0)]
     assert client.get_metric_history(loop_run, "target/calls")[0].value == 12.0
+
+
+def _finish_test_stage(run: RunDir, selection: dict) -> None:
+    """The files the test stage leaves (report/results.csv, selection.json), marked done."""
+    report = run.path / "report"
+    report.mkdir()
+    (report / "results.csv").write_text("shots,method,accuracy,ci_low,ci_high,n\n"
+                                        "0,qpo,0.75,0.4,0.9,8\n")
+    write_json_atomic(report / "selection.json", selection)
+    (report / "report.md").write_text("# report\n")
+    run.mark_done("test", {"report": str(report / "report.md")})
+
+
+def test_champion_is_promoted_once_with_its_tags_across_crashes(tmp_path):
+    """The test stage's log points `champion` at the chosen loop's version, tagged with
+    how the test phase decoded it; logged again after a crash before tracking.json (or
+    before mark_logged) it makes no version and moves no alias, and a later run that took
+    the alias meanwhile keeps it."""
+    cfg, run = _run(tmp_path)
+    _finish_test_stage(run, {"decoding": "dev", "loop": 1, "chosen_decoding": "mbr",
+                             "mbr_temperature": 2.0, "dev_queries": 8,
+                             "dev_accuracy": {"qpo_loop1/greedy": 0.5, "qpo_loop1/mbr": 0.625}})
+    first = Tracker(cfg, run.path)
+    for stage in ("step0", "train_1", "test"):
+        log_stage(first, cfg, run, stage)
+    client = first.client
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    assert str(champion.version) == "1"
+    tags = champion.tags
+    assert tags["qpo.loop"] == "1" and tags["qpo.decoding"] == "mbr"
+    assert float(tags["qpo.mbr_temperature"]) == 2.0
+    assert float(tags["qpo.target_reward"]) == cfg.loop.target_reward
+    assert float(tags["qpo.dev_accuracy"]) == 0.625
+    assert tags["qpo.run_id"] == first.state["parent_run_id"]
+    assert tags["qpo.chosen_on"] == "dev (8 queries)"
+
+    # Crash after the alias was set, before tracking.json said so: found, not redone.
+    _forget(run, "champion_version", "model_versions", "logged_stages")
+    resumed = Tracker(cfg, run.path)
+    log_stage(resumed, cfg, run, "test")
+    assert resumed.state["champion_version"] == "1"
+    # Another run directory's test stage promotes its own version 2 meanwhile ...
+    other_cfg = load_config("cpu-demo", [f"workdir={tmp_path / 'other'}", "loop.num_loops=1",
+                                         "tracking.experiment=qpo-resume",
+                                         f"tracking.uri={cfg.tracking_uri()}",
+                                         f"tracking.registered_model_name={MODEL}"])
+    other_run = RunDir.create(other_cfg)
+    other = Tracker(other_cfg, other_run.path)
+    assert other.register_policy(1, run.train_dir(1) / "policy") == "2"
+    other.promote_champion(1, {"qpo.decoding": "greedy"})
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "2"
+    # ... and this one's test stage is logged once more (crash before mark_logged): the
+    # alias stays where the later run put it.
+    again = Tracker(cfg, run.path)
+    log_stage(again, cfg, run, "test")
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "2"
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{MODEL}'")
+            if v.run_id == first.state["loop_run_ids"]["1"]] == ["1"]
+    assert len(client.search_model_versions(f"name = '{MODEL}'")) == 2
+
+
+def test_without_a_dev_choice_the_last_loop_is_champion_at_the_configured_decoding(tmp_path):
+    cfg, run = _run(tmp_path)
+    _finish_test_stage(run, {"decoding": "greedy"})
+    tracker = Tracker(cfg, run.path)
+    for stage in ("step0", "train_1", "test"):
+        log_stage(tracker, cfg, run, stage)
+    champion = tracker.client.get_model_version_by_alias(MODEL, "champion")
+    assert str(champion.version) == "1" and champion.tags["qpo.decoding"] == "greedy"
+    assert "qpo.mbr_temperature" not in champion.tags and "qpo.dev_accuracy" not in champion.tags
+    assert champion.tags["qpo.chosen_on"] == "config (test.decoding)"

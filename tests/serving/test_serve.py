@@ -67,6 +67,8 @@ def cfg(tmp_path_factory, tiny_model_dir, tiny_policy, free_port):
         f"serve.port={free_port}", f"serve.max_query_chars={MAX_QUERY_CHARS}",
         "serve.num_cpus_per_replica=0.25", "evaluation.num_cpus_per_actor=0.25",
         "serve.registry_poll_interval_s=1",
+        # Every new version at once (the default, @champion, waits for the test stage).
+        f"serve.policy_uri=models:/{MODEL_NAME}@latest",
     ])
 
 

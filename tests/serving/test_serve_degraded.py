@@ -54,6 +54,7 @@ def server(ray_cluster, registry, tmp_path_factory, tiny_model_dir, tiny_policy,
         "evaluation.num_cpus_per_actor=0.25",
         "serve.registry_poll_interval_s=1", "serve.registry_stale_after_s=4",
         "serve.target_timeout_s=60", f"serve.last_good_dir={workdir / 'last-good'}",
+        "serve.target_timeout_s=60", f"serve.policy_uri=models:/{MODEL_NAME}@latest",
     ])
     policy_dir = tmp_path_factory.mktemp("policy-degraded")
     QPOPolicy.from_backbone(cfg.policy).save(policy_dir)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import pandas as pd
 
 from qpo_ray.config import Config
+from qpo_ray.common.layout import read_json
 from qpo_ray.common.local_ray import init_ray
 from qpo_ray.testphase.methods import check_method_inputs
 from qpo_ray.prompts import load_collection, manual_prompt_note
@@ -82,8 +83,36 @@ def run(ctx: RunContext, stage: Stage) -> ReportOutputs:
 
 
 def log(ctx: RunContext, stage: Stage, outputs: dict[str, Any]) -> None:
-    log_report(ctx.tracker, ctx.tracker.parent_run_id(),
-               Path(ReportOutputs.from_dict(outputs).report).parent)
+    report = Path(ReportOutputs.from_dict(outputs).report).parent
+    log_report(ctx.tracker, ctx.tracker.parent_run_id(), report)
+    if "qpo" in ctx.cfg.test.methods and ctx.run is not None and ctx.run.trained_loops():
+        loop, tags = champion_tags(ctx.cfg, read_json(report / "selection.json"),
+                                   ctx.run.trained_loops()[-1], ctx.tracker.parent_run_id())
+        version = ctx.tracker.promote_champion(loop, tags)
+        print(f"[qpo] champion: models:/{ctx.cfg.tracking.registered_model_name}/{version} "
+              f"(loop {loop}, {tags['qpo.decoding']} decoding) is now "
+              f"models:/{ctx.cfg.tracking.registered_model_name}@champion", flush=True)
+
+
+def champion_tags(cfg: Config, selection: dict[str, Any], last_loop: int,
+                  run_id: str) -> tuple[int, dict[str, str]]:
+    """The loop `qpo` stood for in the report (the dev choice, else the last loop at
+    test.decoding) and the version tags that let Serve decode it the same way."""
+    chosen = "chosen_decoding" in selection
+    loop = int(selection["loop"]) if chosen else last_loop
+    decoding = selection["chosen_decoding"] if chosen else selection.get("decoding",
+                                                                         cfg.test.decoding)
+    tags = {"qpo.loop": str(loop), "qpo.decoding": decoding,
+            "qpo.target_reward": repr(float(cfg.loop.target_reward)), "qpo.run_id": run_id,
+            "qpo.chosen_on": (f"dev ({selection.get('dev_queries', '?')} queries)" if chosen
+                              else "config (test.decoding)")}
+    if decoding == "mbr":
+        tags["qpo.mbr_temperature"] = repr(float(selection.get("mbr_temperature",
+                                                               cfg.test.mbr_temperature)))
+    accuracy = selection.get("dev_accuracy", {}).get(f"qpo_loop{loop}/{decoding}")
+    if accuracy is not None:
+        tags["qpo.dev_accuracy"] = repr(float(accuracy))
+    return loop, tags
 
 
 def log_report(tracker: "Tracker", run_id: str, report_dir: Path) -> None:

@@ -1,0 +1,75 @@
+"""A loop's policy as an MLflow pyfunc model: input a DataFrame with a `query` column,
+output one prompt per query; `mlflow.pyfunc.load_model("models:/qpo-policy@champion")`
+and `mlflow models serve` use it without this package's Serve app (the package must be
+importable where it loads).
+
+The weights stay the safetensors checkpoint `QPOPolicy.save` wrote (an artifact of the
+model, loaded with `QPOPolicy.load`). The model is logged "from code" (this file is the
+model's code, `mlflow.models.set_model` below), so no pickle is written. How to decode
+is a predict param: greedy by default, or params={"decoding": "mbr", "mbr_temperature":
+T} as the version's champion tags say (the table the train stage saved beside the policy).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import mlflow
+import pandas as pd
+from mlflow.models import ModelSignature, set_model
+from mlflow.pyfunc import PythonModel
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+ARTIFACT_KEY = "policy"
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "query")]),
+    outputs=Schema([ColSpec("string", "prompt")]),
+    params=ParamSchema([ParamSpec("target_reward", "double", 100.0),
+                        ParamSpec("decoding", "string", "greedy"),
+                        ParamSpec("mbr_temperature", "double", 1.0)]),
+)
+INPUT_EXAMPLE = pd.DataFrame({"query": ["a gripping, funny film"]})
+
+
+class PolicyModel(PythonModel):
+    """The policy behind mlflow.pyfunc: queries in, prompts out."""
+
+    def load_context(self, context) -> None:
+        from qpo_ray.policy import QPOPolicy
+
+        self.policy = QPOPolicy.load(context.artifacts[ARTIFACT_KEY])
+        self.policy.eval()
+
+    def predict(self, context, model_input: pd.DataFrame,
+                params: Optional[dict[str, Any]] = None) -> list[str]:
+        from qpo_ray.policy import generate_prompts
+        from qpo_ray.policy.ranking import mbr_prompts
+
+        params = {"target_reward": 100.0, "decoding": "greedy", "mbr_temperature": 1.0,
+                  **(params or {})}
+        queries = [str(q) for q in model_input["query"]]
+        reward = float(params["target_reward"])
+        if params["decoding"] == "mbr":
+            if self.policy.mbr_table is None:
+                raise ValueError("decoding=mbr: this policy has no mbr_table.json")
+            return mbr_prompts(self.policy, queries, reward, self.policy.mbr_table,
+                               temperature=float(params["mbr_temperature"]))
+        if params["decoding"] != "greedy":
+            raise ValueError(f"decoding must be greedy or mbr, got {params['decoding']!r}")
+        return generate_prompts(self.policy, queries, target_reward=reward)
+
+
+def save_policy_model(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write the pyfunc model of the checkpoint in `checkpoint_dir` to `out_dir` (which
+    must not exist); the checkpoint's files are copied under artifacts/policy/."""
+    mlflow.pyfunc.save_model(
+        path=str(out_dir), python_model=__file__,
+        artifacts={ARTIFACT_KEY: str(Path(checkpoint_dir).resolve())},
+        signature=SIGNATURE, input_example=INPUT_EXAMPLE,
+        # Given, not inferred: inference loads the model in a subprocess (~20 s a loop).
+        pip_requirements=[f"mlflow=={mlflow.__version__}", "qpo-ray"])
+    return Path(out_dir)
+
+
+set_model(PolicyModel())
