@@ -30,6 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterator, Optional
 
+from qpo_ray.common.console import log
 from qpo_ray.common import faults
 from qpo_ray.config import Config
 from qpo_ray.common.progress import send_library_logs_to
@@ -74,7 +75,7 @@ def _check_before_work(ctx: RunContext) -> None:
     cfg = ctx.cfg
     check_methods(cfg.test.methods)  # a typo fails before any file is read
     task = ctx.task
-    validate_backend_config(cfg.target)
+    validate_backend_config(cfg.target, task.mode)  # an endpoint: asked once
     backbone = check_model(cfg.policy.backbone, "policy.backbone")
     # The policy's layer cut and its query summary's depth, against the backbone's layers.
     cut_config(backbone, cfg.policy.backbone_num_layers, "policy.backbone_num_layers")
@@ -96,13 +97,12 @@ def _say_precisions(cfg: Config) -> None:
 
     if cfg.target.backend != "openai":
         on_gpu = cfg.evaluation.num_gpus_per_actor > 0
-        print(f"[qpo] target {cfg.target.model} on {cfg.target.backend} in "
-              f"{dtype_note(cfg.target.dtype, on_gpu)}", flush=True)
+        log.info(f"target {cfg.target.model} on {cfg.target.backend} in "
+                 f"{dtype_note(cfg.target.dtype, on_gpu)}")
     tcfg = cfg.training
     float32 = tcfg.mixed_precision == "no" or (tcfg.strategy == "deepspeed" and not tcfg.use_gpu)
-    print("[qpo] policy training in " + ("float32" if float32 else
-                                         dtype_note(tcfg.mixed_precision, tcfg.use_gpu)),
-          flush=True)
+    log.info("policy training in " + ("float32" if float32 else
+                                      dtype_note(tcfg.mixed_precision, tcfg.use_gpu)))
 
 
 def run_qpo(cfg: Optional[Config], resume_dir: Optional[str] = None,
@@ -114,12 +114,12 @@ def run_qpo(cfg: Optional[Config], resume_dir: Optional[str] = None,
     changes: list[str] = []
     if resume_dir is not None:
         run, cfg = RunDir.load(resume_dir)
-        print(f"resuming {run.path}: done {list(run.stages())}")
+        log.info(f"resuming {run.path}: done {list(run.stages())}")
         cfg, changes = apply_resume_overrides(run, cfg, overrides or [])
         for change in changes:
-            print(f"[qpo] resume: {change}", flush=True)
+            log.info(f"resume: {change}")
         if overrides and not changes:
-            print("[qpo] resume: --set changed nothing (the saved config has these values)")
+            log.info("resume: --set changed nothing (the saved config has these values)")
         ctx = RunContext(cfg, run)
         _check_before_work(ctx)
     elif cfg is None:
@@ -130,7 +130,7 @@ def run_qpo(cfg: Optional[Config], resume_dir: Optional[str] = None,
         ctx.run = run = RunDir.create(cfg)
         cfg.workdir = str(run.path)
     log_file = send_library_logs_to(run.path)
-    print(f"[qpo] run directory {run.path}; Ray's and MLflow's logs: {log_file}", flush=True)
+    log.info(f"run directory {run.path}; Ray's and MLflow's logs: {log_file}")
     _say_precisions(cfg)
     ctx.tracker = tracker = Tracker(cfg, run.path)
     parent = tracker.parent_run_id()
@@ -146,7 +146,7 @@ def run_qpo(cfg: Optional[Config], resume_dir: Optional[str] = None,
             module, name = _module(stage), stage.name
             faults.enter_stage(name)  # QPO_FAULT_AT (the resume test) only; else no-op
             if not run.is_done(name):
-                print(f"[qpo] stage {name} ...", flush=True)
+                log.info(f"stage {name} ...")
                 start = time.perf_counter()
                 try:
                     outputs = module.run(ctx, stage).to_dict()
@@ -154,11 +154,11 @@ def run_qpo(cfg: Optional[Config], resume_dir: Optional[str] = None,
                     # Training comes next (or the run ends): it needs the CPUs/GPUs the
                     # target engines hold. A stage's own calls shared them.
                     if calls := ctx.release_engines():
-                        print(f"[qpo] {name}: target engines stopped (started once, "
-                              f"{calls} scoring call{'s' if calls > 1 else ''})", flush=True)
+                        log.info(f"{name}: target engines stopped (started once, "
+                                 f"{calls} scoring call{'s' if calls > 1 else ''})")
                 outputs["wall_s"] = round(time.perf_counter() - start, 1)
                 run.mark_done(name, outputs)
-                print(f"[qpo] stage {name} done in {outputs['wall_s']:.0f} s", flush=True)
+                log.info(f"stage {name} done in {outputs['wall_s']:.0f} s")
                 faults.at("done")
             if name not in logged:
                 module.log(ctx, stage, run.outputs(name))

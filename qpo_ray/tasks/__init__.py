@@ -20,6 +20,7 @@ from qpo_ray.tasks.byo import ByoTask
 from qpo_ray.tasks.classification import AgNews, BoolQ, Imdb, RottenTomatoes, TweetEmotion
 from qpo_ray.tasks.files import TaskDataError
 from qpo_ray.tasks.math_word import GSM8K, SVAMP
+from qpo_ray.tasks.sizes import fit_sizes
 from qpo_ray.tasks.multiple_choice import CosmosQA, HellaSwag
 
 TASKS: dict[str, type[Task]] = {
@@ -38,8 +39,11 @@ def get_task(cfg: TaskConfig) -> Task:
 
 
 def task_and_splits(cfg: Config) -> tuple[Task, Splits]:
-    """The run's task and its seeded splits (the same ones in every stage and process)."""
+    """The run's task and its seeded splits (the same ones in every stage and process).
+    Sizes that do not fit the train split are fitted first (qpo_ray.tasks.sizes), in
+    `cfg` itself, so the run directory saves what the run uses."""
     task = get_task(cfg.task)
+    fit_sizes(cfg, task.name, len(task.load_split("train")))
     splits = task.splits(cfg.task.collection_fraction, cfg.seed, cfg.task.max_test_queries,
                          cfg.task.dev_queries)
     return task, splits

@@ -43,6 +43,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from qpo_ray.common.console import log
 from qpo_ray.config import Config, ConfigError
 from qpo_ray.testphase.decoding import Choice, MethodContext, PromptTuple, policy_prompts
 from qpo_ray.prompts import PromptRecord
@@ -110,8 +111,8 @@ def router(ctx: MethodContext, queries: list[Example]) -> dict[str, list[PromptT
 
 
 def _say_depth(name: str, fitted) -> None:
-    print(f"[qpo] test: {name} reads the query at {fitted.depth:.0%} of the model's layers, "
-          f"ridge {fitted.alpha:g} (both cross-validated)", flush=True)
+    log.info(f"test: {name} reads the query at {fitted.depth:.0%} of the model's layers, "
+             f"ridge {fitted.alpha:g} (both cross-validated)")
 
 
 def _needs_labels(task, name: str) -> None:
