@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import pandas as pd
 
-from qpo_ray.common.console import log
+from qpo_ray.common.console import log as console
 from qpo_ray.config import Config
 from qpo_ray.common.local_ray import init_ray
 from qpo_ray.testphase.methods import check_method_inputs
@@ -43,7 +43,7 @@ def check_before_work(ctx: RunContext) -> None:
     collection = load_collection(cfg.prompts, task.name)
     check_method_inputs(cfg, collection)
     if "manual" in cfg.test.methods and (note := manual_prompt_note(collection, cfg.prompts)):
-        log.info(f"{note}")
+        console.info(f"{note}")
 
 
 def report_dir(cfg: Config, run: Optional[RunDir]) -> Path:
