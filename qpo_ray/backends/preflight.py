@@ -63,11 +63,11 @@ def check_model(model: str, key: str, file: str = "config.json") -> str:
         return path
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(path, file), str):
-        return path  # cached: no request (the hub client retries ~20 s when offline)
     try:
-        hf_hub_download(path, file)  # from the cache when there; a small file otherwise
-    except _hub_load_errors() as exc:
+        if isinstance(try_to_load_from_cache(path, file), str):
+            return path  # cached: no request (the hub client retries ~20 s when offline)
+        hf_hub_download(path, file)  # a small file: the repo exists and may be read
+    except (_hub_load_errors() + (ValueError,)) as exc:  # ValueError: not a valid repo id
         raise ConfigError(f"{key}: {hub_error(exc, model)}") from None
     return path
 
