@@ -11,7 +11,6 @@ by `target.api_key_env` and never logged.
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence, TypeVar
@@ -21,7 +20,7 @@ import httpx
 from qpo_ray.backends.base import ContinuationScore, Generation, TargetBackend
 from qpo_ray.backends.text import PromptEncoder, candidate_text
 from qpo_ray.common.errors import ConfigError
-from qpo_ray.common.models import resolve_model
+from qpo_ray.backends.preflight import api_root, auth_headers, load_tokenizer
 
 T = TypeVar("T")
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -37,11 +36,9 @@ class OpenAIBackend(TargetBackend):
         if not target_config.base_url:
             raise ConfigError("target.base_url is required for target.backend=openai")
         self.config = target_config
-        self.base_url = target_config.base_url.rstrip("/")
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(target_config.api_key_env)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
+        # With or without the SDK's /v1 suffix: requests name /v1/... themselves.
+        self.base_url = api_root(target_config.base_url)
+        headers = {"Content-Type": "application/json", **auth_headers(target_config)}
         self.client = httpx.Client(base_url=self.base_url, headers=headers,
                                    timeout=target_config.request_timeout_s)
         self.pool = ThreadPoolExecutor(max_workers=max(1, target_config.max_concurrent_requests))
@@ -77,10 +74,9 @@ class OpenAIBackend(TargetBackend):
         """The model's tokenizer renders the chat template for scoring: the completions
         API (the only one that echoes prompt log-probs) takes raw text."""
         if self._encoder is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.config.model))
-            self._encoder = PromptEncoder(tokenizer, self.config.use_chat_template)
+            # target.tokenizer, else target.model (a served name may not be a hub id)
+            self._encoder = PromptEncoder(load_tokenizer(self.config),
+                                          self.config.use_chat_template)
         return self._encoder
 
     # -- label scoring -------------------------------------------------------------

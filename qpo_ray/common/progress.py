@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, TextIO
 
+from qpo_ray.common.console import shows_info
+
 EVERY_ENV = "QPO_PROGRESS_EVERY_S"
 
 
@@ -83,6 +85,8 @@ class Progress:
 
     def _show(self, now: float, final: bool = False) -> None:
         self._shown_at, self._shown = now, (self.done, tuple(self.fields.items()))
+        if not shows_info():  # `qpo -q`, or the `qpo` logger quietened by a library user
+            return
         if self.tty:
             share = self.done / self.total if self.total else 1.0
             bar = "#" * int(24 * share) + "-" * (24 - int(24 * share))

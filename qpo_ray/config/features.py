@@ -11,11 +11,11 @@ config.yaml (a resume) and old profiles still load, with one warning per key."""
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from qpo_ray.config.base import Section, require_all
+from qpo_ray.common.console import log
 
 
 @dataclass
@@ -155,6 +155,5 @@ def migrate_legacy(data: dict[str, Any], prefix: str = "", warn: bool = True) ->
             # Both sizes 0 was "off"; any size > 0 switched the feature on.
             section["enable"] = bool(section.get("enable")) or bool(value)
         if warn:
-            print(f"[qpo] config: '{old}' is now '{new}' (the old key still loads)",
-                  file=sys.stderr, flush=True)
+            log.warning(f"config: '{old}' is now '{new}' (the old key still loads)")
     return data

@@ -2,7 +2,7 @@
 the source of truth.
 
 A YAML profile (``qpo_ray/config/profiles/<name>.yaml`` or any path) only overrides the
-defaults written here, and ``--set section.key=value`` overrides the profile. Unknown
+defaults written here (a profile may start from another: ``extends: cpu-demo``), and ``--set section.key=value`` overrides the profile. Unknown
 keys and values of the wrong type fail with the dotted key in the message, before any
 work starts. The sections and the checks of their fields live in
 ``qpo_ray.config.sections`` (``serve`` in ``qpo_ray.config.serve``); this module
@@ -209,21 +209,45 @@ def profile_path(profile: str) -> Path:
     raise ConfigError(f"unknown profile {profile!r}: neither a YAML file nor one of {known}")
 
 
+def read_profile(profile: str, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A profile's mappings, with `extends: <profile>` (a shipped name, or a path relative
+    to the extending file) resolved: the base's mappings, this file's merged over them.
+    A cycle is refused naming the files."""
+    path = profile_path(profile) if not _chain else _extended_path(profile, _chain[-1])
+    if path.resolve() in _chain:
+        cycle = " -> ".join(str(p) for p in _chain + (path.resolve(),))
+        raise ConfigError(f"{_chain[-1]}: extends: cycle {cycle}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a profile must be a mapping of sections")
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: extends: expected a profile name or path, got {base!r}")
+    return _merge(read_profile(base, _chain + (path.resolve(),)), data)
+
+
+def _extended_path(base: str, child: Path) -> Path:
+    relative = child.parent / base
+    if relative.suffix in (".yaml", ".yml") and relative.exists():
+        return relative
+    try:
+        return profile_path(base)
+    except ConfigError as exc:
+        raise ConfigError(f"{child}: extends: {exc}") from None
+
+
 def load_config(
     profile: Optional[str] = None,
     overrides: Optional[list[str] | dict[str, Any]] = None,
 ) -> Config:
-    """Defaults <- profile YAML <- overrides (``["a.b=1"]`` or a nested dict)."""
-    merged: dict[str, Any] = {}
-    if profile:
-        path = profile_path(profile)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a profile must be a mapping of sections")
-        merged = data
+    """Defaults <- profile YAML (and those it extends) <- overrides (``["a.b=1"]`` or a
+    nested dict)."""
+    merged: dict[str, Any] = read_profile(profile) if profile else {}
     if isinstance(overrides, dict):
         _merge(merged, overrides)
     else:
@@ -257,4 +281,5 @@ def section_from_dict(cls: type, data: dict[str, Any], name: str) -> Any:
 __all__ = ["PROFILES_DIR", "Config", "ConfigError", "DatasetConfig", "EvaluationConfig",
            "LoopConfig", "PolicyConfig", "PromptsConfig", "ServeConfig", "TargetConfig",
            "TaskConfig", "TestConfig", "TrackingConfig", "TrainingConfig", "config_from_dict",
-           "load_config", "parse_override", "profile_path", "section_from_dict"]
+           "load_config", "parse_override", "profile_path", "read_profile",
+           "section_from_dict"]

@@ -92,8 +92,11 @@ class TargetConfig(Section):
     # transformers only: prefixes whose first N+ tokens agree (chat template + prompt)
     # compute those tokens once per batch; shorter shared heads are not worth a pass.
     min_shared_prefix_tokens: int = 16
-    # openai only.
+    # openai only: the server's URL, with or without /v1 (http://host:8000/v1).
     base_url: Optional[str] = None
+    # openai only: HF id or path of the served model's tokenizer (label scoring renders
+    # the chat template with it); None = target.model (a --served-model-name is not one).
+    tokenizer: Optional[str] = None
     api_key_env: str = "OPENAI_API_KEY"
     request_timeout_s: float = 60.0
     max_retries: int = 3
@@ -109,6 +112,8 @@ class TargetConfig(Section):
             (self.kv_block_size_tokens >= 0 and self.kv_block_size_tokens % 16 == 0,
              "target.kv_block_size_tokens must be 0 (engine default) or a multiple of 16"),
             (self.min_shared_prefix_tokens >= 1, "target.min_shared_prefix_tokens must be >= 1"),
+            (self.tokenizer is None or self.backend == "openai", "target.tokenizer is for "
+             "backend openai (a local engine uses target.model's own tokenizer)"),
         ] + [(value > 0, f"target.{key} must be > 0, got {value!r}") for key, value in (
             ("max_model_len_tokens", self.max_model_len_tokens),
             ("batch_size", self.batch_size), ("tensor_parallel_size", self.tensor_parallel_size),

@@ -28,24 +28,47 @@ EXIT_OK, EXIT_FAILURE, EXIT_INPUT = 0, 1, 2
 INPUT_ERRORS = (ValueError, FileNotFoundError, RunDirBusy)
 
 
-def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", default="cpu-demo",
-                   help="profile name (qpo_ray/config/profiles/) or path to a YAML profile")
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE",
+DEFAULT_PROFILE = "cpu-demo"
+
+
+def add_config_args(p: argparse.ArgumentParser, nested: bool = False) -> None:
+    """The config flags. `nested`: a sub-subcommand (`qpo serve report`) whose flags,
+    when not given, leave the parent's (`qpo serve --profile cluster report`) in place."""
+    keep = {"default": argparse.SUPPRESS} if nested else {}
+    p.add_argument("--profile", **(keep or {"default": None}),
+                   help="profile name (qpo_ray/config/profiles/) or path to a YAML profile "
+                        f"(default: {DEFAULT_PROFILE}, announced)")
+    p.add_argument("--set", dest="nested_overrides" if nested else "overrides",
+                   action="append", **(keep or {"default": []}), metavar="KEY=VALUE",
                    help="override a config key, e.g. loop.num_loops=2 (repeatable)")
-    p.add_argument("--workdir", help="run directory (overrides workdir)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (overrides tracking.uri)")
+    p.add_argument("--workdir", **keep, help="run directory (overrides workdir)")
+    p.add_argument("--tracking-uri", **keep,
+                   help="MLflow tracking URI (overrides tracking.uri)")
+
+
+def profile_of(args: argparse.Namespace) -> str:
+    """--profile, or the default, said once on stderr (-q keeps it quiet)."""
+    if getattr(args, "profile", None):
+        return args.profile
+    if getattr(args, "verbosity", 0) >= 0:
+        print(f"qpo: no --profile given: using {DEFAULT_PROFILE} "
+              f"(qpo_ray/config/profiles/{DEFAULT_PROFILE}.yaml)", file=sys.stderr)
+    args.profile = DEFAULT_PROFILE
+    return DEFAULT_PROFILE
+
+
+def overrides_of(args: argparse.Namespace) -> list[str]:
+    return list(getattr(args, "overrides", [])) + list(getattr(args, "nested_overrides", []))
 
 
 def config_from_args(args: argparse.Namespace, *extra: str) -> Config:
     """Profile <- --set <- the dedicated flags (--workdir, --tracking-uri) <- `extra`."""
-    overrides = list(args.overrides)
+    overrides = overrides_of(args)
     if getattr(args, "workdir", None):
         overrides.append(f"workdir={args.workdir}")
     if getattr(args, "tracking_uri", None):
         overrides.append(f"tracking.uri={args.tracking_uri}")
-    return load_config(args.profile, overrides + list(extra))
+    return load_config(profile_of(args), overrides + list(extra))
 
 
 def run_command(work: Callable[[], Optional[str]], prog: str) -> int:
@@ -55,12 +78,27 @@ def run_command(work: Callable[[], Optional[str]], prog: str) -> int:
     except INPUT_ERRORS as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_INPUT
+    except OSError as exc:
+        if not _is_hub_error(exc):
+            traceback.print_exc()
+            return EXIT_FAILURE
+        # Past the pre-run check (which names the key): a model id that does not load.
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"{prog}: error: a Hugging Face model did not load ({first[:200]}); check "
+              "target.model, target.tokenizer and policy.backbone", file=sys.stderr)
+        return EXIT_INPUT
     except Exception:
         traceback.print_exc()
         return EXIT_FAILURE
     if message is not None:
         print(message)
     return EXIT_OK
+
+
+def _is_hub_error(exc: OSError) -> bool:
+    """huggingface_hub's errors, and transformers' OSError for an id it cannot load."""
+    return (type(exc).__module__.startswith("huggingface_hub")
+            or "huggingface.co" in str(exc) or "valid model identifier" in str(exc))
 
 
 # -- the commands both `qpo` and jobs/ run ------------------------------------------------
@@ -72,7 +110,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> str:
-    overrides = list(args.overrides)  # on resume: changes to the saved config (qpo_ray.run.resume)
+    overrides = overrides_of(args)  # on resume: changes to the saved config (qpo_ray.run.resume)
     if args.resume:
         if getattr(args, "workdir", None):
             raise ConfigError("--workdir and --resume: the run directory is --resume's")

@@ -30,6 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterator, Optional
 
+from qpo_ray.common.console import log
 from qpo_ray.common import faults
 from qpo_ray.config import Config
 from qpo_ray.common.progress import send_library_logs_to
@@ -40,6 +41,7 @@ from qpo_ray.run.stages import augment, step0, test
 from qpo_ray.run.stages import filter as filter_stage
 from qpo_ray.run.stages.context import RunContext
 from qpo_ray.run.tracking import Tracker
+from qpo_ray.tasks import fit_to_data
 
 KINDS = [kind for kind, _ in PIPELINE]
 
@@ -75,7 +77,7 @@ def _check_before_work(ctx: RunContext) -> None:
     cfg = ctx.cfg
     check_methods(cfg.test.methods)  # a typo fails before any file is read
     task = ctx.task
-    validate_backend_config(cfg.target)
+    validate_backend_config(cfg.target, task.mode)  # an endpoint: asked once
     backbone = check_model(cfg.policy.backbone, "policy.backbone")
     # The policy's layer cut and its query summary's depth, against the backbone's layers.
     cut_config(backbone, cfg.policy.backbone_num_layers, "policy.backbone_num_layers")
@@ -98,13 +100,12 @@ def _say_precisions(cfg: Config) -> None:
 
     if cfg.target.backend != "openai":
         on_gpu = cfg.evaluation.num_gpus_per_actor > 0
-        print(f"[qpo] target {cfg.target.model} on {cfg.target.backend} in "
-              f"{dtype_note(cfg.target.dtype, on_gpu)}", flush=True)
+        log.info(f"target {cfg.target.model} on {cfg.target.backend} in "
+                 f"{dtype_note(cfg.target.dtype, on_gpu)}")
     tcfg = cfg.training
     float32 = tcfg.mixed_precision == "no" or (tcfg.strategy == "deepspeed" and not tcfg.use_gpu)
-    print("[qpo] policy training in " + ("float32" if float32 else
-                                         dtype_note(tcfg.mixed_precision, tcfg.use_gpu)),
-          flush=True)
+    log.info("policy training in " + ("float32" if float32 else
+                                      dtype_note(tcfg.mixed_precision, tcfg.use_gpu)))
 
 
 def run_qpo(cfg: Optional[Config], resume_dir: Optional[str] = None,
@@ -126,23 +127,24 @@ def _run_qpo(cfg: Optional[Config], resume_dir: Optional[str],
     changes: list[str] = []
     if resume_dir is not None:
         run, cfg = RunDir.load(resume_dir)
-        print(f"resuming {run.path}: done {list(run.stages())}")
+        log.info(f"resuming {run.path}: done {list(run.stages())}")
         cfg, changes = apply_resume_overrides(run, cfg, overrides or [])
         for change in changes:
-            print(f"[qpo] resume: {change}", flush=True)
+            log.info(f"resume: {change}")
         if overrides and not changes:
-            print("[qpo] resume: --set changed nothing (the saved config has these values)")
+            log.info("resume: --set changed nothing (the saved config has these values)")
         ctx = RunContext(cfg, run)
         _check_before_work(ctx)
     else:
+        cfg = fit_to_data(cfg)  # before the run directory saves the config
         ctx = RunContext(cfg)
         _check_before_work(ctx)
         ctx.run = run = RunDir.create(cfg)
         ctx.cfg = cfg = cfg.with_changes({"workdir": str(run.path)})
     log_file = send_library_logs_to(run.path)
-    print(f"[qpo] run directory {run.path}; Ray's and MLflow's logs: {log_file}", flush=True)
+    log.info(f"run directory {run.path}; Ray's and MLflow's logs: {log_file}")
     if (nodes := check_shared_run_dir(run.path, cfg.ray_address)) > 1:
-        print(f"[qpo] all {nodes} Ray nodes see the run directory", flush=True)
+        log.info(f"all {nodes} Ray nodes see the run directory")
     _say_precisions(cfg)
     ctx.tracker = tracker = Tracker(cfg, run.path)
     parent = tracker.parent_run_id()
@@ -158,7 +160,7 @@ def _run_qpo(cfg: Optional[Config], resume_dir: Optional[str],
             module, name = _module(stage), stage.name
             faults.enter_stage(name)  # QPO_FAULT_AT (the resume test) only; else no-op
             if not run.is_done(name):
-                print(f"[qpo] stage {name} ...", flush=True)
+                log.info(f"stage {name} ...")
                 start = time.perf_counter()
                 try:
                     outputs = module.run(ctx, stage).to_dict()
@@ -166,11 +168,11 @@ def _run_qpo(cfg: Optional[Config], resume_dir: Optional[str],
                     # Training comes next (or the run ends): it needs the CPUs/GPUs the
                     # target engines hold. A stage's own calls shared them.
                     if calls := ctx.release_engines():
-                        print(f"[qpo] {name}: target engines stopped (started once, "
-                              f"{calls} scoring call{'s' if calls > 1 else ''})", flush=True)
+                        log.info(f"{name}: target engines stopped (started once, "
+                                 f"{calls} scoring call{'s' if calls > 1 else ''})")
                 outputs["wall_s"] = round(time.perf_counter() - start, 1)
                 run.mark_done(name, outputs)
-                print(f"[qpo] stage {name} done in {outputs['wall_s']:.0f} s", flush=True)
+                log.info(f"stage {name} done in {outputs['wall_s']:.0f} s")
                 faults.at("done")
             if name not in logged:
                 module.log(ctx, stage, run.outputs(name))
@@ -197,8 +199,9 @@ def _run_qpo(cfg: Optional[Config], resume_dir: Optional[str],
 
 @contextlib.contextmanager
 def _one_stage(cfg: Config, run: Optional[RunDir] = None) -> Iterator[RunContext]:
-    """A context for one stage's work whose target engines stop when it is done."""
-    ctx = RunContext(cfg, run)
+    """A context for one stage's work whose target engines stop when it is done (on the
+    config with its sizes fitted to the data, as `qpo run` fits them)."""
+    ctx = RunContext(fit_to_data(cfg), run)
     try:
         yield ctx
     finally:

@@ -14,12 +14,13 @@ class); a local copy with a single labelled file gets a seeded, logged train/tes
 
 from __future__ import annotations
 
-from qpo_ray.config import ConfigError, TaskConfig
+from qpo_ray.config import Config, ConfigError, TaskConfig
 from qpo_ray.tasks.base import Example, Splits, Task
 from qpo_ray.tasks.byo import ByoTask
 from qpo_ray.tasks.classification import AgNews, BoolQ, Imdb, RottenTomatoes, TweetEmotion
 from qpo_ray.tasks.files import TaskDataError
 from qpo_ray.tasks.math_word import GSM8K, SVAMP
+from qpo_ray.tasks.sizes import fit_sizes
 from qpo_ray.tasks.multiple_choice import CosmosQA, HellaSwag
 
 TASKS: dict[str, type[Task]] = {
@@ -37,6 +38,15 @@ def get_task(cfg: TaskConfig) -> Task:
     return TASKS[cfg.name](cfg)  # type: ignore[call-arg]
 
 
+def fit_to_data(cfg: Config) -> Config:
+    """`cfg` with its collection-set sizes fitted to its task's train split (the rule:
+    qpo_ray.tasks.sizes); `cfg` itself when they fit. A new run fits before its run
+    directory saves the config, so a resume reads what the run used."""
+    task = get_task(cfg.task)
+    changes = fit_sizes(cfg, task.name, len(task.load_split("train")))
+    return cfg.with_changes(changes) if changes else cfg
+
+
 def task_and_splits(cfg: TaskConfig, seed: int) -> tuple[Task, Splits]:
     """The run's task and its splits seeded by the run's `seed` (the same ones in every
     stage and process)."""
@@ -46,4 +56,4 @@ def task_and_splits(cfg: TaskConfig, seed: int) -> tuple[Task, Splits]:
 
 
 __all__ = ["TASKS", "Example", "Splits", "Task", "TaskDataError", "get_task",
-           "task_and_splits"]
+           "fit_to_data", "task_and_splits"]

@@ -51,6 +51,7 @@ from qpo_ray.common.layout import RunFiles, read_json, sidecar
 from qpo_ray.testphase.render import examples as example_rows
 from qpo_ray.testphase.render import markdown, results_table
 from qpo_ray.tasks.base import Example, Splits, Task
+from qpo_ray.common.console import log
 
 ScoreFn = Callable[[pd.DataFrame], tuple[pd.DataFrame, dict]]
 
@@ -226,8 +227,7 @@ def evaluate_run(cfg: Config, task: Task, splits: Splits, score: ScoreFn,
                          dev_queries=len(splits.dev))
     if "best_single_dev" in cfg.test.methods and cfg.test.split == "dev":
         # Chosen on the dev split, it cannot be compared there.
-        print("[qpo] test: best_single_dev left out: test.split is dev, where it is chosen",
-              flush=True)
+        log.info("test: best_single_dev left out: test.split is dev, where it is chosen")
         cfg = cfg.with_changes({"test": {"methods": [m for m in cfg.test.methods
                                                      if m != "best_single_dev"]}})
     if "best_single_dev" in cfg.test.methods:

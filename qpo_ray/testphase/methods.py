@@ -49,6 +49,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from qpo_ray.common.console import log
 from qpo_ray.config import Config, ConfigError
 from qpo_ray.testphase.decoding import (Choice, MethodContext, Predicted, PromptTuple,
                                         policy_prompts)
@@ -104,7 +105,7 @@ def best_single_dev(ctx: MethodContext, queries: list[Example]) -> dict[str, lis
 def _collection_labels(ctx: MethodContext, name: str) -> Optional[list[Example]]:
     """The collection's labelled queries; None (with a line) on a free-text task."""
     if not ctx.task.label_words:
-        print(f"[qpo] test: {name} skipped: {ctx.task.name!r} answers free text", flush=True)
+        log.info(f"test: {name} skipped: {ctx.task.name!r} answers free text")
         return None
     if ctx.splits is None:
         raise ConfigError(f"test.methods: {name} needs the task's splits (its collection)")
@@ -136,9 +137,9 @@ def probe(ctx: MethodContext, queries: list[Example]) -> dict[str, Predicted]:
     if "probe" not in ctx._cache:
         ctx._cache["probe"] = fit_probe(features(labelled), [int(e.label) for e in labelled],
                                         seed=ctx.cfg.seed)
-        print(f"[qpo] test: probe reads the first {layers} layers of {p.backbone}, "
-              f"fitted on {len(labelled)} collection labels (C={ctx._cache['probe'].c:g}, "
-              "cross-validated there)", flush=True)
+        log.info(f"test: probe reads the first {layers} layers of {p.backbone}, "
+                 f"fitted on {len(labelled)} collection labels (C={ctx._cache['probe'].c:g}, "
+                 "cross-validated there)")
     return {"probe": Predicted(ctx._cache["probe"].predict(features(queries)).tolist())}
 
 
@@ -166,8 +167,8 @@ def router(ctx: MethodContext, queries: list[Example]) -> dict[str, list[PromptT
 
 
 def _say_depth(name: str, fitted) -> None:
-    print(f"[qpo] test: {name} reads the query at {fitted.depth:.0%} of the model's layers, "
-          f"ridge {fitted.alpha:g} (both cross-validated)", flush=True)
+    log.info(f"test: {name} reads the query at {fitted.depth:.0%} of the model's layers, "
+             f"ridge {fitted.alpha:g} (both cross-validated)")
 
 
 def _needs_labels(task, name: str) -> None:

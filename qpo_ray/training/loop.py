@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from qpo_ray.common.console import log
 from qpo_ray.common.atomic import replace_dir
 from qpo_ray.common.local_ray import init_ray
 from qpo_ray.config import Config
@@ -48,5 +49,5 @@ def _print_curve(label: str, metrics: list[dict[str, float]]) -> None:
     if metrics:
         # How well the policy reproduces its training prompts (per-token NLL), per epoch.
         curve = " -> ".join(f"{m['prompt_loss']:.2f}" for m in metrics)
-        print(f"[qpo] {label}: prompt NLL per epoch {curve}; "
-              f"{metrics[-1].get('samples_per_s', 0):.1f} samples/s", flush=True)
+        log.info(f"{label}: prompt NLL per epoch {curve}; "
+                 f"{metrics[-1].get('samples_per_s', 0):.1f} samples/s")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import pandas as pd
 
+from qpo_ray.common.console import log as console
 from qpo_ray.config import Config
 from qpo_ray.common.layout import read_json
 from qpo_ray.common.local_ray import init_ray
@@ -43,7 +44,7 @@ def check_before_work(ctx: RunContext) -> None:
     collection = load_collection(cfg.prompts, task.name)
     check_method_inputs(cfg, collection)
     if "manual" in cfg.test.methods and (note := manual_prompt_note(collection, cfg.prompts)):
-        print(f"[qpo] {note}", flush=True)
+        console.info(f"{note}")
 
 
 def report_dir(cfg: Config, run: Optional[RunDir]) -> Path:
@@ -89,9 +90,9 @@ def log(ctx: RunContext, stage: Stage, outputs: dict[str, Any]) -> None:
         loop, tags = champion_tags(ctx.cfg, read_json(report / "selection.json"),
                                    ctx.run.trained_loops()[-1], ctx.tracker.parent_run_id())
         version = ctx.tracker.promote_champion(loop, tags)
-        print(f"[qpo] champion: models:/{ctx.cfg.tracking.registered_model_name}/{version} "
-              f"(loop {loop}, {tags['qpo.decoding']} decoding) is now "
-              f"models:/{ctx.cfg.tracking.registered_model_name}@champion", flush=True)
+        console.info(f"champion: models:/{ctx.cfg.tracking.registered_model_name}/{version} "
+                     f"(loop {loop}, {tags['qpo.decoding']} decoding) is now "
+                     f"models:/{ctx.cfg.tracking.registered_model_name}@champion")
 
 
 def champion_tags(cfg: Config, selection: dict[str, Any], last_loop: int,
@@ -108,7 +109,7 @@ def champion_tags(cfg: Config, selection: dict[str, Any], last_loop: int,
                               else "config (test.decoding)")}
     if decoding == "mbr":
         tags["qpo.mbr_temperature"] = repr(float(selection.get("mbr_temperature",
-                                                               cfg.test.mbr_temperature)))
+                                                               cfg.test.mbr.temperature)))
     accuracy = selection.get("dev_accuracy", {}).get(f"qpo_loop{loop}/{decoding}")
     if accuracy is not None:
         tags["qpo.dev_accuracy"] = repr(float(accuracy))

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from qpo_ray.common.console import log as console
 from qpo_ray.common.layout import read_json
 from qpo_ray.run.pipeline import Stage, StageOutputs
 from qpo_ray.run.stages.context import RunContext
@@ -40,7 +41,7 @@ def _save_mbr_table(ctx: RunContext, policy_dir: str) -> None:
         table = utility_table(read_dataset(ctx.run.step0_path())[0],
                               ctx.cfg.training.best_row_column)
     except ValueError as exc:  # a Step 0 with no shared queries: greedy serving only
-        print(f"[qpo] no mbr table beside {policy_dir}: {exc}", flush=True)
+        console.info(f"no mbr table beside {policy_dir}: {exc}")
         return
     save_table(table, policy_dir)
 
