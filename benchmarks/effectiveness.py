@@ -58,7 +58,8 @@ DATA_ROOT = Path(os.environ.get("QPO_SHARED_DATA", REPO.parent / "shared" / "dat
 COLLECTION_QUERIES = 1020
 # --tiny: a wiring smoke of a few minutes per (task, seed) on 2 cores; its figures say
 # nothing about QPO. Applied after the derived sizes (TINY_COLLECTION replaces
-# COLLECTION_QUERIES).
+# COLLECTION_QUERIES). One loop: a 3-step policy can generate an empty prompt, which
+# augmentation keeps and the next train stage refuses (seen 2026-12-07).
 TINY_COLLECTION = 160
 TINY = ["task.max_test_queries=30", "task.dev_queries=20", "target.backend=transformers",
         "target.dtype=float32", "target.batch_size=16", "evaluation.num_actors=1",
@@ -66,7 +67,7 @@ TINY = ["task.max_test_queries=30", "task.dev_queries=20", "target.backend=trans
         "policy.backbone_num_layers=1", "policy.query_summary.layers=4",
         "policy.query_summary.dims=8", "training.epochs_first_loop=1",
         "training.summary.epochs=1", "training.max_steps_per_loop=3",
-        "loop.augment_queries_per_round=8", "test.dev_decodings=[greedy]"]
+        "loop.num_loops=1", "test.dev_decodings=[greedy]"]
 
 
 def task_arg(arg: str, data_root: Path) -> tuple[str, list[str]]:

@@ -102,13 +102,14 @@ class RayCluster:
 
     def add_node(self, num_cpus: int, resources: dict[str, float],
                  wrap: Sequence[str] = ()) -> str:
-        """A worker node (`wrap`: a command it runs under, e.g. unshare); its node id."""
-        before = {n["node_id"] for n in self.alive_nodes()}
+        """A worker node (`wrap`: a command it runs under, e.g. unshare) with `resources`
+        (a name no other node has: it finds the node); its node id."""
         temp_dir, _ = self._start(["--address", self.gcs, "--num-cpus", str(num_cpus),
                                    "--resources", json.dumps(resources)], wrap)
         deadline = time.monotonic() + 180
         while True:
-            new = [n for n in self.alive_nodes() if n["node_id"] not in before]
+            new = [n for n in self.alive_nodes()
+                   if set(resources) <= set(n.get("resources_total") or {})]
             if new:
                 return new[0]["node_id"]
             self._check_alive(deadline, f"the node in {temp_dir}")
