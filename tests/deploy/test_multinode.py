@@ -22,7 +22,7 @@ from qpo_ray.data.io import read_dataset
 from qpo_ray.run.rundir import RunDir
 from tests.deploy.ray_nodes import RayCluster, ray_env, tmpfs_over
 from tests.mlflow_server import MlflowServer
-from tests.run.test_loop import TINY
+from tests.tiny_run import TINY
 
 REPO = Path(__file__).resolve().parents[2]
 RESOURCE = "qpo_worker"
