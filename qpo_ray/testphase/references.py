@@ -34,7 +34,7 @@ def majority_label(labels: Sequence[int]) -> int:
 
 def probe_layers(backbone: str, summary_layers: int) -> int:
     """The layers the probe reads: the query summary's, else half the backbone's (a
-    review's sentiment reads best from the middle of SmolLM2, README)."""
+    review's sentiment reads best from the middle of SmolLM2: docs/experiments.md)."""
     if summary_layers:
         return summary_layers
     from transformers import AutoConfig
