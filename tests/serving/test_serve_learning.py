@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from qpo_ray.config import load_config
-from test_serve import QUERIES, fit_policy
+from tests.serving.test_serve import QUERIES, fit_policy
 
 MAX_QUERY_CHARS = 200
 
