@@ -120,6 +120,7 @@ def test_prompt_is_the_policys_greedy_prompt(server, policies):
         body = server.post("/v1/prompt", json={"query": query}).json()
         request_id = body.pop("request_id")
         assert len(request_id) == 32 and body.pop("cached") in (True, False)
+        assert len(body.pop("receipt")) == 64  # what feedback on it must present
         assert body == {"prompt": reference(policy, query, 100.0), "arm": "a",
                         "policy_version": f"models:/{MODEL_NAME}/1", "target_reward": 100.0}
 
