@@ -80,11 +80,10 @@ def test_step0_scores_through_the_v1_url(server, tiny_model_dir, tmp_path):
     cfg = load_config("cpu-demo", [
         f"workdir={tmp_path / 'run'}", "target.backend=openai", f"target.model={SERVED_NAME}",
         f"target.tokenizer={tiny_model_dir}", f"target.base_url={server.url}/v1",
-        f"prompts.source={prompts}", "dataset.queries_per_group=3", "dataset.wide.num_queries=0",
-        "dataset.wide.num_prompts=0",
+        f"prompts.source={prompts}", "dataset.queries_per_group=3", "dataset.wide.enable=false",
         "test.methods=[qpo, best_single]", f"policy.backbone={tiny_model_dir}"])
     ctx = RunContext(cfg, scorer_factory=lambda c, t, demos: make_scorer(
-        c, t, demos, distributed=False))
+        c.target, c.evaluation, t, demos, distributed=False))
     _check_before_work(ctx)  # the endpoint, echo + logprobs, the tokenizer, label words
     server.requests.clear()
     out = step0.build_initial_dataset(ctx, tmp_path / "d0.parquet")
