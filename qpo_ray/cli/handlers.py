@@ -89,10 +89,11 @@ def cmd_check(args: argparse.Namespace) -> str:
     from qpo_ray.common.console import log
     from qpo_ray.run.costs import estimate, plan_table
     from qpo_ray.run.loop import check_before_work
+    from qpo_ray.tasks import fit_to_data
 
     start = time.perf_counter()
-    cfg = config_from_args(args)
-    check_before_work(cfg)  # fits the sizes into cfg too (one log line when it does)
+    cfg = fit_to_data(config_from_args(args))  # as `qpo run` fits them (one log line)
+    check_before_work(cfg)
     log.info(f"checks passed in {time.perf_counter() - start:.1f} s: task, target, "
              "policy backbone, label words, test methods")
     table = plan_table(estimate(cfg))

@@ -87,7 +87,8 @@ def _train_steps(cfg: Config, rows: int, loop: int) -> int:
 
 
 def estimate(cfg: Config) -> list[StageWork]:
-    """The plan's work, stage by stage (on `cfg` with its sizes fitted, as a run does)."""
+    """The plan's work, stage by stage (on `cfg` with its sizes fitted, as a run does;
+    fitting a fitted config changes nothing)."""
     cfg = fit_to_data(cfg)
     task, splits = task_and_splits(cfg.task, cfg.seed)
     prompts = load_collection(cfg.prompts, task.name)
