@@ -166,7 +166,7 @@ def measure_chat(cfg, policy_dir: Path, queries: list[str], threads: int) -> Non
 
     from qpo_ray.policy import QPOPolicy, generate_prompts
     from qpo_ray.serving import run_serve
-    from qpo_ray.serving.deployments import TargetServer
+    from qpo_ray.serving.target_server import TargetServer
 
     policy = QPOPolicy.load(policy_dir).eval()
     direct = TargetServer.func_or_class(cfg)  # the deployment's class, in-process

@@ -90,7 +90,8 @@ def build_app(cfg: Config, policy_uri: Optional[str] = None,
     """The Serve application: PolicyServer (ingress, `cfg.serve` replicas and resources)
     and, unless `with_target` is False, TargetServer for /v1/answer (one replica with
     the resources of one evaluation engine: `evaluation.num_{cpus,gpus}_per_actor`)."""
-    from qpo_ray.serving.deployments import PolicyServer, TargetServer
+    from qpo_ray.serving.deployments import PolicyServer
+    from qpo_ray.serving.target_server import TargetServer
 
     # Fail closed where the app is built (here for `serve deploy` too): a non-loopback
     # bind address with no token and no serve.insecure never gets deployed.

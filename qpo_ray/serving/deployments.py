@@ -1,6 +1,6 @@
-"""The two Serve deployments: `PolicyServer` (the HTTP ingress holding the policy, with
-dynamic request batching) and `TargetServer` (the target LLM behind /v1/answer, on the
-same backend interface evaluation uses).
+"""`PolicyServer`: the Serve deployment that is the HTTP ingress, holding the policy, with
+dynamic request batching (the target LLM behind /v1/answer is `TargetServer`, in
+qpo_ray.serving.target_server).
 
 The policy is swapped without downtime: a registry URI (`models:/<name>@champion`, moved
 by the test stage; `@latest`, moved by each loop) is polled, so a version is picked up
@@ -58,7 +58,6 @@ from qpo_ray.serving.schemas import (
     check_feedback,
     check_label,
     check_query_length,
-    finite_or_none,
     validation_error_handler,
 )
 
@@ -92,51 +91,6 @@ def _refused(status: int, error: str, field: str, message: str) -> JSONResponse:
     """A 4xx about one field's value that is well-formed but not acceptable now."""
     return JSONResponse(status_code=status, content={
         "error": error, "errors": [{"field": field, "message": message}]})
-
-
-@serve.deployment(name="TargetServer")
-class TargetServer:
-    """The target LLM: formats (prompt, query) the way the task does and answers it."""
-
-    def __init__(self, cfg: Config) -> None:
-        from qpo_ray.backends import create_backend
-        from qpo_ray.common.device import configure_cpu_threads
-        from qpo_ray.tasks import get_task
-
-        configure_cpu_threads()
-        self._cfg = cfg
-        self._task = get_task(cfg.task)
-        self._backend = create_backend(cfg.target)
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def answer(self, items: list[tuple[str, str]]) -> list[dict[str, Any]]:
-        """items: (prompt, query) pairs; one generate (and one label scoring) per batch.
-        An item that fails alone gets {"failed": reason} (serving.isolation)."""
-        results = await asyncio.to_thread(run_isolated, self._answer_sync, items,
-                                          "the target LLM")
-        return [{"failed": r.reason} if isinstance(r, Failed) else r for r in results]
-
-    def _answer_sync(self, items: list[tuple[str, str]]) -> list[dict[str, Any]]:
-        from qpo_ray.tasks.base import Example
-
-        # The gold label of a served query is unknown; format() never reads it.
-        texts = [self._task.format(prompt, Example(id="request", text=query, label=""))
-                 for prompt, query in items]
-        generations = self._backend.generate(texts, self._cfg.target.max_new_tokens)
-        results = [{"answer": g.text, "target_model": self._cfg.target.model}
-                   for g in generations]
-        if self._task.mode == "labels":
-            words = list(self._task.label_words)
-            scores = self._backend.score_continuations(texts, self._task.continuations())
-            for result, row in zip(results, scores):
-                logprobs = [s.logprob_sum for s in row]
-                result["label"] = words[max(range(len(words)), key=logprobs.__getitem__)]
-                result["label_logprobs"] = {w: finite_or_none(lp) for w, lp in zip(words, logprobs)}
-        return results
-
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        self.answer.set_max_batch_size(int(user_config["max_batch_size"]))
-        self.answer.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
 
 
 @serve.deployment(name="PolicyServer")

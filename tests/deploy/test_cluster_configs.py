@@ -280,7 +280,8 @@ def test_rayservice_rolls_whole_gpu_deployments_without_surge():
 
 
 def test_serve_deployment_names_in_configs_are_the_apps():
-    from qpo_ray.serving.deployments import PolicyServer, TargetServer
+    from qpo_ray.serving.deployments import PolicyServer
+    from qpo_ray.serving.target_server import TargetServer
 
     names = {PolicyServer.name, TargetServer.name}
     for path in by_kind("RayService"):
