@@ -7,7 +7,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,21 +17,10 @@ import pytest
 import yaml
 
 from qpo_ray.data.io import read_dataset, write_dataset
+from tests.deploy.ray_nodes import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _env() -> dict[str, str]:
@@ -74,7 +62,7 @@ def ray_head():
     clusters share the host)."""
     temp_dir = tempfile.mkdtemp(prefix="qrj", dir="/tmp")  # short: socket paths are capped
     (gcs, dash, client, nm, om, agent_listen, agent_grpc, metrics,
-     rtenv) = _free_ports(9)
+     rtenv) = free_ports(9)
     # Worker ports below the kernel's ephemeral range, where the ports above come from.
     worker_lo = random.randrange(20000, 30000, 100)
     proc = subprocess.Popen(
@@ -175,7 +163,7 @@ def test_serve_deploy_of_the_repository_config(ray_head, tiny_model_dir, tmp_pat
         backbone=str(tiny_model_dir), backbone_num_layers=1, max_query_tokens=16,
         max_prompt_tokens=6)).save(tmp_path / "policy")
     doc = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     doc["http_options"]["port"] = port
     (app,) = doc["applications"]
     app["args"].update(policy_uri=str(policy_dir), with_target=False,
