@@ -91,7 +91,8 @@ class Tracker:
         self.run_dir = Path(run_dir).resolve()
         self.uri = cfg.tracking_uri()
         mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
+        # The registry is the run's own store, whatever registry URI the process set.
+        self.client = MlflowClient(self.uri, registry_uri=self.uri)
         self._state_path = self.run_dir / TRACKING_FILE
         self.state: dict[str, Any] = (
             json.loads(self._state_path.read_text()) if self._state_path.exists() else {}

@@ -143,7 +143,7 @@ def log_to_mlflow(cfg: Config, rows: list[VersionSummary],
 
     from qpo_ray.run.tracking import metric_key
 
-    client = MlflowClient(tracking_uri=cfg.tracking_uri())
+    client = MlflowClient(tracking_uri=cfg.tracking_uri(), registry_uri=cfg.tracking_uri())
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     experiment_id = (experiment.experiment_id if experiment is not None
                      else client.create_experiment(cfg.tracking.experiment))

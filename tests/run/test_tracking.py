@@ -97,12 +97,11 @@ def test_tracker_logs_runs_datasets_metrics_and_registers_through_server(mlflow_
     local = mlflow.artifacts.download_artifacts(
         artifact_uri=f"models:/{cfg.tracking.registered_model_name}@latest",
         dst_path=str(tmp_path / "dl"), tracking_uri=mlflow_server)
-    # An MLflow pyfunc model holding the checkpoint as it was saved.
-    from qpo_ray.serving.policy_source import find_policy_dir
-
+    # An MLflow pyfunc model holding the checkpoint's files as they were saved.
     assert "MLmodel" in os.listdir(local)
-    assert sorted(os.listdir(find_policy_dir(Path(local)))) == ["heads.safetensors",
-                                                                "policy.json"]
+    held = [p for p in Path(local).rglob("*") if p.name in ("heads.safetensors", "policy.json")]
+    assert sorted(p.name for p in held) == ["heads.safetensors", "policy.json"]
+    assert len({p.parent for p in held}) == 1
 
 
 def test_a_transient_registry_error_never_creates_a_second_version(mlflow_server, tmp_path,

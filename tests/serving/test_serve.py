@@ -122,7 +122,9 @@ def test_prompt_is_the_policys_greedy_prompt(server, policies):
         assert len(request_id) == 32 and body.pop("cached") in (True, False)
         assert len(body.pop("receipt")) == 64  # what feedback on it must present
         assert body == {"prompt": reference(policy, query, 100.0), "arm": "a",
-                        "policy_version": f"models:/{MODEL_NAME}/1", "target_reward": 100.0}
+                        "policy_version": f"models:/{MODEL_NAME}/1", "target_reward": 100.0,
+                        "decoding": "greedy", "mbr_temperature": None,
+                        "recorded_decoding": None}
 
 
 def test_concurrent_requests_keep_their_own_target_reward(server, policies):

@@ -203,9 +203,13 @@ def test_registered_version_loads_and_predicts_with_mlflow_pyfunc(cfg, tracker,
                                                                   test_phase_prompts):
     import mlflow
 
-    mlflow.set_tracking_uri(cfg.tracking_uri())
+    # models:/ URIs resolve through the process-wide registry URI: set for this test only.
+    registry = mlflow.get_registry_uri()
     mlflow.set_registry_uri(cfg.tracking_uri())
-    model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
+    finally:
+        mlflow.set_registry_uri(registry)
     assert model.metadata.get_input_schema().input_names() == ["query"]
     out = model.predict(pd.DataFrame({"query": QUERIES}))
     assert list(out) == test_phase_prompts["greedy"]
