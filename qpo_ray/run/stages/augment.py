@@ -24,7 +24,6 @@ from qpo_ray.run.stage_logging import flatten_numbers, log_training_set
 from qpo_ray.common.progress import progress_callback
 from qpo_ray.prompts import prompt_id
 from qpo_ray.common.atomic import write_json_atomic
-from qpo_ray.common.console import log as console
 from qpo_ray.common.layout import read_json, sidecar
 from qpo_ray.run.pipeline import Stage, StageOutputs, plan
 from qpo_ray.run.stages.context import RunContext
@@ -64,17 +63,7 @@ def augment_round(ctx: RunContext, policy_dir: str | Path, dataset_path: str | P
                              on_batch=on_batch)
     progress.close()
     del policy
-    # A prompt the policy left empty cannot be learnt from (the training set refuses
-    # empty prompts): its query is dropped from the round, which says how many.
-    written = [(q, t) for q, t in zip(queries, texts) if t.strip()]
-    if len(written) < len(queries):
-        console.info(f"augment_{round_index}: {len(queries) - len(written)} of {len(queries)} "
-                     "sampled prompts were empty; their queries are left out of the round")
-    if not written:
-        raise ValueError(f"augment_{round_index}: the policy wrote only empty prompts "
-                         f"({policy_dir}); train it longer before augmenting")
-    queries = [q for q, _ in written]
-    prompts = [(prompt_id(t), t, "policy") for _, t in written]
+    prompts = [(prompt_id(t), t, "policy") for t in texts]
     pairs = make_pairs(queries, prompts, ctx.task, ctx.splits, num_shots=cfg.task.num_shots,
                        num_demo_sets=cfg.task.num_demo_sets, loop=round_index, seed=seed)
     scored, usage = ctx.score(pairs, label=f"augment_{round_index}: scoring")
