@@ -58,7 +58,7 @@ class Config(Section):
     def with_changes(self, changes: dict[str, Any]) -> "Config":
         """A new config: this one with `changes` (nested mappings, e.g. {"task":
         {"num_shots": 3}}) merged in, validated and frozen like any loaded config."""
-        return config_from_dict(_merge(self.to_dict(), copy.deepcopy(changes)))
+        return config_from_dict(_merge(self.to_dict(), changes))  # copied there, not here
 
     def validate(self) -> None:
         """Every section's own checks, then the ones that span two sections."""
