@@ -94,26 +94,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from qpo_ray.backends.speed import flop_per_token, matmul_gflops
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def matmul_gflops(dtype: str = "float32", n: int = 2048, seconds: float = 3.0) -> float:
-    """GFLOP/s of an n x n matmul in `dtype` on this process's torch threads (the Ray
-    task's OMP_NUM_THREADS, as in a scoring actor)."""
-    import torch
-
-    from qpo_ray.common import device as devices
-
-    devices.configure_cpu_threads()
-    kind = devices.resolve_dtype(dtype, torch.device("cpu"))
-    a, b = torch.randn(n, n, dtype=kind), torch.randn(n, n, dtype=kind)
-    a @ b  # first call pays allocation and thread start
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        done += 1
-    return 2 * n ** 3 * done / (time.perf_counter() - start) / 1e9
 
 
 def probe(actors: int, cpus: float, dtype: str) -> list[float]:
@@ -123,25 +107,6 @@ def probe(actors: int, cpus: float, dtype: str) -> list[float]:
 
     task = ray.remote(num_cpus=cpus)(matmul_gflops)
     return ray.get([task.remote(dtype) for _ in range(actors)])
-
-
-def flop_per_token(model: str) -> tuple[float, int, int, int]:
-    """(FLOP per token = 2 x non-embedding parameters, those parameters, hidden size,
-    layers), from the model's config: built on the meta device, nothing loaded."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from qpo_ray.common.models import resolve_model
-
-    config = AutoConfig.from_pretrained(resolve_model(model))
-    with torch.device("meta"):
-        net = AutoModelForCausalLM.from_config(config)
-    # Input embeddings are a lookup, not a matmul; the (tied) LM head runs only at the
-    # position(s) whose next token is scored, once per pair, so it is not per token.
-    skip = {id(p) for m in (net.get_input_embeddings(), net.get_output_embeddings())
-            for p in m.parameters()}
-    params = sum(p.numel() for p in net.parameters() if id(p) not in skip)
-    return 2.0 * params, params, config.hidden_size, config.num_hidden_layers
 
 
 def test_pairs(cfg, task, splits, collection, n: int) -> pd.DataFrame:

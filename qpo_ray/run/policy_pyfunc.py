@@ -48,7 +48,13 @@ class PolicyModel(PythonModel):
 
         params = {"target_reward": 100.0, "decoding": "greedy", "mbr_temperature": 1.0,
                   **(params or {})}
-        queries = [str(q) for q in model_input["query"]]
+        queries = list(model_input["query"])
+        bad = next((i for i, q in enumerate(queries) if not isinstance(q, str)), None)
+        if bad is not None:
+            # A dict of lists reaches here as one row holding the list: one prompt for
+            # its text would be a silent wrong answer.
+            raise ValueError(f"query: row {bad} is {type(queries[bad]).__name__}, not one "
+                             "string; pass pd.DataFrame({'query': [...]}), a row a query")
         reward = float(params["target_reward"])
         if params["decoding"] == "mbr":
             if self.policy.mbr_table is None:

@@ -127,7 +127,8 @@ class PolicyServer:
                                 mbr_temperature=cfg.serve.mbr_temperature,
                                 last_good_dir=Path(last_good_root(cfg.serve)))
         self._store = (FeedbackStore(feedback_root(cfg), self._replica_id,
-                                     cfg.serve.journal_max_bytes, cfg.serve.retention_days)
+                                     cfg.serve.journal_max_bytes, cfg.serve.retention_days,
+                                     cfg.serve.feedback_compact_parts)
                        if cfg.serve.feedback else None)
         # Requests inside generate_batch, the size of the last batch and the configured
         # wait for a batch to fill (see _generate: a lone client does not wait).

@@ -16,7 +16,10 @@ Layout under `serve.feedback_dir` (default `<workdir>/serving`):
     receipt.key                the secret receipts are HMACs with (created once, 0600)
 
 Files older than serve.retention_days are deleted when a replica starts (journals,
-parts and claims; 0 keeps everything).
+parts and claims; 0 keeps everything). Parts are compacted into one once
+serve.feedback_compact_parts of them accumulate (at replica start, then in the
+background as feedback arrives): the latest answer per request, rows past the retention
+dropped (`compact`).
 
 Any replica answers feedback for any request: an id it did not serve is looked up in
 the other replicas' journals (read incrementally), so a restarted replica (or one on
@@ -25,6 +28,7 @@ another node sharing the directory) still knows every request served before.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import json
@@ -47,6 +51,7 @@ REQUESTS_DIR = "requests"
 FEEDBACK_DIR = "feedback"
 CLAIMS_DIR = "claims"
 RECEIPT_KEY_FILE = "receipt.key"
+COMPACT_LOCK_FILE = ".compact.lock"
 
 # A served request's record (the journal's JSON keys), then the feedback's own columns.
 RECORD_FIELDS: dict[str, pa.DataType] = {
@@ -156,13 +161,17 @@ class FeedbackStore:
     """Records requests and turns feedback on them into durable Parquet parts."""
 
     def __init__(self, root: str | Path, writer_id: str, journal_max_bytes: int = 64 << 20,
-                 retention_days: float = 0.0) -> None:
+                 retention_days: float = 0.0, compact_parts: int = 0) -> None:
         self.root = Path(root)
         self._dir = self.root / FEEDBACK_DIR
         self._claims = self._dir / CLAIMS_DIR
         self._claims.mkdir(parents=True, exist_ok=True)
+        self._max_age_s = retention_days * 86400.0
         if retention_days > 0:
-            sweep(self.root, retention_days * 86400.0)
+            sweep(self.root, self._max_age_s)
+        self._compact_parts, self._written = compact_parts, 0
+        if compact_parts:
+            compact(self.root, self._max_age_s, min_parts=compact_parts)
         self.requests = RequestLog(self.root, writer_id, journal_max_bytes)
         self._receipt_key = receipt_key(self.root)
 
@@ -194,10 +203,16 @@ class FeedbackStore:
         row = {**record, "correct": correct, "reward": reward, "gold_label": gold_label,
                "feedback_source": source, "feedback_at_unix_s": time.time()}
         try:
-            _write_part(self._dir, [row])
+            _write_part(self._dir, pa.Table.from_pylist([row], schema=FEEDBACK_SCHEMA),
+                        request_id)
         except BaseException:
             claim.unlink(missing_ok=True)
             raise
+        self._written += 1
+        if self._compact_parts and self._written % self._compact_parts == 0:
+            # Off the request's path: merging many parts takes seconds.
+            threading.Thread(target=compact, args=(self.root, self._max_age_s),
+                             kwargs={"min_parts": self._compact_parts}, daemon=True).start()
         return row
 
 
@@ -237,9 +252,43 @@ def sweep(root: Path, max_age_s: float) -> int:
     return gone
 
 
-def _write_part(directory: Path, rows: list[dict[str, Any]]) -> Path:
-    table = pa.Table.from_pylist(rows, schema=FEEDBACK_SCHEMA)
-    final = directory / f"part-{time.time_ns()}-{os.getpid()}-{rows[0]['request_id']}.parquet"
+def compact(root: str | Path, max_age_s: float = 0.0, min_parts: int = 2) -> int:
+    """Merge the feedback parts into one: the latest answer per request, rows older than
+    `max_age_s` (0: none) dropped. Returns the parts merged; 0 when fewer than
+    `min_parts` exist or another process is compacting (a lock file, not waited for).
+    The merged part is in place before its sources go: a crash in between, or a reader
+    meanwhile, sees some rows twice, which `read_feedback` dedupes."""
+    directory = Path(root) / FEEDBACK_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / COMPACT_LOCK_FILE, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return 0
+        parts = sorted(directory.glob("part-*.parquet"))
+        if len(parts) < max(1, min_parts):
+            return 0
+        table = pa.concat_tables([_read_part(p) for p in parts])
+        keys = table.select(["request_id", "feedback_at_unix_s"]).to_pandas()
+        keep = _latest(keys)
+        if max_age_s > 0:
+            keep = keep[keep["feedback_at_unix_s"] >= time.time() - max_age_s]
+        if len(keep):
+            _write_part(directory, table.take(pa.array(sorted(keep.index))), "compacted")
+        for path in parts:
+            path.unlink(missing_ok=True)
+        return len(parts)
+
+
+def _latest(frame: pd.DataFrame) -> pd.DataFrame:
+    """The latest feedback row per request id (two replicas may both have accepted one
+    before the claims existed; a compaction's crash may leave a row twice)."""
+    return (frame.sort_values("feedback_at_unix_s", kind="stable")
+            .drop_duplicates("request_id", keep="last"))
+
+
+def _write_part(directory: Path, table: pa.Table, tag: str) -> Path:
+    final = directory / f"part-{time.time_ns()}-{os.getpid()}-{tag}.parquet"
     fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=".tmp", dir=directory)
     os.close(fd)
     try:
@@ -254,14 +303,19 @@ def _write_part(directory: Path, rows: list[dict[str, Any]]) -> Path:
 def read_feedback(root: str | Path, dedupe: bool = True) -> pd.DataFrame:
     """Every feedback row; with `dedupe`, the latest per request id (two replicas may
     both have accepted one before seeing the other's part)."""
-    parts = sorted((Path(root) / FEEDBACK_DIR).glob("part-*.parquet"))
-    if not parts:
+    for _ in range(10):
+        parts = sorted((Path(root) / FEEDBACK_DIR).glob("part-*.parquet"))
+        try:
+            tables = [_read_part(p) for p in parts]
+            break
+        except FileNotFoundError:
+            continue  # a compaction merged a listed part meanwhile: list again
+    else:
+        raise RuntimeError(f"{root}: feedback parts kept vanishing while being read")
+    if not tables:
         return FEEDBACK_SCHEMA.empty_table().to_pandas()
-    frame = pa.concat_tables([_read_part(p) for p in parts]).to_pandas()
-    if dedupe:
-        frame = (frame.sort_values("feedback_at_unix_s", kind="stable")
-                 .drop_duplicates("request_id", keep="last").reset_index(drop=True))
-    return frame
+    frame = pa.concat_tables(tables).to_pandas()
+    return _latest(frame).reset_index(drop=True) if dedupe else frame
 
 
 def _read_part(path: Path) -> pa.Table:

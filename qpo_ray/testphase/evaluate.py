@@ -123,7 +123,7 @@ def choose_single_on_dev(ctx: MethodContext, splits: Splits, score: ScoreFn,
     return best, scored, {"prompt_id": best.id, "dev_queries": len(splits.dev),
                           "dev_accuracy": {k.removeprefix("single:"): float(v)
                                            for k, v in accuracy.items()},
-                          "pairs_scored": usage["pairs_scored"]}
+                          **usage}
 
 
 def choose_on_dev(ctx: MethodContext, splits: Splits, score: ScoreFn,
@@ -275,6 +275,14 @@ def evaluate_run(cfg: Config, task: Task, splits: Splits, score: ScoreFn,
               f"{split} queries: {len(queries)}; target cost of {cost_of}: "
               f"{usage.get('calls', 0)} calls ({usage['pairs_scored']} distinct pairs), "
               f"{usage.get('engine_seconds', 0.0):.1f} engine-s"]
+    on_dev = [u for u in (selection if "calls" in selection else {},
+                          selection.get("mbr_calibration", {}),
+                          selection.get("best_single_dev", {})) if u.get("calls")]
+    if on_dev and not add:
+        header.append("target cost of the choices on dev (loop and decoding, mbr "
+                      f"calibration, best_single_dev): {sum(u['calls'] for u in on_dev)} "
+                      f"calls, {sum(u.get('engine_seconds', 0.0) for u in on_dev):.1f} "
+                      "engine-s")
     if ctx.single_on_dev is not None:
         dev_acc = selection["best_single_dev"]["dev_accuracy"][ctx.single_on_dev.id]
         header.append(f"best_single_dev = {ctx.single_on_dev.id} ({100 * dev_acc:.1f}% on "

@@ -241,6 +241,8 @@ def _ablation(name: str) -> Callable[[MethodContext, list[Example]], dict]:
 
 # The methods that train a policy of their own (train_method_policies).
 ABLATIONS = ("sft", "qpo_no_mla")
+# Reference rows that predict the label themselves: no prompt, no target call.
+NO_TARGET_CALL = ("majority", "probe")
 
 METHODS: dict[str, Callable[[MethodContext, list[Example]],
                              dict[str, list[PromptTuple] | Predicted]]] = {

@@ -90,6 +90,11 @@ def test_check_prints_the_cpu_demo_plan(capsys):
     # 35 builtin prompts x 32 shared queries + 8 wide prompts x 300 queries
     assert "step0         3,520" in out and "augment_1        96" in out
     assert "train_1           0            0      100" in out
+    # test: mbr calibration 8 x 200 dev, 2 loops x 2 decodings x 200 dev, best_single_dev
+    # 35 x 200 dev, 5 methods that call the target x 200 test (probe, majority do not).
+    test_row = next(line for line in out.splitlines() if line.startswith("test "))
+    assert test_row.split()[1] == "10,400"
+    assert float(test_row.split()[-1].replace(",", "")) > 0  # engine-s from this machine
 
 
 def test_init_skeleton_and_a_1000_row_task_pass_check_with_no_size_tuning(tmp_path, capsys):

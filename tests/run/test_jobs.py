@@ -147,8 +147,10 @@ def test_augment_round_job_on_a_ray_head(ray_head, shared_data, tiny_model_dir, 
     assert merged_scale == scale
     assert len(rows) == 6 and (rows["loop"] == 1).all()
     assert all(len(ids) == 1 and len(ids[0]) == 1 for ids in rows["demo_ids"])
-    kept = rows[rows["reward"] >= 66.7]
+    # Empty prompts are scored but never merged (the next training set refuses them).
+    kept = rows[(rows["reward"] >= 66.7) & rows["prompt"].str.strip().ne("")]
     assert len(merged) == len(frame) + len(kept)
+    assert merged["prompt"].str.strip().ne("").all()
 
 
 def test_serve_deploy_of_the_repository_config(ray_head, tiny_model_dir, tmp_path):

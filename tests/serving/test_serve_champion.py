@@ -216,3 +216,7 @@ def test_registered_version_loads_and_predicts_with_mlflow_pyfunc(cfg, tracker,
     mbr = model.predict(pd.DataFrame({"query": QUERIES}),
                         params={"decoding": "mbr", "mbr_temperature": MBR_TEMPERATURE})
     assert list(mbr) == test_phase_prompts["mbr"]
+    # A dict of lists reaches the model as one row holding the list: refused, not
+    # answered with one prompt for the list's text.
+    with pytest.raises(Exception, match="query: row 0 is"):
+        model.predict({"query": QUERIES})

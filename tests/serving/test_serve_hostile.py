@@ -28,6 +28,9 @@ def cfg(tmp_path_factory, tiny_model_dir, tiny_policy, free_port):
         f"serve.port={free_port}", "serve.num_cpus_per_replica=0.25",
         "evaluation.num_cpus_per_actor=0.25", "serve.body_read_timeout_s=2",
         "serve.auth_token_env=QPO_SERVE_HOSTILE_TEST_UNSET",
+        # Live limits, per client (here the caller's address): generous enough for the
+        # other tests' 127.0.0.1 traffic, spent on purpose from 127.0.0.2 / 127.0.0.3.
+        "serve.rate_limit_per_s=2", "serve.rate_limit_burst=12", "serve.answer_budget=20",
     ])
 
 
@@ -253,3 +256,91 @@ def test_journals_rotate_and_retention_sweeps_old_files(tmp_path):
     assert swept.requests.lookup(ids[-1])["request_id"] == ids[-1]
     other.requests._scan()  # a running replica forgets the swept file's ids too
     assert not any(v[0] == journals[0] for v in other.requests._index.values())
+
+
+def _from(server, address: str) -> httpx.Client:
+    """A client whose requests come from another loopback address: another client to
+    the limits (no token configured, so a client is its address)."""
+    return httpx.Client(base_url=str(server.base_url), timeout=300,
+                        transport=httpx.HTTPTransport(local_address=address))
+
+
+def test_rate_limit_is_a_live_429_for_that_client_only(server):
+    with _from(server, "127.0.0.2") as greedy:
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(lambda _: greedy.post("/v1/prompt", json={"query": ""}),
+                                  range(30)))
+    # Over the burst of 12 (plus what 2/s refills meanwhile): refused before any work,
+    # with a Retry-After; the requests let through reach validation (422, empty query).
+    refused = [r for r in codes if r.status_code == 429]
+    assert len(refused) >= 10, [r.status_code for r in codes]
+    assert {r.status_code for r in codes} <= {422, 429}
+    assert int(refused[0].headers["retry-after"]) >= 1
+    assert "serve.rate_limit_per_s" in refused[0].json()["reason"]
+    assert server.post("/v1/prompt", json=GOOD).status_code == 200  # another client
+
+
+def test_answer_budget_is_a_live_429_for_that_client_only(server):
+    time.sleep(1.0)  # the rate bucket of 127.0.0.3 is full; 2/s refills it as we go
+    codes = []
+    with _from(server, "127.0.0.3") as spender:
+        for _ in range(21):
+            # An empty query: each call spends the budget (it is checked first) without
+            # a target call, so the 21st meets a spent budget cheaply.
+            codes.append(spender.post("/v1/answer", json={"query": ""}))
+            time.sleep(0.5)
+        after = spender.post("/v1/answer", json=GOOD)
+        prompt = spender.post("/v1/prompt", json=GOOD)
+    assert [r.status_code for r in codes[:20]] == [422] * 20
+    assert codes[20].status_code == 429 and after.status_code == 429
+    assert "serve.answer_budget" in after.json()["reason"]
+    assert prompt.status_code == 200  # the budget is for the target's calls only
+    assert server.post("/v1/answer", json=GOOD).status_code == 200  # another client
+
+
+def test_feedback_parts_compact_into_one_keeping_every_answer(tmp_path):
+    import os
+
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from qpo_ray.serving.feedback import (FEEDBACK_DIR, DuplicateFeedback, FeedbackStore,
+                                          compact, read_feedback)
+
+    def parts():
+        return sorted((tmp_path / FEEDBACK_DIR).glob("part-*.parquet"))
+
+    store = FeedbackStore(tmp_path, "r1", compact_parts=0)
+    ids = [f"{i:032x}" for i in range(12)]
+    for i, rid in enumerate(ids):
+        store.record({"request_id": rid, "query": f"q{i}", "prompt": "p"})
+        store.add(rid, i % 2 == 0, float(i), None, "client")
+    before = read_feedback(tmp_path)
+    assert len(parts()) == 12
+    # A leftover of an interrupted compaction (a row twice) is merged away too.
+    os.link(parts()[0], tmp_path / FEEDBACK_DIR / "part-0-0-copy.parquet")
+    assert compact(tmp_path, min_parts=2) == 13 and len(parts()) == 1
+    after = read_feedback(tmp_path, dedupe=False)
+    pd.testing.assert_frame_equal(after.sort_values("request_id").reset_index(drop=True),
+                                  before.sort_values("request_id").reset_index(drop=True))
+    with pytest.raises(DuplicateFeedback):
+        store.add(ids[0], True, None, None, "client")  # the claims outlive compaction
+
+    # A row past the retention (its outcome given 3 days ago) goes at the next
+    # compaction, which a replica starting with a threshold runs; the rest stay.
+    store.record({"request_id": "f" * 32, "query": "old", "prompt": "p"})
+    store.add("f" * 32, True, None, None, "client")
+    newest = max(parts(), key=lambda p: p.stat().st_mtime_ns)
+    table = pq.read_table(newest).to_pandas()
+    table["feedback_at_unix_s"] -= 3 * 86400
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), newest)
+    FeedbackStore(tmp_path, "r2", retention_days=1, compact_parts=2)
+    assert len(parts()) == 1
+    assert sorted(read_feedback(tmp_path)["request_id"]) == ids
+
+
+@pytest.mark.parametrize("value", ["1", "-1"])
+def test_compaction_threshold_is_checked_at_load(value):
+    with pytest.raises(ConfigError, match=r"serve\.feedback_compact_parts"):
+        load_config("cpu-demo", [f"serve.feedback_compact_parts={value}"])

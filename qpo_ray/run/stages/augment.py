@@ -24,6 +24,7 @@ from qpo_ray.run.stage_logging import flatten_numbers, log_training_set
 from qpo_ray.common.progress import progress_callback
 from qpo_ray.prompts import prompt_id
 from qpo_ray.common.atomic import write_json_atomic
+from qpo_ray.common.console import log as console
 from qpo_ray.common.layout import read_json, sidecar
 from qpo_ray.run.pipeline import Stage, StageOutputs, plan
 from qpo_ray.run.stages.context import RunContext
@@ -72,13 +73,20 @@ def augment_round(ctx: RunContext, policy_dir: str | Path, dataset_path: str | P
     rows, _ = compute_rewards(scored, cfg.dataset.zero_shot_penalty,
                               few_shot=cfg.task.num_shots > 0, scale=scale, r_task=r_task,
                               answer=cfg.dataset.query_reward)
-    kept = rows[rows["reward"] >= 100.0 * cfg.dataset.expert_fraction]
+    # An empty prompt is scored and kept in the round's rows (it is what the policy
+    # wrote), but never merged: the next training set refuses prompts it cannot learn.
+    empty = rows["prompt"].str.strip().eq("")
+    if empty.any():
+        console.info(f"augment_{round_index}: {int(empty.sum())} of {len(rows)} sampled "
+                     "prompts were empty; scored, but left out of the training set")
+    kept = rows[(rows["reward"] >= 100.0 * cfg.dataset.expert_fraction) & ~empty]
     merged = pd.concat([previous, kept], ignore_index=True)
     write_dataset(rows, sidecar(out, ".rows.parquet"), scale)
     write_dataset(merged, out, scale)
     write_json_atomic(sidecar(out, ".round.json"), {
         "round": round_index, "seed": seed, "r_task": r_task, "usage": usage,
         "rows_generated": len(rows), "rows_added": len(kept),
+        "empty_prompts": int(empty.sum()),
         "accept_rate": len(kept) / max(1, len(rows)),
         "distinct_generated_prompts": int(rows["prompt"].nunique()),
     })
