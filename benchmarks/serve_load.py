@@ -18,7 +18,7 @@ serve.body_read_timeout_s).
 Reported: sustained req/s (the last stage whose p99 <= 2 x the stage-1 p99), 5xx
 count (must be 0 outside the kill), wrong answers to hostile requests (must be 0),
 wrong prompts among a sample of valid answers (recomputed in-process for the version
-the response names), requests lost across the replica kill (a client retries a failed
+the response names, in one batch and, where that differs, alone: wrong = neither), requests lost across the replica kill (a client retries a failed
 request up to 3 times within 10 s; lost = never served). Exit status 1 on a miss.
 """
 
@@ -293,7 +293,11 @@ def main() -> int:
           f"{sum(w[1] for w in wrong)}); "
           f"unknown versions: {len(unknown_version)}")
     print(f"events: {events}; load average at start {load_avg}, at end {os.getloadavg()}")
-    ok = (not fivexx and not hostile_wrong and not load.lost and not wrong
+    # A prompt equal to the policy's for its query computed alone is right: batched
+    # greedy decoding can flip a near-tie (padding changes the float sums); a mixed-up
+    # batch item or version matches neither recompute.
+    really_wrong = [w for w in wrong if not w[1]]
+    ok = (not fivexx and not hostile_wrong and not load.lost and not really_wrong
           and not unknown_version and len(versions) == 2)
     print("targets met" if ok else "TARGETS MISSED")
     if hostile_wrong[:8]:
