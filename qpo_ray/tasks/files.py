@@ -116,6 +116,9 @@ def find_file(data_dir: str | Path, names: Sequence[str]) -> Path | None:
     return None
 
 
+_CARVED: set[str] = set()
+
+
 def carve(examples: Sequence[T], split: str, source: str,
           test_fraction: float = CARVE_TEST_FRACTION, warn: bool = True) -> list[T]:
     """The `split` ("train" or "test") part of a seeded split of a single labelled file.
@@ -127,9 +130,11 @@ def carve(examples: Sequence[T], split: str, source: str,
     order = list(range(len(examples)))
     random.Random(CARVE_SEED).shuffle(order)
     n_test = max(1, int(round(test_fraction * len(examples))))
-    log = logger.warning if warn else logger.info
-    log("%s is the only labelled split found: carving a seeded %d/%d train/test split "
-        "from it (seed %d)", source, len(examples) - n_test, n_test, CARVE_SEED)
+    if source not in _CARVED:  # said once a process: a run loads its splits several times
+        _CARVED.add(source)
+        log = logger.warning if warn else logger.info
+        log("%s is the only labelled split found: carving a seeded %d/%d train/test split "
+            "from it (seed %d)", source, len(examples) - n_test, n_test, CARVE_SEED)
     picked = order[:n_test] if split == "test" else order[n_test:]
     return [examples[i] for i in sorted(picked)]
 
