@@ -145,6 +145,12 @@ class EvaluationConfig(Section):
     # to the nodes started with them (`ray start --resources`).
     resources: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def engines_on_gpu(self) -> bool:
+        """Whether the target's engines are placed on GPUs: the one test of it that the
+        plan, the scoring pool and the run log share."""
+        return self.num_gpus_per_actor > 0
+
     def validate(self) -> None:
         require_all([
             (self.batch_size_pairs >= 1, "evaluation.batch_size_pairs must be >= 1"),

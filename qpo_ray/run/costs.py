@@ -74,13 +74,17 @@ def _tokens_per_pair(cfg: Config, task, splits, pairs) -> Optional[float]:
     return sum(map(len, ids)) / max(1, len(ids))
 
 
+def _engine_key(cfg: Config) -> tuple[str, str]:
+    """(backend, "gpu" or "cpu"): what PREFILL_SHARE and WARMUP_S are fitted per."""
+    return cfg.target.backend, "gpu" if cfg.evaluation.engines_on_gpu else "cpu"
+
+
 def seconds_per_token(cfg: Config) -> Optional[float]:
     """Engine-seconds per prompt token of the target on this machine (None: an engine
     with no fitted share), from a one-second matmul probe with one actor's threads."""
     from qpo_ray.backends.speed import flop_per_token, matmul_gflops
 
-    device = "gpu" if cfg.evaluation.num_gpus_per_actor > 0 else "cpu"
-    key = (cfg.target.backend, device)
+    key = _engine_key(cfg)
     if key not in PREFILL_SHARE:
         return None
     threads = max(1, math.ceil(cfg.evaluation.num_cpus_per_actor))
@@ -93,7 +97,7 @@ def _engine_s(cfg: Config, tokens: int, scoring_calls: int,
               per_token: Optional[float]) -> Optional[float]:
     if per_token is None or tokens <= 0:
         return None
-    key = (cfg.target.backend, "gpu" if cfg.evaluation.num_gpus_per_actor > 0 else "cpu")
+    key = _engine_key(cfg)
     actors = cfg.evaluation.num_actors or 1
     return tokens * per_token + WARMUP_S[key] * actors * min(1, scoring_calls)
 

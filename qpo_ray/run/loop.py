@@ -99,9 +99,8 @@ def _say_precisions(cfg: Config) -> None:
     from qpo_ray.common.device import dtype_note  # torch loads when a run starts, not with `qpo`
 
     if cfg.target.backend != "openai":
-        on_gpu = cfg.evaluation.num_gpus_per_actor > 0
         log.info(f"target {cfg.target.model} on {cfg.target.backend} in "
-                 f"{dtype_note(cfg.target.dtype, on_gpu)}")
+                 f"{dtype_note(cfg.target.dtype, cfg.evaluation.engines_on_gpu)}")
     tcfg = cfg.training
     float32 = tcfg.mixed_precision == "no" or (tcfg.strategy == "deepspeed" and not tcfg.use_gpu)
     log.info("policy training in " + ("float32" if float32 else

@@ -147,7 +147,7 @@ def default_num_actors(ev: EvaluationConfig) -> int:
     if ev.num_actors > 0:
         return ev.num_actors
     gpus = ray.cluster_resources().get("GPU", 0.0)
-    if ev.num_gpus_per_actor > 0 and gpus > 0:
+    if ev.engines_on_gpu and gpus > 0:
         return max(1, int(gpus // ev.num_gpus_per_actor))
     return 1
 
@@ -173,7 +173,7 @@ def actor_memory_bytes(target: TargetConfig, ev: EvaluationConfig, num_actors: i
         path = Path(resolve_model(target.model)) if target.backend != "openai" else None
         if path is not None and path.is_dir():
             wanted += sum(f.stat().st_size for f in path.glob("*.safetensors"))
-        if target.backend == "vllm" and ev.num_gpus_per_actor == 0:
+        if target.backend == "vllm" and not ev.engines_on_gpu:
             wanted += target.cpu_kvcache_space_gib * 2**30
     available = ray.cluster_resources().get("memory", 0.0)
     return int(min(wanted, available / max(1, num_actors))) if available else wanted

@@ -97,6 +97,16 @@ def test_check_prints_the_cpu_demo_plan(capsys):
     assert float(test_row.split()[-1].replace(",", "")) > 0  # engine-s from this machine
 
 
+def test_check_guesses_no_engine_seconds_for_an_engine_it_has_no_fit_for(capsys):
+    # The share of the matmul probe is fitted for vLLM-CPU only: engines placed on GPUs
+    # get pairs and tokens counted, and "-" rather than a CPU-fitted guess.
+    assert main(["check", "--profile", "cpu-demo",
+                 "--set", "evaluation.num_gpus_per_actor=1"]) == 0
+    out = capsys.readouterr().out
+    test_row = next(line for line in out.splitlines() if line.startswith("test "))
+    assert test_row.split()[1] == "10,400" and test_row.split()[-1] == "-"
+
+
 def test_init_skeleton_and_a_1000_row_task_pass_check_with_no_size_tuning(tmp_path, capsys):
     """A bring-your-own task of 1,000 labelled rows and 10 prompts, `extends: cpu-demo`:
     `qpo init`'s files with the data replaced, nothing else changed."""
