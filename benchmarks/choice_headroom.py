@@ -1,0 +1,126 @@
+"""How much can a per-query choice among Step 0's wide prompts gain on a task, and which
+way of learning it from the query gains most? Asked of a finished run's collection data
+alone (no dev or test query): Step 0's wide queries, each scored with the same prompts.
+
+    .venv/bin/python benchmarks/choice_headroom.py runs/effectiveness/ag_news/seed0
+
+5-fold cross-validation over those queries; each row is the mean target accuracy of the
+prompts a rule picks for the held-out queries:
+- fixed: the prompt most accurate on the training folds (best_single's rule);
+- best_clf: multinomial logistic regression from the query summary's features (the
+  policy's layers, PCA-whitened to its dims) to each query's best prompt by r_query:
+  what the policy's summary part learns, with its greedy choice;
+- best_clf_mbr: the same belief, decoded by mbr (qpo_ray/policy/mbr.py) at T = 1;
+- soft_clf: the same classifier trained on every prompt the target got right (a row
+  each), so it learns P(correct) rather than the single best;
+- ridge@depth: the router's rule (qpo_ray/testphase/selectors.py) restricted to these
+  prompts: ridge from the router's embedding at each depth to each prompt's correctness;
+- oracle: each query's best prompt, the ceiling of any choice among them.
+Why a benchmark of its own: a per-query method can only gain what these rows leave
+between `fixed` and `oracle`, and it tells which reading of the query carries it before
+a long run is spent (docs/experiments.md: "Where a per-query choice can gain").
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+RIDGE_ALPHA = 0.1  # the router's most frequent cross-validated strength on these tasks
+LOGISTIC_C = 0.1
+
+
+def wide_matrices(run: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(query texts, correct (N, C), r_query (N, C)) over the Step-0 queries every wide
+    prompt was scored on (the prompts scored on the most queries, as mbr's table)."""
+    step0 = pd.read_parquet(run / "dataset_loop0.parquet")
+    step0 = step0[step0["loop"] == 0]
+    counts = step0.groupby("prompt")["query_id"].nunique()
+    prompts = sorted(counts[counts >= 0.9 * counts.max()].index)
+    rows = step0[step0["prompt"].isin(prompts)]
+    complete = rows.groupby("query_id")["prompt"].nunique() == len(prompts)
+    rows = rows[rows["query_id"].isin(complete[complete].index)]
+
+    def table(column: str) -> pd.DataFrame:
+        return rows.pivot_table(index="query_id", columns="prompt", values=column,
+                                aggfunc="first")[prompts]
+    correct = table("correct")
+    texts = rows.drop_duplicates("query_id").set_index("query_id").loc[correct.index, "query"]
+    return texts.tolist(), correct.to_numpy(float), table("r_query").to_numpy(float)
+
+
+def logistic_beliefs(x: np.ndarray, y: np.ndarray, x_out: np.ndarray, classes: int,
+                     weights: np.ndarray | None = None) -> np.ndarray:
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(C=LOGISTIC_C, max_iter=3000).fit(x, y, sample_weight=weights)
+    beliefs = np.zeros((len(x_out), classes))
+    beliefs[:, model.classes_] = model.predict_proba(x_out)
+    return beliefs
+
+
+def main() -> None:
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import KFold
+
+    from qpo_ray.testphase.references import summary_features
+    from qpo_ray.testphase.selectors import PROBE_DEPTHS, embed_texts
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="a finished run directory (its config.yaml "
+                        "and dataset_loop0.parquet)")
+    args = parser.parse_args()
+    cfg = yaml.safe_load((args.run / "config.yaml").read_text())
+    policy, seed = cfg["policy"], int(cfg.get("seed", 0))
+    summary = policy["query_summary"]
+    texts, correct, r_query = wide_matrices(args.run)
+    n, c = correct.shape
+    best = r_query.argmax(axis=1)
+    feats = summary_features(policy["backbone"], summary["layers"],
+                             policy["max_query_tokens"], texts)
+    router = embed_texts(cfg["target"]["model"], texts, PROBE_DEPTHS)
+    scores: dict[str, list[float]] = {}
+
+    def add(name: str, picks: np.ndarray, held: np.ndarray) -> None:
+        scores.setdefault(name, []).append(float(correct[held, picks].mean()))
+
+    for train, held in KFold(5, shuffle=True, random_state=seed).split(correct):
+        add("fixed", np.full(len(held), correct[train].mean(axis=0).argmax()), held)
+        pca = PCA(min(summary["dims"], len(train) - 1), whiten=True,
+                  random_state=seed).fit(feats[train])
+        x, x_held = pca.transform(feats[train]), pca.transform(feats[held])
+        belief = logistic_beliefs(x, best[train], x_held, c)
+        add("best_clf", belief.argmax(axis=1), held)
+        utility = np.stack([correct[train][best[train] == j].mean(axis=0)
+                            if (best[train] == j).any() else correct[train].mean(axis=0)
+                            for j in range(c)], axis=1)
+        add("best_clf_mbr", (belief @ utility.T).argmax(axis=1), held)
+        # One row per (query, prompt the target got right); the best one where none was.
+        pairs = [(i, j) for i, q in enumerate(train)
+                 for j in (np.flatnonzero(correct[q] > 0) if correct[q].any() else [best[q]])]
+        rows, labels = map(np.array, zip(*pairs))
+        add("soft_clf", logistic_beliefs(x[rows], labels, x_held, c).argmax(axis=1), held)
+        for d, depth in enumerate(PROBE_DEPTHS):
+            fitted = Ridge(RIDGE_ALPHA).fit(router[d][train], correct[train])
+            add(f"ridge@{depth:.2f}", fitted.predict(router[d][held]).argmax(axis=1), held)
+        add("oracle", correct[held].argmax(axis=1), held)
+
+    print(f"{args.run}: {n} wide queries x {c} prompts, 5-fold CV on the collection; "
+          f"summary: first {summary['layers']} layers, {summary['dims']} dims")
+    fixed = np.mean(scores["fixed"])
+    for name, values in scores.items():
+        mean = 100 * np.mean(values)
+        print(f"  {name:<14} {mean:5.1f}  ({100 * (np.mean(values) - fixed):+5.1f} over fixed)")
+
+
+if __name__ == "__main__":
+    main()
