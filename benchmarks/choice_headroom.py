@@ -13,8 +13,9 @@ prompts a rule picks for the held-out queries:
 - best_clf_mbr: the same belief, decoded by mbr (qpo_ray/policy/mbr.py) at T = 1;
 - soft_clf: the same classifier trained on every prompt the target got right (a row
   each), so it learns P(correct) rather than the single best;
-- ridge@depth: the router's rule (qpo_ray/testphase/selectors.py) restricted to these
-  prompts: ridge from the router's embedding at each depth to each prompt's correctness;
+- router: the router baseline (qpo_ray/testphase/selectors.py: ridge from the target's
+  embedding to each prompt's reward, depth and strength by its own inner CV) fitted on
+  the training folds' rows of these prompts;
 - oracle: each query's best prompt, the ceiling of any choice among them.
 Why a benchmark of its own: a per-query method can only gain what these rows leave
 between `fixed` and `oracle`, and it tells which reading of the query carries it before
@@ -34,27 +35,27 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-RIDGE_ALPHA = 0.1  # the router's most frequent cross-validated strength on these tasks
 LOGISTIC_C = 0.1
 
 
-def wide_matrices(run: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(query texts, correct (N, C), r_query (N, C)) over the Step-0 queries every wide
-    prompt was scored on (the prompts scored on the most queries, as mbr's table)."""
+def wide_matrices(run: Path) -> tuple[pd.DataFrame, list[str], np.ndarray, np.ndarray]:
+    """(their Step-0 rows, query texts, correct (N, C), r_query (N, C)) over the Step-0
+    queries every wide prompt was scored on (the prompts scored on the most queries, as
+    mbr's table; columns in prompt-id order)."""
     step0 = pd.read_parquet(run / "dataset_loop0.parquet")
     step0 = step0[step0["loop"] == 0]
-    counts = step0.groupby("prompt")["query_id"].nunique()
+    counts = step0.groupby("prompt_id")["query_id"].nunique()
     prompts = sorted(counts[counts >= 0.9 * counts.max()].index)
-    rows = step0[step0["prompt"].isin(prompts)]
-    complete = rows.groupby("query_id")["prompt"].nunique() == len(prompts)
+    rows = step0[step0["prompt_id"].isin(prompts)]
+    complete = rows.groupby("query_id")["prompt_id"].nunique() == len(prompts)
     rows = rows[rows["query_id"].isin(complete[complete].index)]
 
     def table(column: str) -> pd.DataFrame:
-        return rows.pivot_table(index="query_id", columns="prompt", values=column,
+        return rows.pivot_table(index="query_id", columns="prompt_id", values=column,
                                 aggfunc="first")[prompts]
     correct = table("correct")
     texts = rows.drop_duplicates("query_id").set_index("query_id").loc[correct.index, "query"]
-    return texts.tolist(), correct.to_numpy(float), table("r_query").to_numpy(float)
+    return rows, texts.tolist(), correct.to_numpy(float), table("r_query").to_numpy(float)
 
 
 def logistic_beliefs(x: np.ndarray, y: np.ndarray, x_out: np.ndarray, classes: int,
@@ -69,11 +70,10 @@ def logistic_beliefs(x: np.ndarray, y: np.ndarray, x_out: np.ndarray, classes: i
 
 def main() -> None:
     from sklearn.decomposition import PCA
-    from sklearn.linear_model import Ridge
     from sklearn.model_selection import KFold
 
     from qpo_ray.testphase.references import summary_features
-    from qpo_ray.testphase.selectors import PROBE_DEPTHS, embed_texts
+    from qpo_ray.testphase.selectors import fit_router
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a finished run directory (its config.yaml "
@@ -82,13 +82,14 @@ def main() -> None:
     cfg = yaml.safe_load((args.run / "config.yaml").read_text())
     policy, seed = cfg["policy"], int(cfg.get("seed", 0))
     summary = policy["query_summary"]
-    texts, correct, r_query = wide_matrices(args.run)
+    rows, texts, correct, r_query = wide_matrices(args.run)
     n, c = correct.shape
     best = r_query.argmax(axis=1)
     feats = summary_features(policy["backbone"], summary["layers"],
                              policy["max_query_tokens"], texts)
-    router = embed_texts(cfg["target"]["model"], texts, PROBE_DEPTHS)
+    prompt_ids = sorted(rows["prompt_id"].unique())
     scores: dict[str, list[float]] = {}
+    depths: list[str] = []  # where the router read the query, per fold
 
     def add(name: str, picks: np.ndarray, held: np.ndarray) -> None:
         scores.setdefault(name, []).append(float(correct[held, picks].mean()))
@@ -107,15 +108,18 @@ def main() -> None:
         # One row per (query, prompt the target got right); the best one where none was.
         pairs = [(i, j) for i, q in enumerate(train)
                  for j in (np.flatnonzero(correct[q] > 0) if correct[q].any() else [best[q]])]
-        rows, labels = map(np.array, zip(*pairs))
-        add("soft_clf", logistic_beliefs(x[rows], labels, x_held, c).argmax(axis=1), held)
-        for d, depth in enumerate(PROBE_DEPTHS):
-            fitted = Ridge(RIDGE_ALPHA).fit(router[d][train], correct[train])
-            add(f"ridge@{depth:.2f}", fitted.predict(router[d][held]).argmax(axis=1), held)
+        at, labels = map(np.array, zip(*pairs))
+        add("soft_clf", logistic_beliefs(x[at], labels, x_held, c).argmax(axis=1), held)
+        router = fit_router(rows[rows["query"].isin({texts[i] for i in train})],
+                            cfg["target"]["model"], seed=seed)
+        picks = router.choose([texts[i] for i in held])
+        add("router", np.array([prompt_ids.index(p) for p in picks]), held)
+        depths.append(f"{router.depth:.2f}")
         add("oracle", correct[held].argmax(axis=1), held)
 
     print(f"{args.run}: {n} wide queries x {c} prompts, 5-fold CV on the collection; "
-          f"summary: first {summary['layers']} layers, {summary['dims']} dims")
+          f"summary: first {summary['layers']} layers, {summary['dims']} dims; router depth "
+          f"per fold {', '.join(depths)}")
     fixed = np.mean(scores["fixed"])
     for name, values in scores.items():
         mean = 100 * np.mean(values)
