@@ -204,16 +204,26 @@ def run_seed(seed: int, workdir: Path, profile: Path, overrides: list[str]) -> f
     return seconds
 
 
-def load_predictions(workdir: Path, tasks: list[str], seeds: list[int]) -> pd.DataFrame:
-    """Every (task, seed)'s prediction rows (test and dev), with task and seed columns."""
-    frames = []
+def load_predictions(workdir: Path, tasks: list[str], seeds: list[int],
+                     finished_only: bool = False) -> pd.DataFrame:
+    """Every (task, seed)'s prediction rows (test and dev), with task and seed columns.
+    finished_only (--report-only): a (task, seed) with no report yet is named and left
+    out, so a summary can be read while seeds are still running."""
+    frames, missing = [], []
     for task in tasks:
         for seed in seeds:
             path = workdir / task / f"seed{seed}" / "report" / "predictions.parquet"
-            if not path.exists():
-                raise SystemExit(f"{task} seed {seed}: no {path}; run it first "
-                                 "(without --report-only)")
-            frames.append(pd.read_parquet(path).assign(task=task, seed=seed))
+            if path.exists():
+                frames.append(pd.read_parquet(path).assign(task=task, seed=seed))
+            elif finished_only:
+                missing.append(f"{task} seed {seed}")
+            else:
+                raise SystemExit(f"{task} seed {seed}: no {path}; the run did not finish")
+    if missing:
+        print(f"\nnot finished, left out of everything below: {', '.join(missing)}")
+    if not frames:
+        raise SystemExit("no finished (task, seed) to summarise: run them first "
+                         "(without --report-only)")
     return pd.concat(frames, ignore_index=True)
 
 
@@ -253,7 +263,7 @@ def main() -> int:
                                     for y in range(len(words[name]))}
             if not args.report_only:
                 run_seed(seed, args.workdir / name, args.profile, overrides)
-    every = load_predictions(args.workdir, names, args.seeds)
+    every = load_predictions(args.workdir, names, args.seeds, finished_only=args.report_only)
     pred = every[(every["split"] == "test") & (every["shots"] == 0)]
     print("\ntest queries per task and seed: "
           f"{pred.groupby(['task', 'seed'])['query_id'].nunique().to_dict()}")

@@ -100,3 +100,25 @@ def test_benchmark_tasks_are_built_in_names_or_spec_files(tmp_path):
         bench.task_arg("imbd", data)
     with pytest.raises(SystemExit, match="no such task spec file"):
         bench.task_arg(str(tmp_path / "missing.yaml"), data)
+
+
+def test_report_only_summarises_the_finished_seeds_and_names_the_others(tmp_path, capsys):
+    """--report-only reads what has finished while other seeds still run; a full run
+    never summarises a seed that has no report."""
+    import pandas as pd
+    import pytest
+
+    bench = _bench("effectiveness")
+    report = tmp_path / "ag_news" / "seed0" / "report"
+    report.mkdir(parents=True)
+    pd.DataFrame({"method": ["qpo"], "query_id": ["q1"]}).to_parquet(
+        report / "predictions.parquet")
+    rows = bench.load_predictions(tmp_path, ["ag_news", "tweet_emotion"], [0, 1],
+                                  finished_only=True)
+    assert rows[["task", "seed"]].drop_duplicates().values.tolist() == [["ag_news", 0]]
+    assert ("left out of everything below: ag_news seed 1, tweet_emotion seed 0, "
+            "tweet_emotion seed 1") in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="ag_news seed 1"):
+        bench.load_predictions(tmp_path, ["ag_news"], [0, 1])
+    with pytest.raises(SystemExit, match="no finished"):
+        bench.load_predictions(tmp_path, ["tweet_emotion"], [0], finished_only=True)
