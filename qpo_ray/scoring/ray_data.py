@@ -57,11 +57,8 @@ _ENGINE = "_engine"  # which engine actor a block is dealt to
 class _ScoringActor:
     """One engine per Ray actor; `score` is called on each block of pairs dealt to it."""
 
-    def __init__(self, target_config, shared: dict[str, Any], max_new_tokens: int,
-                 crash_once: str | None, kill_driver: int | None = None,
-                 cpu_threads: int = 1) -> None:
-        import ray
-
+    def __init__(self, target_config, max_new_tokens: int, crash_once: str | None,
+                 kill_driver: int | None = None, cpu_threads: int = 1) -> None:
         from qpo_ray.common import device as devices
 
         started = time.perf_counter()
@@ -69,10 +66,11 @@ class _ScoringActor:
             # the configured CPUs per actor, not what Ray derives from the (possibly
             # smaller) reservation: see engine_cpus
             devices.configure_cpu_threads(cpu_threads)
-        # refs inside a dict are not resolved by Ray: the task and demo pool are fetched
-        # once per actor from the object store
-        self.task = ray.get(shared["task"])
-        self.demo_lookup = ray.get(shared["demos"])
+        # The task and demo pool come with the first batch (`score`), not as constructor
+        # arguments: Ray 2.60 logs an error for a restartable actor whose constructor
+        # holds object-store refs (ray-project/ray#53727), and a restarted actor would
+        # need those refs alive; fetched on first use, a restart simply fetches again.
+        self.task, self.demo_lookup = None, {}
         self.max_new_tokens = max_new_tokens
         self.crash_once = crash_once
         self.kill_driver = kill_driver  # qpo_ray.common.faults: the resume test's "<stage>:score"
@@ -88,7 +86,16 @@ class _ScoringActor:
                 fh.write(str(os.getpid()))
             os._exit(1)
 
-    def score(self, batch: pd.DataFrame) -> pd.DataFrame:
+    def score(self, batch: pd.DataFrame, shared: dict[str, Any]) -> pd.DataFrame:
+        """Scores `batch`; `shared` holds the refs of the task and demo pool (refs in a
+        dict are not resolved by Ray: fetched here once per actor)."""
+        import ray
+
+        if self.task is None:
+            started = time.perf_counter()
+            self.task = ray.get(shared["task"])
+            self.demo_lookup = ray.get(shared["demos"])
+            self.start_seconds += time.perf_counter() - started
         self._maybe_crash(batch)
         before = Usage().add(self.backend.usage)
         scored = score_batch(self.task, self.backend, batch, self.demo_lookup,
@@ -105,13 +112,13 @@ class _ScoringActor:
         return scored
 
 
-def _forward(batch: pd.DataFrame, engines: list) -> pd.DataFrame:
+def _forward(batch: pd.DataFrame, engines: list, shared: dict[str, Any]) -> pd.DataFrame:
     """A Ray Data task: its block to the engine actor the block was dealt to, and back.
     It holds no CPU; the engine does the work."""
     import ray
 
     engine = engines[int(batch[_ENGINE].iloc[0])]
-    return ray.get(engine.score.remote(batch.drop(columns=[_ENGINE])))
+    return ray.get(engine.score.remote(batch.drop(columns=[_ENGINE]), shared))
 
 
 def engine_cpus(per_engine: float, num_engines: int, cluster_cpus: float) -> float:
@@ -285,8 +292,7 @@ class RayDataScorer(PairScorer):
             max_restarts=-1, max_task_retries=ev.max_task_retries)
         while len(self._engines) < wanted:
             self._engines.append(engine.remote(
-                target_config=self.target, shared=self._shared,
-                max_new_tokens=self.target.max_new_tokens,
+                target_config=self.target, max_new_tokens=self.target.max_new_tokens,
                 crash_once=os.environ.get(FAULT_ENV), kill_driver=faults.armed_pid("score"),
                 cpu_threads=max(1, int(ev.num_cpus_per_actor))))
 
@@ -300,7 +306,7 @@ class RayDataScorer(PairScorer):
         # took 190 s that way, 159-177 s otherwise).
         import ray.data
 
-        return ds.map_batches(_forward, fn_kwargs={"engines": self._engines},
+        return ds.map_batches(_forward, fn_kwargs={"engines": self._engines, "shared": self._shared},
                               batch_size=batch_size, batch_format="pandas", num_cpus=0,
                               compute=ray.data.TaskPoolStrategy(
                                   size=min(n_batches, len(self._engines))),

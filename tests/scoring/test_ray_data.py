@@ -110,7 +110,21 @@ def test_engines_start_once_and_serve_every_call_until_closed(
     assert_same_scores(pd.concat([first, second]), local_scores)
     scorer.close()
     with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(engines[0].score.remote(tweet_pairs.iloc[:1]), timeout=60)
+        ray.get(engines[0].score.remote(tweet_pairs.iloc[:1], scorer._shared), timeout=60)
+
+
+def test_engines_start_without_ray_logging_an_error(ray_cluster, tweet_emotion_task,
+                                                    tweet_pairs, tiny_model_dir, capfd):
+    """A restartable engine actor whose constructor held object-store refs made Ray log
+    an error line (core_worker.cc, ray-project/ray#53727) at the start of every run;
+    the refs now come with the batches."""
+    scorer = RayDataScorer(*sections(make_cfg(tiny_model_dir, num_actors=1)),
+                           tweet_emotion_task, demo_pool=[])
+    scored = scorer.score(tweet_pairs.iloc[:4])
+    scorer.close()
+    assert len(scored) == 4
+    err = capfd.readouterr().err
+    assert "constructor arguments in the object store" not in err, err[-2000:]
 
 
 def test_killed_actor_is_replaced_and_its_batch_retried(
