@@ -38,24 +38,28 @@ sys.path.insert(0, str(REPO))
 LOGISTIC_C = 0.1
 
 
-def wide_matrices(run: Path) -> tuple[pd.DataFrame, list[str], np.ndarray, np.ndarray]:
-    """(their Step-0 rows, query texts, correct (N, C), r_query (N, C)) over the Step-0
-    queries every wide prompt was scored on (the prompts scored on the most queries, as
-    mbr's table; columns in prompt-id order)."""
+def wide_matrices(run: Path) -> tuple[pd.DataFrame, list[str], list[str], np.ndarray,
+                                      np.ndarray]:
+    """(their Step-0 rows, the prompts (the columns), query texts, correct (N, C),
+    r_query (N, C)) over mbr's
+    candidates (`utility_table`: the prompts Step 0 scored on the most queries, in its
+    order) and the queries every one of them was scored on."""
+    from qpo_ray.policy.mbr import utility_table
+
     step0 = pd.read_parquet(run / "dataset_loop0.parquet")
     step0 = step0[step0["loop"] == 0]
-    counts = step0.groupby("prompt_id")["query_id"].nunique()
-    prompts = sorted(counts[counts >= 0.9 * counts.max()].index)
-    rows = step0[step0["prompt_id"].isin(prompts)]
-    complete = rows.groupby("query_id")["prompt_id"].nunique() == len(prompts)
+    prompts = utility_table(step0, "r_query").prompts
+    rows = step0[step0["prompt"].isin(prompts)]
+    complete = rows.groupby("query_id")["prompt"].nunique() == len(prompts)
     rows = rows[rows["query_id"].isin(complete[complete].index)]
 
     def table(column: str) -> pd.DataFrame:
-        return rows.pivot_table(index="query_id", columns="prompt_id", values=column,
+        return rows.pivot_table(index="query_id", columns="prompt", values=column,
                                 aggfunc="first")[prompts]
     correct = table("correct")
     texts = rows.drop_duplicates("query_id").set_index("query_id").loc[correct.index, "query"]
-    return rows, texts.tolist(), correct.to_numpy(float), table("r_query").to_numpy(float)
+    return (rows, prompts, texts.tolist(), correct.to_numpy(float),
+            table("r_query").to_numpy(float))
 
 
 def logistic_beliefs(x: np.ndarray, y: np.ndarray, x_out: np.ndarray, classes: int,
@@ -72,6 +76,7 @@ def main() -> None:
     from sklearn.decomposition import PCA
     from sklearn.model_selection import KFold
 
+    from qpo_ray.policy.mbr import mbr_choice, utility_table
     from qpo_ray.testphase.references import summary_features
     from qpo_ray.testphase.selectors import fit_router
 
@@ -82,12 +87,12 @@ def main() -> None:
     cfg = yaml.safe_load((args.run / "config.yaml").read_text())
     policy, seed = cfg["policy"], int(cfg.get("seed", 0))
     summary = policy["query_summary"]
-    rows, texts, correct, r_query = wide_matrices(args.run)
+    rows, prompts, texts, correct, r_query = wide_matrices(args.run)
     n, c = correct.shape
     best = r_query.argmax(axis=1)
     feats = summary_features(policy["backbone"], summary["layers"],
                              policy["max_query_tokens"], texts)
-    prompt_ids = sorted(rows["prompt_id"].unique())
+    by_id = rows.drop_duplicates("prompt_id").set_index("prompt_id")["prompt"]
     scores: dict[str, list[float]] = {}
     depths: list[str] = []  # where the router read the query, per fold
 
@@ -101,19 +106,17 @@ def main() -> None:
         x, x_held = pca.transform(feats[train]), pca.transform(feats[held])
         belief = logistic_beliefs(x, best[train], x_held, c)
         add("best_clf", belief.argmax(axis=1), held)
-        utility = np.stack([correct[train][best[train] == j].mean(axis=0)
-                            if (best[train] == j).any() else correct[train].mean(axis=0)
-                            for j in range(c)], axis=1)
-        add("best_clf_mbr", (belief @ utility.T).argmax(axis=1), held)
+        train_rows = rows[rows["query"].isin({texts[i] for i in train})]
+        utility = utility_table(train_rows, "r_query").utility
+        add("best_clf_mbr", mbr_choice(np.log(belief + 1e-12), utility), held)
         # One row per (query, prompt the target got right); the best one where none was.
         pairs = [(i, j) for i, q in enumerate(train)
                  for j in (np.flatnonzero(correct[q] > 0) if correct[q].any() else [best[q]])]
         at, labels = map(np.array, zip(*pairs))
         add("soft_clf", logistic_beliefs(x[at], labels, x_held, c).argmax(axis=1), held)
-        router = fit_router(rows[rows["query"].isin({texts[i] for i in train})],
-                            cfg["target"]["model"], seed=seed)
+        router = fit_router(train_rows, cfg["target"]["model"], seed=seed)
         picks = router.choose([texts[i] for i in held])
-        add("router", np.array([prompt_ids.index(p) for p in picks]), held)
+        add("router", np.array([prompts.index(by_id[p]) for p in picks]), held)
         depths.append(f"{router.depth:.2f}")
         add("oracle", correct[held].argmax(axis=1), held)
 

@@ -306,7 +306,8 @@ class RayDataScorer(PairScorer):
         # took 190 s that way, 159-177 s otherwise).
         import ray.data
 
-        return ds.map_batches(_forward, fn_kwargs={"engines": self._engines, "shared": self._shared},
+        return ds.map_batches(_forward,
+                              fn_kwargs={"engines": self._engines, "shared": self._shared},
                               batch_size=batch_size, batch_format="pandas", num_cpus=0,
                               compute=ray.data.TaskPoolStrategy(
                                   size=min(n_batches, len(self._engines))),
