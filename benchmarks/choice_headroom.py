@@ -20,11 +20,20 @@ prompts a rule picks for the held-out queries:
 Why a benchmark of its own: a per-query method can only gain what these rows leave
 between `fixed` and `oracle`, and it tells which reading of the query carries it before
 a long run is spent (docs/experiments.md: "Where a per-query choice can gain").
+
+    .venv/bin/python benchmarks/choice_headroom.py --split dev RUN [RUN ...]
+
+asks the same of the dev split instead: each rule fitted on all of Step 0 (the router as
+the test stage fits it, over every collection prompt), scored with the dev matrix the
+best_single_dev step already holds (every collection prompt on every dev query, in the
+run's report/predictions.parquet), beside the qpo variants the run scored on dev; pooled
+over the runs, paired on the same dev queries. No target call; no test query is read.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -72,26 +81,28 @@ def logistic_beliefs(x: np.ndarray, y: np.ndarray, x_out: np.ndarray, classes: i
     return beliefs
 
 
-def main() -> None:
+def query_features(cfg: dict, texts: list[str]) -> np.ndarray:
+    from qpo_ray.testphase.references import summary_features
+
+    policy = cfg["policy"]
+    return summary_features(policy["backbone"], policy["query_summary"]["layers"],
+                            policy["max_query_tokens"], texts)
+
+
+def collection_cv(run: Path) -> None:
+    """5-fold CV over the run's Step-0 wide queries: one line per rule."""
     from sklearn.decomposition import PCA
     from sklearn.model_selection import KFold
 
     from qpo_ray.policy.mbr import mbr_choice, utility_table
-    from qpo_ray.testphase.references import summary_features
     from qpo_ray.testphase.selectors import fit_router
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", type=Path, help="a finished run directory (its config.yaml "
-                        "and dataset_loop0.parquet)")
-    args = parser.parse_args()
-    cfg = yaml.safe_load((args.run / "config.yaml").read_text())
-    policy, seed = cfg["policy"], int(cfg.get("seed", 0))
-    summary = policy["query_summary"]
-    rows, prompts, texts, correct, r_query = wide_matrices(args.run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    summary, seed = cfg["policy"]["query_summary"], int(cfg.get("seed", 0))
+    rows, prompts, texts, correct, r_query = wide_matrices(run)
     n, c = correct.shape
     best = r_query.argmax(axis=1)
-    feats = summary_features(policy["backbone"], summary["layers"],
-                             policy["max_query_tokens"], texts)
+    feats = query_features(cfg, texts)
     by_id = rows.drop_duplicates("prompt_id").set_index("prompt_id")["prompt"]
     scores: dict[str, list[float]] = {}
     depths: list[str] = []  # where the router read the query, per fold
@@ -120,13 +131,99 @@ def main() -> None:
         depths.append(f"{router.depth:.2f}")
         add("oracle", correct[held].argmax(axis=1), held)
 
-    print(f"{args.run}: {n} wide queries x {c} prompts, 5-fold CV on the collection; "
+    print(f"{run}: {n} wide queries x {c} prompts, 5-fold CV on the collection; "
           f"summary: first {summary['layers']} layers, {summary['dims']} dims; router depth "
           f"per fold {', '.join(depths)}")
     fixed = np.mean(scores["fixed"])
     for name, values in scores.items():
         mean = 100 * np.mean(values)
         print(f"  {name:<14} {mean:5.1f}  ({100 * (np.mean(values) - fixed):+5.1f} over fixed)")
+
+
+def dev_correct(run: Path) -> dict[str, np.ndarray]:
+    """Per rule, 0/1 on each of the run's dev queries (in query-id order): the rules fitted
+    on all of Step 0, and the qpo variants the test stage scored on dev (`qpo`: the one
+    it chose there, so its figure is optimistic by the choice)."""
+    from sklearn.decomposition import PCA
+
+    from qpo_ray.policy.mbr import mbr_choice, utility_table
+    from qpo_ray.testphase.selectors import fit_router
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    seed = int(cfg.get("seed", 0))
+    predictions = pd.read_parquet(run / "report" / "predictions.parquet")
+    dev = predictions[predictions["split"] == "dev"]
+    matrix = dev.pivot_table(index="query_id", columns="method", values="correct",
+                             aggfunc="first")
+    single = {m.removeprefix("single:"): matrix[m].to_numpy(float)
+              for m in matrix if m.startswith("single:")}
+    if not single:
+        raise SystemExit(f"{run}/report/predictions.parquet: no dev rows of best_single_dev "
+                         "(single:<id>); --split dev needs a run tested with a dev split and "
+                         "best_single_dev in test.methods")
+    texts = dev.drop_duplicates("query_id").set_index("query_id").loc[matrix.index, "query"]
+
+    def scored(prompt_ids) -> np.ndarray:
+        return np.array([single[p][i] for i, p in enumerate(prompt_ids)])
+
+    rows, prompts, wide_texts, correct, r_query = wide_matrices(run)
+    wide_ids = rows.drop_duplicates("prompt").set_index("prompt").loc[prompts, "prompt_id"]
+    feats = query_features(cfg, wide_texts + texts.tolist())
+    dims = min(cfg["policy"]["query_summary"]["dims"], len(wide_texts) - 1)
+    pca = PCA(dims, whiten=True, random_state=seed).fit(feats[:len(wide_texts)])
+    x = pca.transform(feats)
+    belief = logistic_beliefs(x[:len(wide_texts)], r_query.argmax(axis=1),
+                              x[len(wide_texts):], len(prompts))
+    mbr = mbr_choice(np.log(belief + 1e-12), utility_table(rows, "r_query").utility)
+    step0 = pd.read_parquet(run / "dataset_loop0.parquet")
+    router = fit_router(step0[step0["loop"] == 0], cfg["target"]["model"], seed=seed)
+    out = {"fixed": scored([wide_ids.iloc[correct.mean(axis=0).argmax()]] * len(texts)),
+           "best_clf": scored(wide_ids.iloc[belief.argmax(axis=1)]),
+           "best_clf_mbr": scored(wide_ids.iloc[mbr]),
+           "router": scored(router.choose(texts.tolist())),
+           "oracle_wide": np.max([single[p] for p in wide_ids], axis=0)}
+    selection = json.loads((run / "report" / "selection.json").read_text())
+    out["qpo"] = matrix[f"qpo_loop{selection['loop']}/{selection['chosen_decoding']}"]
+    out.update({m: matrix[m] for m in matrix if m.startswith("qpo_loop")})
+    return {name: np.asarray(values, dtype=float) for name, values in out.items()}
+
+
+def dev_check(runs: list[Path]) -> None:
+    """Each rule's dev accuracy per run, then pooled with paired differences against qpo
+    and the router (bootstrap 95% CI over the same dev queries)."""
+    from qpo_ray.testphase.stats import paired_difference
+
+    per_run = {run: dev_correct(run) for run in runs}
+    rules = [r for r in per_run[runs[0]] if all(r in got for got in per_run.values())]
+    print(f"dev split, {len(runs)} run(s), {sum(len(g['qpo']) for g in per_run.values())} "
+          "queries; rules fitted on Step 0 only; qpo's variant was chosen on these queries")
+    print(f"  {'rule':<18}" + "".join(f"{i:>7}" for i in range(1, len(runs) + 1))
+          + f"{'pooled':>8}   minus qpo              minus router")
+    for rule in rules:
+        cells = "".join(f"{100 * per_run[r][rule].mean():7.1f}" for r in runs)
+        pooled = np.mean([per_run[r][rule].mean() for r in runs])
+        vs = [paired_difference([(per_run[r][rule], per_run[r][base]) for r in runs])
+              for base in ("qpo", "router")]
+        print(f"  {rule:<18}{cells}{100 * pooled:8.1f}   "
+              + "   ".join(f"{100 * d.diff:+5.1f} [{100 * d.ci_low:+5.1f}, {100 * d.ci_high:+5.1f}]"
+                           for d in vs))
+    for i, run in enumerate(runs, 1):
+        print(f"  run {i}: {run}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", type=Path, nargs="+", help="finished run directories (their "
+                        "config.yaml and dataset_loop0.parquet; for --split dev also report/)")
+    parser.add_argument("--split", choices=("collection", "dev"), default="collection",
+                        help="collection: 5-fold CV over Step 0's wide queries, per run; dev: "
+                        "rules fitted on Step 0, scored on the dev split, pooled")
+    args = parser.parse_args()
+    if args.split == "dev":
+        dev_check(args.runs)
+    else:
+        for run in args.runs:
+            collection_cv(run)
 
 
 if __name__ == "__main__":
