@@ -198,15 +198,14 @@ def dev_check(runs: list[Path]) -> None:
     print(f"dev split, {len(runs)} run(s), {sum(len(g['qpo']) for g in per_run.values())} "
           "queries; rules fitted on Step 0 only; qpo's variant was chosen on these queries")
     print(f"  {'rule':<18}" + "".join(f"{i:>7}" for i in range(1, len(runs) + 1))
-          + f"{'pooled':>8}   minus qpo              minus router")
+          + f"{'pooled':>8}   minus qpo                       minus router")
     for rule in rules:
         cells = "".join(f"{100 * per_run[r][rule].mean():7.1f}" for r in runs)
         pooled = np.mean([per_run[r][rule].mean() for r in runs])
         vs = [paired_difference([(per_run[r][rule], per_run[r][base]) for r in runs])
               for base in ("qpo", "router")]
         print(f"  {rule:<18}{cells}{100 * pooled:8.1f}   "
-              + "   ".join(f"{100 * d.diff:+5.1f} [{100 * d.ci_low:+5.1f}, {100 * d.ci_high:+5.1f}]"
-                           for d in vs))
+              + "   ".join(f"{d.in_points():<29}" for d in vs))
     for i, run in enumerate(runs, 1):
         print(f"  run {i}: {run}")
 

@@ -57,7 +57,9 @@ def test_choice_headroom_reads_the_query_where_the_best_prompt_follows_it(tmp_pa
     rows += [{"loop": 0, "query_id": "q0", "query": rows[0]["query"], "prompt": "narrow",
               "prompt_id": "narrow", "correct": 1.0, "r_query": 2.0, "reward": 100.0}]
     write_run(tmp_path, rows)
-    acc = rows_of(headroom(str(tmp_path)))
+    out = headroom(str(tmp_path))
+    assert "40 wide queries x 3 prompts" in out
+    acc = rows_of(out)
     assert acc["oracle"] == 100.0
     assert 30.0 <= acc["fixed"] <= 70.0  # one of the two halves' prompts, whichever led
     assert acc["best_clf"] >= 90.0 and acc["router"] >= 90.0
