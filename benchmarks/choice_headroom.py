@@ -47,16 +47,20 @@ sys.path.insert(0, str(REPO))
 LOGISTIC_C = 0.1
 
 
-def wide_matrices(run: Path) -> tuple[pd.DataFrame, list[str], list[str], np.ndarray,
-                                      np.ndarray]:
-    """(their Step-0 rows, the prompts (the columns), query texts, correct (N, C),
+def step0_of(run: Path) -> pd.DataFrame:
+    """The run's Step-0 rows (loop 0 of dataset_loop0.parquet)."""
+    step0 = pd.read_parquet(run / "dataset_loop0.parquet")
+    return step0[step0["loop"] == 0]
+
+
+def wide_matrices(step0: pd.DataFrame) -> tuple[pd.DataFrame, list[str], list[str],
+                                                np.ndarray, np.ndarray]:
+    """(their Step-0 rows, the prompts' ids (the columns), query texts, correct (N, C),
     r_query (N, C)) over mbr's
     candidates (`utility_table`: the prompts Step 0 scored on the most queries, in its
     order) and the queries every one of them was scored on."""
     from qpo_ray.policy.mbr import utility_table
 
-    step0 = pd.read_parquet(run / "dataset_loop0.parquet")
-    step0 = step0[step0["loop"] == 0]
     prompts = utility_table(step0, "r_query").prompts
     rows = step0[step0["prompt"].isin(prompts)]
     complete = rows.groupby("query_id")["prompt"].nunique() == len(prompts)
@@ -67,8 +71,18 @@ def wide_matrices(run: Path) -> tuple[pd.DataFrame, list[str], list[str], np.nda
                                 aggfunc="first")[prompts]
     correct = table("correct")
     texts = rows.drop_duplicates("query_id").set_index("query_id").loc[correct.index, "query"]
-    return (rows, prompts, texts.tolist(), correct.to_numpy(float),
+    ids = rows.drop_duplicates("prompt").set_index("prompt").loc[prompts, "prompt_id"]
+    return (rows, ids.tolist(), texts.tolist(), correct.to_numpy(float),
             table("r_query").to_numpy(float))
+
+
+def whitened(feats: np.ndarray, fitted_on: int, dims: int, seed: int) -> np.ndarray:
+    """`feats` in the query summary's PCA-whitened space (its `dims`, at most one fewer
+    than the rows it is fitted on), fitted on the first `fitted_on` rows."""
+    from sklearn.decomposition import PCA
+
+    pca = PCA(min(dims, fitted_on - 1), whiten=True, random_state=seed)
+    return pca.fit(feats[:fitted_on]).transform(feats)
 
 
 def logistic_beliefs(x: np.ndarray, y: np.ndarray, x_out: np.ndarray, classes: int,
@@ -91,7 +105,6 @@ def query_features(cfg: dict, texts: list[str]) -> np.ndarray:
 
 def collection_cv(run: Path) -> None:
     """5-fold CV over the run's Step-0 wide queries: one line per rule."""
-    from sklearn.decomposition import PCA
     from sklearn.model_selection import KFold
 
     from qpo_ray.policy.mbr import mbr_choice, utility_table
@@ -99,11 +112,10 @@ def collection_cv(run: Path) -> None:
 
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     summary, seed = cfg["policy"]["query_summary"], int(cfg.get("seed", 0))
-    rows, prompts, texts, correct, r_query = wide_matrices(run)
+    rows, prompt_ids, texts, correct, r_query = wide_matrices(step0_of(run))
     n, c = correct.shape
     best = r_query.argmax(axis=1)
     feats = query_features(cfg, texts)
-    by_id = rows.drop_duplicates("prompt_id").set_index("prompt_id")["prompt"]
     scores: dict[str, list[float]] = {}
     depths: list[str] = []  # where the router read the query, per fold
 
@@ -112,9 +124,9 @@ def collection_cv(run: Path) -> None:
 
     for train, held in KFold(5, shuffle=True, random_state=seed).split(correct):
         add("fixed", np.full(len(held), correct[train].mean(axis=0).argmax()), held)
-        pca = PCA(min(summary["dims"], len(train) - 1), whiten=True,
-                  random_state=seed).fit(feats[train])
-        x, x_held = pca.transform(feats[train]), pca.transform(feats[held])
+        x_all = whitened(feats[np.concatenate([train, held])], len(train), summary["dims"],
+                         seed)
+        x, x_held = x_all[:len(train)], x_all[len(train):]
         belief = logistic_beliefs(x, best[train], x_held, c)
         add("best_clf", belief.argmax(axis=1), held)
         train_rows = rows[rows["query"].isin({texts[i] for i in train})]
@@ -127,7 +139,7 @@ def collection_cv(run: Path) -> None:
         add("soft_clf", logistic_beliefs(x[at], labels, x_held, c).argmax(axis=1), held)
         router = fit_router(train_rows, cfg["target"]["model"], seed=seed)
         picks = router.choose([texts[i] for i in held])
-        add("router", np.array([prompts.index(by_id[p]) for p in picks]), held)
+        add("router", np.array([prompt_ids.index(p) for p in picks]), held)
         depths.append(f"{router.depth:.2f}")
         add("oracle", correct[held].argmax(axis=1), held)
 
@@ -144,8 +156,6 @@ def dev_correct(run: Path) -> dict[str, np.ndarray]:
     """Per rule, 0/1 on each of the run's dev queries (in query-id order): the rules fitted
     on all of Step 0, and the qpo variants the test stage scored on dev (`qpo`: the one
     it chose there, so its figure is optimistic by the choice)."""
-    from sklearn.decomposition import PCA
-
     from qpo_ray.policy.mbr import mbr_choice, utility_table
     from qpo_ray.testphase.selectors import fit_router
 
@@ -166,20 +176,17 @@ def dev_correct(run: Path) -> dict[str, np.ndarray]:
     def scored(prompt_ids) -> np.ndarray:
         return np.array([single[p][i] for i, p in enumerate(prompt_ids)])
 
-    rows, prompts, wide_texts, correct, r_query = wide_matrices(run)
-    wide_ids = rows.drop_duplicates("prompt").set_index("prompt").loc[prompts, "prompt_id"]
-    feats = query_features(cfg, wide_texts + texts.tolist())
-    dims = min(cfg["policy"]["query_summary"]["dims"], len(wide_texts) - 1)
-    pca = PCA(dims, whiten=True, random_state=seed).fit(feats[:len(wide_texts)])
-    x = pca.transform(feats)
+    step0 = step0_of(run)
+    rows, wide_ids, wide_texts, correct, r_query = wide_matrices(step0)
+    x = whitened(query_features(cfg, wide_texts + texts.tolist()), len(wide_texts),
+                 cfg["policy"]["query_summary"]["dims"], seed)
     belief = logistic_beliefs(x[:len(wide_texts)], r_query.argmax(axis=1),
-                              x[len(wide_texts):], len(prompts))
+                              x[len(wide_texts):], len(wide_ids))
     mbr = mbr_choice(np.log(belief + 1e-12), utility_table(rows, "r_query").utility)
-    step0 = pd.read_parquet(run / "dataset_loop0.parquet")
-    router = fit_router(step0[step0["loop"] == 0], cfg["target"]["model"], seed=seed)
-    out = {"fixed": scored([wide_ids.iloc[correct.mean(axis=0).argmax()]] * len(texts)),
-           "best_clf": scored(wide_ids.iloc[belief.argmax(axis=1)]),
-           "best_clf_mbr": scored(wide_ids.iloc[mbr]),
+    router = fit_router(step0, cfg["target"]["model"], seed=seed)
+    out = {"fixed": scored([wide_ids[correct.mean(axis=0).argmax()]] * len(texts)),
+           "best_clf": scored([wide_ids[j] for j in belief.argmax(axis=1)]),
+           "best_clf_mbr": scored([wide_ids[j] for j in mbr]),
            "router": scored(router.choose(texts.tolist())),
            "oracle_wide": np.max([single[p] for p in wide_ids], axis=0)}
     selection = json.loads((run / "report" / "selection.json").read_text())
