@@ -103,6 +103,15 @@ def query_features(cfg: dict, texts: list[str]) -> np.ndarray:
                             policy["max_query_tokens"], texts)
 
 
+def router_model(run: Path) -> str:
+    """The model whose features the run's router reads, as its test stage chose it."""
+    from qpo_ray.config import config_from_dict
+    from qpo_ray.testphase.selectors import router_embedding_model
+
+    return router_embedding_model(config_from_dict(yaml.safe_load(
+        (run / "config.yaml").read_text())))
+
+
 def collection_cv(run: Path) -> None:
     """5-fold CV over the run's Step-0 wide queries: one line per rule."""
     from sklearn.model_selection import KFold
@@ -137,7 +146,7 @@ def collection_cv(run: Path) -> None:
                  for j in (np.flatnonzero(correct[q] > 0) if correct[q].any() else [best[q]])]
         at, labels = map(np.array, zip(*pairs))
         add("soft_clf", logistic_beliefs(x[at], labels, x_held, c).argmax(axis=1), held)
-        router = fit_router(train_rows, cfg["target"]["model"], seed=seed)
+        router = fit_router(train_rows, router_model(run), seed=seed)
         picks = router.choose([texts[i] for i in held])
         add("router", np.array([prompt_ids.index(p) for p in picks]), held)
         depths.append(f"{router.depth:.2f}")
@@ -183,7 +192,7 @@ def dev_correct(run: Path) -> dict[str, np.ndarray]:
     belief = logistic_beliefs(x[:len(wide_texts)], r_query.argmax(axis=1),
                               x[len(wide_texts):], len(wide_ids))
     mbr = mbr_choice(np.log(belief + 1e-12), utility_table(rows, "r_query").utility)
-    router = fit_router(step0, cfg["target"]["model"], seed=seed)
+    router = fit_router(step0, router_model(run), seed=seed)
     out = {"fixed": scored([wide_ids[correct.mean(axis=0).argmax()]] * len(texts)),
            "best_clf": scored([wide_ids[j] for j in belief.argmax(axis=1)]),
            "best_clf_mbr": scored([wide_ids[j] for j in mbr]),

@@ -6,7 +6,7 @@ The loop registers every loop's policy directory as a new version of
 points `@champion` at the version it chose on the dev split, tagged with how it decoded
 it; serving resolves the alias to a concrete version, reads those tags (`ServedDecoding`),
 downloads that version's files and loads them with `QPOPolicy.load` (safetensors, never
-pickle).
+pickle). `load_pyfunc` gives the same version as an MLflow pyfunc model, decoded alike.
 """
 
 from __future__ import annotations
@@ -171,6 +171,48 @@ def load_policy(ref: PolicyRef, tracking_uri: Optional[str], device=None,
 
     if ref.local_dir is not None:
         return QPOPolicy.load(ref.local_dir, device=device)
+    tmp = Path(tempfile.mkdtemp(prefix="qpo-serve-policy-"))
+    try:
+        policy_dir = find_policy_dir(_download(ref, tracking_uri, tmp))
+        policy = QPOPolicy.load(str(policy_dir), device=device)
+        if keep_copy is not None:
+            save_last_good(policy_dir, ref, keep_copy)
+        return policy
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_pyfunc(uri: str, tracking_uri: Optional[str] = None):
+    """A registry version (models:/<name>@<alias> or /<version>) as an MLflow pyfunc model
+    that decodes as `qpo serve` decodes it: its champion tags, else greedy at reward 100.
+    A plain mlflow.pyfunc.load_model cannot: MLflow gives a model no way to read its
+    version's tags, so they go in as its model_config."""
+    import mlflow
+
+    ref = resolve(uri, tracking_uri)
+    if ref.registry is None:
+        raise ValueError(f"load_pyfunc: {uri!r} is not a models:/ URI (a checkpoint "
+                         "directory loads with qpo_ray.policy.QPOPolicy.load)")
+    served = served_decoding(ref)
+    config = {"decoding": served.decoding, "target_reward": served.target_reward}
+    if served.mbr_temperature is not None:
+        config["mbr_temperature"] = served.mbr_temperature
+    tmp = Path(tempfile.mkdtemp(prefix="qpo-pyfunc-policy-"))
+    try:  # the weights are in memory once load_model returns
+        model = mlflow.pyfunc.load_model(str(_download(ref, tracking_uri, tmp)),
+                                         model_config=config)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not model.model_config and config["decoding"] != "greedy":
+        raise ValueError(f"load_pyfunc: {ref.version} was registered before its pyfunc model "
+                         f"took a model_config, so it cannot decode {config['decoding']} by "
+                         f"default; load it with mlflow.pyfunc.load_model and pass "
+                         f"params={config} to predict")
+    return model
+
+
+def _download(ref: PolicyRef, tracking_uri: Optional[str], tmp: Path) -> Path:
+    """A registry version's artifact tree, downloaded under `tmp`."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -179,17 +221,8 @@ def load_policy(ref: PolicyRef, tracking_uri: Optional[str], device=None,
     # through the process-global registry URI, not the one passed here).
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     source = client.get_model_version_download_uri(name, version)
-    tmp = Path(tempfile.mkdtemp(prefix="qpo-serve-policy-"))
-    try:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=source, dst_path=str(tmp), tracking_uri=tracking_uri)
-        policy_dir = find_policy_dir(Path(local))
-        policy = QPOPolicy.load(str(policy_dir), device=device)
-        if keep_copy is not None:
-            save_last_good(policy_dir, ref, keep_copy)
-        return policy
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=source, dst_path=str(tmp), tracking_uri=tracking_uri))
 
 
 LAST_GOOD_REF = "qpo-last-good.json"

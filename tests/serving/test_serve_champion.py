@@ -3,10 +3,12 @@ MLflow registry and the transformers target: `qpo serve`'s default URI is
 models:/<name>@champion, decoded as the version's champion tags say (the test phase's
 decoding and belief temperature); replicas follow the alias as it moves; the OpenAI
 routes answer the official `openai` client with the policy's prompt, behind the same
-token, with OpenAI-shaped errors; the registered version loads with mlflow.pyfunc."""
+token, with OpenAI-shaped errors; the registered version loads with mlflow.pyfunc, and
+with policy_source.load_pyfunc decoded as its tags say."""
 
 from __future__ import annotations
 
+import json
 import time
 from urllib.parse import unquote
 
@@ -220,3 +222,39 @@ def test_registered_version_loads_and_predicts_with_mlflow_pyfunc(cfg, tracker,
     # answered with one prompt for the list's text.
     with pytest.raises(Exception, match="query: row 0 is"):
         model.predict({"query": QUERIES})
+
+
+def test_load_pyfunc_decodes_a_version_as_its_tags_say(cfg, tracker, test_phase_prompts,
+                                                       monkeypatch):
+    """Version 2 tagged mbr at MBR_TEMPERATURE (as the test stage tags a champion):
+    load_pyfunc gives what the test phase wrote (and Serve returns) with no params, a
+    param still overrides, and a bad model_config is refused at load."""
+    import mlflow
+
+    from qpo_ray.serving.policy_source import load_pyfunc
+
+    for key, value in {"qpo.decoding": "mbr", "qpo.mbr_temperature": repr(MBR_TEMPERATURE),
+                       "qpo.target_reward": "100.0"}.items():
+        tracker.client.set_model_version_tag(MODEL_NAME, "2", key, value)
+    queries = pd.DataFrame({"query": QUERIES})
+    model = load_pyfunc(f"models:/{MODEL_NAME}/2", cfg.tracking_uri())
+    assert list(model.predict(queries)) == test_phase_prompts["mbr"]
+    assert list(model.predict(queries, params={"decoding": "greedy"})) == \
+        test_phase_prompts["greedy"]
+    champion = load_pyfunc(f"models:/{MODEL_NAME}@champion", cfg.tracking_uri())
+    assert list(champion.predict(queries)) == test_phase_prompts["greedy"]  # version 1
+    client = mlflow.MlflowClient(cfg.tracking_uri(), registry_uri=cfg.tracking_uri())
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=client.get_model_version_download_uri(MODEL_NAME, "2"),
+        tracking_uri=cfg.tracking_uri())
+    assert list(mlflow.pyfunc.load_model(local).predict(queries)) == \
+        test_phase_prompts["greedy"]  # MLflow alone cannot read the tags
+    # What `mlflow models serve` reads (docs/serving.md).
+    monkeypatch.setenv("MLFLOW_PYFUNC_INFERENCE_CONFIG", json.dumps(
+        {"decoding": "mbr", "mbr_temperature": MBR_TEMPERATURE}))
+    assert list(mlflow.pyfunc.load_model(local).predict(queries)) == test_phase_prompts["mbr"]
+    monkeypatch.delenv("MLFLOW_PYFUNC_INFERENCE_CONFIG")
+    with pytest.raises(ValueError, match="model_config: decoding must be greedy or mbr"):
+        mlflow.pyfunc.load_model(local, model_config={"decoding": "beam"})
+    with pytest.raises(ValueError, match="not a models:/ URI"):
+        load_pyfunc(local, cfg.tracking_uri())
