@@ -96,7 +96,9 @@ def task_checks(pred: pd.DataFrame, summary: dict, task: str, label_words) -> No
         if per_seed:
             print(f"    seeds as the unit (t-interval): {across_seeds(per_seed).in_points()}")
     for ref in ("probe", "majority", "router", "best_single"):
-        d = summary.get("qpo", {}).get(ref)
+        # The router is no column of the per-seed table (not in REFERENCES): paired here.
+        g = groups(pred, "qpo", ref, ("seed",))
+        d = summary.get("qpo", {}).get(ref) or (paired_difference(g) if g else None)
         if d is not None:
             print(f"  qpo vs {ref:<16} {d.in_points()}")
     for method in sorted(m for m in pred["method"].unique() if m.startswith("qpo")):
@@ -114,13 +116,13 @@ def pooled(pred: pd.DataFrame, tasks: list[str]) -> None:
         g = groups(pred, "qpo", ref)
         if g:
             print(f"  qpo vs {ref:<16} {paired_difference(g).in_points()}")
-    per_task = [np.mean([a.mean() - b.mean() for a, b in groups(pred[pred["task"] == t],
-                                                               "qpo", "router")])
-                for t in tasks if groups(pred[pred["task"] == t], "qpo", "router")]
+    per_task = {t: np.mean([a.mean() - b.mean() for a, b in g]) for t in tasks
+                if (g := groups(pred[pred["task"] == t], "qpo", "router"))}
     if per_task:
-        mean = float(np.mean(per_task))
-        print(f"  qpo - router, mean over tasks: {100 * mean:+.1f} "
-              f"({'PASS' if mean >= 0 else 'FAIL'}: qpo >= router on average)")
+        mean = float(np.mean(list(per_task.values())))
+        each = ", ".join(f"{t} {100 * d:+.1f}" for t, d in per_task.items())
+        print(f"  qpo - router, mean over tasks: {100 * mean:+.1f} ({each}; "
+              f"{'PASS' if mean >= 0 else 'FAIL'}: qpo >= router on average)")
 
 
 def shifted_prior(shares: dict[int, float]) -> dict[int, float]:

@@ -122,3 +122,24 @@ def test_report_only_summarises_the_finished_seeds_and_names_the_others(tmp_path
         bench.load_predictions(tmp_path, ["ag_news"], [0, 1])
     with pytest.raises(SystemExit, match="no finished"):
         bench.load_predictions(tmp_path, ["tweet_emotion"], [0], finished_only=True)
+
+
+def test_checks_print_qpo_against_the_router_per_task_and_their_mean(capsys):
+    """The router is no column of the per-seed table, yet each task's checks pair qpo
+    with it, and the mean over tasks names each task's difference."""
+    import pandas as pd
+
+    report = _bench("effectiveness_report")
+    rows = []
+    # a: qpo right on 8 of 10, router on 6; b: qpo on 5, router on 6.
+    for task, right in (("a", {"qpo": 8, "router": 6}), ("b", {"qpo": 5, "router": 6})):
+        for method, k in right.items():
+            rows += [{"task": task, "seed": 0, "method": method, "query_id": f"q{i}",
+                      "accuracy": float(i < k), "prompt": "Say positive or negative."}
+                     for i in range(10)]
+    pred = pd.DataFrame(rows)
+    report.task_checks(pred[pred["task"] == "a"], {}, "a", ["positive", "negative"])
+    assert "qpo vs router           +20.0 [" in capsys.readouterr().out
+    report.pooled(pred, ["a", "b"])
+    assert ("qpo - router, mean over tasks: +5.0 (a +20.0, b -10.0; PASS"
+            in capsys.readouterr().out)
