@@ -189,6 +189,8 @@ def load_pyfunc(uri: str, tracking_uri: Optional[str] = None):
     version's tags, so they go in as its model_config."""
     import mlflow
 
+    from qpo_ray.run.policy_pyfunc import LOADED_DEFAULTS
+
     ref = resolve(uri, tracking_uri)
     if ref.registry is None:
         raise ValueError(f"load_pyfunc: {uri!r} is not a models:/ URI (a checkpoint "
@@ -203,9 +205,9 @@ def load_pyfunc(uri: str, tracking_uri: Optional[str] = None):
                                          model_config=config)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if not model.model_config and config["decoding"] != "greedy":
+    if not model.model_config and any(config[k] != LOADED_DEFAULTS[k] for k in config):
         raise ValueError(f"load_pyfunc: {ref.version} was registered before its pyfunc model "
-                         f"took a model_config, so it cannot decode {config['decoding']} by "
+                         f"took a model_config, so it cannot decode as its tags say by "
                          f"default; load it with mlflow.pyfunc.load_model and pass "
                          f"params={config} to predict")
     return model
