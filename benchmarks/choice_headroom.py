@@ -125,6 +125,7 @@ def collection_cv(run: Path) -> None:
     n, c = correct.shape
     best = r_query.argmax(axis=1)
     feats = query_features(cfg, texts)
+    router_at = router_model(run)
     scores: dict[str, list[float]] = {}
     depths: list[str] = []  # where the router read the query, per fold
 
@@ -146,7 +147,7 @@ def collection_cv(run: Path) -> None:
                  for j in (np.flatnonzero(correct[q] > 0) if correct[q].any() else [best[q]])]
         at, labels = map(np.array, zip(*pairs))
         add("soft_clf", logistic_beliefs(x[at], labels, x_held, c).argmax(axis=1), held)
-        router = fit_router(train_rows, router_model(run), seed=seed)
+        router = fit_router(train_rows, router_at, seed=seed)
         picks = router.choose([texts[i] for i in held])
         add("router", np.array([prompt_ids.index(p) for p in picks]), held)
         depths.append(f"{router.depth:.2f}")

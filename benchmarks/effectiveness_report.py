@@ -96,9 +96,10 @@ def task_checks(pred: pd.DataFrame, summary: dict, task: str, label_words) -> No
         if per_seed:
             print(f"    seeds as the unit (t-interval): {across_seeds(per_seed).in_points()}")
     for ref in ("probe", "majority", "router", "best_single"):
+        d = summary.get("qpo", {}).get(ref)
         # The router is no column of the per-seed table (not in REFERENCES): paired here.
-        g = groups(pred, "qpo", ref, ("seed",))
-        d = summary.get("qpo", {}).get(ref) or (paired_difference(g) if g else None)
+        if d is None and (g := groups(pred, "qpo", ref, ("seed",))):
+            d = paired_difference(g)
         if d is not None:
             print(f"  qpo vs {ref:<16} {d.in_points()}")
     for method in sorted(m for m in pred["method"].unique() if m.startswith("qpo")):

@@ -191,10 +191,10 @@ def load_pyfunc(uri: str, tracking_uri: Optional[str] = None):
 
     from qpo_ray.run.policy_pyfunc import LOADED_DEFAULTS
 
-    ref = resolve(uri, tracking_uri)
-    if ref.registry is None:
+    if not is_registry_uri(uri):
         raise ValueError(f"load_pyfunc: {uri!r} is not a models:/ URI (a checkpoint "
                          "directory loads with qpo_ray.policy.QPOPolicy.load)")
+    ref = resolve(uri, tracking_uri)
     served = served_decoding(ref)
     config = {"decoding": served.decoding, "target_reward": served.target_reward}
     if served.mbr_temperature is not None:
