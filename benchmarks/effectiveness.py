@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -52,6 +53,12 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import effectiveness_report as report  # noqa: E402
 
 PROFILE = REPO / "benchmarks" / "profiles" / "effectiveness.yaml"
+# The profile's version (its header says what changed): runs go to a folder of their own,
+# so a finished run of an earlier version is never reused as this one's.
+PROFILE_VERSION = 2
+# What --archive keeps of a finished (task, seed): enough for --report-only (predictions)
+# and for a reader (the report, the dev choice), ~150 KB; runs/ itself is not in git.
+ARCHIVED = ("predictions.parquet", "selection.json", "results.csv", "report.md")
 DATA_ROOT = Path(os.environ.get("QPO_SHARED_DATA", REPO.parent / "shared" / "data"))
 # Train queries every task's collection share holds (dev queries included): Step 0's
 # 64 shared + 700 wide queries, augmentation's and the dev split's fit in it.
@@ -227,12 +234,27 @@ def load_predictions(workdir: Path, tasks: list[str], seeds: list[int],
     return pd.concat(frames, ignore_index=True)
 
 
+def archive(workdir: Path, dest: Path, every: pd.DataFrame) -> None:
+    """Copy the report files (ARCHIVED) of every summarised (task, seed) under `dest`."""
+    for (task, seed), _ in every.groupby(["task", "seed"]):
+        src, out = (root / task / f"seed{seed}" / "report" for root in (workdir, dest))
+        if src.resolve() == out.resolve():
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ARCHIVED:
+            if (src / name).exists():
+                shutil.copy2(src / name, out / name)
+    print(f"\narchived {every.groupby(['task', 'seed']).ngroups} (task, seed) report(s) "
+          f"under {dest}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", nargs="+", default=["rotten_tomatoes", "ag_news", "tweet_emotion"],
                    help="built-in task names and/or bring-your-own task spec files (.yaml)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--workdir", type=Path, default=REPO / "runs" / "effectiveness")
+    p.add_argument("--workdir", type=Path,
+                   default=REPO / "runs" / f"effectiveness-v{PROFILE_VERSION}")
     p.add_argument("--profile", type=Path, default=PROFILE)
     p.add_argument("--data-root", type=Path, default=DATA_ROOT,
                    help="where built-in tasks' data folders and instructeval_prompts are")
@@ -242,6 +264,10 @@ def main() -> int:
     p.add_argument("--tiny", action="store_true",
                    help="a wiring smoke: tiny sizes (TINY), minutes per run; no verdicts")
     p.add_argument("--report-only", action="store_true", help="summarise finished runs only")
+    p.add_argument("--archive", type=Path, metavar="DIR",
+                   help="copy each finished (task, seed)'s report files to DIR/<task>/seed<k>/"
+                        "report/ (e.g. benchmarks/results/effectiveness-v2, kept in git); "
+                        "--report-only --workdir DIR then summarises them")
     args = p.parse_args()
     if any(o.replace(" ", "").startswith("test.split=") for o in args.overrides):
         p.error("--set test.split: this benchmark measures on the test split; compare on the "
@@ -264,6 +290,8 @@ def main() -> int:
             if not args.report_only:
                 run_seed(seed, args.workdir / name, args.profile, overrides)
     every = load_predictions(args.workdir, names, args.seeds, finished_only=args.report_only)
+    if args.archive is not None:
+        archive(args.workdir, args.archive, every)
     pred = every[(every["split"] == "test") & (every["shots"] == 0)]
     print("\ntest queries per task and seed: "
           f"{pred.groupby(['task', 'seed'])['query_id'].nunique().to_dict()}")

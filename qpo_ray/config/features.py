@@ -75,10 +75,15 @@ class SummaryTrainingConfig(Section):
     reward: Literal["row", "target"] = "row"
     # "unseen": the summary phase on wide Step 0's queries only, the main phase on the rest.
     queries: Literal["all", "unseen"] = "all"
+    # Share of the summary queries held out to keep the epoch whose belief over mbr's
+    # candidates fits them best (0 = train on all, keep the last; training/summary_part.py).
+    holdout: float = 0.0
 
     def validate(self) -> None:
         require_all([
             (self.epochs >= 0, f"training.summary.epochs must be >= 0, got {self.epochs}"),
+            (0.0 <= self.holdout < 1.0,
+             f"training.summary.holdout must be in [0, 1), got {self.holdout}"),
             (self.lr > 0, f"training.summary.lr must be > 0, got {self.lr}"),
             (self.top_k >= 1, f"training.summary.top_k must be >= 1, got {self.top_k}"),
         ])

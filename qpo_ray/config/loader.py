@@ -86,6 +86,9 @@ class Config(Section):
              "training.summary.queries: 'unseen' needs a summary phase "
              "(training.summary.epochs > 0) and a wide Step 0 built by this run to train "
              "it on (dataset.wide.enable: true, no dataset.import_path)"),
+            (self.training.summary.holdout == 0 or self.training.summary.epochs > 0,
+             "training.summary.holdout > 0 needs a summary phase to stop "
+             "(training.summary.epochs > 0)"),
         ])
 
     def tracking_uri(self) -> str:

@@ -89,6 +89,13 @@ def utility_table(step0: pd.DataFrame, rank_by: str, score: str = "correct") -> 
     return UtilityTable(prompts, utility, len(correct))
 
 
+def step0_table(step0_path: str | Path, rank_by: str) -> UtilityTable:
+    """`utility_table` of a run's Step-0 file (dataset_loop0.parquet)."""
+    from qpo_ray.data.io import read_dataset
+
+    return utility_table(read_dataset(step0_path)[0], rank_by)
+
+
 def belief(logprobs: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """(N, C) softmax of each row of log-likelihoods at `temperature`."""
     if not temperature > 0:

@@ -57,6 +57,7 @@ from qpo_ray.prompts import PromptRecord
 from qpo_ray.common.atomic import write_json_atomic
 from qpo_ray.common.layout import RunFiles, read_json
 from qpo_ray.training.loop import train_loop
+from qpo_ray.policy.mbr import step0_table
 from qpo_ray.tasks.base import Example
 
 
@@ -326,7 +327,8 @@ def ablation_key(cfg: Config, loops: int) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _train_once(cfg: Config, dataset: Path, out_dir: Path, loops: int) -> str:
+def _train_once(cfg: Config, dataset: Path, out_dir: Path, loops: int,
+                candidates: Optional[list[str]]) -> str:
     """`loops` train stages on one fixed dataset, cached under `out_dir` for as long as
     the settings it was trained with (its config key) stay the same."""
     marker, key = out_dir / "done.json", ablation_key(cfg, loops)
@@ -335,7 +337,7 @@ def _train_once(cfg: Config, dataset: Path, out_dir: Path, loops: int) -> str:
     checkpoint: Optional[str] = None
     for loop in range(1, loops + 1):
         trained = train_loop(cfg, loop, dataset, out_dir / f"loop{loop}", checkpoint,
-                             label=f"{out_dir.name} train_{loop}")
+                             label=f"{out_dir.name} train_{loop}", candidates=candidates)
         checkpoint = trained.checkpoint_dir
     write_json_atomic(marker, {"checkpoint_dir": checkpoint, "config_key": key})
     return checkpoint
@@ -348,8 +350,12 @@ def ablation_policy(cfg: Config, run: Optional[RunFiles], method: str) -> str:
     dataset = run.dataset_path(1)
     if not dataset.exists():
         raise FileNotFoundError(f"{method} needs the run's D_0 ({dataset})")
+    # mbr's prompts, which a summary phase stopped early reads its belief over.
+    summary = cfg.training.summary
+    candidates = (step0_table(run.step0_path(), cfg.training.best_row_column).prompts
+                  if summary.epochs and summary.holdout else None)
     if method == "sft":
         sft_cfg = cfg.with_changes({"policy": {"mode": "sft"}})
-        return _train_once(sft_cfg, dataset, run.path / "baselines" / "sft", loops=1)
+        return _train_once(sft_cfg, dataset, run.path / "baselines" / "sft", 1, candidates)
     return _train_once(cfg, dataset, run.path / "baselines" / "qpo_no_mla",
-                       loops=cfg.loop.num_loops)
+                       cfg.loop.num_loops, candidates)

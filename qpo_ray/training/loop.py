@@ -22,9 +22,11 @@ class TrainResult:
 
 
 def train_loop(cfg: Config, loop: int, dataset: str | Path, out_dir: str | Path,
-               init_checkpoint: Optional[str] = None, label: str = "") -> TrainResult:
+               init_checkpoint: Optional[str] = None, label: str = "",
+               candidates: Optional[list[str]] = None) -> TrainResult:
     """Train loop `loop`'s schedule (Table 9) on `dataset` into `out_dir`; `label` names
-    it in the progress line (default train_<loop>)."""
+    it in the progress line (default train_<loop>). `candidates`: mbr's prompts, which
+    the summary's early stopping reads the belief over (training.summary.holdout)."""
     # torch and Ray Train load when a stage trains, not when `qpo` starts.
     from qpo_ray.training.trainer import METRICS_FILE, train_policy
 
@@ -38,7 +40,8 @@ def train_loop(cfg: Config, loop: int, dataset: str | Path, out_dir: str | Path,
         # trained; its policy is then moved into the loop's place, swapped in whole.
         summary = train_policy(cfg, dataset_path=str(dataset),
                                out_dir=str(Path(out_dir) / "summary"), loop_index=loop,
-                               init_checkpoint=result.checkpoint_dir, part="summary")
+                               init_checkpoint=result.checkpoint_dir, part="summary",
+                               candidates=candidates)
         _print_curve(f"{label} summary", summary.metrics)
         replace_dir(summary.checkpoint_dir, result.checkpoint_dir)
     return TrainResult(checkpoint_dir=str(result.checkpoint_dir),
@@ -51,3 +54,9 @@ def _print_curve(label: str, metrics: list[dict[str, float]]) -> None:
         curve = " -> ".join(f"{m['prompt_loss']:.2f}" for m in metrics)
         log.info(f"{label}: prompt NLL per epoch {curve}; "
                  f"{metrics[-1].get('samples_per_s', 0):.1f} samples/s")
+        if "kept_epoch" in metrics[-1]:
+            held = " -> ".join(f"{loss:.3f}" for loss in
+                               [metrics[-1]["holdout_choice_loss_start"]]
+                               + [m["holdout_choice_loss"] for m in metrics])
+            log.info(f"{label}: held-out choice loss from the start, per epoch {held}; "
+                     f"kept epoch {metrics[-1]['kept_epoch']}")

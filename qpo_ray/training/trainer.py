@@ -52,12 +52,13 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from qpo_ray.common import faults
 from qpo_ray.common.atomic import atomic_dir, write_text_atomic
-from qpo_ray.config import (Config, ConfigError, PolicyConfig, TrainingConfig, config_from_dict,
-                            section_from_dict)
+from qpo_ray.config import Config, ConfigError, TrainingConfig, config_from_dict
 from qpo_ray.common.device import autocast_dtype, configure_cpu_threads, get_device, move
 from qpo_ray.training.engine import EngineBase
 from qpo_ray.policy import QPOPolicy, as_batch, encode_rows, training_rows
-from qpo_ray.policy.batching import best_rows, encode_queries
+from qpo_ray.policy.batching import best_rows
+from qpo_ray.training.summary_part import (BestEpoch, check_summary_policy, prepare_summary,
+                                           split_holdout)
 from qpo_ray.common.progress import training_step_reporter
 
 METRIC_KEYS = ("loss", "prompt_loss", "reward_loss", "reward_mae")
@@ -205,8 +206,12 @@ def _train_worker(config: dict[str, Any]) -> None:
     device = get_device(prefer_gpu=tcfg.use_gpu)
     policy = initial_policy(cfg, config["init_checkpoint"], device)
     rows = ray.get(config["rows"])
+    stopper = None
     if config["part"] == "summary":
-        _prepare_summary(policy, rows)
+        prepare_summary(policy, rows["query"])
+        if rows["holdout"] is not None:
+            stopper = BestEpoch(rows["holdout"], autocast_dtype(tcfg.mixed_precision, device))
+            stopper.after_epoch(policy, 0)  # the summary as it came in may be the best
     elif policy.query_summary is not None:
         policy.query_summary.adapter.requires_grad_(False)  # trained in its own part only
     per_worker = max(1, tcfg.batch_size_global // world)
@@ -238,6 +243,8 @@ def _train_worker(config: dict[str, Any]) -> None:
         local = run_epoch(engine, loader, steps_left, after_step=after_step)
         engine.end_epoch()
         metrics = {"epoch": epoch + 1, "lr": lr, **_reduce_epoch(local, device)}
+        if stopper is not None:  # every rank scores the same queries and keeps the same heads
+            metrics["holdout_choice_loss"] = stopper.after_epoch(policy, epoch + 1)
         history.append(metrics)
         if steps_left is not None:
             steps_left -= local["steps"]
@@ -245,6 +252,10 @@ def _train_worker(config: dict[str, Any]) -> None:
         if not last:
             ray.train.report(metrics)
             continue
+        if stopper is not None:
+            stopper.restore(policy)
+            metrics.update(kept_epoch=stopper.kept_epoch,
+                           holdout_choice_loss_start=stopper.losses[0])
         # Every rank writes its part (DeepSpeed: its shard) and reports it; Ray Train
         # merges the parts into one checkpoint directory.
         with tempfile.TemporaryDirectory() as tmp:
@@ -258,41 +269,19 @@ def _train_worker(config: dict[str, Any]) -> None:
         break
 
 
-def _prepare_summary(policy: QPOPolicy, rows: dict[str, list]) -> None:
-    """The summary part: the projection is fitted on the rows' distinct queries the
-    first time (the same on every rank), then all but the adapter and the input/reward
-    parts are frozen (`train_only_summary` raises for a policy without a summary)."""
-    summary = policy.query_summary
-    if summary is not None and not bool(summary.fitted):
-        queries = list(dict.fromkeys(rows["query"]))
-        ids, mask = encode_queries(policy.tokenizer, queries, policy.config.max_query_tokens)
-        summary.fit(ids.to(policy.device), mask.to(policy.device))
-    policy.train_only_summary()
-
-
 # ----- the driver ------------------------------------------------------------------------
-def _check_summary_policy(cfg: Config, init_checkpoint: str | None) -> None:
-    """The summary part needs a policy with a query summary: the checkpoint's own
-    config says (it, not `cfg.policy`, is what the workers load)."""
-    layers = cfg.policy.query_summary.num_layers
-    if init_checkpoint is not None:
-        meta = Path(init_checkpoint) / "qpo_policy.json"
-        if meta.exists():
-            saved = section_from_dict(PolicyConfig, json.loads(meta.read_text())["policy"],
-                                      "policy")
-            layers = saved.query_summary.num_layers
-    if not layers:
-        where = f" at {init_checkpoint}" if init_checkpoint else ""
-        raise ConfigError(f"training.summary.epochs: the policy{where} has no query summary "
-                          "(policy.query_summary.enable: false)")
-
-
-def read_training_rows(cfg: Config, dataset_path: str, part: str = "policy") -> dict[str, list]:
+def read_training_rows(cfg: Config, dataset_path: str, part: str = "policy",
+                       candidates: list[str] | None = None) -> dict[str, Any]:
+    """The part's rows as lists (query, prompt, reward) and, for a summary part with
+    `training.summary.holdout`, its held-out queries (`Holdout`, their belief read over
+    mbr's `candidates`; else None)."""
     from qpo_ray.data.io import DatasetFileError, read_dataset
     from qpo_ray.data.pairs import WIDE_GROUP, on_wide_queries
 
-    rank_by = cfg.training.summary.rank_by if part == "summary" else "reward"
-    unseen = cfg.training.summary.queries == "unseen"
+    scfg = cfg.training.summary
+    rank_by = scfg.rank_by if part == "summary" else "reward"
+    unseen = scfg.queries == "unseen"
+    holdout = part == "summary" and scfg.holdout > 0
     frame, _scale = read_dataset(dataset_path, required=("query", "prompt", "reward", rank_by)
                                  + (("loop", "group") if unseen else ()))
     if unseen:
@@ -304,18 +293,31 @@ def read_training_rows(cfg: Config, dataset_path: str, part: str = "policy") -> 
                                    f"{WIDE_GROUP}); the dataset has none")
         frame = frame[wide if part == "summary" else ~wide]
     rows = training_rows(frame, cfg.policy.mode, source=str(dataset_path), keep=(rank_by,))
+    held = None
+    if holdout:
+        if not candidates:
+            raise ConfigError("training.summary.holdout: needs mbr's candidates (the prompts "
+                              "Step 0 scored on the same queries); this run has none")
+        try:
+            held = split_holdout(rows, candidates, scfg.holdout, rank_by,
+                                 cfg.loop.target_reward, cfg.seed)
+        except ValueError as exc:
+            raise DatasetFileError(f"{dataset_path}: {exc}") from exc
+        rows = rows[~rows["query"].isin(set(held.queries))]
     if part == "summary":
-        rows = best_rows(rows, cfg.training.summary.top_k, by=rank_by)
-        if cfg.training.summary.reward == "target":
+        rows = best_rows(rows, scfg.top_k, by=rank_by)
+        if scfg.reward == "target":
             rows["reward"] = float(cfg.loop.target_reward)
     return {"query": rows["query"].tolist(), "prompt": rows["prompt"].tolist(),
-            "reward": rows["reward"].tolist()}
+            "reward": rows["reward"].tolist(), "holdout": held}
 
 
 def train_policy(cfg: Config, dataset_path: str, out_dir: str, loop_index: int,
-                 init_checkpoint: str | None = None, part: str = "policy") -> TrainResult:
+                 init_checkpoint: str | None = None, part: str = "policy",
+                 candidates: list[str] | None = None) -> TrainResult:
     """Train the policy on `dataset_path` (continuing from `init_checkpoint` if given);
-    `part="summary"`: only its query summary's adapter (module docstring)."""
+    `part="summary"`: only its query summary's adapter (module docstring), stopped early
+    on mbr's `candidates` with `training.summary.holdout`."""
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -325,10 +327,10 @@ def train_policy(cfg: Config, dataset_path: str, out_dir: str, loop_index: int,
         raise ValueError(f"train_policy: part must be 'policy' or 'summary', got {part!r}")
     lr, epochs = schedule_for_loop(cfg.training, loop_index)
     if part == "summary":
-        _check_summary_policy(cfg, init_checkpoint)
+        check_summary_policy(cfg, init_checkpoint)
         lr, epochs = cfg.training.summary.lr, cfg.training.summary.epochs
         cfg = cfg.with_changes({"training": {"strategy": "ddp"}})
-    rows = read_training_rows(cfg, dataset_path, part)
+    rows = read_training_rows(cfg, dataset_path, part, candidates)
     if init_checkpoint is not None and not (Path(init_checkpoint) / "qpo_policy.json").exists():
         raise FileNotFoundError(f"init_checkpoint {init_checkpoint}: not a policy directory")
     out = Path(out_dir).resolve()

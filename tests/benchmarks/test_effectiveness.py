@@ -124,6 +124,29 @@ def test_report_only_summarises_the_finished_seeds_and_names_the_others(tmp_path
         bench.load_predictions(tmp_path, ["tweet_emotion"], [0], finished_only=True)
 
 
+def test_archive_keeps_what_report_only_reads_of_each_finished_seed(tmp_path, capsys):
+    """--archive copies each summarised seed's report files (not its policies) to a
+    folder that --report-only then reads as a workdir."""
+    import pandas as pd
+
+    bench = _bench("effectiveness")
+    runs, kept = tmp_path / "runs", tmp_path / "kept"
+    for seed in (0, 1):
+        report = runs / "ag_news" / f"seed{seed}" / "report"
+        report.mkdir(parents=True)
+        pd.DataFrame({"method": ["qpo"], "query_id": [f"q{seed}"]}).to_parquet(
+            report / "predictions.parquet")
+        (report / "selection.json").write_text('{"loop": 1}')
+        (report.parent / "loop1").mkdir()  # a policy folder: not archived
+    bench.archive(runs, kept, bench.load_predictions(runs, ["ag_news"], [0, 1]))
+    assert "archived 2 (task, seed) report(s)" in capsys.readouterr().out
+    assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*") if p.is_file()) == [
+        f"ag_news/seed{s}/report/{f}" for s in (0, 1)
+        for f in ("predictions.parquet", "selection.json")]
+    again = bench.load_predictions(kept, ["ag_news"], [0, 1], finished_only=True)
+    assert sorted(again["query_id"]) == ["q0", "q1"]
+
+
 def test_checks_print_qpo_against_the_router_per_task_and_their_mean(capsys):
     """The router is no column of the per-seed table, yet each task's checks pair qpo
     with it, and the mean over tasks names each task's difference."""

@@ -207,6 +207,57 @@ def test_summary_queries_unseen_trains_each_part_on_its_own_queries(
         read_training_rows(cfg, str(plain))
 
 
+def test_summary_holdout_keeps_the_epoch_whose_belief_fits_held_out_queries_best(
+        ray_cluster, tiny_model_dir, paper_dataset, tmp_path):
+    from qpo_ray.common.errors import ConfigError
+    from qpo_ray.data.io import DatasetFileError, read_dataset
+    from qpo_ray.training.summary_part import BestEpoch
+    from qpo_ray.training.trainer import read_training_rows
+
+    frame, _ = read_dataset(paper_dataset)
+    # mbr's candidates: here 12 prompts, each the best of some query.
+    best_of = frame.sort_values("reward").drop_duplicates("query", keep="last")["prompt"]
+    candidates = sorted(best_of.unique()[:12])
+    policy = {"query_summary": {"enable": True, "layers": 2, "dims": 4}}
+    # A learning rate far too high: the belief on held-out queries gets worse after a while.
+    cfg = _cfg(tiny_model_dir, policy=policy, strategy="ddp", epochs_first_loop=1,
+               summary={"epochs": 4, "lr": 0.3, "holdout": 0.15}, batch_size_global=4)
+    rows = read_training_rows(cfg, str(paper_dataset), "summary", candidates)
+    held = rows["holdout"]
+    assert len(held.queries) == round(0.15 * frame["query"].nunique())
+    assert not set(held.queries) & set(rows["query"])  # held out of the part's training
+    assert set(held.queries) | set(rows["query"]) == set(frame["query"])
+    assert read_training_rows(cfg, str(paper_dataset), "summary", candidates)["holdout"] == held
+    for query, best in zip(held.queries, held.best):  # labelled with its best row's prompt
+        own = frame[frame["query"] == query]
+        assert own.loc[own["prompt"] == candidates[best], "reward"].max() == own["reward"].max()
+
+    main = train_policy(cfg, str(paper_dataset), str(tmp_path / "main"), loop_index=1)
+    summary = train_policy(cfg, str(paper_dataset), str(tmp_path / "summary"), loop_index=1,
+                           init_checkpoint=main.checkpoint_dir, part="summary",
+                           candidates=candidates)
+    last = summary.metrics[-1]
+    # The loss of the summary as it came in (epoch 0), then after each epoch.
+    losses = [last["holdout_choice_loss_start"]] + [m["holdout_choice_loss"]
+                                                    for m in summary.metrics]
+    kept = last["kept_epoch"]
+    assert len(losses) == 5 and kept == losses.index(min(losses)) and kept < 4, losses
+    # The saved policy is the kept epoch's, not the last one's.
+    amp = devices.autocast_dtype(cfg.training.mixed_precision, torch.device("cpu"))
+    score = BestEpoch(held, amp).score(QPOPolicy.load(summary.checkpoint_dir))
+    assert score == pytest.approx(min(losses), abs=2e-3) and score < losses[-1] - 1e-2
+
+    with pytest.raises(ConfigError, match="training.summary.holdout: needs mbr's candidates"):
+        read_training_rows(cfg, str(paper_dataset), "summary")
+    greedy = _cfg(tiny_model_dir, policy=policy, summary={"epochs": 1, "holdout": 0.99})
+    with pytest.raises(DatasetFileError, match=r"tweet_emotion\.parquet: training.summary"):
+        read_training_rows(greedy, str(paper_dataset), "summary", candidates)
+    with pytest.raises(ConfigError, match=r"training.summary.holdout must be in \[0, 1\)"):
+        _cfg(tiny_model_dir, policy=policy, summary={"epochs": 1, "holdout": 1.0})
+    with pytest.raises(ConfigError, match=r"holdout > 0 needs a summary phase"):
+        _cfg(tiny_model_dir, policy=policy, summary={"epochs": 0, "holdout": 0.2})
+
+
 def test_train_stage_moves_the_summary_parts_policy_into_the_loops_place(
         ray_cluster, tiny_model_dir, paper_dataset, tmp_path):
     from qpo_ray.run.stages.train import train_loop

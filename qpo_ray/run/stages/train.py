@@ -22,28 +22,31 @@ class TrainOutputs(StageOutputs):
 
 
 def run(ctx: RunContext, stage: Stage) -> TrainOutputs:
+    from qpo_ray.policy.mbr import save_table
+
     t = stage.loop
     init = str(ctx.run.policy_dir(t - 1)) if t > 1 else None
-    out = train_loop(ctx.cfg, t, ctx.run.dataset_path(t), ctx.run.train_dir(t), init)
-    _save_mbr_table(ctx, out.checkpoint_dir)
+    table = _mbr_table(ctx)
+    out = train_loop(ctx.cfg, t, ctx.run.dataset_path(t), ctx.run.train_dir(t), init,
+                     candidates=table.prompts if table is not None else None)
+    # Beside the loop's policy, before it is registered: Serve decodes as the test does.
+    if table is not None:
+        save_table(table, out.checkpoint_dir)
     return TrainOutputs(checkpoint_dir=out.checkpoint_dir, metrics=out.metrics)
 
 
-def _save_mbr_table(ctx: RunContext, policy_dir: str) -> None:
-    """mbr decoding's table (qpo_ray/policy/mbr.py) beside the loop's policy, before it
-    is registered, so that Serve can decode as the test phase does."""
-    from qpo_ray.data.io import read_dataset
-    from qpo_ray.policy.mbr import save_table, utility_table
+def _mbr_table(ctx: RunContext):
+    """mbr decoding's table (qpo_ray/policy/mbr.py) from the run's Step 0, or None
+    (greedy serving only) where Step 0 has no prompts scored on shared queries."""
+    from qpo_ray.policy.mbr import step0_table
 
     if not ctx.run.step0_path().exists():
-        return
+        return None
     try:
-        table = utility_table(read_dataset(ctx.run.step0_path())[0],
-                              ctx.cfg.training.best_row_column)
-    except ValueError as exc:  # a Step 0 with no shared queries: greedy serving only
-        console.info(f"no mbr table beside {policy_dir}: {exc}")
-        return
-    save_table(table, policy_dir)
+        return step0_table(ctx.run.step0_path(), ctx.cfg.training.best_row_column)
+    except ValueError as exc:
+        console.info(f"no mbr table beside the policy: {exc}")
+        return None
 
 
 def log(ctx: RunContext, stage: Stage, outputs: dict[str, Any]) -> None:
