@@ -9,8 +9,6 @@ before any work."""
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -28,30 +26,17 @@ REPO = Path(__file__).resolve().parents[2]
 RESOURCE = "qpo_worker"
 
 # test_loop's tiny run (two loops: the second node loads loop 1's checkpoint in loop 2),
-# with a shorter test phase.
-SMALL = copy.deepcopy(TINY)
-SMALL["test"].update(methods=["qpo", "manual", "best_single"], decoding="greedy")
+# compared with conftest's `finished_run` of the same profile on one node.
 ON_WORKER = {"evaluation": {"resources": {RESOURCE: 1}},
              "training": {"resources": {RESOURCE: 1}}}
 
 
 def _profile(path: Path, extra: dict) -> Path:
-    doc = copy.deepcopy(SMALL)
+    doc = copy.deepcopy(TINY)
     for section, values in extra.items():
         doc.setdefault(section, {}).update(values)
     path.write_text(yaml.safe_dump(doc))
     return path
-
-
-@pytest.fixture(scope="module")
-def single_node_run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("single")
-    workdir = root / "run"
-    proc = subprocess.run([sys.executable, "-m", "qpo_ray.cli", "run", "--profile",
-                           str(_profile(root / "tiny.yaml", {})), "--workdir", str(workdir)],
-                          env=ray_env(), cwd=REPO, capture_output=True, text=True, timeout=1500)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return workdir
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +65,7 @@ def _qpo_run(profile: Path, workdir: Path, tracking_uri: str) -> list[str]:
 
 @pytest.mark.timeout(2400)
 def test_two_node_run_places_work_by_resource_and_matches_the_single_node_run(
-        single_node_run, cluster, mlflow_url, tmp_path):
+        finished_run, cluster, mlflow_url, tmp_path):
     head = [n for n in cluster.alive_nodes() if n["node_id"] != cluster.worker_id]
     assert len(head) == 1 and head[0]["resources_total"].get("CPU", 0) == 0
     workdir = tmp_path / "run"
@@ -99,24 +84,34 @@ def test_two_node_run_places_work_by_resource_and_matches_the_single_node_run(
     assert placed == {"_ScoringActor": {cluster.worker_id}, "TrainWorker": {cluster.worker_id}}
 
     # The same data and the same report as one node with the same seed.
-    single, multi = RunDir(single_node_run), RunDir(workdir)
+    single_dir = finished_run[0]
+    single, multi = RunDir(single_dir), RunDir(workdir)
     assert list(multi.stages()) == list(single.stages())
     for path in (single.step0_path(), single.dataset_path(1), single.dataset_path(2)):
         expected, expected_scale = read_dataset(path)
-        got, got_scale = read_dataset(workdir / path.relative_to(single_node_run))
+        got, got_scale = read_dataset(workdir / path.relative_to(single_dir))
         assert got_scale == expected_scale
         pd.testing.assert_frame_equal(got, expected)
-    pd.testing.assert_frame_equal(pd.read_parquet(workdir / "report" / "predictions.parquet"),
-                                  pd.read_parquet(single_node_run / "report" /
-                                                  "predictions.parquet"))
-    pd.testing.assert_frame_equal(pd.read_csv(workdir / "report" / "results.csv"),
-                                  pd.read_csv(single_node_run / "report" / "results.csv"))
+    for name, read in (("predictions.parquet", pd.read_parquet), ("results.csv", pd.read_csv)):
+        got = read(workdir / "report" / name)
+        assert {"qpo", "qpo_greedy", "manual", "router"} <= set(got["method"])
+        pd.testing.assert_frame_equal(_same_order(got), _same_order(
+            read(single_dir / "report" / name), methods=set(got["method"])))
 
     # MLflow: the server holds the run and both loops' policies (its artifact store).
     api = f"{mlflow_url}/api/2.0/mlflow"
     versions = httpx.get(f"{api}/model-versions/search", timeout=30,
                           params={"filter": "name='qpo-policy'"}).json()["model_versions"]
     assert sorted(int(v["version"]) for v in versions) == [1, 2]
+
+
+def _same_order(frame: pd.DataFrame, methods: set[str] | None = None) -> pd.DataFrame:
+    """A report's rows of `methods` in one order: other tests add methods to the
+    single-node run's report (`qpo evaluate --add`), which keeps each method's rows."""
+    if methods is not None:
+        frame = frame[frame["method"].isin(methods)]
+    keys = [c for c in ("method", "split", "query_id") if c in frame.columns]
+    return frame.sort_values(keys, kind="stable").reset_index(drop=True)
 
 
 def test_a_node_that_sees_another_filesystem_makes_the_run_refuse_before_work(
