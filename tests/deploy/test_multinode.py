@@ -18,7 +18,7 @@ import yaml
 
 from qpo_ray.data.io import read_dataset
 from qpo_ray.run.rundir import RunDir
-from tests.deploy.ray_nodes import RayCluster, ray_env, tmpfs_over
+from tests.deploy.ray_nodes import RayCluster, tmpfs_over
 from tests.mlflow_server import MlflowServer
 from tests.tiny_run import TINY
 
