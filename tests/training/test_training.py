@@ -95,15 +95,28 @@ def test_ddp_on_two_cpu_workers_lowers_the_loss(ray_cluster, tiny_model_dir, pap
     assert all(isinstance(p, str) for p in generate_prompts(trained, ["so happy today!"]))
 
 
+SUMMARY_POLICY = {"query_summary": {"enable": True, "layers": 2, "dims": 4}}
+# The main part's settings of the summary tests below: they share its one training.
+MAIN_PART = {"strategy": "ddp", "epochs_first_loop": 1, "batch_size_global": 4}
+
+
+@pytest.fixture(scope="module")
+def main_part(ray_cluster, tiny_model_dir, paper_dataset, tmp_path_factory):
+    """The main part's policy (2 DDP workers) that the summary tests start from: the
+    summary section does not change what the main part trains."""
+    cfg = _cfg(tiny_model_dir, policy=SUMMARY_POLICY, summary={"epochs": 1}, **MAIN_PART)
+    return train_policy(cfg, str(paper_dataset), str(tmp_path_factory.mktemp("main")),
+                        loop_index=1)
+
+
 def test_summary_part_trains_only_the_adapter_on_each_querys_best_row(
-        ray_cluster, tiny_model_dir, paper_dataset, tmp_path):
+        tiny_model_dir, paper_dataset, main_part, tmp_path):
     from qpo_ray.data.io import read_dataset
     from qpo_ray.common.errors import ConfigError
 
-    cfg = _cfg(tiny_model_dir, policy={"query_summary": {"enable": True, "layers": 2, "dims": 4}},
-               strategy="ddp", epochs_first_loop=1, summary={"epochs": 2, "lr": 1e-2},
-               batch_size_global=4)
-    main = train_policy(cfg, str(paper_dataset), str(tmp_path / "main"), loop_index=1)
+    cfg = _cfg(tiny_model_dir, policy=SUMMARY_POLICY, summary={"epochs": 2, "lr": 1e-2},
+               **MAIN_PART)
+    main = main_part
     summary = train_policy(cfg, str(paper_dataset), str(tmp_path / "summary"), loop_index=1,
                            init_checkpoint=main.checkpoint_dir, part="summary")
     before, after = QPOPolicy.load(main.checkpoint_dir), QPOPolicy.load(summary.checkpoint_dir)
@@ -208,7 +221,7 @@ def test_summary_queries_unseen_trains_each_part_on_its_own_queries(
 
 
 def test_summary_holdout_keeps_the_epoch_whose_belief_fits_held_out_queries_best(
-        ray_cluster, tiny_model_dir, paper_dataset, tmp_path):
+        tiny_model_dir, paper_dataset, main_part, tmp_path):
     from qpo_ray.common.errors import ConfigError
     from qpo_ray.data.io import DatasetFileError, read_dataset
     from qpo_ray.training.summary_part import BestEpoch
@@ -218,10 +231,10 @@ def test_summary_holdout_keeps_the_epoch_whose_belief_fits_held_out_queries_best
     # mbr's candidates: here 12 prompts, each the best of some query.
     best_of = frame.sort_values("reward").drop_duplicates("query", keep="last")["prompt"]
     candidates = sorted(best_of.unique()[:12])
-    policy = {"query_summary": {"enable": True, "layers": 2, "dims": 4}}
+    policy = SUMMARY_POLICY
     # A learning rate far too high: the belief on held-out queries gets worse after a while.
-    cfg = _cfg(tiny_model_dir, policy=policy, strategy="ddp", epochs_first_loop=1,
-               summary={"epochs": 4, "lr": 0.3, "holdout": 0.15}, batch_size_global=4)
+    cfg = _cfg(tiny_model_dir, policy=policy, summary={"epochs": 4, "lr": 0.3, "holdout": 0.15},
+               **MAIN_PART)
     rows = read_training_rows(cfg, str(paper_dataset), "summary", candidates)
     held = rows["holdout"]
     assert len(held.queries) == round(0.15 * frame["query"].nunique())
@@ -232,9 +245,8 @@ def test_summary_holdout_keeps_the_epoch_whose_belief_fits_held_out_queries_best
         own = frame[frame["query"] == query]
         assert own.loc[own["prompt"] == candidates[best], "reward"].max() == own["reward"].max()
 
-    main = train_policy(cfg, str(paper_dataset), str(tmp_path / "main"), loop_index=1)
     summary = train_policy(cfg, str(paper_dataset), str(tmp_path / "summary"), loop_index=1,
-                           init_checkpoint=main.checkpoint_dir, part="summary",
+                           init_checkpoint=main_part.checkpoint_dir, part="summary",
                            candidates=candidates)
     last = summary.metrics[-1]
     # The loss of the summary as it came in (epoch 0), then after each epoch.
