@@ -19,6 +19,10 @@ from qpo_ray.training.trainer import check_training_config, schedule_for_loop, t
 
 PAPER_JSON = "qpo_offline/tweet_emotion_llama7b_few_shot_expert.json"
 NUM_ROWS = 64
+# A 2-layer, 4-dim query summary: the summary tests' policy.
+SUMMARY_POLICY = {"query_summary": {"enable": True, "layers": 2, "dims": 4}}
+# The main part's settings of the summary-part tests: they share its one training.
+MAIN_PART = {"strategy": "ddp", "epochs_first_loop": 1, "batch_size_global": 4}
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +99,6 @@ def test_ddp_on_two_cpu_workers_lowers_the_loss(ray_cluster, tiny_model_dir, pap
     assert all(isinstance(p, str) for p in generate_prompts(trained, ["so happy today!"]))
 
 
-SUMMARY_POLICY = {"query_summary": {"enable": True, "layers": 2, "dims": 4}}
-# The main part's settings of the summary tests below: they share its one training.
-MAIN_PART = {"strategy": "ddp", "epochs_first_loop": 1, "batch_size_global": 4}
-
-
 @pytest.fixture(scope="module")
 def main_part(ray_cluster, tiny_model_dir, paper_dataset, tmp_path_factory):
     """The main part's policy (2 DDP workers) that the summary tests start from: the
@@ -116,10 +115,10 @@ def test_summary_part_trains_only_the_adapter_on_each_querys_best_row(
 
     cfg = _cfg(tiny_model_dir, policy=SUMMARY_POLICY, summary={"epochs": 2, "lr": 1e-2},
                **MAIN_PART)
-    main = main_part
     summary = train_policy(cfg, str(paper_dataset), str(tmp_path / "summary"), loop_index=1,
-                           init_checkpoint=main.checkpoint_dir, part="summary")
-    before, after = QPOPolicy.load(main.checkpoint_dir), QPOPolicy.load(summary.checkpoint_dir)
+                           init_checkpoint=main_part.checkpoint_dir, part="summary")
+    before = QPOPolicy.load(main_part.checkpoint_dir)
+    after = QPOPolicy.load(summary.checkpoint_dir)
 
     # The main part leaves the summary unfitted and its adapter at zero.
     assert not bool(before.query_summary.fitted)
@@ -145,7 +144,7 @@ def test_summary_rows_are_each_querys_best_by_training_summary_rank_by(
     from qpo_ray.training.trainer import read_training_rows
 
     frame, scale = read_dataset(paper_dataset)
-    policy = {"query_summary": {"enable": True, "layers": 2, "dims": 4}}
+    policy = SUMMARY_POLICY
     for rank_by in ("reward", "r_query"):
         cfg = _cfg(tiny_model_dir, policy=policy, summary={"epochs": 1, "rank_by": rank_by})
         rows = read_training_rows(cfg, str(paper_dataset), part="summary")
@@ -167,7 +166,7 @@ def test_summary_rows_are_conditioned_on_the_target_reward_with_summary_reward_t
         tiny_model_dir, paper_dataset):
     from qpo_ray.training.trainer import read_training_rows
 
-    policy = {"query_summary": {"enable": True, "layers": 2, "dims": 4}}
+    policy = SUMMARY_POLICY
     own = read_training_rows(_cfg(tiny_model_dir, policy=policy, summary={"epochs": 1}),
                              str(paper_dataset), part="summary")
     target = read_training_rows(
@@ -199,7 +198,7 @@ def test_summary_queries_unseen_trains_each_part_on_its_own_queries(
     assert set(extra["query"]) & wide and set(extra["query"]) - wide
     path = write_dataset(pd.concat([frame, extra], ignore_index=True),
                          tmp_path / "wide.parquet", scale)
-    policy = {"query_summary": {"enable": True, "layers": 2, "dims": 4}}
+    policy = SUMMARY_POLICY
     cfg = _cfg(tiny_model_dir, policy=policy, summary={"epochs": 1, "queries": "unseen"},
                dataset={"prompts_per_group": 0,
                         "wide": {"enable": True, "prompts": 2, "queries": 8}})
@@ -274,7 +273,7 @@ def test_train_stage_moves_the_summary_parts_policy_into_the_loops_place(
         ray_cluster, tiny_model_dir, paper_dataset, tmp_path):
     from qpo_ray.run.stages.train import train_loop
 
-    cfg = _cfg(tiny_model_dir, policy={"query_summary": {"enable": True, "layers": 2, "dims": 4}},
+    cfg = _cfg(tiny_model_dir, policy=SUMMARY_POLICY,
                epochs_first_loop=1, summary={"epochs": 1}, batch_size_global=4)
     out = train_loop(cfg, 1, paper_dataset, tmp_path / "loop1")
     assert out.checkpoint_dir == str(tmp_path / "loop1" / "policy")
